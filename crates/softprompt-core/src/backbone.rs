@@ -1,0 +1,121 @@
+//! The frozen model behind every runtime.
+
+use crate::{Batch, BackboneSpec, Error, Result, SoftPrompt};
+
+/// What a backend can do beyond scoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `loss_and_grad` returns the gradient with respect to the prompts.
+    pub gradients: bool,
+    /// `start_decode` returns a KV-cached decoding session.
+    pub generation: bool,
+}
+
+/// Per-row log-likelihood of the target tokens of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowScores {
+    /// Sum over the row's targets of `log p(target | prefix)`.
+    pub logprob_sum: Vec<f64>,
+    /// Number of targets of the row.
+    pub num_targets: Vec<usize>,
+}
+
+impl RowScores {
+    /// Mean negative log-likelihood over every target of the batch (Hugging Face's loss).
+    pub fn mean_loss(&self) -> Result<f32> {
+        let n: usize = self.num_targets.iter().sum();
+        if n == 0 {
+            return Err(Error::InvalidBatch("the batch has no target tokens".into()));
+        }
+        Ok((-self.logprob_sum.iter().sum::<f64>() / n as f64) as f32)
+    }
+}
+
+/// Loss of a batch and its gradient with respect to each prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossAndGrad {
+    /// Mean negative log-likelihood over every target of the batch.
+    pub loss: f32,
+    /// `grads[i]` has the layout of `prompts[i].values()`; zero for prompts no row used.
+    pub grads: Vec<Vec<f32>>,
+}
+
+/// A decoding session holding the KV cache of one sequence.
+pub trait DecodeSession {
+    /// Logits over the vocabulary for the next token.
+    fn logits(&self) -> &[f32];
+    /// Appends `token` and computes the next logits in one cached step.
+    fn advance(&mut self, token: u32) -> Result<()>;
+    /// Number of positions in the cache (virtual tokens included).
+    fn position(&self) -> usize;
+}
+
+/// A frozen language model that takes soft prompts.
+///
+/// Rows of a batch are `[prompt][tokens]`; each row names its prompt through
+/// [`Batch::prompt_index`], so one call may mix prompts of different tasks (all prompts of one
+/// call have the same number of virtual tokens). Backbone weights never change.
+pub trait Backbone: Send + Sync {
+    /// Short name of the runtime (`candle`, `tch`, `ort`, …), used in messages.
+    fn backend_name(&self) -> &str;
+
+    /// Identity of the loaded weights.
+    fn spec(&self) -> &BackboneSpec;
+
+    /// Optional capabilities.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Input embeddings of `ids`, row-major `[ids.len(), hidden_size]`.
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>>;
+
+    /// Per-row log-likelihood of the batch's target tokens.
+    fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<RowScores>;
+
+    /// Mean negative log-likelihood of the batch's targets.
+    fn loss(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<f32> {
+        self.score(prompts, batch)?.mean_loss()
+    }
+
+    /// Loss and its gradient with respect to the prompts. Backends without gradients answer
+    /// with [`Error::Unsupported`].
+    fn loss_and_grad(&self, _prompts: &[SoftPrompt], _batch: &Batch) -> Result<LossAndGrad> {
+        Err(Error::unsupported(
+            self.backend_name(),
+            "gradients",
+            Some("train with a gradient-free optimizer (spsa, cma-es) instead"),
+        ))
+    }
+
+    /// Logits at every position, row-major `[rows, N + seq_len, vocab_size]`.
+    fn logits(&self, _prompts: &[SoftPrompt], _batch: &Batch) -> Result<Vec<f32>> {
+        Err(Error::unsupported(self.backend_name(), "full logits", None))
+    }
+
+    /// Starts KV-cached decoding after `[prompt][ids]`.
+    fn start_decode<'a>(
+        &'a self,
+        _prompt: &SoftPrompt,
+        _ids: &[u32],
+    ) -> Result<Box<dyn DecodeSession + 'a>> {
+        Err(Error::unsupported(self.backend_name(), "generation", None))
+    }
+}
+
+/// Checks that `prompts` fit a backbone of `spec` and share one length; returns that length.
+pub fn check_prompts(prompts: &[SoftPrompt], spec: &BackboneSpec, batch: &Batch) -> Result<usize> {
+    if prompts.is_empty() {
+        return Err(Error::InvalidBatch("no prompts given (use SoftPrompt::empty for none)".into()));
+    }
+    for p in prompts {
+        p.check_hidden_size(spec.hidden_size)?;
+    }
+    let n = prompts[0].num_virtual_tokens();
+    if let Some(p) = prompts.iter().find(|p| p.num_virtual_tokens() != n) {
+        return Err(Error::InvalidBatch(format!(
+            "prompts of one batch must have equal lengths ({n} and {} virtual tokens)",
+            p.num_virtual_tokens()
+        )));
+    }
+    batch.validate(prompts.len(), spec.vocab_size)?;
+    Ok(n)
+}

@@ -1,0 +1,183 @@
+//! A batch of rows `[prompt][tokens]`, right padded, with per-row prompt selection.
+
+use crate::{Error, Result};
+
+/// One row before padding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRow {
+    /// Token ids of the row (without the virtual tokens).
+    pub ids: Vec<u32>,
+    /// `targets[t]` is true when token `t` is predicted and counted in the loss / score.
+    pub targets: Vec<bool>,
+    /// Which of the prompts passed alongside the batch this row is prefixed with.
+    pub prompt: usize,
+}
+
+impl BatchRow {
+    /// A row whose tokens from `first_target` on are targets: `context ++ continuation`.
+    pub fn with_continuation(context: &[u32], continuation: &[u32], prompt: usize) -> Self {
+        let mut ids = context.to_vec();
+        ids.extend_from_slice(continuation);
+        let mut targets = vec![false; context.len()];
+        targets.extend(std::iter::repeat_n(true, continuation.len()));
+        BatchRow { ids, targets, prompt }
+    }
+}
+
+/// Right-padded batch, row-major `[rows, seq_len]`.
+///
+/// Target token `t` of a row is predicted from the hidden state at full position
+/// `N + t - 1`, where `N` is the number of virtual tokens (the convention of Hugging Face's
+/// shifted labels with PEFT's prompt prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    rows: usize,
+    seq_len: usize,
+    input_ids: Vec<u32>,
+    attention_mask: Vec<bool>,
+    loss_mask: Vec<bool>,
+    prompt_index: Vec<usize>,
+}
+
+impl Batch {
+    /// Pads `rows` on the right with `pad_id` to the longest row.
+    pub fn from_rows(rows: &[BatchRow], pad_id: u32) -> Result<Self> {
+        if rows.is_empty() {
+            return Err(Error::InvalidBatch("a batch needs at least one row".into()));
+        }
+        let seq_len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        if seq_len == 0 {
+            return Err(Error::InvalidBatch("every row is empty".into()));
+        }
+        let n = rows.len() * seq_len;
+        let mut batch = Batch {
+            rows: rows.len(),
+            seq_len,
+            input_ids: vec![pad_id; n],
+            attention_mask: vec![false; n],
+            loss_mask: vec![false; n],
+            prompt_index: Vec::with_capacity(rows.len()),
+        };
+        for (r, row) in rows.iter().enumerate() {
+            if row.targets.len() != row.ids.len() {
+                return Err(Error::InvalidBatch(format!(
+                    "row {r}: {} ids but {} target flags",
+                    row.ids.len(),
+                    row.targets.len()
+                )));
+            }
+            let base = r * seq_len;
+            batch.input_ids[base..base + row.ids.len()].copy_from_slice(&row.ids);
+            batch.attention_mask[base..base + row.ids.len()].fill(true);
+            batch.loss_mask[base..base + row.ids.len()].copy_from_slice(&row.targets);
+            batch.prompt_index.push(row.prompt);
+        }
+        Ok(batch)
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Padded length in tokens (without virtual tokens).
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// Token ids, `[rows, seq_len]`.
+    pub fn input_ids(&self) -> &[u32] {
+        &self.input_ids
+    }
+
+    /// True for real tokens, false for padding.
+    pub fn attention_mask(&self) -> &[bool] {
+        &self.attention_mask
+    }
+
+    /// True for target tokens.
+    pub fn loss_mask(&self) -> &[bool] {
+        &self.loss_mask
+    }
+
+    /// Prompt index of each row.
+    pub fn prompt_index(&self) -> &[usize] {
+        &self.prompt_index
+    }
+
+    /// Number of real tokens of row `r`.
+    pub fn row_len(&self, r: usize) -> usize {
+        self.attention_mask[r * self.seq_len..(r + 1) * self.seq_len].iter().filter(|m| **m).count()
+    }
+
+    /// Total number of target tokens.
+    pub fn num_targets(&self) -> usize {
+        self.loss_mask.iter().filter(|m| **m).count()
+    }
+
+    /// Target positions: `(row, token index t, full position of the predicting hidden state)`.
+    ///
+    /// Errors when a target has no position to be predicted from (token 0 without a prompt),
+    /// when a prompt index is out of range, or when an id is not in the vocabulary.
+    pub fn targets(&self, num_virtual_tokens: usize) -> Result<Vec<(usize, usize, usize)>> {
+        let mut out = Vec::new();
+        for r in 0..self.rows {
+            for t in 0..self.seq_len {
+                if self.loss_mask[r * self.seq_len + t] {
+                    let full = num_virtual_tokens + t;
+                    if full == 0 {
+                        return Err(Error::InvalidBatch(format!(
+                            "row {r}: token 0 is a target but nothing precedes it"
+                        )));
+                    }
+                    out.push((r, t, full - 1));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks prompt indices against `num_prompts` and token ids against `vocab_size`.
+    pub fn validate(&self, num_prompts: usize, vocab_size: usize) -> Result<()> {
+        if let Some((r, p)) = self.prompt_index.iter().enumerate().find(|(_, p)| **p >= num_prompts) {
+            return Err(Error::InvalidBatch(format!(
+                "row {r} uses prompt {p} but only {num_prompts} prompts were given"
+            )));
+        }
+        if let Some(id) = self.input_ids.iter().find(|id| **id as usize >= vocab_size) {
+            return Err(Error::InvalidBatch(format!(
+                "token id {id} is outside the vocabulary of {vocab_size}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pads_right_and_tracks_targets() {
+        let rows = vec![
+            BatchRow::with_continuation(&[1, 2], &[3], 0),
+            BatchRow::with_continuation(&[4], &[5, 6, 7], 1),
+        ];
+        let b = Batch::from_rows(&rows, 0).unwrap();
+        assert_eq!(b.seq_len(), 4);
+        assert_eq!(b.input_ids(), &[1, 2, 3, 0, 4, 5, 6, 7]);
+        assert_eq!(b.row_len(0), 3);
+        assert_eq!(b.num_targets(), 4);
+        assert_eq!(b.targets(2).unwrap(), vec![(0, 2, 3), (1, 1, 2), (1, 2, 3), (1, 3, 4)]);
+        assert!(b.validate(2, 8).is_ok());
+        assert!(b.validate(1, 8).is_err());
+        assert!(b.validate(2, 7).is_err());
+    }
+
+    #[test]
+    fn first_token_target_without_prompt_is_rejected() {
+        let b = Batch::from_rows(&[BatchRow::with_continuation(&[], &[3], 0)], 0).unwrap();
+        assert!(b.targets(0).is_err());
+        assert_eq!(b.targets(1).unwrap(), vec![(0, 0, 0)]);
+    }
+}

@@ -1,0 +1,31 @@
+//! Core traits and types of softprompt.
+//!
+//! A soft prompt is `N` learnable vectors of the backbone's hidden size that are prepended to the
+//! embedded input of a frozen language model. This crate defines what every runtime implements
+//! ([`Backbone`]), how prompts are persisted ([`PromptStore`]) and how they are updated
+//! ([`Optimizer`]), plus the model description (config, weights, tokenizer) shared by all
+//! backends. It depends on no runtime.
+
+pub mod backbone;
+pub mod batch;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod optimizer;
+pub mod prompt;
+pub mod rng;
+pub mod spec;
+pub mod store;
+pub mod tokenizer;
+
+pub use backbone::{Backbone, Capabilities, DecodeSession, LossAndGrad, RowScores};
+pub use batch::{Batch, BatchRow};
+pub use error::{Error, Result};
+pub use generate::{generate, GenerationParams, GenerationOutput, StopReason};
+pub use model::{Architecture, Gpt2Config, HostTensor, LlamaConfig, ModelConfig, ModelSource, ModelWeights};
+pub use optimizer::{Optimizer, OptimizerKind};
+pub use prompt::{PromptInit, SoftPrompt};
+pub use rng::Rng;
+pub use spec::BackboneSpec;
+pub use store::{PromptConfig, PromptInfo, PromptStore, StoredPrompt};
+pub use tokenizer::{HfTokenizer, TextTokenizer};

@@ -1,0 +1,180 @@
+//! The soft prompt: `N` learnable vectors of the backbone's hidden size.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Backbone, Error, Result, Rng, TextTokenizer};
+
+/// Host-side soft prompt, row-major `[num_virtual_tokens, hidden_size]` f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SoftPrompt {
+    num_virtual_tokens: usize,
+    hidden_size: usize,
+    values: Vec<f32>,
+}
+
+impl SoftPrompt {
+    /// Wraps `values`; errors unless `values.len() == num_virtual_tokens * hidden_size`.
+    pub fn new(num_virtual_tokens: usize, hidden_size: usize, values: Vec<f32>) -> Result<Self> {
+        if values.len() != num_virtual_tokens * hidden_size {
+            return Err(Error::Shape(format!(
+                "soft prompt [{num_virtual_tokens}, {hidden_size}] needs {} values, got {}",
+                num_virtual_tokens * hidden_size,
+                values.len()
+            )));
+        }
+        Ok(SoftPrompt { num_virtual_tokens, hidden_size, values })
+    }
+
+    /// A prompt of zero virtual tokens: the plain (zero-shot) model.
+    pub fn empty(hidden_size: usize) -> Self {
+        SoftPrompt { num_virtual_tokens: 0, hidden_size, values: Vec::new() }
+    }
+
+    /// Number of virtual tokens `N`.
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.num_virtual_tokens
+    }
+
+    /// Width `d` of each virtual token.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// Row-major values.
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// Mutable row-major values (what an [`crate::Optimizer`] updates).
+    pub fn values_mut(&mut self) -> &mut [f32] {
+        &mut self.values
+    }
+
+    /// Consumes the prompt, returning its values.
+    pub fn into_values(self) -> Vec<f32> {
+        self.values
+    }
+
+    /// Errors unless this prompt fits a backbone of `hidden_size`.
+    pub fn check_hidden_size(&self, hidden_size: usize) -> Result<()> {
+        if self.hidden_size != hidden_size {
+            return Err(Error::HiddenSizeMismatch { prompt: self.hidden_size, backbone: hidden_size });
+        }
+        Ok(())
+    }
+
+    /// Builds a prompt as `init` prescribes.
+    pub fn initialize(
+        init: &PromptInit,
+        num_virtual_tokens: usize,
+        backbone: &dyn Backbone,
+        tokenizer: Option<&dyn TextTokenizer>,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        let spec = backbone.spec();
+        let d = spec.hidden_size;
+        let ids: Vec<u32> = match init {
+            PromptInit::Uniform { range } => {
+                let values = (0..num_virtual_tokens * d).map(|_| rng.uniform(-range, *range)).collect();
+                return SoftPrompt::new(num_virtual_tokens, d, values);
+            }
+            PromptInit::Vocab => {
+                (0..num_virtual_tokens).map(|_| rng.below(spec.vocab_size) as u32).collect()
+            }
+            PromptInit::Text { text } => {
+                let tok = tokenizer.ok_or_else(|| {
+                    Error::InvalidArgument("text initialisation needs a tokenizer".into())
+                })?;
+                let ids = tok.encode(text, false)?;
+                tile_to(&ids, num_virtual_tokens, "init text")?
+            }
+            PromptInit::Labels { labels } => {
+                let tok = tokenizer.ok_or_else(|| {
+                    Error::InvalidArgument("label initialisation needs a tokenizer".into())
+                })?;
+                let mut ids = Vec::new();
+                for label in labels {
+                    ids.extend(tok.encode(label, false)?);
+                }
+                // Lester et al.: label embeddings first, the rest from sampled vocabulary rows.
+                ids.truncate(num_virtual_tokens);
+                while ids.len() < num_virtual_tokens {
+                    ids.push(rng.below(spec.vocab_size) as u32);
+                }
+                ids
+            }
+        };
+        let values = backbone.embed(&ids)?;
+        SoftPrompt::new(num_virtual_tokens, d, values)
+    }
+}
+
+/// PEFT's rule for text initialisation: repeat the token ids until there are enough, then truncate.
+fn tile_to(ids: &[u32], n: usize, what: &str) -> Result<Vec<u32>> {
+    if ids.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} encodes to no tokens")));
+    }
+    Ok(ids.iter().cycle().take(n).copied().collect())
+}
+
+/// How the prompt values are initialised.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PromptInit {
+    /// Uniform in `[-range, range]` (Lester et al. use 0.5).
+    Uniform {
+        /// Half-width of the interval.
+        range: f32,
+    },
+    /// Embeddings of vocabulary rows sampled uniformly.
+    Vocab,
+    /// Embeddings of the tokens of `text`, tiled and truncated to `N` (PEFT's `TEXT` init).
+    Text {
+        /// Initialisation text.
+        text: String,
+    },
+    /// Embeddings of the class-label words, then sampled vocabulary rows (Lester et al.).
+    Labels {
+        /// Label words, e.g. `[" negative", " positive"]`.
+        labels: Vec<String>,
+    },
+}
+
+impl PromptInit {
+    /// PEFT's `prompt_tuning_init` name for this initialisation.
+    pub fn peft_name(&self) -> &'static str {
+        match self {
+            PromptInit::Text { .. } => "TEXT",
+            PromptInit::Vocab => "SAMPLE_VOCAB",
+            PromptInit::Uniform { .. } | PromptInit::Labels { .. } => "RANDOM",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_checks_length() {
+        assert!(SoftPrompt::new(2, 3, vec![0.0; 6]).is_ok());
+        let err = SoftPrompt::new(2, 3, vec![0.0; 5]).unwrap_err();
+        assert!(err.to_string().contains("needs 6 values, got 5"), "{err}");
+    }
+
+    #[test]
+    fn tiling_follows_peft() {
+        assert_eq!(tile_to(&[1, 2, 3], 7, "t").unwrap(), vec![1, 2, 3, 1, 2, 3, 1]);
+        assert_eq!(tile_to(&[1, 2, 3], 2, "t").unwrap(), vec![1, 2]);
+        assert!(tile_to(&[], 2, "t").is_err());
+    }
+
+    #[test]
+    fn hidden_size_mismatch_is_typed() {
+        let p = SoftPrompt::new(1, 4, vec![0.0; 4]).unwrap();
+        assert!(matches!(
+            p.check_hidden_size(8),
+            Err(Error::HiddenSizeMismatch { prompt: 4, backbone: 8 })
+        ));
+    }
+}

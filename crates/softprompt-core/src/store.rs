@@ -1,0 +1,160 @@
+//! Persisting soft prompts: the async [`PromptStore`] trait and the PEFT-compatible config.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{BackboneSpec, Error, Result, SoftPrompt};
+
+/// The `adapter_config.json` of a PEFT prompt-tuning adapter, plus softprompt's own keys.
+///
+/// Field names and values are PEFT's (`PromptTuningConfig`) so that PEFT loads what we save;
+/// PEFT keys we do not model are kept in `other` and written back unchanged. Our provenance
+/// lives under the `softprompt` key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptConfig {
+    /// Always `PROMPT_TUNING`.
+    pub peft_type: String,
+    /// PEFT task type, `CAUSAL_LM` for decoder-only models.
+    pub task_type: Option<String>,
+    /// Number of virtual tokens `N`.
+    pub num_virtual_tokens: usize,
+    /// Hidden size `d`.
+    pub token_dim: usize,
+    /// 1 for decoder-only models.
+    pub num_transformer_submodules: Option<usize>,
+    /// Attention heads of the backbone.
+    pub num_attention_heads: Option<usize>,
+    /// Transformer blocks of the backbone.
+    pub num_layers: Option<usize>,
+    /// Base model as PEFT records it.
+    pub base_model_name_or_path: Option<String>,
+    /// `TEXT`, `RANDOM` or `SAMPLE_VOCAB`.
+    pub prompt_tuning_init: Option<String>,
+    /// The initialisation text for `TEXT`.
+    pub prompt_tuning_init_text: Option<String>,
+    /// Tokenizer used for the initialisation text.
+    pub tokenizer_name_or_path: Option<String>,
+    /// PEFT loads adapters for inference unless told otherwise.
+    pub inference_mode: Option<bool>,
+    /// softprompt's provenance; PEFT ignores this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softprompt: Option<Provenance>,
+    /// Any other PEFT keys, preserved.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// What softprompt records about how a prompt was made and for which backbone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Provenance {
+    /// Backbone the prompt was trained for.
+    pub backbone_fingerprint: String,
+    /// Model family of that backbone.
+    pub architecture: String,
+    /// Input template, e.g. `Review: {text}\nSentiment:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Label → verbalizer word, in class order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<(String, String)>,
+    /// Final metrics (`dev_accuracy`, `train_loss`, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+    /// softprompt version that wrote the prompt.
+    #[serde(default)]
+    pub softprompt_version: String,
+}
+
+impl PromptConfig {
+    /// A PEFT prompt-tuning config for `prompt` on `spec`.
+    pub fn for_backbone(prompt: &SoftPrompt, spec: &BackboneSpec, num_attention_heads: usize) -> Self {
+        PromptConfig {
+            peft_type: "PROMPT_TUNING".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            num_virtual_tokens: prompt.num_virtual_tokens(),
+            token_dim: prompt.hidden_size(),
+            num_transformer_submodules: Some(1),
+            num_attention_heads: Some(num_attention_heads),
+            num_layers: Some(spec.num_layers),
+            base_model_name_or_path: Some(spec.name.clone()),
+            prompt_tuning_init: Some("RANDOM".into()),
+            prompt_tuning_init_text: None,
+            tokenizer_name_or_path: None,
+            inference_mode: Some(true),
+            softprompt: Some(Provenance {
+                backbone_fingerprint: spec.fingerprint.clone(),
+                architecture: spec.architecture.as_str().to_string(),
+                softprompt_version: env!("CARGO_PKG_VERSION").to_string(),
+                ..Provenance::default()
+            }),
+            other: BTreeMap::new(),
+        }
+    }
+}
+
+/// A prompt with everything saved alongside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPrompt {
+    /// The values.
+    pub prompt: SoftPrompt,
+    /// `adapter_config.json`.
+    pub config: PromptConfig,
+    /// Extra string metadata stored in the safetensors header.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl StoredPrompt {
+    /// Errors unless this prompt was made for `spec`: hidden size always, fingerprint when the
+    /// prompt records one (prompts saved by PEFT do not).
+    pub fn check_backbone(&self, spec: &BackboneSpec) -> Result<()> {
+        self.prompt.check_hidden_size(spec.hidden_size)?;
+        if let Some(p) = &self.config.softprompt {
+            if !p.backbone_fingerprint.is_empty() && p.backbone_fingerprint != spec.fingerprint {
+                return Err(Error::FingerprintMismatch {
+                    prompt: p.backbone_fingerprint.clone(),
+                    backbone: spec.fingerprint.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Summary of a stored prompt for listings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptInfo {
+    /// Name in the store.
+    pub name: String,
+    /// Number of virtual tokens.
+    pub num_virtual_tokens: usize,
+    /// Hidden size.
+    pub token_dim: usize,
+    /// Fingerprint of the backbone it was trained for, if recorded.
+    pub backbone_fingerprint: Option<String>,
+    /// Label words, if it is a classifier.
+    pub labels: Vec<String>,
+}
+
+/// Saves, loads and lists soft prompts. Async so that remote stores fit the same trait.
+#[async_trait::async_trait]
+pub trait PromptStore: Send + Sync {
+    /// Writes `prompt` under `name`, atomically replacing any previous one.
+    async fn save(&self, name: &str, prompt: &StoredPrompt) -> Result<()>;
+
+    /// Reads the prompt stored under `name`.
+    async fn load(&self, name: &str) -> Result<StoredPrompt>;
+
+    /// Lists the stored prompts.
+    async fn list(&self) -> Result<Vec<PromptInfo>>;
+
+    /// Removes the prompt stored under `name`.
+    async fn remove(&self, name: &str) -> Result<()>;
+
+    /// Reads `name` and checks it fits the backbone `spec`.
+    async fn load_for(&self, name: &str, spec: &BackboneSpec) -> Result<StoredPrompt> {
+        let stored = self.load(name).await?;
+        stored.check_backbone(spec)?;
+        Ok(stored)
+    }
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates the project-local Python environment used by the reference oracles (transformers, PEFT,
+# torch) and, later, by the libtorch / ONNX Runtime backends. Every version is pinned.
+# torch is installed without its CUDA wheels (--no-deps): the oracles run on CPU only.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${SOFTPROMPT_VENV:-$root/.venv}"
+py="${PYTHON:-python3}"
+stamp="$venv/.softprompt-stamp"
+want="torch==2.13.0 transformers==5.24.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+"$py" -m venv "$venv"
+pip=("$venv/bin/pip" install --quiet --disable-pip-version-check)
+"${pip[@]}" --no-deps torch==2.13.0
+# torch's own pure-Python dependencies (its CUDA wheels are left out on purpose)
+"${pip[@]}" filelock typing-extensions sympy networkx jinja2 fsspec "setuptools>=77.0.3"
+"${pip[@]}" transformers==5.24.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6
+"$venv/bin/python" -c "import torch, transformers, peft; print('oracle env: torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+echo "$want" > "$stamp"
