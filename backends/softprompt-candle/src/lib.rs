@@ -1,1 +1,380 @@
+//! The candle backend of softprompt: pure Rust, CPU by default, CUDA behind the `cuda` feature.
+//!
+//! Implements [`Backbone`] with gradients with respect to the prompt (candle autograd over
+//! differentiable ops only), per-row prompts, rank-classification scores and KV-cached decoding.
 
+mod model;
+mod ops;
+
+use std::path::Path;
+
+use candle_core::{Tensor, Var};
+pub use candle_core::{DType, Device};
+use softprompt_core::backbone::check_prompts;
+use softprompt_core::model::ModelSource;
+use softprompt_core::{
+    Backbone, BackboneSpec, Batch, Capabilities, DecodeSession, Error, LossAndGrad, ModelConfig, RowScores,
+    SoftPrompt,
+};
+
+use crate::model::{LayerCache, Model};
+
+/// Result with softprompt's error type.
+pub type Result<T> = softprompt_core::Result<T>;
+
+const BACKEND: &str = "candle";
+/// Additive attention bias for masked positions (finite so that f16/bf16 stay NaN-free).
+const MASKED: f32 = -1e9;
+
+pub(crate) fn to_core(e: candle_core::Error) -> Error {
+    Error::backend(BACKEND, e)
+}
+
+/// Parses `cpu` or `cuda:N` (`cuda` means `cuda:0`).
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s.strip_prefix("cuda:").unwrap_or("0");
+            let ordinal: usize = ordinal
+                .parse()
+                .map_err(|_| Error::InvalidArgument(format!("bad CUDA device `{s}`: expected cuda:N")))?;
+            cuda_device(ordinal)
+        }
+        other => Err(Error::InvalidArgument(format!("unknown device `{other}`: expected cpu or cuda:N"))),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal).map_err(to_core)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_ordinal: usize) -> Result<Device> {
+    Err(Error::unsupported(
+        BACKEND,
+        "CUDA devices",
+        Some("rebuild with the `cuda` Cargo feature (softprompt/cuda)"),
+    ))
+}
+
+/// How to load a backbone.
+#[derive(Debug, Clone)]
+pub struct CandleOptions {
+    device: Device,
+    dtype: DType,
+}
+
+impl Default for CandleOptions {
+    fn default() -> Self {
+        CandleOptions { device: Device::Cpu, dtype: DType::F32 }
+    }
+}
+
+impl CandleOptions {
+    /// CPU, f32.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs on `device`.
+    pub fn with_device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Stores the frozen weights and computes in `dtype` (f32 default; f64 for exact
+    /// gradient checks; bf16/f16 to save memory). Prompts and gradients stay f32 on the host.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+}
+
+/// A frozen Llama-family or GPT-2 model on candle.
+#[derive(Debug)]
+pub struct CandleBackbone {
+    model: Model,
+    config: ModelConfig,
+    spec: BackboneSpec,
+    device: Device,
+    dtype: DType,
+}
+
+/// Embedded inputs of a batch: `[rows, N + seq_len, d]` and the attention bias `[rows, 1, S, S]`.
+struct Inputs {
+    x: Tensor,
+    bias: Tensor,
+}
+
+impl CandleBackbone {
+    /// Loads a Hugging Face model directory.
+    pub fn load(path: impl AsRef<Path>, options: CandleOptions) -> Result<Self> {
+        Self::from_source(ModelSource::load(path)?, options)
+    }
+
+    /// Builds the backbone from an already read model description.
+    pub fn from_source(source: ModelSource, options: CandleOptions) -> Result<Self> {
+        let ModelSource { config, weights, spec, .. } = source;
+        let model = Model::load(&config, weights, &options.device, options.dtype)?;
+        Ok(CandleBackbone { model, config, spec, device: options.device, dtype: options.dtype })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn prompts_tensor(&self, prompts: &[SoftPrompt], n: usize) -> Result<Tensor> {
+        let d = self.spec.hidden_size;
+        let values: Vec<f32> = prompts.iter().flat_map(|p| p.values().iter().copied()).collect();
+        Tensor::from_vec(values, (prompts.len(), n, d), &self.device)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(to_core)
+    }
+
+    fn check_length(&self, positions: usize) -> Result<()> {
+        let max = self.config.max_positions();
+        if positions > max {
+            return Err(Error::InvalidBatch(format!(
+                "{positions} positions (virtual tokens included) exceed the model's maximum of {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `[prompt rows][token embeddings]` and the causal + padding bias.
+    fn inputs(&self, prompts: &Tensor, batch: &Batch, n: usize) -> candle_core::Result<Inputs> {
+        let (rows, t) = (batch.rows(), batch.seq_len());
+        let s = n + t;
+        let ids = Tensor::from_slice(batch.input_ids(), rows * t, &self.device)?;
+        let tok = self.model.embed(&ids)?.reshape((rows, t, self.spec.hidden_size))?;
+        let x = if n == 0 {
+            tok
+        } else {
+            let idx: Vec<u32> = batch.prompt_index().iter().map(|p| *p as u32).collect();
+            let idx = Tensor::from_vec(idx, rows, &self.device)?;
+            Tensor::cat(&[&prompts.index_select(&idx, 0)?, &tok], 1)?
+        };
+        let mask = batch.attention_mask();
+        let mut bias = vec![0f32; rows * s * s];
+        for r in 0..rows {
+            for q in 0..s {
+                for k in 0..s {
+                    let visible = k <= q && (k < n || mask[r * t + (k - n)]);
+                    if !visible {
+                        bias[(r * s + q) * s + k] = MASKED;
+                    }
+                }
+            }
+        }
+        let bias = Tensor::from_vec(bias, (rows, 1, s, s), &self.device)?.to_dtype(self.dtype)?;
+        Ok(Inputs { x, bias })
+    }
+
+    /// Log-probabilities of every target token, in `batch.targets()` order (differentiable).
+    fn target_logprobs(&self, prompts: &Tensor, batch: &Batch, n: usize) -> Result<(Tensor, Vec<usize>)> {
+        let targets = batch.targets(n)?;
+        if targets.is_empty() {
+            return Err(Error::InvalidBatch("the batch has no target tokens".into()));
+        }
+        let s = n + batch.seq_len();
+        let run = || -> candle_core::Result<Tensor> {
+            let inputs = self.inputs(prompts, batch, n)?;
+            let hidden = self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?;
+            let flat = hidden.reshape((batch.rows() * s, self.spec.hidden_size))?;
+            // The head runs only where a target is predicted.
+            let at: Vec<u32> = targets.iter().map(|(r, _, pos)| (r * s + pos) as u32).collect();
+            let at = Tensor::from_vec(at, targets.len(), &self.device)?;
+            let logits = self.model.head(&flat.index_select(&at, 0)?)?;
+            let logp = ops::log_softmax_last(&logits.to_dtype(DType::F32.max_precision(self.dtype))?)?;
+            let ids: Vec<u32> =
+                targets.iter().map(|(r, t, _)| batch.input_ids()[r * batch.seq_len() + t]).collect();
+            let ids = Tensor::from_vec(ids, (targets.len(), 1), &self.device)?;
+            logp.gather(&ids, 1)?.squeeze(1)
+        };
+        let rows = targets.iter().map(|(r, _, _)| *r).collect();
+        Ok((run().map_err(to_core)?, rows))
+    }
+}
+
+trait MaxPrecision {
+    fn max_precision(self, other: DType) -> DType;
+}
+
+impl MaxPrecision for DType {
+    fn max_precision(self, other: DType) -> DType {
+        if other == DType::F64 { DType::F64 } else { self }
+    }
+}
+
+impl Backbone for CandleBackbone {
+    fn backend_name(&self) -> &str {
+        BACKEND
+    }
+
+    fn spec(&self) -> &BackboneSpec {
+        &self.spec
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { gradients: true, generation: true }
+    }
+
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
+            return Err(Error::InvalidBatch(format!(
+                "token id {id} is outside the vocabulary of {}",
+                self.spec.vocab_size
+            )));
+        }
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device).map_err(to_core)?;
+        self.model
+            .embed(&ids)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(to_core)
+    }
+
+    fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<RowScores> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        let p = self.prompts_tensor(prompts, n)?;
+        let (logp, rows) = self.target_logprobs(&p, batch, n)?;
+        let logp: Vec<f64> = logp.to_dtype(DType::F64).and_then(|t| t.to_vec1()).map_err(to_core)?;
+        let mut scores = RowScores { logprob_sum: vec![0.0; batch.rows()], num_targets: vec![0; batch.rows()] };
+        for (lp, r) in logp.iter().zip(rows) {
+            scores.logprob_sum[r] += lp;
+            scores.num_targets[r] += 1;
+        }
+        Ok(scores)
+    }
+
+    fn loss_and_grad(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<LossAndGrad> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        if n == 0 {
+            return Err(Error::InvalidArgument("a prompt of zero virtual tokens has no gradient".into()));
+        }
+        let var = Var::from_tensor(&self.prompts_tensor(prompts, n)?).map_err(to_core)?;
+        let (logp, _) = self.target_logprobs(var.as_tensor(), batch, n)?;
+        let count = logp.dim(0).map_err(to_core)?;
+        let run = || -> candle_core::Result<(f32, Vec<f32>)> {
+            let loss = (logp.sum_all()?.neg()? / count as f64)?;
+            let grads = loss.backward()?;
+            let g = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("no gradient reached the prompt".into()))?;
+            let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            Ok((loss, g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+        };
+        let (loss, flat) = run().map_err(to_core)?;
+        let per = n * self.spec.hidden_size;
+        let grads = flat.chunks(per).map(<[f32]>::to_vec).collect();
+        Ok(LossAndGrad { loss, grads })
+    }
+
+    fn logits(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<Vec<f32>> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        let p = self.prompts_tensor(prompts, n)?;
+        let run = || -> candle_core::Result<Vec<f32>> {
+            let inputs = self.inputs(&p, batch, n)?;
+            let hidden = self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?;
+            let (b, s, d) = hidden.dims3()?;
+            let logits = self.model.head(&hidden.reshape((b * s, d))?)?;
+            logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+        };
+        run().map_err(to_core)
+    }
+
+    fn start_decode<'a>(&'a self, prompt: &SoftPrompt, ids: &[u32]) -> Result<Box<dyn DecodeSession + 'a>> {
+        prompt.check_hidden_size(self.spec.hidden_size)?;
+        let n = prompt.num_virtual_tokens();
+        if n + ids.len() == 0 {
+            return Err(Error::InvalidArgument("generation needs a prompt or at least one input token".into()));
+        }
+        self.check_length(n + ids.len())?;
+        let mut session = CandleDecode {
+            backbone: self,
+            cache: vec![None; self.model.num_layers()],
+            position: 0,
+            logits: Vec::new(),
+        };
+        let batch = Batch::from_rows(
+            &[softprompt_core::BatchRow { ids: ids.to_vec(), targets: vec![false; ids.len()], prompt: 0 }],
+            0,
+        );
+        let p = self.prompts_tensor(std::slice::from_ref(prompt), n)?;
+        let x = match batch {
+            Ok(batch) => {
+                batch.validate(1, self.spec.vocab_size)?;
+                self.inputs(&p, &batch, n).map_err(to_core)?.x
+            }
+            // no input tokens: the prompt alone
+            Err(_) => p,
+        };
+        session.run(&x)?;
+        Ok(Box::new(session))
+    }
+}
+
+/// KV-cached decoding of one sequence.
+struct CandleDecode<'a> {
+    backbone: &'a CandleBackbone,
+    cache: Vec<LayerCache>,
+    position: usize,
+    logits: Vec<f32>,
+}
+
+impl CandleDecode<'_> {
+    fn run(&mut self, x: &Tensor) -> Result<()> {
+        let b = self.backbone;
+        let s = x.dim(1).map_err(to_core)?;
+        b.check_length(self.position + s)?;
+        let mut step = || -> candle_core::Result<Vec<f32>> {
+            // causal bias inside the new chunk; everything cached is visible
+            let total = self.position + s;
+            let mut bias = vec![0f32; s * total];
+            for q in 0..s {
+                for k in (self.position + q + 1)..total {
+                    bias[q * total + k] = MASKED;
+                }
+            }
+            let bias = Tensor::from_vec(bias, (1, 1, s, total), &b.device)?.to_dtype(b.dtype)?;
+            let h = b.model.forward(x, self.position, Some(&bias), Some(&mut self.cache))?;
+            let last = h.narrow(1, s - 1, 1)?.reshape((1, b.spec.hidden_size))?;
+            b.model.head(&last)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+        };
+        let logits = step().map_err(to_core)?;
+        self.logits = logits;
+        self.position += s;
+        Ok(())
+    }
+}
+
+impl DecodeSession for CandleDecode<'_> {
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    fn advance(&mut self, token: u32) -> Result<()> {
+        let b = self.backbone;
+        let x = b.embed(&[token])?;
+        let x = Tensor::from_vec(x, (1, 1, b.spec.hidden_size), &b.device)
+            .and_then(|t| t.to_dtype(b.dtype))
+            .map_err(to_core)?;
+        self.run(&x)
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+}

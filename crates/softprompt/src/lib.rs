@@ -1,1 +1,21 @@
+//! softprompt: prompt tuning of frozen language models in Rust.
+//!
+//! This facade re-exports the core traits and types, the prompt store, the trainer, and each
+//! backend compiled in through its Cargo feature (`candle` by default).
+//!
+//! ```no_run
+//! use softprompt::{load_backbone, Backbone};
+//! let backbone = load_backbone("candle", "path/to/model", "cpu")?;
+//! println!("{} with d = {}", backbone.spec().name, backbone.spec().hidden_size);
+//! # Ok::<(), softprompt::Error>(())
+//! ```
 
+mod backends;
+
+pub use backends::{available_backends, load_backbone, load_backbone_with, BackendOptions, BACKENDS};
+pub use softprompt_core::*;
+pub use softprompt_store as store;
+pub use softprompt_train as train;
+
+#[cfg(feature = "candle")]
+pub use softprompt_candle as candle;

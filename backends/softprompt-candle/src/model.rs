@@ -1,0 +1,290 @@
+//! Llama-family and GPT-2 decoders on candle tensors.
+
+use candle_core::{DType, Device, Tensor};
+use softprompt_core::model::{
+    gpt2_names, llama_names, Gpt2Activation, Gpt2Config, LlamaConfig, ModelConfig, ModelWeights,
+    GPT2_LN_F, GPT2_WPE, GPT2_WTE, LLAMA_EMBED, LLAMA_FINAL_NORM, LM_HEAD,
+};
+
+use crate::ops::{attention, layer_norm, repeat_kv, rms_norm, rope, rope_tables, Linear};
+use crate::{to_core, Result};
+
+/// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]` (after RoPE).
+pub type LayerCache = Option<(Tensor, Tensor)>;
+
+struct Loader<'a> {
+    weights: &'a mut ModelWeights,
+    device: &'a Device,
+    dtype: DType,
+}
+
+impl Loader<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.weights.take(name, shape)?;
+        self.host(t.data, shape)
+    }
+    fn host(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::from_vec(data, shape, self.device).and_then(|t| t.to_dtype(self.dtype)).map_err(to_core)?)
+    }
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
+        let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out])?) } else { None };
+        Ok(Linear::new(w, b))
+    }
+    /// GPT-2's Conv1D stores `[in, out]`; transpose once on the host.
+    fn conv1d(&mut self, prefix: &str, inp: usize, out: usize) -> Result<Linear> {
+        let w = self.weights.take(&format!("{prefix}.weight"), &[inp, out])?;
+        let mut t = vec![0f32; inp * out];
+        for i in 0..inp {
+            for o in 0..out {
+                t[o * inp + i] = w.data[i * out + o];
+            }
+        }
+        let w = self.host(t, &[out, inp])?;
+        let b = self.tensor(&format!("{prefix}.bias"), &[out])?;
+        Ok(Linear::new(w, Some(b)))
+    }
+}
+
+struct LlamaLayer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<LlamaLayer>,
+    norm: Tensor,
+    head: Tensor,
+}
+
+struct Gpt2Layer {
+    ln_1: (Tensor, Tensor),
+    c_attn: Linear,
+    c_proj: Linear,
+    ln_2: (Tensor, Tensor),
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Tensor,
+    wpe: Tensor,
+    layers: Vec<Gpt2Layer>,
+    ln_f: (Tensor, Tensor),
+    head: Tensor,
+}
+
+/// A decoder of either family.
+pub enum Model {
+    Llama(Box<Llama>),
+    Gpt2(Box<Gpt2>),
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Model::Llama(m) => write!(f, "Llama({} layers)", m.layers.len()),
+            Model::Gpt2(m) => write!(f, "Gpt2({} layers)", m.layers.len()),
+        }
+    }
+}
+
+impl Model {
+    pub fn load(config: &ModelConfig, mut weights: ModelWeights, device: &Device, dtype: DType) -> Result<Self> {
+        let mut l = Loader { weights: &mut weights, device, dtype };
+        match config {
+            ModelConfig::Llama(c) => Ok(Model::Llama(Box::new(Llama::load(c, &mut l)?))),
+            ModelConfig::Gpt2(c) => Ok(Model::Gpt2(Box::new(Gpt2::load(c, &mut l)?))),
+        }
+    }
+
+    /// Token embeddings of `ids` (u32, `[n]`) as `[n, d]`.
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Model::Llama(m) => m.embed.index_select(ids, 0),
+            Model::Gpt2(m) => m.wte.index_select(ids, 0),
+        }
+    }
+
+    /// Final-normed hidden states of input embeddings `x [b, s, d]` at positions `start..`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        bias: Option<&Tensor>,
+        cache: Option<&mut Vec<LayerCache>>,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Model::Llama(m) => m.forward(x, start, bias, cache),
+            Model::Gpt2(m) => m.forward(x, start, bias, cache),
+        }
+    }
+
+    /// Logits `[n, vocab]` of hidden states `[n, d]`.
+    pub fn head(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let w = match self {
+            Model::Llama(m) => &m.head,
+            Model::Gpt2(m) => &m.head,
+        };
+        h.matmul(&w.t()?)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Model::Llama(m) => m.layers.len(),
+            Model::Gpt2(m) => m.layers.len(),
+        }
+    }
+}
+
+impl Llama {
+    fn load(c: &LlamaConfig, l: &mut Loader<'_>) -> Result<Self> {
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let head = if c.tie_word_embeddings || !l.weights.contains(LM_HEAD) {
+            None
+        } else {
+            Some(l.tensor(LM_HEAD, &[c.vocab_size, d])?)
+        };
+        let embed = l.tensor(LLAMA_EMBED, &[c.vocab_size, d])?;
+        let head = head.unwrap_or_else(|| embed.clone());
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let n = llama_names(i);
+            let (qo, kvo) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+            layers.push(LlamaLayer {
+                input_norm: l.tensor(&n.input_norm, &[d])?,
+                q: l.linear(&n.q, qo, d, c.qkv_bias)?,
+                k: l.linear(&n.k, kvo, d, c.qkv_bias)?,
+                v: l.linear(&n.v, kvo, d, c.qkv_bias)?,
+                o: l.linear(&n.o, d, qo, c.o_bias)?,
+                post_norm: l.tensor(&n.post_norm, &[d])?,
+                gate: l.linear(&n.gate, c.intermediate_size, d, c.mlp_bias)?,
+                up: l.linear(&n.up, c.intermediate_size, d, c.mlp_bias)?,
+                down: l.linear(&n.down, d, c.intermediate_size, c.mlp_bias)?,
+            });
+        }
+        let norm = l.tensor(LLAMA_FINAL_NORM, &[d])?;
+        Ok(Llama { cfg: c.clone(), embed, layers, norm, head })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        bias: Option<&Tensor>,
+        mut cache: Option<&mut Vec<LayerCache>>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.cfg;
+        let (b, s, _) = x.dims3()?;
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (cos, sin) = rope_tables(start, s, hd, c.rope_theta, x.dtype(), x.device())?;
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let hn = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let q = layer.q.forward(&hn)?.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = layer.k.forward(&hn)?.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = layer.v.forward(&hn)?.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = rope(&q, &cos, &sin)?;
+            let mut k = rope(&k, &cos, &sin)?;
+            let mut v = v;
+            if let Some(cache) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &cache[i] {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                cache[i] = Some((k.clone(), v.clone()));
+            }
+            let k = repeat_kv(&k, h / kvh)?.contiguous()?;
+            let v = repeat_kv(&v, h / kvh)?.contiguous()?;
+            let att = attention(&q, &k, &v, bias)?.transpose(1, 2)?.reshape((b, s, h * hd))?;
+            x = (x + layer.o.forward(&att)?)?;
+            let hn = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+            let mlp = (layer.gate.forward(&hn)?.silu()? * layer.up.forward(&hn)?)?;
+            x = (x + layer.down.forward(&mlp)?)?;
+        }
+        rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+}
+
+impl Gpt2 {
+    fn load(c: &Gpt2Config, l: &mut Loader<'_>) -> Result<Self> {
+        let d = c.n_embd;
+        let ln = |l: &mut Loader<'_>, p: &str| -> Result<(Tensor, Tensor)> {
+            Ok((l.tensor(&format!("{p}.weight"), &[d])?, l.tensor(&format!("{p}.bias"), &[d])?))
+        };
+        let head = if !c.tie_word_embeddings && l.weights.contains(LM_HEAD) {
+            Some(l.tensor(LM_HEAD, &[c.vocab_size, d])?)
+        } else {
+            None
+        };
+        let wte = l.tensor(GPT2_WTE, &[c.vocab_size, d])?;
+        let head = head.unwrap_or_else(|| wte.clone());
+        let wpe = l.tensor(GPT2_WPE, &[c.n_positions, d])?;
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let n = gpt2_names(i);
+            layers.push(Gpt2Layer {
+                ln_1: ln(l, &n.ln_1)?,
+                c_attn: l.conv1d(&n.c_attn, d, 3 * d)?,
+                c_proj: l.conv1d(&n.c_proj, d, d)?,
+                ln_2: ln(l, &n.ln_2)?,
+                c_fc: l.conv1d(&n.c_fc, d, c.n_inner)?,
+                mlp_proj: l.conv1d(&n.mlp_proj, c.n_inner, d)?,
+            });
+        }
+        let ln_f = ln(l, GPT2_LN_F)?;
+        Ok(Gpt2 { cfg: c.clone(), wte, wpe, layers, ln_f, head })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        bias: Option<&Tensor>,
+        mut cache: Option<&mut Vec<LayerCache>>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.cfg;
+        let (b, s, d) = x.dims3()?;
+        if start + s > c.n_positions {
+            candle_core::bail!("sequence of {} positions exceeds GPT-2's n_positions {}", start + s, c.n_positions);
+        }
+        let (h, hd) = (c.n_head, d / c.n_head);
+        let eps = c.layer_norm_epsilon;
+        let mut x = x.broadcast_add(&self.wpe.narrow(0, start, s)?)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let hn = layer_norm(&x, &layer.ln_1.0, &layer.ln_1.1, eps)?;
+            let qkv = layer.c_attn.forward(&hn)?;
+            let split = |j: usize| -> candle_core::Result<Tensor> {
+                qkv.narrow(2, j * d, d)?.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
+            if let Some(cache) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &cache[i] {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                cache[i] = Some((k.clone(), v.clone()));
+            }
+            let att = attention(&q, &k, &v, bias)?.transpose(1, 2)?.reshape((b, s, d))?;
+            x = (x + layer.c_proj.forward(&att)?)?;
+            let hn = layer_norm(&x, &layer.ln_2.0, &layer.ln_2.1, eps)?;
+            let up = layer.c_fc.forward(&hn)?;
+            let act = match c.activation {
+                Gpt2Activation::GeluTanh => up.gelu()?,
+                Gpt2Activation::GeluErf => up.gelu_erf()?,
+            };
+            x = (x + layer.mlp_proj.forward(&act)?)?;
+        }
+        layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)
+    }
+}

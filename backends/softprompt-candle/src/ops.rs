@@ -1,0 +1,177 @@
+//! Differentiable building blocks. candle's fused kernels (softmax_last_dim, rms_norm,
+//! layer_norm, rope) record no backward, so the training path uses these compositions.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// `x · Wᵀ + b` with `W` stored `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(w: Tensor, b: Option<Tensor>) -> Self {
+        Linear { w, b }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (last, lead) = dims.split_last().expect("linear input has at least one dim");
+        let rows: usize = lead.iter().product();
+        let y = x.reshape((rows, *last))?.matmul(&self.w.t()?)?;
+        let y = match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = lead.to_vec();
+        out.push(self.w.dim(0)?);
+        y.reshape(out)
+    }
+}
+
+/// Softmax over the last dimension from differentiable primitives (max is a detached shift).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `log_softmax` over the last dimension.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// RMSNorm: `x / sqrt(mean(x²) + eps) · w`, computed in f32 or wider.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = upcast(x)?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    y.to_dtype(dtype)?.broadcast_mul(w)
+}
+
+/// LayerNorm: `(x - mean) / sqrt(var + eps) · w + b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = upcast(x)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    y.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
+}
+
+fn upcast(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
+    }
+}
+
+/// Hugging Face's rotary embedding on `[b, h, s, hd]` with `cos`/`sin` of shape `[s, hd]`:
+/// `x·cos + rotate_half(x)·sin`, `rotate_half(x) = [-x₂, x₁]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)?.broadcast_add(&rotated.broadcast_mul(sin)?)
+}
+
+/// RoPE tables `[positions, head_dim]` for positions `start..start + len`.
+pub fn rope_tables(
+    start: usize,
+    len: usize,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(len * head_dim);
+    let mut sin = Vec::with_capacity(len * head_dim);
+    for p in start..start + len {
+        let row: Vec<f64> = (0..half)
+            .map(|i| {
+                // HF computes inv_freq in f32 and the angle as an f32 product
+                let inv = (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)) as f64;
+                (p as f32 * inv as f32) as f64
+            })
+            .collect();
+        for _ in 0..2 {
+            cos.extend(row.iter().map(|a| a.cos()));
+            sin.extend(row.iter().map(|a| a.sin()));
+        }
+    }
+    let cos = Tensor::from_vec(cos, (len, head_dim), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (len, head_dim), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Scaled dot-product attention of `q [b,h,s,hd]` over `k, v [b,h,t,hd]` with an additive bias
+/// broadcastable to `[b,h,s,t]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let hd = q.dim(D::Minus1)?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = match bias {
+        Some(b) => scores.broadcast_add(b)?,
+        None => scores,
+    };
+    softmax_last(&scores)?.matmul(v)
+}
+
+/// Repeats key/value heads `rep` times: `[b, kv, t, hd]` → `[b, kv·rep, t, hd]`.
+pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, hd) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, hd))?.reshape((b, kv * rep, t, hd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn softmax_and_log_softmax_agree_and_differentiate() {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(vec![1.0f64, 2.0, 0.5, -1.0, 0.0, 3.0], (2, 3), &dev).unwrap();
+        let s = softmax_last(x.as_tensor()).unwrap();
+        let ls = log_softmax_last(x.as_tensor()).unwrap();
+        let diff = (s.log().unwrap() - &ls).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12);
+        // d/dx of sum(softmax * c) is nonzero and matches a finite difference
+        let c = Tensor::new(&[[1.0f64, 0.0, 0.0], [0.0, 0.0, 1.0]], &dev).unwrap();
+        let f = |t: &Tensor| (softmax_last(t).unwrap() * &c).unwrap().sum_all().unwrap();
+        let g = f(x.as_tensor()).backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+        let base: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-6;
+        for i in 0..6 {
+            let mut plus = base.clone();
+            plus[i] += eps;
+            let mut minus = base.clone();
+            minus[i] -= eps;
+            let fp = f(&Tensor::from_vec(plus, (2, 3), &dev).unwrap()).to_scalar::<f64>().unwrap();
+            let fm = f(&Tensor::from_vec(minus, (2, 3), &dev).unwrap()).to_scalar::<f64>().unwrap();
+            let fd = (fp - fm) / (2.0 * eps);
+            assert!((fd - g[i / 3][i % 3]).abs() < 1e-7, "i {i}: fd {fd} vs {}", g[i / 3][i % 3]);
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_formula() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[3.0f32, 4.0]], &dev).unwrap();
+        let w = Tensor::new(&[1.0f32, 2.0], &dev).unwrap();
+        let y = rms_norm(&x, &w, 0.0).unwrap().to_vec2::<f32>().unwrap();
+        let rms = (12.5f32).sqrt();
+        assert!((y[0][0] - 3.0 / rms).abs() < 1e-6 && (y[0][1] - 8.0 / rms).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,73 @@
+//! Picking a backend by name at run time, among those compiled in.
+
+use std::path::Path;
+
+use crate::{Backbone, Error, Result};
+
+/// Every backend softprompt knows, with the Cargo feature that compiles it in.
+pub const BACKENDS: &[(&str, &str)] = &[("candle", "candle"), ("tch", "tch"), ("ort", "ort")];
+
+/// Names of the backends compiled into this build.
+pub fn available_backends() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cfg!(feature = "candle") {
+        v.push("candle");
+    }
+    v
+}
+
+/// Options shared by every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `f32` (default), `f64`, `bf16` or `f16` for the frozen weights.
+    pub dtype: String,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions { device: "cpu".into(), dtype: "f32".into() }
+    }
+}
+
+/// Loads the model at `path` on backend `name` and device `device`, in f32.
+pub fn load_backbone(name: &str, path: impl AsRef<Path>, device: &str) -> Result<Box<dyn Backbone>> {
+    load_backbone_with(name, path, &BackendOptions { device: device.into(), ..Default::default() })
+}
+
+/// Loads the model at `path` on backend `name` with `options`.
+pub fn load_backbone_with(name: &str, path: impl AsRef<Path>, options: &BackendOptions) -> Result<Box<dyn Backbone>> {
+    match name {
+        #[cfg(feature = "candle")]
+        "candle" => {
+            let dtype = match options.dtype.as_str() {
+                "f32" => candle_core_dtype::F32,
+                "f64" => candle_core_dtype::F64,
+                "bf16" => candle_core_dtype::BF16,
+                "f16" => candle_core_dtype::F16,
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown dtype `{other}`: expected f32, f64, bf16 or f16"
+                    )))
+                }
+            };
+            let device = softprompt_candle::parse_device(&options.device)?;
+            let opts = softprompt_candle::CandleOptions::new().with_device(device).with_dtype(dtype);
+            Ok(Box::new(softprompt_candle::CandleBackbone::load(path, opts)?))
+        }
+        other => match BACKENDS.iter().find(|(n, _)| *n == other) {
+            Some((_, feature)) => Err(Error::InvalidArgument(format!(
+                "backend `{other}` is not compiled into this build (available: {}); rebuild with the Cargo feature `{feature}`, e.g. `cargo build --features {feature}`",
+                available_backends().join(", ")
+            ))),
+            None => Err(Error::InvalidArgument(format!(
+                "unknown backend `{other}` (known: {})",
+                BACKENDS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ))),
+        },
+    }
+}
+
+#[cfg(feature = "candle")]
+use softprompt_candle::DType as candle_core_dtype;
