@@ -1,0 +1,78 @@
+//! Evaluation: rank classification accuracy, exact match, mean loss.
+
+use softprompt_core::{generate, Backbone, Batch, BatchRow, Error, GenerationParams, Result, SoftPrompt};
+
+use crate::data::EncodedSet;
+
+/// Scores of one classification example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Predicted class (largest log-likelihood).
+    pub predicted: usize,
+    /// Summed log-probability of each candidate.
+    pub logprobs: Vec<f64>,
+}
+
+/// Rank classification: every candidate's log-likelihood after each example's context;
+/// `batch_size` examples (times the number of candidates rows) per forward pass.
+pub fn rank_classify(
+    backbone: &dyn Backbone,
+    prompt: &SoftPrompt,
+    set: &EncodedSet,
+    batch_size: usize,
+) -> Result<Vec<Prediction>> {
+    if set.candidates.is_empty() {
+        return Err(Error::InvalidArgument("rank classification needs label candidates".into()));
+    }
+    let c = set.candidates.len();
+    let mut out = Vec::with_capacity(set.examples.len());
+    for chunk in set.examples.chunks(batch_size.max(1)) {
+        let rows: Vec<BatchRow> = chunk
+            .iter()
+            .flat_map(|ex| set.candidates.iter().map(|cand| BatchRow::with_continuation(&ex.context, cand, 0)))
+            .collect();
+        let scores = backbone.score(std::slice::from_ref(prompt), &Batch::from_rows(&rows, 0)?)?;
+        for e in 0..chunk.len() {
+            let logprobs = scores.logprob_sum[e * c..(e + 1) * c].to_vec();
+            let predicted = (0..c).fold(0, |best, k| if logprobs[k] > logprobs[best] { k } else { best });
+            out.push(Prediction { predicted, logprobs });
+        }
+    }
+    Ok(out)
+}
+
+/// Fraction of examples whose predicted class is the gold label.
+pub fn accuracy(backbone: &dyn Backbone, prompt: &SoftPrompt, set: &EncodedSet, batch_size: usize) -> Result<f64> {
+    let preds = rank_classify(backbone, prompt, set, batch_size)?;
+    let correct = preds.iter().zip(&set.examples).filter(|(p, ex)| Some(p.predicted) == ex.label).count();
+    Ok(correct as f64 / set.examples.len().max(1) as f64)
+}
+
+/// Fraction of examples whose greedy generation reproduces the target ids exactly.
+pub fn exact_match(backbone: &dyn Backbone, prompt: &SoftPrompt, set: &EncodedSet, stop: Option<u32>) -> Result<f64> {
+    let mut hits = 0;
+    for ex in &set.examples {
+        let params = GenerationParams {
+            max_new_tokens: ex.target.len(),
+            stop_tokens: stop.into_iter().collect(),
+            ..GenerationParams::default()
+        };
+        if generate(backbone, prompt, &ex.context, &params)?.tokens == ex.target {
+            hits += 1;
+        }
+    }
+    Ok(hits as f64 / set.examples.len().max(1) as f64)
+}
+
+/// Mean negative log-likelihood of the gold targets over the whole set.
+pub fn mean_loss(backbone: &dyn Backbone, prompt: &SoftPrompt, set: &EncodedSet, batch_size: usize) -> Result<f64> {
+    let (mut sum, mut count) = (0.0, 0usize);
+    for chunk in set.examples.chunks(batch_size.max(1)) {
+        let rows: Vec<BatchRow> =
+            chunk.iter().map(|ex| BatchRow::with_continuation(&ex.context, &ex.target, 0)).collect();
+        let s = backbone.score(std::slice::from_ref(prompt), &Batch::from_rows(&rows, 0)?)?;
+        sum -= s.logprob_sum.iter().sum::<f64>();
+        count += s.num_targets.iter().sum::<usize>();
+    }
+    Ok(sum / count.max(1) as f64)
+}

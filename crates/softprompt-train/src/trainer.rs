@@ -1,0 +1,338 @@
+//! The training loop, generic over the backbone and the optimizer.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use softprompt_core::{Backbone, Batch, BatchRow, Error, Optimizer, OptimizerKind, Result, Rng, SoftPrompt};
+
+use crate::checkpoint::{write_checkpoint, TrainState};
+use crate::data::EncodedSet;
+use crate::eval;
+use crate::optim::{clip_grad_norm, Schedule};
+
+/// What the dev set is judged by (higher is better).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Rank-classification accuracy.
+    Accuracy,
+    /// Greedy exact match of generation targets.
+    ExactMatch,
+    /// Negative mean loss of the gold targets.
+    NegLoss,
+}
+
+/// Settings of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Steps to run in total.
+    pub max_steps: u64,
+    /// Training rows per step.
+    pub batch_size: usize,
+    /// Base learning rate.
+    pub lr: f32,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Gradient-norm clipping (none when `None`).
+    pub max_grad_norm: Option<f32>,
+    /// Evaluate on the dev set every this many steps (and at the end); 0 disables.
+    pub eval_every: u64,
+    /// Examples per scoring pass during evaluation.
+    pub eval_batch_size: usize,
+    /// Dev metric.
+    pub metric: Metric,
+    /// Stop after this many evaluations without improvement.
+    pub patience: Option<usize>,
+    /// Return the prompt of the best dev evaluation rather than the last.
+    pub keep_best: bool,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Write `checkpoint.json` every this many steps (and at the end); 0 disables.
+    pub checkpoint_every: u64,
+    /// Run directory for `checkpoint.json` and `metrics.jsonl`.
+    pub run_dir: Option<PathBuf>,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// End-of-sequence id for exact-match evaluation.
+    pub eos_id: Option<u32>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            max_steps: 100,
+            batch_size: 8,
+            lr: 0.03,
+            schedule: Schedule::Constant,
+            max_grad_norm: Some(1.0),
+            eval_every: 0,
+            eval_batch_size: 16,
+            metric: Metric::Accuracy,
+            patience: None,
+            keep_best: true,
+            seed: 0,
+            checkpoint_every: 0,
+            run_dir: None,
+            progress: false,
+            eos_id: None,
+        }
+    }
+}
+
+/// One dev evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// Step after which it ran.
+    pub step: u64,
+    /// Metric value.
+    pub value: f64,
+}
+
+/// Result of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOutcome {
+    /// The best prompt (when `keep_best` and a dev set were given) or the last one.
+    pub prompt: SoftPrompt,
+    /// Final state (also the last checkpoint).
+    pub state: TrainState,
+    /// Dev evaluations of this invocation.
+    pub evals: Vec<EvalRecord>,
+    /// Mean training loss of each step of this invocation.
+    pub losses: Vec<f32>,
+    /// True when early stopping ended the run.
+    pub stopped_early: bool,
+}
+
+/// Tunes a prompt on a frozen backbone.
+pub struct Trainer<'a> {
+    backbone: &'a dyn Backbone,
+    optimizer: Box<dyn Optimizer>,
+    config: TrainConfig,
+}
+
+impl std::fmt::Debug for Trainer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("backend", &self.backbone.backend_name())
+            .field("optimizer", &self.optimizer.name())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<'a> Trainer<'a> {
+    /// Checks that the optimizer fits the backend's capabilities and the config is usable.
+    pub fn new(backbone: &'a dyn Backbone, optimizer: Box<dyn Optimizer>, config: TrainConfig) -> Result<Self> {
+        if optimizer.kind() == OptimizerKind::Gradient && !backbone.capabilities().gradients {
+            return Err(Error::unsupported(
+                backbone.backend_name(),
+                &format!("gradients, which optimizer `{}` needs", optimizer.name()),
+                Some("choose a gradient-free optimizer (spsa, cma-es) for this backend"),
+            ));
+        }
+        if optimizer.kind() == OptimizerKind::GradientFree {
+            return Err(Error::InvalidArgument(format!(
+                "optimizer `{}` is gradient-free; this trainer drives gradient optimizers",
+                optimizer.name()
+            )));
+        }
+        if config.batch_size == 0 || config.max_steps == 0 {
+            return Err(Error::InvalidArgument("batch_size and max_steps must be positive".into()));
+        }
+        if !(config.lr.is_finite() && config.lr > 0.0) {
+            return Err(Error::InvalidArgument(format!("learning rate must be positive, got {}", config.lr)));
+        }
+        Ok(Trainer { backbone, optimizer, config })
+    }
+
+    /// A fresh state starting from `prompt`.
+    pub fn init_state(&self, prompt: &SoftPrompt) -> TrainState {
+        TrainState {
+            step: 0,
+            epoch: 0,
+            cursor: 0,
+            num_virtual_tokens: prompt.num_virtual_tokens(),
+            hidden_size: prompt.hidden_size(),
+            prompt: prompt.values().to_vec(),
+            optimizer: self.optimizer.state(),
+            best_metric: None,
+            best_prompt: None,
+            best_step: None,
+            evals_without_improvement: 0,
+            seed: self.config.seed,
+            rng: Rng::seed_from_u64(self.config.seed ^ 0x5eed),
+            backbone_fingerprint: self.backbone.spec().fingerprint.clone(),
+        }
+    }
+
+    /// The config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        Rng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15))).shuffle(&mut order);
+        order
+    }
+
+    fn next_batch(&self, state: &mut TrainState, n: usize) -> Vec<usize> {
+        let bs = self.config.batch_size.min(n);
+        if state.cursor + bs > n {
+            state.epoch += 1;
+            state.cursor = 0;
+        }
+        let order = Self::epoch_order(state.seed, state.epoch, n);
+        let picked = order[state.cursor..state.cursor + bs].to_vec();
+        state.cursor += bs;
+        picked
+    }
+
+    fn evaluate(&self, prompt: &SoftPrompt, dev: &EncodedSet) -> Result<f64> {
+        match self.config.metric {
+            Metric::Accuracy => eval::accuracy(self.backbone, prompt, dev, self.config.eval_batch_size),
+            Metric::ExactMatch => eval::exact_match(self.backbone, prompt, dev, self.config.eos_id),
+            Metric::NegLoss => eval::mean_loss(self.backbone, prompt, dev, self.config.eval_batch_size).map(|l| -l),
+        }
+    }
+
+    fn log(&self, line: serde_json::Value) -> Result<()> {
+        if let Some(dir) = &self.config.run_dir {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            let path = dir.join("metrics.jsonl");
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            writeln!(f, "{line}").map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self, state: &TrainState) -> Result<()> {
+        match &self.config.run_dir {
+            Some(dir) => write_checkpoint(&dir.join("checkpoint.json"), state),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs from `state` (fresh or read from a checkpoint) until `max_steps` or early stopping.
+    ///
+    /// A non-finite loss or gradient stops the run with [`Error::NonFinite`]; the checkpoint on
+    /// disk is then the last good one.
+    pub fn run(&mut self, mut state: TrainState, train: &EncodedSet, dev: Option<&EncodedSet>) -> Result<TrainOutcome> {
+        let spec = self.backbone.spec();
+        if state.backbone_fingerprint != spec.fingerprint {
+            return Err(Error::FingerprintMismatch {
+                prompt: state.backbone_fingerprint.clone(),
+                backbone: spec.fingerprint.clone(),
+            });
+        }
+        if state.hidden_size != spec.hidden_size {
+            return Err(Error::HiddenSizeMismatch { prompt: state.hidden_size, backbone: spec.hidden_size });
+        }
+        if train.examples.is_empty() {
+            return Err(Error::InvalidArgument(format!("{} holds no training examples", train.source.display())));
+        }
+        self.optimizer.load_state(&state.optimizer)?;
+        let (n, d) = (state.num_virtual_tokens, state.hidden_size);
+        let mut prompt = SoftPrompt::new(n, d, state.prompt.clone())?;
+        let bar = if self.config.progress {
+            ProgressBar::with_draw_target(Some(self.config.max_steps), ProgressDrawTarget::stderr())
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} steps {msg}")
+                .expect("valid template"),
+        );
+        bar.set_position(state.step);
+        let mut outcome_evals = Vec::new();
+        let mut losses = Vec::new();
+        let mut stopped_early = false;
+        let pad = 0;
+        while state.step < self.config.max_steps {
+            let started = Instant::now();
+            let picked = self.next_batch(&mut state, train.examples.len());
+            let rows: Vec<BatchRow> = picked
+                .iter()
+                .map(|i| {
+                    let ex = &train.examples[*i];
+                    BatchRow::with_continuation(&ex.context, &ex.target, 0)
+                })
+                .collect();
+            let tokens: usize = rows.iter().map(|r| r.ids.len() + n).sum();
+            let batch = Batch::from_rows(&rows, pad)?;
+            let lg = self.backbone.loss_and_grad(std::slice::from_ref(&prompt), &batch)?;
+            let step = state.step + 1;
+            if !lg.loss.is_finite() {
+                bar.abandon();
+                return Err(Error::NonFinite { what: "loss".into(), step });
+            }
+            let mut grad = lg.grads.into_iter().next().unwrap_or_default();
+            if grad.iter().any(|g| !g.is_finite()) {
+                bar.abandon();
+                return Err(Error::NonFinite { what: "gradient".into(), step });
+            }
+            let grad_norm = match self.config.max_grad_norm {
+                Some(max) => clip_grad_norm(&mut grad, max),
+                None => grad.iter().map(|g| g * g).sum::<f32>().sqrt(),
+            };
+            let lr = self.config.lr * self.config.schedule.factor(state.step);
+            self.optimizer.step(prompt.values_mut(), &grad, lr)?;
+            if prompt.values().iter().any(|v| !v.is_finite()) {
+                bar.abandon();
+                return Err(Error::NonFinite { what: "prompt update".into(), step });
+            }
+            state.step = step;
+            state.prompt = prompt.values().to_vec();
+            state.optimizer = self.optimizer.state();
+            losses.push(lg.loss);
+            let secs = started.elapsed().as_secs_f64().max(1e-9);
+            self.log(serde_json::json!({
+                "step": step, "loss": lg.loss, "lr": lr, "grad_norm": grad_norm,
+                "examples_per_s": picked.len() as f64 / secs, "tokens_per_s": tokens as f64 / secs,
+            }))?;
+            bar.set_position(step);
+            bar.set_message(format!("loss {:.4} | {:.1} ex/s", lg.loss, picked.len() as f64 / secs));
+
+            let eval_now = self.config.eval_every > 0
+                && (step % self.config.eval_every == 0 || step == self.config.max_steps);
+            if let (true, Some(dev)) = (eval_now, dev) {
+                let value = self.evaluate(&prompt, dev)?;
+                outcome_evals.push(EvalRecord { step, value });
+                self.log(serde_json::json!({"step": step, "dev_metric": value, "metric": self.config.metric}))?;
+                bar.println(format!("step {step}: dev {:?} = {value:.4}", self.config.metric));
+                if state.best_metric.is_none_or(|b| value > b) {
+                    state.best_metric = Some(value);
+                    state.best_prompt = Some(prompt.values().to_vec());
+                    state.best_step = Some(step);
+                    state.evals_without_improvement = 0;
+                } else {
+                    state.evals_without_improvement += 1;
+                }
+                if self.config.patience.is_some_and(|p| state.evals_without_improvement >= p) {
+                    stopped_early = true;
+                }
+            }
+            let last = step == self.config.max_steps || stopped_early;
+            if self.config.checkpoint_every > 0 && (step % self.config.checkpoint_every == 0 || last) {
+                self.checkpoint(&state)?;
+            }
+            if stopped_early {
+                bar.println(format!("early stopping at step {step}"));
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        let chosen = match (&state.best_prompt, self.config.keep_best) {
+            (Some(best), true) => SoftPrompt::new(n, d, best.clone())?,
+            _ => prompt,
+        };
+        Ok(TrainOutcome { prompt: chosen, state, evals: outcome_evals, losses, stopped_early })
+    }
+}
