@@ -161,5 +161,25 @@ def main():
     print("shards:", sorted(os.listdir(sharded)))
 
 
+
+
+def make_toy_sentiment(seed=0):
+    """A small learnable sentiment task over the fixture tokenizer's words (label set by keywords)."""
+    import random
+    rng = random.Random(seed)
+    good = ["great", "wonderful", "gripping", "beautifully shot"]
+    bad = ["boring", "dull", "flat", "far too long"]
+    subjects = ["the movie", "the plot", "the film", "the ending", "the actors", "the dialogue"]
+    out = os.path.join(ROOT, "data")
+    os.makedirs(out, exist_ok=True)
+    for split, n in [("train", 64), ("dev", 24)]:
+        with open(os.path.join(out, f"sentiment-{split}.jsonl"), "w") as f:
+            for _ in range(n):
+                positive = rng.random() < 0.5
+                text = f"{rng.choice(subjects)} was {rng.choice(good if positive else bad)}"
+                f.write(json.dumps({"text": text, "label": "positive" if positive else "negative"}) + "\n")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    make_toy_sentiment()
