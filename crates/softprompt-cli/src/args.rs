@@ -1,0 +1,222 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Prompt tuning of frozen language models: train, evaluate and serve soft prompts that load
+/// in Hugging Face PEFT.
+#[derive(Debug, Parser)]
+#[command(name = "softprompt", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Tune a soft prompt on a frozen model and save it in PEFT's layout.
+    Train(TrainArgs),
+    /// Score a soft prompt (or the plain model) on a JSONL data set.
+    Eval(EvalArgs),
+    /// Generate text after a soft prompt with a KV cache.
+    Generate(GenerateArgs),
+    /// Show a stored prompt (or every prompt of a store) and its metadata.
+    Inspect(InspectArgs),
+}
+
+/// Which runtime executes the backbone, on which device, in which precision.
+#[derive(Debug, Args, Clone)]
+pub struct BackendArgs {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Backend: candle (default build), tch or ort when compiled in.
+    #[arg(long, default_value = "candle")]
+    pub backend: String,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Precision of the frozen weights: f32, f64, bf16, f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// How rows of the data set become model inputs.
+#[derive(Debug, Args, Clone)]
+pub struct TaskArgs {
+    /// Task kind: classification rows {"text","label"} or generation rows {"input","target"}.
+    #[arg(long, value_enum, default_value_t = TaskKind::Classification)]
+    pub task: TaskKind,
+    /// Input template with one {text} (or {input}) placeholder. Default: the prompt's own, or
+    /// "Review: {text}\nSentiment:".
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Verbalizer as label=word pairs, e.g. "negative= negative,positive= positive".
+    #[arg(long)]
+    pub labels: Option<String>,
+    /// Keep at most this many context tokens (the last ones).
+    #[arg(long, default_value_t = 256)]
+    pub max_context: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TaskKind {
+    Classification,
+    Generation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InitKind {
+    /// Embeddings of --init-text, tiled and truncated (PEFT's TEXT).
+    Text,
+    /// Embeddings of the label words, then sampled vocabulary rows (Lester et al.).
+    Labels,
+    /// Embeddings of sampled vocabulary rows.
+    Vocab,
+    /// Uniform in [-0.5, 0.5].
+    Uniform,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleKind {
+    Constant,
+    /// Linear warmup over --warmup steps, then linear decay to zero.
+    Linear,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Training data (JSONL).
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Development data (JSONL) for periodic evaluation, keep-best and early stopping.
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
+    /// Held-out test data (JSONL): zero-shot and tuned scores are reported on it.
+    #[arg(long)]
+    pub test: Option<PathBuf>,
+    /// Where to save the prompt (a PEFT adapter directory).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Number of virtual tokens.
+    #[arg(long, default_value_t = 20)]
+    pub num_virtual_tokens: usize,
+    /// Prompt initialisation.
+    #[arg(long, value_enum, default_value_t = InitKind::Text)]
+    pub init: InitKind,
+    /// Text for --init text.
+    #[arg(long, default_value = "Classify if the movie review is positive or negative")]
+    pub init_text: String,
+    /// Optimizer: adamw, adafactor (Lester et al.: --lr 0.3) or sgd.
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.03)]
+    pub lr: f32,
+    /// Weight decay (default: 0.01 AdamW, 1e-5 Adafactor, 0 SGD).
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, default_value_t = ScheduleKind::Constant)]
+    pub schedule: ScheduleKind,
+    /// Warmup steps of --schedule linear.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 150)]
+    pub steps: u64,
+    /// Rows per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Gradient-norm clipping (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    /// Evaluate on --dev every N steps (0: only at the end).
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: u64,
+    /// Examples per scoring pass during evaluation.
+    #[arg(long, default_value_t = 16)]
+    pub eval_batch_size: usize,
+    /// Stop after N evaluations without improvement.
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// Seed of the initialisation and data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Run directory for checkpoint.json and metrics.jsonl (default: OUTPUT/run).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Checkpoint every N steps.
+    #[arg(long, default_value_t = 25)]
+    pub checkpoint_every: u64,
+    /// Continue from RUN_DIR/checkpoint.json.
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Data to score (JSONL).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Prompt directory (PEFT layout); without it the plain model is scored (zero-shot).
+    #[arg(long)]
+    pub prompt: Option<PathBuf>,
+    /// Examples per scoring pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Prompt directory (PEFT layout); without it the plain model generates.
+    #[arg(long)]
+    pub prompt: Option<PathBuf>,
+    /// Input text (put through the prompt's template when it has one and --raw is not set).
+    #[arg(long)]
+    pub text: String,
+    /// Use the text as is, without the prompt's template.
+    #[arg(long)]
+    pub raw: bool,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Extra stop token ids (the end-of-sequence token always stops).
+    #[arg(long, value_delimiter = ',')]
+    pub stop: Vec<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A prompt directory, or a store directory holding several.
+    pub path: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
