@@ -119,3 +119,9 @@ pub fn check_prompts(prompts: &[SoftPrompt], spec: &BackboneSpec, batch: &Batch)
     batch.validate(prompts.len(), spec.vocab_size)?;
     Ok(n)
 }
+
+impl std::fmt::Debug for dyn Backbone + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backbone").field("backend", &self.backend_name()).field("spec", self.spec()).finish()
+    }
+}

@@ -4,8 +4,11 @@ use std::path::Path;
 
 use crate::{Backbone, Error, Result};
 
-/// Every backend softprompt knows, with the Cargo feature that compiles it in.
-pub const BACKENDS: &[(&str, &str)] = &[("candle", "candle"), ("tch", "tch"), ("ort", "ort")];
+/// Every backend softprompt implements, with the Cargo feature that compiles it in.
+pub const BACKENDS: &[(&str, &str)] = &[("candle", "candle")];
+
+/// Backends designed for but not implemented in this version.
+const PLANNED: &[&str] = &["tch", "ort"];
 
 /// Names of the backends compiled into this build.
 pub fn available_backends() -> Vec<&'static str> {
@@ -59,6 +62,10 @@ pub fn load_backbone_with(name: &str, path: impl AsRef<Path>, options: &BackendO
         other => match BACKENDS.iter().find(|(n, _)| *n == other) {
             Some((_, feature)) => Err(Error::InvalidArgument(format!(
                 "backend `{other}` is not compiled into this build (available: {}); rebuild with the Cargo feature `{feature}`, e.g. `cargo build --features {feature}`",
+                available_backends().join(", ")
+            ))),
+            None if PLANNED.contains(&other) => Err(Error::InvalidArgument(format!(
+                "backend `{other}` is planned but not implemented in this version (available: {})",
                 available_backends().join(", ")
             ))),
             None => Err(Error::InvalidArgument(format!(
