@@ -31,7 +31,7 @@ pub struct BackendArgs {
     /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// Backend: candle (default build), tch or ort when compiled in.
+    /// Backend, among those compiled into this build (this version: candle).
     #[arg(long, default_value = "candle")]
     pub backend: String,
     /// Device: cpu or cuda:N.
