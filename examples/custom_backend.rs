@@ -13,8 +13,17 @@ use anyhow::{ensure, Result};
 use softprompt::train::data::EncodedExample;
 use softprompt::train::{AdamW, EncodedSet, Metric, TrainConfig, Trainer};
 use softprompt::{
-    Architecture, Backbone, BackboneSpec, Batch, Capabilities, Error, LossAndGrad, Rng, RowScores, SoftPrompt,
+    Architecture, Backbone, BackboneSpec, Batch, Capabilities, Error, LossAndGrad, Rng, RowScores,
+    SoftPrompt,
 };
+
+/// One scored target: row, log-probability, predicting position, d(-log p)/d state.
+struct Target {
+    row: usize,
+    logprob: f64,
+    pos: usize,
+    dstate: Vec<f64>,
+}
 
 /// A frozen embedding matrix `E [vocab, d]` used for input and output.
 struct MeanPoolLm {
@@ -43,7 +52,7 @@ impl MeanPoolLm {
     }
 
     /// For every target: (row, log p(target), dloss/dstate), with states as running means.
-    fn targets(&self, prompts: &[SoftPrompt], batch: &Batch) -> softprompt::Result<Vec<(usize, f64, usize, Vec<f64>)>> {
+    fn targets(&self, prompts: &[SoftPrompt], batch: &Batch) -> softprompt::Result<Vec<Target>> {
         let n = softprompt::backbone::check_prompts(prompts, &self.spec, batch)?;
         let (d, t, v) = (self.spec.hidden_size, batch.seq_len(), self.spec.vocab_size);
         let mut out = Vec::new();
@@ -52,12 +61,22 @@ impl MeanPoolLm {
             // state = mean of inputs 0..=pos
             let mut state = vec![0f64; d];
             for j in 0..=pos {
-                let x = if j < n { &prompt[j * d..(j + 1) * d] } else { self.row(batch.input_ids()[r * t + j - n]) };
+                let x = if j < n {
+                    &prompt[j * d..(j + 1) * d]
+                } else {
+                    self.row(batch.input_ids()[r * t + j - n])
+                };
                 state.iter_mut().zip(x).for_each(|(s, x)| *s += *x as f64);
             }
             state.iter_mut().for_each(|s| *s /= (pos + 1) as f64);
             let logits: Vec<f64> = (0..v as u32)
-                .map(|id| self.row(id).iter().zip(&state).map(|(e, s)| *e as f64 * s).sum())
+                .map(|id| {
+                    self.row(id)
+                        .iter()
+                        .zip(&state)
+                        .map(|(e, s)| *e as f64 * s)
+                        .sum()
+                })
                 .collect();
             let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
@@ -66,9 +85,17 @@ impl MeanPoolLm {
             let mut dstate = vec![0f64; d];
             for (id, l) in logits.iter().enumerate() {
                 let w = (l - lse).exp() - if id == target { 1.0 } else { 0.0 };
-                dstate.iter_mut().zip(self.row(id as u32)).for_each(|(g, e)| *g += w * *e as f64);
+                dstate
+                    .iter_mut()
+                    .zip(self.row(id as u32))
+                    .for_each(|(g, e)| *g += w * *e as f64);
             }
-            out.push((r, logits[target] - lse, pos, dstate));
+            out.push(Target {
+                row: r,
+                logprob: logits[target] - lse,
+                pos,
+                dstate,
+            });
         }
         Ok(out)
     }
@@ -84,34 +111,52 @@ impl Backbone for MeanPoolLm {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { gradients: true, generation: false }
+        Capabilities {
+            gradients: true,
+            generation: false,
+        }
     }
 
     fn embed(&self, ids: &[u32]) -> softprompt::Result<Vec<f32>> {
         if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
-            return Err(Error::InvalidBatch(format!("token id {id} is outside the vocabulary")));
+            return Err(Error::InvalidBatch(format!(
+                "token id {id} is outside the vocabulary"
+            )));
         }
         Ok(ids.iter().flat_map(|id| self.row(*id).to_vec()).collect())
     }
 
     fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> softprompt::Result<RowScores> {
-        let mut s = RowScores { logprob_sum: vec![0.0; batch.rows()], num_targets: vec![0; batch.rows()] };
-        for (r, lp, _, _) in self.targets(prompts, batch)? {
-            s.logprob_sum[r] += lp;
-            s.num_targets[r] += 1;
+        let mut s = RowScores {
+            logprob_sum: vec![0.0; batch.rows()],
+            num_targets: vec![0; batch.rows()],
+        };
+        for t in self.targets(prompts, batch)? {
+            s.logprob_sum[t.row] += t.logprob;
+            s.num_targets[t.row] += 1;
         }
         Ok(s)
     }
 
-    fn loss_and_grad(&self, prompts: &[SoftPrompt], batch: &Batch) -> softprompt::Result<LossAndGrad> {
+    fn loss_and_grad(
+        &self,
+        prompts: &[SoftPrompt],
+        batch: &Batch,
+    ) -> softprompt::Result<LossAndGrad> {
         let targets = self.targets(prompts, batch)?;
         let n = prompts[0].num_virtual_tokens();
         let d = self.spec.hidden_size;
         let count = targets.len() as f64;
         let mut grads = vec![vec![0f32; n * d]; prompts.len()];
         let mut loss = 0.0;
-        for (r, lp, pos, dstate) in targets {
-            loss -= lp / count;
+        for Target {
+            row: r,
+            logprob,
+            pos,
+            dstate,
+        } in targets
+        {
+            loss -= logprob / count;
             // every virtual token k <= pos enters the mean with weight 1 / (pos + 1)
             let g = &mut grads[batch.prompt_index()[r]];
             for k in 0..n.min(pos + 1) {
@@ -120,7 +165,10 @@ impl Backbone for MeanPoolLm {
                 }
             }
         }
-        Ok(LossAndGrad { loss: loss as f32, grads })
+        Ok(LossAndGrad {
+            loss: loss as f32,
+            grads,
+        })
     }
 }
 
@@ -130,10 +178,18 @@ fn task(rng: &mut Rng, rows: usize, vocab: usize) -> EncodedSet {
         .map(|_| {
             let len = 3 + rng.below(5);
             let context = (0..len).map(|_| rng.below(vocab) as u32).collect();
-            EncodedExample { context, target: vec![7], label: None }
+            EncodedExample {
+                context,
+                target: vec![7],
+                label: None,
+            }
         })
         .collect();
-    EncodedSet { examples, candidates: Vec::new(), source: "synthetic".into() }
+    EncodedSet {
+        examples,
+        candidates: Vec::new(),
+        source: "synthetic".into(),
+    }
 }
 
 fn main() -> Result<()> {
@@ -158,17 +214,34 @@ fn main() -> Result<()> {
         let down = lm.loss(std::slice::from_ref(&p), &batch)?;
         p.values_mut()[i] = x;
         let fd = (up - down) / 2e-2;
-        ensure!((fd - lg.grads[0][i]).abs() < 1e-3, "coordinate {i}: fd {fd} vs grad {}", lg.grads[0][i]);
+        ensure!(
+            (fd - lg.grads[0][i]).abs() < 1e-3,
+            "coordinate {i}: fd {fd} vs grad {}",
+            lg.grads[0][i]
+        );
     }
     println!("gradient matches finite differences");
 
     // 2. the shared trainer tunes the prompt without knowing the backend
     let before = softprompt::train::eval::mean_loss(&lm, &prompt, &dev, 64)?;
-    let config = TrainConfig { max_steps: 150, batch_size: 16, lr: 0.1, eval_every: 50, metric: Metric::NegLoss, ..Default::default() };
+    let config = TrainConfig {
+        max_steps: 150,
+        batch_size: 16,
+        lr: 0.1,
+        eval_every: 50,
+        metric: Metric::NegLoss,
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(&lm, Box::new(AdamW::new()), config)?;
     let outcome = trainer.run(trainer.init_state(&prompt), &train, Some(&dev))?;
     let after = softprompt::train::eval::mean_loss(&lm, &outcome.prompt, &dev, 64)?;
-    println!("dev loss: {before:.4} -> {after:.4} after {} steps", outcome.state.step);
-    ensure!(after < 0.5 * before, "training did not reduce the loss enough");
+    println!(
+        "dev loss: {before:.4} -> {after:.4} after {} steps",
+        outcome.state.step
+    );
+    ensure!(
+        after < 0.5 * before,
+        "training did not reduce the loss enough"
+    );
     Ok(())
 }

@@ -42,11 +42,25 @@ pub struct Reference {
 }
 
 fn tensor_f64(st: &SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f64>) {
-    let t = st.tensor(name).unwrap_or_else(|e| panic!("reference tensor {name}: {e}"));
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("reference tensor {name}: {e}"));
     let data = match t.dtype() {
-        Dtype::F64 => t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-        Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-        Dtype::I64 => t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        Dtype::F64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
         other => panic!("unexpected dtype {other:?} for {name}"),
     };
     (t.shape().to_vec(), data)
@@ -54,7 +68,8 @@ fn tensor_f64(st: &SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f64>) {
 
 /// Reads `reference.safetensors` of fixture model `name`.
 pub fn load_reference(name: &str) -> Reference {
-    let bytes = std::fs::read(fixture_model(name).join("reference.safetensors")).expect("reference file");
+    let bytes =
+        std::fs::read(fixture_model(name).join("reference.safetensors")).expect("reference file");
     let st = SafeTensors::deserialize(&bytes).expect("reference parses");
     let (ids_shape, ids) = tensor_f64(&st, "input_ids");
     let (_, mask) = tensor_f64(&st, "attention_mask");
@@ -63,13 +78,30 @@ pub fn load_reference(name: &str) -> Reference {
     let (n, d) = (pshape[1], pshape[2]);
     let t = ids_shape[1];
     let rows: Vec<Vec<u32>> = (0..ids_shape[0])
-        .map(|r| (0..t).filter(|j| mask[r * t + j] > 0.5).map(|j| ids[r * t + j] as u32).collect())
+        .map(|r| {
+            (0..t)
+                .filter(|j| mask[r * t + j] > 0.5)
+                .map(|j| ids[r * t + j] as u32)
+                .collect()
+        })
         .collect();
     let prompts = (0..pshape[0])
-        .map(|p| SoftPrompt::new(n, d, pvals[p * n * d..(p + 1) * n * d].iter().map(|x| *x as f32).collect()).unwrap())
+        .map(|p| {
+            SoftPrompt::new(
+                n,
+                d,
+                pvals[p * n * d..(p + 1) * n * d]
+                    .iter()
+                    .map(|x| *x as f32)
+                    .collect(),
+            )
+            .unwrap()
+        })
         .collect();
     let (lshape, _) = tensor_f64(&st, "logits_row0");
-    let logits = (0..rows.len()).map(|r| tensor_f64(&st, &format!("logits_row{r}")).1).collect();
+    let logits = (0..rows.len())
+        .map(|r| tensor_f64(&st, &format!("logits_row{r}")).1)
+        .collect();
     Reference {
         rows,
         context_lens: ctx.iter().map(|x| *x as usize).collect(),
@@ -98,7 +130,10 @@ impl Reference {
 /// Largest absolute difference.
 pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// Stamps out the conformance suite for one backend. `$load` is an expression of type
@@ -107,7 +142,7 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 macro_rules! conformance_suite {
     ($backend:ident, $load:expr) => {
         mod $backend {
-            use softprompt::{Backbone, BatchRow, Batch, SoftPrompt};
+            use softprompt::{Backbone, Batch, BatchRow, SoftPrompt};
             use $crate::{fixture_model, load_reference, max_abs_diff, FIXTURE_MODELS};
 
             fn load(name: &str) -> Box<dyn Backbone> {
@@ -127,8 +162,10 @@ macro_rules! conformance_suite {
                     let s = n + batch.seq_len();
                     for (row, reference) in r.logits.iter().enumerate() {
                         let len = n + r.rows[row].len();
-                        let ours: Vec<f64> =
-                            logits[row * s * r.vocab..(row * s + len) * r.vocab].iter().map(|x| *x as f64).collect();
+                        let ours: Vec<f64> = logits[row * s * r.vocab..(row * s + len) * r.vocab]
+                            .iter()
+                            .map(|x| *x as f64)
+                            .collect();
                         let diff = max_abs_diff(&ours, reference);
                         assert!(diff <= 1e-4, "{name} row {row}: max |Δlogit| = {diff:e}");
                     }
@@ -143,7 +180,11 @@ macro_rules! conformance_suite {
                     let batch = r.batch(&[0, 0]);
                     let prompts = vec![r.prompts[0].clone()];
                     let loss = b.loss(&prompts, &batch).unwrap() as f64;
-                    assert!((loss - r.loss).abs() <= 1e-4, "{name}: loss {loss} vs PEFT {}", r.loss);
+                    assert!(
+                        (loss - r.loss).abs() <= 1e-4,
+                        "{name}: loss {loss} vs PEFT {}",
+                        r.loss
+                    );
                     if !b.capabilities().gradients {
                         assert!(matches!(
                             b.loss_and_grad(&prompts, &batch),
@@ -156,7 +197,10 @@ macro_rules! conformance_suite {
                     let g: Vec<f64> = lg.grads[0].iter().map(|x| *x as f64).collect();
                     let diff = max_abs_diff(&g, &r.grad);
                     let scale = r.grad.iter().map(|x| x.abs()).fold(0.0, f64::max);
-                    assert!(diff <= 1e-4 * scale.max(1.0), "{name}: max |Δgrad| = {diff:e} (max |g| {scale})");
+                    assert!(
+                        diff <= 1e-4 * scale.max(1.0),
+                        "{name}: max |Δgrad| = {diff:e} (max |g| {scale})"
+                    );
                 }
             }
 
@@ -170,7 +214,9 @@ macro_rules! conformance_suite {
                     let r = load_reference(name);
                     let batch = r.batch(&[0, 0]);
                     let mut prompt = r.prompts[0].clone();
-                    let lg = b.loss_and_grad(std::slice::from_ref(&prompt), &batch).unwrap();
+                    let lg = b
+                        .loss_and_grad(std::slice::from_ref(&prompt), &batch)
+                        .unwrap();
                     let d = prompt.values().len();
                     let eps = 1e-2f32;
                     // a spread of coordinates over every virtual token
@@ -183,7 +229,10 @@ macro_rules! conformance_suite {
                         prompt.values_mut()[i] = x;
                         let fd = (up - down) / (2.0 * eps as f64);
                         let g = lg.grads[0][i] as f64;
-                        assert!((fd - g).abs() <= 2e-3 + 2e-2 * g.abs(), "{name}[{i}]: fd {fd} vs grad {g}");
+                        assert!(
+                            (fd - g).abs() <= 2e-3 + 2e-2 * g.abs(),
+                            "{name}[{i}]: fd {fd} vs grad {g}"
+                        );
                     }
                 }
             }
@@ -197,11 +246,17 @@ macro_rules! conformance_suite {
                     for (row, p) in [(0usize, 1usize), (1, 0)] {
                         let ctx = r.context_lens[row];
                         let single = Batch::from_rows(
-                            &[BatchRow::with_continuation(&r.rows[row][..ctx], &r.rows[row][ctx..], 0)],
+                            &[BatchRow::with_continuation(
+                                &r.rows[row][..ctx],
+                                &r.rows[row][ctx..],
+                                0,
+                            )],
                             0,
                         )
                         .unwrap();
-                        let alone = b.score(std::slice::from_ref(&r.prompts[p]), &single).unwrap();
+                        let alone = b
+                            .score(std::slice::from_ref(&r.prompts[p]), &single)
+                            .unwrap();
                         assert_eq!(alone.num_targets[0], mixed.num_targets[row]);
                         let diff = (alone.logprob_sum[0] - mixed.logprob_sum[row]).abs();
                         assert!(diff <= 1e-4, "{name} row {row}: {diff:e}");
@@ -209,7 +264,10 @@ macro_rules! conformance_suite {
                     if b.capabilities().gradients {
                         // gradients of a mixed batch go to the prompt each row used
                         let lg = b.loss_and_grad(&r.prompts, &r.batch(&[1, 1])).unwrap();
-                        assert!(lg.grads[0].iter().all(|g| *g == 0.0), "{name}: unused prompt got a gradient");
+                        assert!(
+                            lg.grads[0].iter().all(|g| *g == 0.0),
+                            "{name}: unused prompt got a gradient"
+                        );
                         assert!(lg.grads[1].iter().any(|g| *g != 0.0));
                     }
                 }
@@ -224,7 +282,11 @@ macro_rules! conformance_suite {
                     let base = b.score(&r.prompts, &batch).unwrap();
                     assert_eq!(
                         base.num_targets,
-                        r.rows.iter().zip(&r.context_lens).map(|(x, c)| x.len() - c).collect::<Vec<_>>()
+                        r.rows
+                            .iter()
+                            .zip(&r.context_lens)
+                            .map(|(x, c)| x.len() - c)
+                            .collect::<Vec<_>>()
                     );
                     // a different token after the targets (or in padding) changes nothing
                     let mut rows: Vec<BatchRow> = (0..2)
@@ -238,11 +300,16 @@ macro_rules! conformance_suite {
                     let longer = Batch::from_rows(&rows, 5).unwrap();
                     let s = b.score(&r.prompts, &longer).unwrap();
                     for row in 0..2 {
-                        assert!((s.logprob_sum[row] - base.logprob_sum[row]).abs() < 1e-4, "{name} row {row}");
+                        assert!(
+                            (s.logprob_sum[row] - base.logprob_sum[row]).abs() < 1e-4,
+                            "{name} row {row}"
+                        );
                     }
                     // an earlier context token does change the score
                     rows[0].ids[0] = (rows[0].ids[0] + 1) % r.vocab as u32;
-                    let changed = b.score(&r.prompts, &Batch::from_rows(&rows, 5).unwrap()).unwrap();
+                    let changed = b
+                        .score(&r.prompts, &Batch::from_rows(&rows, 5).unwrap())
+                        .unwrap();
                     assert!((changed.logprob_sum[0] - base.logprob_sum[0]).abs() > 1e-6);
                 }
             }
@@ -252,7 +319,10 @@ macro_rules! conformance_suite {
                 let r = load_reference("tiny-llama");
                 let b = load("tiny-llama");
                 let batch = r.batch(&[0, 1]);
-                assert_eq!(b.score(&r.prompts, &batch).unwrap(), b.score(&r.prompts, &batch).unwrap());
+                assert_eq!(
+                    b.score(&r.prompts, &batch).unwrap(),
+                    b.score(&r.prompts, &batch).unwrap()
+                );
                 if b.capabilities().gradients {
                     assert_eq!(
                         b.loss_and_grad(&r.prompts, &batch).unwrap(),
@@ -271,13 +341,24 @@ macro_rules! conformance_suite {
                     let r = load_reference(name);
                     let prompt = &r.prompts[0];
                     let ids = &r.rows[0][..4];
-                    let params = softprompt::GenerationParams { max_new_tokens: 6, ..Default::default() };
+                    let params = softprompt::GenerationParams {
+                        max_new_tokens: 6,
+                        ..Default::default()
+                    };
                     let out = softprompt::generate(b.as_ref(), prompt, ids, &params).unwrap();
                     assert_eq!(out.tokens.len(), 6);
                     // greedy without a cache: argmax of the full forward at every step
                     let mut seq = ids.to_vec();
                     for expected in &out.tokens {
-                        let batch = Batch::from_rows(&[BatchRow { ids: seq.clone(), targets: vec![false; seq.len()], prompt: 0 }], 0).unwrap();
+                        let batch = Batch::from_rows(
+                            &[BatchRow {
+                                ids: seq.clone(),
+                                targets: vec![false; seq.len()],
+                                prompt: 0,
+                            }],
+                            0,
+                        )
+                        .unwrap();
                         let logits = b.logits(std::slice::from_ref(prompt), &batch).unwrap();
                         let s = prompt.num_virtual_tokens() + seq.len();
                         let last = &logits[(s - 1) * r.vocab..s * r.vocab];
@@ -286,7 +367,11 @@ macro_rules! conformance_suite {
                     }
                     // stop tokens end generation and are kept
                     let stop = out.tokens[2];
-                    let params = softprompt::GenerationParams { max_new_tokens: 6, stop_tokens: vec![stop], ..Default::default() };
+                    let params = softprompt::GenerationParams {
+                        max_new_tokens: 6,
+                        stop_tokens: vec![stop],
+                        ..Default::default()
+                    };
                     let first_stop = out.tokens.iter().position(|t| *t == stop).unwrap();
                     let stopped = softprompt::generate(b.as_ref(), prompt, ids, &params).unwrap();
                     assert_eq!(stopped.tokens, out.tokens[..=first_stop].to_vec());
@@ -302,14 +387,20 @@ macro_rules! conformance_suite {
                 let wrong = SoftPrompt::new(3, 16, vec![0.0; 48]).unwrap();
                 assert!(matches!(
                     b.loss(&[wrong], &batch),
-                    Err(softprompt::Error::HiddenSizeMismatch { prompt: 16, backbone: 32 })
+                    Err(softprompt::Error::HiddenSizeMismatch {
+                        prompt: 16,
+                        backbone: 32
+                    })
                 ));
                 let short = SoftPrompt::new(2, 32, vec![0.0; 64]).unwrap();
                 assert!(matches!(
                     b.score(&[r.prompts[0].clone(), short], &r.batch(&[0, 1])),
                     Err(softprompt::Error::InvalidBatch(_))
                 ));
-                assert!(matches!(b.score(&r.prompts[..1], &r.batch(&[0, 1])), Err(softprompt::Error::InvalidBatch(_))));
+                assert!(matches!(
+                    b.score(&r.prompts[..1], &r.batch(&[0, 1])),
+                    Err(softprompt::Error::InvalidBatch(_))
+                ));
             }
         }
     };

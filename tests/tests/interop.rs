@@ -9,11 +9,20 @@ async fn prompt_saved_by_peft_reproduces_the_reference_loss() {
     for name in FIXTURE_MODELS {
         let r = load_reference(name);
         let b = load_backbone("candle", fixture_model(name), "cpu").unwrap();
-        let stored = read_prompt_dir(&fixture_model(name).join("peft-prompt")).await.unwrap();
+        let stored = read_prompt_dir(&fixture_model(name).join("peft-prompt"))
+            .await
+            .unwrap();
         stored.check_backbone(b.spec()).unwrap();
-        assert_eq!(stored.prompt, r.prompts[0], "{name}: PEFT stored the prompt it was given");
+        assert_eq!(
+            stored.prompt, r.prompts[0],
+            "{name}: PEFT stored the prompt it was given"
+        );
         let loss = b.loss(&[stored.prompt], &r.batch(&[0, 0])).unwrap() as f64;
-        assert!((loss - r.loss).abs() <= 1e-4, "{name}: {loss} vs {}", r.loss);
+        assert!(
+            (loss - r.loss).abs() <= 1e-4,
+            "{name}: {loss} vs {}",
+            r.loss
+        );
     }
 }
 
@@ -24,7 +33,10 @@ fn sharded_checkpoint_loads_to_the_same_weights() {
     assert_eq!(single.spec().fingerprint, sharded.spec().fingerprint);
     let r = load_reference("tiny-llama");
     let batch = r.batch(&[0, 1]);
-    assert_eq!(single.score(&r.prompts, &batch).unwrap(), sharded.score(&r.prompts, &batch).unwrap());
+    assert_eq!(
+        single.score(&r.prompts, &batch).unwrap(),
+        sharded.score(&r.prompts, &batch).unwrap()
+    );
 }
 
 #[test]
@@ -35,8 +47,17 @@ fn tokenizer_matches_the_python_tokenizer() {
     let texts = v["texts"].as_array().unwrap();
     assert!(texts.len() > 5);
     for (t, ids) in texts.iter().zip(v["ids"].as_array().unwrap()) {
-        let expected: Vec<u32> = ids.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        assert_eq!(tok.encode(t.as_str().unwrap(), true).unwrap(), expected, "{t}");
+        let expected: Vec<u32> = ids
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            tok.encode(t.as_str().unwrap(), true).unwrap(),
+            expected,
+            "{t}"
+        );
     }
     assert_eq!(tok.eos_id(), Some(0));
 }
@@ -60,9 +81,15 @@ fn truncated_or_corrupt_weights_are_typed_errors() {
     let mut garbage = bytes.clone();
     garbage[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&path, &garbage).unwrap();
-    assert!(matches!(load_backbone("candle", dir.path(), "cpu"), Err(Error::Safetensors { .. })));
+    assert!(matches!(
+        load_backbone("candle", dir.path(), "cpu"),
+        Err(Error::Safetensors { .. })
+    ));
     std::fs::remove_file(&path).unwrap();
-    assert!(matches!(load_backbone("candle", dir.path(), "cpu"), Err(Error::Io { .. })));
+    assert!(matches!(
+        load_backbone("candle", dir.path(), "cpu"),
+        Err(Error::Io { .. })
+    ));
 }
 
 #[test]
@@ -70,12 +97,27 @@ fn config_errors_are_typed() {
     let dir = copy_model("tiny-llama");
     let cfg = dir.path().join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("\"model_type\": \"llama\"", "\"model_type\": \"t5\"")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"model_type\": \"llama\"", "\"model_type\": \"t5\""),
+    )
+    .unwrap();
     let err = load_backbone("candle", dir.path(), "cpu").unwrap_err();
-    assert!(matches!(err, Error::UnsupportedArchitecture { .. }), "{err}");
-    insta::assert_snapshot!("unsupported_architecture", err.to_string().replace(&dir.path().display().to_string(), "MODEL"));
+    assert!(
+        matches!(err, Error::UnsupportedArchitecture { .. }),
+        "{err}"
+    );
+    insta::assert_snapshot!(
+        "unsupported_architecture",
+        err.to_string()
+            .replace(&dir.path().display().to_string(), "MODEL")
+    );
     // a config disagreeing with the weights
-    std::fs::write(&cfg, text.replace("\"intermediate_size\": 64", "\"intermediate_size\": 65")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"intermediate_size\": 64", "\"intermediate_size\": 65"),
+    )
+    .unwrap();
     let err = load_backbone("candle", dir.path(), "cpu").unwrap_err();
     assert!(matches!(err, Error::TensorShape { .. }), "{err}");
     insta::assert_snapshot!("tensor_shape", err.to_string());
@@ -95,11 +137,17 @@ fn backends_not_compiled_in_name_their_feature() {
 fn candle_f64_gradient_matches_finite_differences_tightly() {
     use softprompt::candle::{CandleBackbone, CandleOptions, DType};
     for name in FIXTURE_MODELS {
-        let b = CandleBackbone::load(fixture_model(name), CandleOptions::new().with_dtype(DType::F64)).unwrap();
+        let b = CandleBackbone::load(
+            fixture_model(name),
+            CandleOptions::new().with_dtype(DType::F64),
+        )
+        .unwrap();
         let r = load_reference(name);
         let batch = r.batch(&[0, 0]);
         let mut prompt = r.prompts[0].clone();
-        let lg = b.loss_and_grad(std::slice::from_ref(&prompt), &batch).unwrap();
+        let lg = b
+            .loss_and_grad(std::slice::from_ref(&prompt), &batch)
+            .unwrap();
         // f64 inside, f32 at the interface: the step must dwarf f32 rounding of the prompt
         let eps = 1e-2f32;
         let mut worst = 0f64;
@@ -111,10 +159,16 @@ fn candle_f64_gradient_matches_finite_differences_tightly() {
             let down = b.score(std::slice::from_ref(&prompt), &batch).unwrap();
             prompt.values_mut()[i] = x;
             let count: usize = up.num_targets.iter().sum();
-            let (lu, ld) = (-up.logprob_sum.iter().sum::<f64>(), -down.logprob_sum.iter().sum::<f64>());
+            let (lu, ld) = (
+                -up.logprob_sum.iter().sum::<f64>(),
+                -down.logprob_sum.iter().sum::<f64>(),
+            );
             let fd = (lu - ld) / (2.0 * eps as f64) / count as f64;
             worst = worst.max((fd - lg.grads[0][i] as f64).abs());
         }
-        assert!(worst < 2e-4, "{name}: worst |fd - grad| = {worst:e} over every coordinate");
+        assert!(
+            worst < 2e-4,
+            "{name}: worst |fd - grad| = {worst:e} over every coordinate"
+        );
     }
 }

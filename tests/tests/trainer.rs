@@ -2,11 +2,13 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use softprompt::train::{read_checkpoint, AdamW, Metric, OptimizerChoice, Task, TrainConfig, Trainer, Verbalizer};
 use softprompt::train::data::Template;
+use softprompt::train::{
+    read_checkpoint, AdamW, Metric, OptimizerChoice, Task, TrainConfig, Trainer, Verbalizer,
+};
 use softprompt::{
-    load_backbone, Backbone, BackboneSpec, Batch, Capabilities, Error, HfTokenizer, LossAndGrad, PromptInit, Rng,
-    RowScores, SoftPrompt,
+    load_backbone, Backbone, BackboneSpec, Batch, Capabilities, Error, HfTokenizer, LossAndGrad,
+    PromptInit, Rng, RowScores, SoftPrompt,
 };
 use softprompt_tests::{fixture_model, fixtures_dir};
 
@@ -20,18 +22,27 @@ fn task() -> Task {
 fn sets(tok: &HfTokenizer) -> (softprompt::train::EncodedSet, softprompt::train::EncodedSet) {
     let data = fixtures_dir().join("data");
     (
-        task().load(&data.join("sentiment-train.jsonl"), tok, 64).unwrap(),
-        task().load(&data.join("sentiment-dev.jsonl"), tok, 64).unwrap(),
+        task()
+            .load(&data.join("sentiment-train.jsonl"), tok, 64)
+            .unwrap(),
+        task()
+            .load(&data.join("sentiment-dev.jsonl"), tok, 64)
+            .unwrap(),
     )
 }
 
 fn setup() -> (Box<dyn Backbone>, HfTokenizer) {
     let dir = fixture_model("tiny-llama");
-    (load_backbone("candle", &dir, "cpu").unwrap(), HfTokenizer::from_model_dir(&dir).unwrap())
+    (
+        load_backbone("candle", &dir, "cpu").unwrap(),
+        HfTokenizer::from_model_dir(&dir).unwrap(),
+    )
 }
 
 fn init(b: &dyn Backbone, tok: &HfTokenizer) -> SoftPrompt {
-    let init = PromptInit::Text { text: "Classify the review".into() };
+    let init = PromptInit::Text {
+        text: "Classify the review".into(),
+    };
     SoftPrompt::initialize(&init, 8, b, Some(tok), &mut Rng::seed_from_u64(0)).unwrap()
 }
 
@@ -93,7 +104,11 @@ impl Backbone for Faulty<'_> {
     fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> softprompt::Result<RowScores> {
         self.inner.score(prompts, batch)
     }
-    fn loss_and_grad(&self, prompts: &[SoftPrompt], batch: &Batch) -> softprompt::Result<LossAndGrad> {
+    fn loss_and_grad(
+        &self,
+        prompts: &[SoftPrompt],
+        batch: &Batch,
+    ) -> softprompt::Result<LossAndGrad> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         let mut out = self.inner.loss_and_grad(prompts, batch)?;
         if call == self.fail_at {
@@ -114,23 +129,46 @@ fn resume_after_a_crash_ends_at_the_same_prompt() {
     let p0 = init(b.as_ref(), &tok);
 
     let full_dir = tempfile::tempdir().unwrap();
-    let mut t = Trainer::new(b.as_ref(), Box::new(AdamW::new()), config(20, Some(full_dir.path().into()))).unwrap();
+    let mut t = Trainer::new(
+        b.as_ref(),
+        Box::new(AdamW::new()),
+        config(20, Some(full_dir.path().into())),
+    )
+    .unwrap();
     let s = t.init_state(&p0);
     let full = t.run(s, &train, Some(&dev)).unwrap();
 
     // crash during step 13: the checkpoint of step 10 survives
     let dir = tempfile::tempdir().unwrap();
-    let faulty = Faulty { inner: b.as_ref(), calls: AtomicUsize::new(0), fail_at: 13, nan: false };
-    let mut t = Trainer::new(&faulty, Box::new(AdamW::new()), config(20, Some(dir.path().into()))).unwrap();
+    let faulty = Faulty {
+        inner: b.as_ref(),
+        calls: AtomicUsize::new(0),
+        fail_at: 13,
+        nan: false,
+    };
+    let mut t = Trainer::new(
+        &faulty,
+        Box::new(AdamW::new()),
+        config(20, Some(dir.path().into())),
+    )
+    .unwrap();
     let s = t.init_state(&p0);
     assert!(t.run(s, &train, Some(&dev)).is_err());
     let ckpt = read_checkpoint(&dir.path().join("checkpoint.json")).unwrap();
     assert_eq!(ckpt.step, 10);
 
-    let mut t = Trainer::new(b.as_ref(), Box::new(AdamW::new()), config(20, Some(dir.path().into()))).unwrap();
+    let mut t = Trainer::new(
+        b.as_ref(),
+        Box::new(AdamW::new()),
+        config(20, Some(dir.path().into())),
+    )
+    .unwrap();
     let resumed = t.run(ckpt, &train, Some(&dev)).unwrap();
     assert_eq!(resumed.state.step, 20);
-    assert_eq!(resumed.state.prompt, full.state.prompt, "resumed run must end at the same prompt");
+    assert_eq!(
+        resumed.state.prompt, full.state.prompt,
+        "resumed run must end at the same prompt"
+    );
     assert_eq!(resumed.prompt, full.prompt);
     assert_eq!(resumed.state.best_step, full.state.best_step);
 }
@@ -141,7 +179,12 @@ fn nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint() {
     let (train, _) = sets(&tok);
     let p0 = init(b.as_ref(), &tok);
     let dir = tempfile::tempdir().unwrap();
-    let faulty = Faulty { inner: b.as_ref(), calls: AtomicUsize::new(0), fail_at: 7, nan: true };
+    let faulty = Faulty {
+        inner: b.as_ref(),
+        calls: AtomicUsize::new(0),
+        fail_at: 7,
+        nan: true,
+    };
     let mut cfg = config(20, Some(dir.path().into()));
     cfg.eval_every = 0;
     let mut t = Trainer::new(&faulty, Box::new(AdamW::new()), cfg).unwrap();
@@ -167,7 +210,10 @@ impl Backbone for ForwardOnly<'_> {
         self.0.spec()
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities { gradients: false, generation: false }
+        Capabilities {
+            gradients: false,
+            generation: false,
+        }
     }
     fn embed(&self, ids: &[u32]) -> softprompt::Result<Vec<f32>> {
         self.0.embed(ids)
@@ -181,12 +227,20 @@ impl Backbone for ForwardOnly<'_> {
 fn gradient_optimizer_on_a_forward_only_backend_is_a_typed_error() {
     let (b, _) = setup();
     let fwd = ForwardOnly(b.as_ref());
-    let err = Trainer::new(&fwd, OptimizerChoice::AdamW.build(4, 32, None), TrainConfig::default()).unwrap_err();
+    let err = Trainer::new(
+        &fwd,
+        OptimizerChoice::AdamW.build(4, 32, None),
+        TrainConfig::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }));
     insta::assert_snapshot!("forward_only_gradient_optimizer", err.to_string());
     // and the default method of the trait answers with the same kind of error
     let r = softprompt_tests::load_reference("tiny-llama");
-    assert!(matches!(fwd.loss_and_grad(&r.prompts, &r.batch(&[0, 0])), Err(Error::Unsupported { .. })));
+    assert!(matches!(
+        fwd.loss_and_grad(&r.prompts, &r.batch(&[0, 0])),
+        Err(Error::Unsupported { .. })
+    ));
 }
 
 #[test]
@@ -194,7 +248,11 @@ fn unknown_labels_in_data_name_file_and_line() {
     let (_, tok) = setup();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.jsonl");
-    std::fs::write(&path, "{\"text\":\"a\",\"label\":\"positive\"}\n{\"text\":\"b\",\"label\":\"meh\"}\n").unwrap();
+    std::fs::write(
+        &path,
+        "{\"text\":\"a\",\"label\":\"positive\"}\n{\"text\":\"b\",\"label\":\"meh\"}\n",
+    )
+    .unwrap();
     let err = task().load(&path, &tok, 64).unwrap_err();
     assert!(matches!(err, Error::Data { line: 2, .. }), "{err}");
     assert!(err.to_string().contains("unknown label `meh`"), "{err}");

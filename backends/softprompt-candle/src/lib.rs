@@ -8,13 +8,13 @@ mod ops;
 
 use std::path::Path;
 
-use candle_core::{Tensor, Var};
 pub use candle_core::{DType, Device};
+use candle_core::{Tensor, Var};
 use softprompt_core::backbone::check_prompts;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    Backbone, BackboneSpec, Batch, Capabilities, DecodeSession, Error, LossAndGrad, ModelConfig, RowScores,
-    SoftPrompt,
+    Backbone, BackboneSpec, Batch, Capabilities, DecodeSession, Error, LossAndGrad, ModelConfig,
+    RowScores, SoftPrompt,
 };
 
 use crate::model::{LayerCache, Model};
@@ -36,12 +36,14 @@ pub fn parse_device(name: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal = s.strip_prefix("cuda:").unwrap_or("0");
-            let ordinal: usize = ordinal
-                .parse()
-                .map_err(|_| Error::InvalidArgument(format!("bad CUDA device `{s}`: expected cuda:N")))?;
+            let ordinal: usize = ordinal.parse().map_err(|_| {
+                Error::InvalidArgument(format!("bad CUDA device `{s}`: expected cuda:N"))
+            })?;
             cuda_device(ordinal)
         }
-        other => Err(Error::InvalidArgument(format!("unknown device `{other}`: expected cpu or cuda:N"))),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown device `{other}`: expected cpu or cuda:N"
+        ))),
     }
 }
 
@@ -68,7 +70,10 @@ pub struct CandleOptions {
 
 impl Default for CandleOptions {
     fn default() -> Self {
-        CandleOptions { device: Device::Cpu, dtype: DType::F32 }
+        CandleOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
     }
 }
 
@@ -116,9 +121,20 @@ impl CandleBackbone {
 
     /// Builds the backbone from an already read model description.
     pub fn from_source(source: ModelSource, options: CandleOptions) -> Result<Self> {
-        let ModelSource { config, weights, spec, .. } = source;
+        let ModelSource {
+            config,
+            weights,
+            spec,
+            ..
+        } = source;
         let model = Model::load(&config, weights, &options.device, options.dtype)?;
-        Ok(CandleBackbone { model, config, spec, device: options.device, dtype: options.dtype })
+        Ok(CandleBackbone {
+            model,
+            config,
+            spec,
+            device: options.device,
+            dtype: options.dtype,
+        })
     }
 
     /// The model configuration.
@@ -133,7 +149,10 @@ impl CandleBackbone {
 
     fn prompts_tensor(&self, prompts: &[SoftPrompt], n: usize) -> Result<Tensor> {
         let d = self.spec.hidden_size;
-        let values: Vec<f32> = prompts.iter().flat_map(|p| p.values().iter().copied()).collect();
+        let values: Vec<f32> = prompts
+            .iter()
+            .flat_map(|p| p.values().iter().copied())
+            .collect();
         Tensor::from_vec(values, (prompts.len(), n, d), &self.device)
             .and_then(|t| t.to_dtype(self.dtype))
             .map_err(to_core)
@@ -154,7 +173,10 @@ impl CandleBackbone {
         let (rows, t) = (batch.rows(), batch.seq_len());
         let s = n + t;
         let ids = Tensor::from_slice(batch.input_ids(), rows * t, &self.device)?;
-        let tok = self.model.embed(&ids)?.reshape((rows, t, self.spec.hidden_size))?;
+        let tok = self
+            .model
+            .embed(&ids)?
+            .reshape((rows, t, self.spec.hidden_size))?;
         let x = if n == 0 {
             tok
         } else {
@@ -179,7 +201,12 @@ impl CandleBackbone {
     }
 
     /// Log-probabilities of every target token, in `batch.targets()` order (differentiable).
-    fn target_logprobs(&self, prompts: &Tensor, batch: &Batch, n: usize) -> Result<(Tensor, Vec<usize>)> {
+    fn target_logprobs(
+        &self,
+        prompts: &Tensor,
+        batch: &Batch,
+        n: usize,
+    ) -> Result<(Tensor, Vec<usize>)> {
         let targets = batch.targets(n)?;
         if targets.is_empty() {
             return Err(Error::InvalidBatch("the batch has no target tokens".into()));
@@ -190,12 +217,18 @@ impl CandleBackbone {
             let hidden = self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?;
             let flat = hidden.reshape((batch.rows() * s, self.spec.hidden_size))?;
             // The head runs only where a target is predicted.
-            let at: Vec<u32> = targets.iter().map(|(r, _, pos)| (r * s + pos) as u32).collect();
+            let at: Vec<u32> = targets
+                .iter()
+                .map(|(r, _, pos)| (r * s + pos) as u32)
+                .collect();
             let at = Tensor::from_vec(at, targets.len(), &self.device)?;
             let logits = self.model.head(&flat.index_select(&at, 0)?)?;
-            let logp = ops::log_softmax_last(&logits.to_dtype(DType::F32.max_precision(self.dtype))?)?;
-            let ids: Vec<u32> =
-                targets.iter().map(|(r, t, _)| batch.input_ids()[r * batch.seq_len() + t]).collect();
+            let logp =
+                ops::log_softmax_last(&logits.to_dtype(DType::F32.max_precision(self.dtype))?)?;
+            let ids: Vec<u32> = targets
+                .iter()
+                .map(|(r, t, _)| batch.input_ids()[r * batch.seq_len() + t])
+                .collect();
             let ids = Tensor::from_vec(ids, (targets.len(), 1), &self.device)?;
             logp.gather(&ids, 1)?.squeeze(1)
         };
@@ -210,7 +243,11 @@ trait MaxPrecision {
 
 impl MaxPrecision for DType {
     fn max_precision(self, other: DType) -> DType {
-        if other == DType::F64 { DType::F64 } else { self }
+        if other == DType::F64 {
+            DType::F64
+        } else {
+            self
+        }
     }
 }
 
@@ -224,7 +261,10 @@ impl Backbone for CandleBackbone {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { gradients: true, generation: true }
+        Capabilities {
+            gradients: true,
+            generation: true,
+        }
     }
 
     fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
@@ -248,8 +288,14 @@ impl Backbone for CandleBackbone {
         self.check_length(n + batch.seq_len())?;
         let p = self.prompts_tensor(prompts, n)?;
         let (logp, rows) = self.target_logprobs(&p, batch, n)?;
-        let logp: Vec<f64> = logp.to_dtype(DType::F64).and_then(|t| t.to_vec1()).map_err(to_core)?;
-        let mut scores = RowScores { logprob_sum: vec![0.0; batch.rows()], num_targets: vec![0; batch.rows()] };
+        let logp: Vec<f64> = logp
+            .to_dtype(DType::F64)
+            .and_then(|t| t.to_vec1())
+            .map_err(to_core)?;
+        let mut scores = RowScores {
+            logprob_sum: vec![0.0; batch.rows()],
+            num_targets: vec![0; batch.rows()],
+        };
         for (lp, r) in logp.iter().zip(rows) {
             scores.logprob_sum[r] += lp;
             scores.num_targets[r] += 1;
@@ -261,7 +307,9 @@ impl Backbone for CandleBackbone {
         let n = check_prompts(prompts, &self.spec, batch)?;
         self.check_length(n + batch.seq_len())?;
         if n == 0 {
-            return Err(Error::InvalidArgument("a prompt of zero virtual tokens has no gradient".into()));
+            return Err(Error::InvalidArgument(
+                "a prompt of zero virtual tokens has no gradient".into(),
+            ));
         }
         let var = Var::from_tensor(&self.prompts_tensor(prompts, n)?).map_err(to_core)?;
         let (logp, _) = self.target_logprobs(var.as_tensor(), batch, n)?;
@@ -273,7 +321,10 @@ impl Backbone for CandleBackbone {
                 .get(var.as_tensor())
                 .ok_or_else(|| candle_core::Error::Msg("no gradient reached the prompt".into()))?;
             let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            Ok((loss, g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+            Ok((
+                loss,
+                g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            ))
         };
         let (loss, flat) = run().map_err(to_core)?;
         let per = n * self.spec.hidden_size;
@@ -295,11 +346,17 @@ impl Backbone for CandleBackbone {
         run().map_err(to_core)
     }
 
-    fn start_decode<'a>(&'a self, prompt: &SoftPrompt, ids: &[u32]) -> Result<Box<dyn DecodeSession + 'a>> {
+    fn start_decode<'a>(
+        &'a self,
+        prompt: &SoftPrompt,
+        ids: &[u32],
+    ) -> Result<Box<dyn DecodeSession + 'a>> {
         prompt.check_hidden_size(self.spec.hidden_size)?;
         let n = prompt.num_virtual_tokens();
         if n + ids.len() == 0 {
-            return Err(Error::InvalidArgument("generation needs a prompt or at least one input token".into()));
+            return Err(Error::InvalidArgument(
+                "generation needs a prompt or at least one input token".into(),
+            ));
         }
         self.check_length(n + ids.len())?;
         let mut session = CandleDecode {
@@ -309,7 +366,11 @@ impl Backbone for CandleBackbone {
             logits: Vec::new(),
         };
         let batch = Batch::from_rows(
-            &[softprompt_core::BatchRow { ids: ids.to_vec(), targets: vec![false; ids.len()], prompt: 0 }],
+            &[softprompt_core::BatchRow {
+                ids: ids.to_vec(),
+                targets: vec![false; ids.len()],
+                prompt: 0,
+            }],
             0,
         );
         let p = self.prompts_tensor(std::slice::from_ref(prompt), n)?;
@@ -349,9 +410,15 @@ impl CandleDecode<'_> {
                 }
             }
             let bias = Tensor::from_vec(bias, (1, 1, s, total), &b.device)?.to_dtype(b.dtype)?;
-            let h = b.model.forward(x, self.position, Some(&bias), Some(&mut self.cache))?;
+            let h = b
+                .model
+                .forward(x, self.position, Some(&bias), Some(&mut self.cache))?;
             let last = h.narrow(1, s - 1, 1)?.reshape((1, b.spec.hidden_size))?;
-            b.model.head(&last)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+            b.model
+                .head(&last)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()
         };
         let logits = step().map_err(to_core)?;
         self.logits = logits;

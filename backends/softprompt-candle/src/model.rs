@@ -24,16 +24,24 @@ impl Loader<'_> {
         self.host(t.data, shape)
     }
     fn host(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
-        Ok(Tensor::from_vec(data, shape, self.device).and_then(|t| t.to_dtype(self.dtype)).map_err(to_core)?)
+        Tensor::from_vec(data, shape, self.device)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(to_core)
     }
     fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
-        let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out])?) } else { None };
+        let b = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
         Ok(Linear::new(w, b))
     }
     /// GPT-2's Conv1D stores `[in, out]`; transpose once on the host.
     fn conv1d(&mut self, prefix: &str, inp: usize, out: usize) -> Result<Linear> {
-        let w = self.weights.take(&format!("{prefix}.weight"), &[inp, out])?;
+        let w = self
+            .weights
+            .take(&format!("{prefix}.weight"), &[inp, out])?;
         let mut t = vec![0f32; inp * out];
         for i in 0..inp {
             for o in 0..out {
@@ -100,8 +108,17 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    pub fn load(config: &ModelConfig, mut weights: ModelWeights, device: &Device, dtype: DType) -> Result<Self> {
-        let mut l = Loader { weights: &mut weights, device, dtype };
+    pub fn load(
+        config: &ModelConfig,
+        mut weights: ModelWeights,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut l = Loader {
+            weights: &mut weights,
+            device,
+            dtype,
+        };
         match config {
             ModelConfig::Llama(c) => Ok(Model::Llama(Box::new(Llama::load(c, &mut l)?))),
             ModelConfig::Gpt2(c) => Ok(Model::Gpt2(Box::new(Gpt2::load(c, &mut l)?))),
@@ -174,7 +191,13 @@ impl Llama {
             });
         }
         let norm = l.tensor(LLAMA_FINAL_NORM, &[d])?;
-        Ok(Llama { cfg: c.clone(), embed, layers, norm, head })
+        Ok(Llama {
+            cfg: c.clone(),
+            embed,
+            layers,
+            norm,
+            head,
+        })
     }
 
     fn forward(
@@ -191,9 +214,24 @@ impl Llama {
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let q = layer.q.forward(&hn)?.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = layer.k.forward(&hn)?.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = layer.v.forward(&hn)?.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = layer
+                .q
+                .forward(&hn)?
+                .reshape((b, s, h, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = layer
+                .k
+                .forward(&hn)?
+                .reshape((b, s, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = layer
+                .v
+                .forward(&hn)?
+                .reshape((b, s, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let q = rope(&q, &cos, &sin)?;
             let mut k = rope(&k, &cos, &sin)?;
             let mut v = v;
@@ -206,7 +244,9 @@ impl Llama {
             }
             let k = repeat_kv(&k, h / kvh)?.contiguous()?;
             let v = repeat_kv(&v, h / kvh)?.contiguous()?;
-            let att = attention(&q, &k, &v, bias)?.transpose(1, 2)?.reshape((b, s, h * hd))?;
+            let att = attention(&q, &k, &v, bias)?
+                .transpose(1, 2)?
+                .reshape((b, s, h * hd))?;
             x = (x + layer.o.forward(&att)?)?;
             let hn = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
             let mlp = (layer.gate.forward(&hn)?.silu()? * layer.up.forward(&hn)?)?;
@@ -220,7 +260,10 @@ impl Gpt2 {
     fn load(c: &Gpt2Config, l: &mut Loader<'_>) -> Result<Self> {
         let d = c.n_embd;
         let ln = |l: &mut Loader<'_>, p: &str| -> Result<(Tensor, Tensor)> {
-            Ok((l.tensor(&format!("{p}.weight"), &[d])?, l.tensor(&format!("{p}.bias"), &[d])?))
+            Ok((
+                l.tensor(&format!("{p}.weight"), &[d])?,
+                l.tensor(&format!("{p}.bias"), &[d])?,
+            ))
         };
         let head = if !c.tie_word_embeddings && l.weights.contains(LM_HEAD) {
             Some(l.tensor(LM_HEAD, &[c.vocab_size, d])?)
@@ -243,7 +286,14 @@ impl Gpt2 {
             });
         }
         let ln_f = ln(l, GPT2_LN_F)?;
-        Ok(Gpt2 { cfg: c.clone(), wte, wpe, layers, ln_f, head })
+        Ok(Gpt2 {
+            cfg: c.clone(),
+            wte,
+            wpe,
+            layers,
+            ln_f,
+            head,
+        })
     }
 
     fn forward(
@@ -256,7 +306,11 @@ impl Gpt2 {
         let c = &self.cfg;
         let (b, s, d) = x.dims3()?;
         if start + s > c.n_positions {
-            candle_core::bail!("sequence of {} positions exceeds GPT-2's n_positions {}", start + s, c.n_positions);
+            candle_core::bail!(
+                "sequence of {} positions exceeds GPT-2's n_positions {}",
+                start + s,
+                c.n_positions
+            );
         }
         let (h, hd) = (c.n_head, d / c.n_head);
         let eps = c.layer_norm_epsilon;
@@ -265,7 +319,10 @@ impl Gpt2 {
             let hn = layer_norm(&x, &layer.ln_1.0, &layer.ln_1.1, eps)?;
             let qkv = layer.c_attn.forward(&hn)?;
             let split = |j: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(2, j * d, d)?.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()
+                qkv.narrow(2, j * d, d)?
+                    .reshape((b, s, h, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
             if let Some(cache) = cache.as_deref_mut() {
@@ -275,7 +332,9 @@ impl Gpt2 {
                 }
                 cache[i] = Some((k.clone(), v.clone()));
             }
-            let att = attention(&q, &k, &v, bias)?.transpose(1, 2)?.reshape((b, s, d))?;
+            let att = attention(&q, &k, &v, bias)?
+                .transpose(1, 2)?
+                .reshape((b, s, d))?;
             x = (x + layer.c_proj.forward(&att)?)?;
             let hn = layer_norm(&x, &layer.ln_2.0, &layer.ln_2.1, eps)?;
             let up = layer.c_fc.forward(&hn)?;

@@ -17,7 +17,9 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (last, lead) = dims.split_last().expect("linear input has at least one dim");
+        let (last, lead) = dims
+            .split_last()
+            .expect("linear input has at least one dim");
         let rows: usize = lead.iter().product();
         let y = x.reshape((rows, *last))?.matmul(&self.w.t()?)?;
         let y = match &self.b {
@@ -79,7 +81,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
     let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)?.broadcast_add(&rotated.broadcast_mul(sin)?)
+    x.broadcast_mul(cos)?
+        .broadcast_add(&rotated.broadcast_mul(sin)?)
 }
 
 /// RoPE tables `[positions, head_dim]` for positions `start..start + len`.
@@ -130,7 +133,9 @@ pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, kv, t, hd) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, hd))?.reshape((b, kv * rep, t, hd))
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, rep, t, hd))?
+        .reshape((b, kv * rep, t, hd))
 }
 
 #[cfg(test)]
@@ -144,7 +149,14 @@ mod tests {
         let x = Var::from_vec(vec![1.0f64, 2.0, 0.5, -1.0, 0.0, 3.0], (2, 3), &dev).unwrap();
         let s = softmax_last(x.as_tensor()).unwrap();
         let ls = log_softmax_last(x.as_tensor()).unwrap();
-        let diff = (s.log().unwrap() - &ls).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let diff = (s.log().unwrap() - &ls)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(diff < 1e-12);
         // d/dx of sum(softmax * c) is nonzero and matches a finite difference
         let c = Tensor::new(&[[1.0f64, 0.0, 0.0], [0.0, 0.0, 1.0]], &dev).unwrap();
@@ -158,10 +170,18 @@ mod tests {
             plus[i] += eps;
             let mut minus = base.clone();
             minus[i] -= eps;
-            let fp = f(&Tensor::from_vec(plus, (2, 3), &dev).unwrap()).to_scalar::<f64>().unwrap();
-            let fm = f(&Tensor::from_vec(minus, (2, 3), &dev).unwrap()).to_scalar::<f64>().unwrap();
+            let fp = f(&Tensor::from_vec(plus, (2, 3), &dev).unwrap())
+                .to_scalar::<f64>()
+                .unwrap();
+            let fm = f(&Tensor::from_vec(minus, (2, 3), &dev).unwrap())
+                .to_scalar::<f64>()
+                .unwrap();
             let fd = (fp - fm) / (2.0 * eps);
-            assert!((fd - g[i / 3][i % 3]).abs() < 1e-7, "i {i}: fd {fd} vs {}", g[i / 3][i % 3]);
+            assert!(
+                (fd - g[i / 3][i % 3]).abs() < 1e-7,
+                "i {i}: fd {fd} vs {}",
+                g[i / 3][i % 3]
+            );
         }
     }
 

@@ -16,7 +16,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Tune a soft prompt on a frozen model and save it in PEFT's layout.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Score a soft prompt (or the plain model) on a JSONL data set.
     Eval(EvalArgs),
     /// Generate text after a soft prompt with a KV cache.
@@ -110,7 +110,10 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = InitKind::Text)]
     pub init: InitKind,
     /// Text for --init text.
-    #[arg(long, default_value = "Classify if the movie review is positive or negative")]
+    #[arg(
+        long,
+        default_value = "Classify if the movie review is positive or negative"
+    )]
     pub init_text: String,
     /// Optimizer: adamw, adafactor (Lester et al.: --lr 0.3) or sgd.
     #[arg(long, default_value = "adamw")]

@@ -5,20 +5,26 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use softprompt::store::{read_prompt_dir, write_prompt_dir, DirectoryStore, ADAPTER_CONFIG};
 use softprompt::train::data::Template;
-use softprompt::train::{eval, read_checkpoint, Metric, OptimizerChoice, Schedule, Task, TrainConfig, Trainer, Verbalizer};
+use softprompt::train::{
+    eval, read_checkpoint, Metric, OptimizerChoice, Schedule, Task, TrainConfig, Trainer,
+    Verbalizer,
+};
 use softprompt::{
-    generate, load_backbone_with, Backbone, BackendOptions, GenerationParams, HfTokenizer, PromptConfig, PromptInit,
-    PromptStore, Rng, SoftPrompt, StoredPrompt, TextTokenizer,
+    generate, load_backbone_with, Backbone, BackendOptions, GenerationParams, HfTokenizer,
+    PromptConfig, PromptInit, PromptStore, Rng, SoftPrompt, StoredPrompt, TextTokenizer,
 };
 
-use crate::args::{BackendArgs, Cli, Command, EvalArgs, GenerateArgs, InitKind, InspectArgs, ScheduleKind, TaskArgs, TaskKind, TrainArgs};
+use crate::args::{
+    BackendArgs, Cli, Command, EvalArgs, GenerateArgs, InitKind, InspectArgs, ScheduleKind,
+    TaskArgs, TaskKind, TrainArgs,
+};
 
 const DEFAULT_TEMPLATE: &str = "Review: {text}\nSentiment:";
 const DEFAULT_LABELS: &str = "negative= negative,positive= positive";
 
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(a) => train(a).await,
+        Command::Train(a) => train(*a).await,
         Command::Eval(a) => evaluate(a).await,
         Command::Generate(a) => generate_text(a).await,
         Command::Inspect(a) => inspect(a).await,
@@ -26,7 +32,10 @@ pub async fn run(cli: Cli) -> Result<()> {
 }
 
 fn load(b: &BackendArgs) -> Result<(Box<dyn Backbone>, HfTokenizer)> {
-    let opts = BackendOptions { device: b.device.clone(), dtype: b.dtype.clone() };
+    let opts = BackendOptions {
+        device: b.device.clone(),
+        dtype: b.dtype.clone(),
+    };
     let backbone = load_backbone_with(&b.backend, &b.model, &opts)
         .with_context(|| format!("loading {} on {}", b.model.display(), b.backend))?;
     let tok = HfTokenizer::from_model_dir(&b.model)?;
@@ -50,7 +59,10 @@ fn task_of(t: &TaskArgs, stored: Option<&StoredPrompt>) -> Result<Task> {
                 (None, Some(p)) => Verbalizer::new(p.labels.clone())?,
                 (None, None) => Verbalizer::parse(DEFAULT_LABELS)?,
             };
-            Task::Classification { template, verbalizer }
+            Task::Classification {
+                template,
+                verbalizer,
+            }
         }
     })
 }
@@ -62,7 +74,14 @@ fn metric_name(task: &Task) -> (&'static str, Metric) {
     }
 }
 
-fn score(b: &dyn Backbone, prompt: &SoftPrompt, task: &Task, set: &softprompt::train::EncodedSet, bs: usize, eos: Option<u32>) -> Result<f64> {
+fn score(
+    b: &dyn Backbone,
+    prompt: &SoftPrompt,
+    task: &Task,
+    set: &softprompt::train::EncodedSet,
+    bs: usize,
+    eos: Option<u32>,
+) -> Result<f64> {
     Ok(match task {
         Task::Classification { .. } => eval::accuracy(b, prompt, set, bs)?,
         Task::Generation { .. } => eval::exact_match(b, prompt, set, eos)?,
@@ -74,18 +93,28 @@ async fn train(a: TrainArgs) -> Result<()> {
     let b = backbone.as_ref();
     let task = task_of(&a.task, None)?;
     let train_set = task.load(&a.train, &tok, a.task.max_context)?;
-    let dev_set = a.dev.as_deref().map(|p| task.load(p, &tok, a.task.max_context)).transpose()?;
-    let test_set = a.test.as_deref().map(|p| task.load(p, &tok, a.task.max_context)).transpose()?;
+    let dev_set = a
+        .dev
+        .as_deref()
+        .map(|p| task.load(p, &tok, a.task.max_context))
+        .transpose()?;
+    let test_set = a
+        .test
+        .as_deref()
+        .map(|p| task.load(p, &tok, a.task.max_context))
+        .transpose()?;
     let spec = b.spec().clone();
     let n = a.num_virtual_tokens;
     let init = match a.init {
-        InitKind::Text => PromptInit::Text { text: a.init_text.clone() },
+        InitKind::Text => PromptInit::Text {
+            text: a.init_text.clone(),
+        },
         InitKind::Vocab => PromptInit::Vocab,
         InitKind::Uniform => PromptInit::Uniform { range: 0.5 },
         InitKind::Labels => match &task {
-            Task::Classification { verbalizer, .. } => {
-                PromptInit::Labels { labels: verbalizer.labels().iter().map(|(_, w)| w.clone()).collect() }
-            }
+            Task::Classification { verbalizer, .. } => PromptInit::Labels {
+                labels: verbalizer.labels().iter().map(|(_, w)| w.clone()).collect(),
+            },
             Task::Generation { .. } => bail!("--init labels needs a classification task"),
         },
     };
@@ -98,10 +127,21 @@ async fn train(a: TrainArgs) -> Result<()> {
         lr: a.lr,
         schedule: match a.schedule {
             ScheduleKind::Constant => Schedule::Constant,
-            ScheduleKind::Linear => Schedule::WarmupLinear { warmup: a.warmup, total: a.steps },
+            ScheduleKind::Linear => Schedule::WarmupLinear {
+                warmup: a.warmup,
+                total: a.steps,
+            },
         },
         max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
-        eval_every: if dev_set.is_some() { if a.eval_every == 0 { a.steps } else { a.eval_every } } else { 0 },
+        eval_every: if dev_set.is_some() {
+            if a.eval_every == 0 {
+                a.steps
+            } else {
+                a.eval_every
+            }
+        } else {
+            0
+        },
         eval_batch_size: a.eval_batch_size,
         metric,
         patience: a.patience,
@@ -112,14 +152,20 @@ async fn train(a: TrainArgs) -> Result<()> {
         progress: !a.quiet,
         eos_id: tok.eos_id(),
     };
-    let mut trainer = Trainer::new(b, optimizer.build(n, spec.hidden_size, a.weight_decay), config)?;
+    let mut trainer = Trainer::new(
+        b,
+        optimizer.build(n, spec.hidden_size, a.weight_decay),
+        config,
+    )?;
     let state = if a.resume {
         let path = run_dir.join("checkpoint.json");
-        let s = read_checkpoint(&path).with_context(|| format!("--resume: reading {}", path.display()))?;
+        let s = read_checkpoint(&path)
+            .with_context(|| format!("--resume: reading {}", path.display()))?;
         eprintln!("resuming from step {} ({})", s.step, path.display());
         s
     } else {
-        let prompt = SoftPrompt::initialize(&init, n, b, Some(&tok), &mut Rng::seed_from_u64(a.seed))?;
+        let prompt =
+            SoftPrompt::initialize(&init, n, b, Some(&tok), &mut Rng::seed_from_u64(a.seed))?;
         trainer.init_state(&prompt)
     };
     eprintln!(
@@ -132,21 +178,32 @@ async fn train(a: TrainArgs) -> Result<()> {
         a.steps
     );
     let zero_shot = match &test_set {
-        Some(t) => Some(score(b, &SoftPrompt::empty(spec.hidden_size), &task, t, a.eval_batch_size, tok.eos_id())?),
+        Some(t) => Some(score(
+            b,
+            &SoftPrompt::empty(spec.hidden_size),
+            &task,
+            t,
+            a.eval_batch_size,
+            tok.eos_id(),
+        )?),
         None => None,
     };
     let started = std::time::Instant::now();
     let outcome = trainer.run(state, &train_set, dev_set.as_ref())?;
     let secs = started.elapsed().as_secs_f64();
 
-    let mut config = PromptConfig::for_backbone(&outcome.prompt, &spec, model_heads(&a.backend.model));
+    let mut config =
+        PromptConfig::for_backbone(&outcome.prompt, &spec, model_heads(&a.backend.model));
     config.base_model_name_or_path = Some(a.backend.model.display().to_string());
     config.prompt_tuning_init = Some(init.peft_name().to_string());
     if let PromptInit::Text { text } = &init {
         config.prompt_tuning_init_text = Some(text.clone());
         config.tokenizer_name_or_path = Some(a.backend.model.display().to_string());
     }
-    let prov = config.softprompt.as_mut().expect("for_backbone sets provenance");
+    let prov = config
+        .softprompt
+        .as_mut()
+        .expect("for_backbone sets provenance");
     prov.template = Some(task.template().pattern().to_string());
     if let Task::Classification { verbalizer, .. } = &task {
         prov.labels = verbalizer.labels().to_vec();
@@ -162,32 +219,63 @@ async fn train(a: TrainArgs) -> Result<()> {
         "best_dev": outcome.state.best_metric, "best_step": outcome.state.best_step,
     });
     if let (Some(t), Some(z)) = (&test_set, zero_shot) {
-        let tuned = score(b, &outcome.prompt, &task, t, a.eval_batch_size, tok.eos_id())?;
+        let tuned = score(
+            b,
+            &outcome.prompt,
+            &task,
+            t,
+            a.eval_batch_size,
+            tok.eos_id(),
+        )?;
         prov.metrics.insert(format!("test_{metric_label}"), tuned);
-        prov.metrics.insert(format!("zero_shot_test_{metric_label}"), z);
+        prov.metrics
+            .insert(format!("zero_shot_test_{metric_label}"), z);
         report["zero_shot_test"] = z.into();
         report["tuned_test"] = tuned.into();
-        eprintln!("test {metric_label}: zero-shot {:.4} -> tuned {:.4} ({} examples)", z, tuned, t.examples.len());
+        eprintln!(
+            "test {metric_label}: zero-shot {:.4} -> tuned {:.4} ({} examples)",
+            z,
+            tuned,
+            t.examples.len()
+        );
     }
     let metadata = [
-        ("softprompt.steps".to_string(), outcome.state.step.to_string()),
-        ("softprompt.backend".to_string(), b.backend_name().to_string()),
+        (
+            "softprompt.steps".to_string(),
+            outcome.state.step.to_string(),
+        ),
+        (
+            "softprompt.backend".to_string(),
+            b.backend_name().to_string(),
+        ),
     ]
     .into();
-    let stored = StoredPrompt { prompt: outcome.prompt, config, metadata };
+    let stored = StoredPrompt {
+        prompt: outcome.prompt,
+        config,
+        metadata,
+    };
     write_prompt_dir(&a.output, &stored).await?;
-    eprintln!("saved {} (PEFT layout) after {:.1} s", a.output.display(), secs);
+    eprintln!(
+        "saved {} (PEFT layout) after {:.1} s",
+        a.output.display(),
+        secs
+    );
     println!("{report}");
     Ok(())
 }
 
 /// `num_attention_heads` from config.json, for PEFT's config (0 when unreadable).
 fn model_heads(model: &Path) -> usize {
-    softprompt::ModelConfig::from_file(model.join("config.json")).map(|c| c.num_attention_heads()).unwrap_or(0)
+    softprompt::ModelConfig::from_file(model.join("config.json"))
+        .map(|c| c.num_attention_heads())
+        .unwrap_or(0)
 }
 
 async fn load_prompt(path: &Path, backbone: &dyn Backbone) -> Result<StoredPrompt> {
-    let stored = read_prompt_dir(path).await.with_context(|| format!("reading prompt {}", path.display()))?;
+    let stored = read_prompt_dir(path)
+        .await
+        .with_context(|| format!("reading prompt {}", path.display()))?;
     stored.check_backbone(backbone.spec())?;
     Ok(stored)
 }
@@ -201,14 +289,23 @@ async fn evaluate(a: EvalArgs) -> Result<()> {
     };
     let task = task_of(&a.task, stored.as_ref())?;
     let set = task.load(&a.data, &tok, a.task.max_context)?;
-    let prompt = stored.as_ref().map(|s| s.prompt.clone()).unwrap_or_else(|| SoftPrompt::empty(b.spec().hidden_size));
+    let prompt = stored
+        .as_ref()
+        .map(|s| s.prompt.clone())
+        .unwrap_or_else(|| SoftPrompt::empty(b.spec().hidden_size));
     let (name, _) = metric_name(&task);
     let value = score(b, &prompt, &task, &set, a.batch_size, tok.eos_id())?;
     let loss = eval::mean_loss(b, &prompt, &set, a.batch_size)?;
     if a.json {
-        println!("{}", serde_json::json!({ name: value, "loss": loss, "examples": set.examples.len() }));
+        println!(
+            "{}",
+            serde_json::json!({ name: value, "loss": loss, "examples": set.examples.len() })
+        );
     } else {
-        println!("{name}: {value:.4}\nloss: {loss:.6}\nexamples: {}", set.examples.len());
+        println!(
+            "{name}: {value:.4}\nloss: {loss:.6}\nexamples: {}",
+            set.examples.len()
+        );
     }
     Ok(())
 }
@@ -220,16 +317,27 @@ async fn generate_text(a: GenerateArgs) -> Result<()> {
         Some(p) => Some(load_prompt(p, b).await?),
         None => None,
     };
-    let template = stored.as_ref().and_then(|s| s.config.softprompt.as_ref()).and_then(|p| p.template.clone());
+    let template = stored
+        .as_ref()
+        .and_then(|s| s.config.softprompt.as_ref())
+        .and_then(|p| p.template.clone());
     let text = match (&template, a.raw) {
         (Some(t), false) => Template::new(t.clone())?.render(&a.text),
         _ => a.text.clone(),
     };
     let ids = tok.encode(&text, true)?;
-    let prompt = stored.map(|s| s.prompt).unwrap_or_else(|| SoftPrompt::empty(b.spec().hidden_size));
+    let prompt = stored
+        .map(|s| s.prompt)
+        .unwrap_or_else(|| SoftPrompt::empty(b.spec().hidden_size));
     let mut stop = a.stop.clone();
     stop.extend(tok.eos_id());
-    let params = GenerationParams { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, stop_tokens: stop, seed: a.seed };
+    let params = GenerationParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        stop_tokens: stop,
+        seed: a.seed,
+    };
     let out = generate(b, &prompt, &ids, &params)?;
     println!("{}", tok.decode(&out.tokens)?);
     Ok(())
@@ -261,7 +369,10 @@ async fn inspect(a: InspectArgs) -> Result<()> {
             items.push(summary(&info.name, &store.load(&info.name).await?));
         }
         if items.is_empty() {
-            bail!("{} holds no prompts (no {ADAPTER_CONFIG} found)", a.path.display());
+            bail!(
+                "{} holds no prompts (no {ADAPTER_CONFIG} found)",
+                a.path.display()
+            );
         }
     } else {
         bail!("{} is not a prompt directory or a store", a.path.display());
@@ -279,18 +390,47 @@ async fn inspect(a: InspectArgs) -> Result<()> {
 fn print_summary(v: &serde_json::Value) {
     let c = &v["config"];
     println!("{}", v["name"].as_str().unwrap_or(""));
-    println!("  shape            [{}, {}] f32 ({} bytes)", v["shape"][0], v["shape"][1], v["bytes"]);
-    println!("  mean token norm  {:.4}", v["mean_token_norm"].as_f64().unwrap_or(0.0));
-    println!("  peft             {} / {}", c["peft_type"].as_str().unwrap_or("?"), c["task_type"].as_str().unwrap_or("?"));
-    println!("  base model       {}", c["base_model_name_or_path"].as_str().unwrap_or("-"));
-    println!("  init             {}", c["prompt_tuning_init"].as_str().unwrap_or("-"));
+    println!(
+        "  shape            [{}, {}] f32 ({} bytes)",
+        v["shape"][0], v["shape"][1], v["bytes"]
+    );
+    println!(
+        "  mean token norm  {:.4}",
+        v["mean_token_norm"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  peft             {} / {}",
+        c["peft_type"].as_str().unwrap_or("?"),
+        c["task_type"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  base model       {}",
+        c["base_model_name_or_path"].as_str().unwrap_or("-")
+    );
+    println!(
+        "  init             {}",
+        c["prompt_tuning_init"].as_str().unwrap_or("-")
+    );
     if let Some(p) = c.get("softprompt").filter(|p| p.is_object()) {
-        println!("  backbone         {} ({})", p["backbone_fingerprint"].as_str().unwrap_or("-"), p["architecture"].as_str().unwrap_or("-"));
+        println!(
+            "  backbone         {} ({})",
+            p["backbone_fingerprint"].as_str().unwrap_or("-"),
+            p["architecture"].as_str().unwrap_or("-")
+        );
         if let Some(t) = p["template"].as_str() {
             println!("  template         {t:?}");
         }
         if let Some(labels) = p["labels"].as_array() {
-            let l: Vec<String> = labels.iter().map(|x| format!("{}→{:?}", x[0].as_str().unwrap_or(""), x[1].as_str().unwrap_or(""))).collect();
+            let l: Vec<String> = labels
+                .iter()
+                .map(|x| {
+                    format!(
+                        "{}→{:?}",
+                        x[0].as_str().unwrap_or(""),
+                        x[1].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
             println!("  labels           {}", l.join(", "));
         }
         if let Some(m) = p["metrics"].as_object() {
@@ -302,4 +442,3 @@ fn print_summary(v: &serde_json::Value) {
         println!("  backbone         not recorded (saved by PEFT?)");
     }
 }
-

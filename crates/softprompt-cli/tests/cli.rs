@@ -33,7 +33,11 @@ fn help_texts() {
         args.push("--help");
         let o = run(&args);
         assert!(o.status.success());
-        let name = if sub.is_empty() { "help".to_string() } else { format!("help_{sub}") };
+        let name = if sub.is_empty() {
+            "help".to_string()
+        } else {
+            format!("help_{sub}")
+        };
         insta::assert_snapshot!(name, stdout(&o));
     }
 }
@@ -42,14 +46,36 @@ fn help_texts() {
 fn train_eval_inspect_generate_resume() {
     let f = fixtures();
     let model = f.join("tiny-llama");
-    let (train, dev) = (f.join("data/sentiment-train.jsonl"), f.join("data/sentiment-dev.jsonl"));
+    let (train, dev) = (
+        f.join("data/sentiment-train.jsonl"),
+        f.join("data/sentiment-dev.jsonl"),
+    );
     let out = tempfile::tempdir().unwrap();
     let prompt = out.path().join("prompt");
     let s = |p: &std::path::Path| p.display().to_string();
     let common = [
-        "train", "--model", &s(&model), "--train", &s(&train), "--dev", &s(&dev), "--test", &s(&dev), "--output",
-        &s(&prompt), "--num-virtual-tokens", "8", "--init-text", "Classify the review", "--lr", "0.1",
-        "--eval-every", "10", "--checkpoint-every", "10", "--quiet",
+        "train",
+        "--model",
+        &s(&model),
+        "--train",
+        &s(&train),
+        "--dev",
+        &s(&dev),
+        "--test",
+        &s(&dev),
+        "--output",
+        &s(&prompt),
+        "--num-virtual-tokens",
+        "8",
+        "--init-text",
+        "Classify the review",
+        "--lr",
+        "0.1",
+        "--eval-every",
+        "10",
+        "--checkpoint-every",
+        "10",
+        "--quiet",
     ];
     let mut args = common.to_vec();
     args.extend(["--steps", "20"]);
@@ -58,10 +84,22 @@ fn train_eval_inspect_generate_resume() {
     let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(report["steps"], 20);
     let tuned = report["tuned_test"].as_f64().unwrap();
-    assert!(tuned > report["zero_shot_test"].as_f64().unwrap(), "{report}");
+    assert!(
+        tuned > report["zero_shot_test"].as_f64().unwrap(),
+        "{report}"
+    );
 
     // the saved prompt evaluates to the reported accuracy
-    let o = run(&["eval", "--model", &s(&model), "--prompt", &s(&prompt), "--data", &s(&dev), "--json"]);
+    let o = run(&[
+        "eval",
+        "--model",
+        &s(&model),
+        "--prompt",
+        &s(&prompt),
+        "--data",
+        &s(&dev),
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ev: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert!((ev["accuracy"].as_f64().unwrap() - tuned).abs() < 1e-12);
@@ -69,12 +107,25 @@ fn train_eval_inspect_generate_resume() {
     let o = run(&["inspect", &s(&prompt)]);
     assert!(o.status.success());
     let text = stdout(&o);
-    assert!(text.contains("[8, 32] f32") && text.contains("negative→\" negative\""), "{text}");
+    assert!(
+        text.contains("[8, 32] f32") && text.contains("negative→\" negative\""),
+        "{text}"
+    );
     let o = run(&["inspect", &s(out.path()), "--json"]);
     let listed: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(listed[0]["name"], "prompt");
 
-    let o = run(&["generate", "--model", &s(&model), "--prompt", &s(&prompt), "--text", "the film was great", "--max-new-tokens", "3"]);
+    let o = run(&[
+        "generate",
+        "--model",
+        &s(&model),
+        "--prompt",
+        &s(&prompt),
+        "--text",
+        "the film was great",
+        "--max-new-tokens",
+        "3",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     // continue the same run to 30 steps from its checkpoint
@@ -82,7 +133,11 @@ fn train_eval_inspect_generate_resume() {
     args.extend(["--steps", "30", "--resume"]);
     let o = run(&args);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("resuming from step 20"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("resuming from step 20"),
+        "{}",
+        stderr(&o)
+    );
     let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(report["steps"], 30);
 }
@@ -93,29 +148,87 @@ fn bad_inputs_give_clear_errors() {
     let model = f.join("tiny-llama").display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"text\":\"ok\",\"label\":\"positive\"}\n{\"text\": oops}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"text\":\"ok\",\"label\":\"positive\"}\n{\"text\": oops}\n",
+    )
+    .unwrap();
     let out = dir.path().join("p").display().to_string();
-    let o = run(&["train", "--model", &model, "--train", &bad.display().to_string(), "--output", &out, "--quiet"]);
+    let o = run(&[
+        "train",
+        "--model",
+        &model,
+        "--train",
+        &bad.display().to_string(),
+        "--output",
+        &out,
+        "--quiet",
+    ]);
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(err.contains("bad.jsonl:2: not valid JSON"), "{err}");
 
-    let o = run(&["eval", "--model", &model, "--backend", "ort", "--data", &bad.display().to_string()]);
+    let o = run(&[
+        "eval",
+        "--model",
+        &model,
+        "--backend",
+        "ort",
+        "--data",
+        &bad.display().to_string(),
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("backend `ort` is planned but not implemented"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("backend `ort` is planned but not implemented"),
+        "{}",
+        stderr(&o)
+    );
 
     // a prompt for another backbone is refused
     let gpt2 = f.join("tiny-gpt2").display().to_string();
     let peft_llama = f.join("tiny-llama/peft-prompt");
-    let o = run(&["generate", "--model", &gpt2, "--prompt", &peft_llama.display().to_string(), "--text", "x"]);
-    assert!(o.status.success(), "same hidden size and no fingerprint: PEFT prompts are accepted");
+    let o = run(&[
+        "generate",
+        "--model",
+        &gpt2,
+        "--prompt",
+        &peft_llama.display().to_string(),
+        "--text",
+        "x",
+    ]);
+    assert!(
+        o.status.success(),
+        "same hidden size and no fingerprint: PEFT prompts are accepted"
+    );
     let trained = dir.path().join("t");
     let o = run(&[
-        "train", "--model", &model, "--train", &f.join("data/sentiment-train.jsonl").display().to_string(),
-        "--output", &trained.display().to_string(), "--steps", "2", "--num-virtual-tokens", "2", "--quiet",
+        "train",
+        "--model",
+        &model,
+        "--train",
+        &f.join("data/sentiment-train.jsonl").display().to_string(),
+        "--output",
+        &trained.display().to_string(),
+        "--steps",
+        "2",
+        "--num-virtual-tokens",
+        "2",
+        "--quiet",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = run(&["generate", "--model", &gpt2, "--prompt", &trained.display().to_string(), "--text", "x"]);
+    let o = run(&[
+        "generate",
+        "--model",
+        &gpt2,
+        "--prompt",
+        &trained.display().to_string(),
+        "--text",
+        "x",
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("prompt was trained for backbone"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("prompt was trained for backbone"),
+        "{}",
+        stderr(&o)
+    );
 }

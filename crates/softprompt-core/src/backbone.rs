@@ -1,6 +1,6 @@
 //! The frozen model behind every runtime.
 
-use crate::{Batch, BackboneSpec, Error, Result, SoftPrompt};
+use crate::{BackboneSpec, Batch, Error, Result, SoftPrompt};
 
 /// What a backend can do beyond scoring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +104,9 @@ pub trait Backbone: Send + Sync {
 /// Checks that `prompts` fit a backbone of `spec` and share one length; returns that length.
 pub fn check_prompts(prompts: &[SoftPrompt], spec: &BackboneSpec, batch: &Batch) -> Result<usize> {
     if prompts.is_empty() {
-        return Err(Error::InvalidBatch("no prompts given (use SoftPrompt::empty for none)".into()));
+        return Err(Error::InvalidBatch(
+            "no prompts given (use SoftPrompt::empty for none)".into(),
+        ));
     }
     for p in prompts {
         p.check_hidden_size(spec.hidden_size)?;
@@ -122,6 +124,9 @@ pub fn check_prompts(prompts: &[SoftPrompt], spec: &BackboneSpec, batch: &Batch)
 
 impl std::fmt::Debug for dyn Backbone + '_ {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backbone").field("backend", &self.backend_name()).field("spec", self.spec()).finish()
+        f.debug_struct("Backbone")
+            .field("backend", &self.backend_name())
+            .field("spec", self.spec())
+            .finish()
     }
 }

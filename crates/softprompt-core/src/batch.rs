@@ -20,7 +20,11 @@ impl BatchRow {
         ids.extend_from_slice(continuation);
         let mut targets = vec![false; context.len()];
         targets.extend(std::iter::repeat_n(true, continuation.len()));
-        BatchRow { ids, targets, prompt }
+        BatchRow {
+            ids,
+            targets,
+            prompt,
+        }
     }
 }
 
@@ -107,7 +111,10 @@ impl Batch {
 
     /// Number of real tokens of row `r`.
     pub fn row_len(&self, r: usize) -> usize {
-        self.attention_mask[r * self.seq_len..(r + 1) * self.seq_len].iter().filter(|m| **m).count()
+        self.attention_mask[r * self.seq_len..(r + 1) * self.seq_len]
+            .iter()
+            .filter(|m| **m)
+            .count()
     }
 
     /// Total number of target tokens.
@@ -139,7 +146,12 @@ impl Batch {
 
     /// Checks prompt indices against `num_prompts` and token ids against `vocab_size`.
     pub fn validate(&self, num_prompts: usize, vocab_size: usize) -> Result<()> {
-        if let Some((r, p)) = self.prompt_index.iter().enumerate().find(|(_, p)| **p >= num_prompts) {
+        if let Some((r, p)) = self
+            .prompt_index
+            .iter()
+            .enumerate()
+            .find(|(_, p)| **p >= num_prompts)
+        {
             return Err(Error::InvalidBatch(format!(
                 "row {r} uses prompt {p} but only {num_prompts} prompts were given"
             )));
@@ -168,7 +180,10 @@ mod tests {
         assert_eq!(b.input_ids(), &[1, 2, 3, 0, 4, 5, 6, 7]);
         assert_eq!(b.row_len(0), 3);
         assert_eq!(b.num_targets(), 4);
-        assert_eq!(b.targets(2).unwrap(), vec![(0, 2, 3), (1, 1, 2), (1, 2, 3), (1, 3, 4)]);
+        assert_eq!(
+            b.targets(2).unwrap(),
+            vec![(0, 2, 3), (1, 1, 2), (1, 2, 3), (1, 3, 4)]
+        );
         assert!(b.validate(2, 8).is_ok());
         assert!(b.validate(1, 8).is_err());
         assert!(b.validate(2, 7).is_err());

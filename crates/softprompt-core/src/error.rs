@@ -107,7 +107,9 @@ pub enum Error {
         hint: Option<String>,
     },
     /// A loss or gradient that is NaN or infinite.
-    #[error("non-finite {what} at step {step}: training stopped; the last good checkpoint is kept")]
+    #[error(
+        "non-finite {what} at step {step}: training stopped; the last good checkpoint is kept"
+    )]
     NonFinite {
         /// "loss" or "gradient".
         what: String,
@@ -162,7 +164,10 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with the path involved.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A typed "unsupported" error for `backend` lacking `capability`.
@@ -176,6 +181,9 @@ impl Error {
 
     /// A backend runtime error.
     pub fn backend(backend: &str, message: impl std::fmt::Display) -> Self {
-        Error::Backend { backend: backend.to_string(), message: message.to_string() }
+        Error::Backend {
+            backend: backend.to_string(),
+            message: message.to_string(),
+        }
     }
 }

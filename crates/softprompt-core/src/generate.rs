@@ -21,7 +21,13 @@ pub struct GenerationParams {
 
 impl Default for GenerationParams {
     fn default() -> Self {
-        GenerationParams { max_new_tokens: 32, temperature: 0.0, top_p: 1.0, stop_tokens: Vec::new(), seed: 0 }
+        GenerationParams {
+            max_new_tokens: 32,
+            temperature: 0.0,
+            top_p: 1.0,
+            stop_tokens: Vec::new(),
+            seed: 0,
+        }
     }
 }
 
@@ -51,7 +57,10 @@ pub fn generate(
     params: &GenerationParams,
 ) -> Result<GenerationOutput> {
     if !(params.top_p > 0.0 && params.top_p <= 1.0) {
-        return Err(Error::InvalidArgument(format!("top_p must be in (0, 1], got {}", params.top_p)));
+        return Err(Error::InvalidArgument(format!(
+            "top_p must be in (0, 1], got {}",
+            params.top_p
+        )));
     }
     if !(params.temperature >= 0.0 && params.temperature.is_finite()) {
         return Err(Error::InvalidArgument(format!(
@@ -66,13 +75,19 @@ pub fn generate(
         let next = sample(session.logits(), params, &mut rng);
         tokens.push(next);
         if params.stop_tokens.contains(&next) {
-            return Ok(GenerationOutput { tokens, stop: StopReason::StopToken(next) });
+            return Ok(GenerationOutput {
+                tokens,
+                stop: StopReason::StopToken(next),
+            });
         }
         if tokens.len() < params.max_new_tokens {
             session.advance(next)?;
         }
     }
-    Ok(GenerationOutput { tokens, stop: StopReason::MaxTokens })
+    Ok(GenerationOutput {
+        tokens,
+        stop: StopReason::MaxTokens,
+    })
 }
 
 /// Picks the next token from `logits` as `params` say.
@@ -132,7 +147,11 @@ mod tests {
         let logits = [0.0, 3.0, 1.0, 2.9];
         let mut rng = Rng::seed_from_u64(0);
         assert_eq!(sample(&logits, &GenerationParams::default(), &mut rng), 1);
-        let p = GenerationParams { temperature: 1.0, top_p: 0.5, ..Default::default() };
+        let p = GenerationParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        };
         // the top token alone holds < 0.5 of the mass, so exactly tokens 1 and 3 remain
         let mut seen = [0usize; 4];
         for _ in 0..2000 {
@@ -145,9 +164,14 @@ mod tests {
     #[test]
     fn temperature_sampling_follows_softmax() {
         let logits = [0.0f32, (3.0f32).ln()];
-        let p = GenerationParams { temperature: 1.0, ..Default::default() };
+        let p = GenerationParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
         let mut rng = Rng::seed_from_u64(3);
-        let ones = (0..20_000).filter(|_| sample(&logits, &p, &mut rng) == 1).count();
+        let ones = (0..20_000)
+            .filter(|_| sample(&logits, &p, &mut rng) == 1)
+            .count();
         let frac = ones as f64 / 20_000.0;
         assert!((frac - 0.75).abs() < 0.015, "{frac}");
     }

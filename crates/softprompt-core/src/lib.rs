@@ -21,8 +21,10 @@ pub mod tokenizer;
 pub use backbone::{Backbone, Capabilities, DecodeSession, LossAndGrad, RowScores};
 pub use batch::{Batch, BatchRow};
 pub use error::{Error, Result};
-pub use generate::{generate, GenerationParams, GenerationOutput, StopReason};
-pub use model::{Architecture, Gpt2Config, HostTensor, LlamaConfig, ModelConfig, ModelSource, ModelWeights};
+pub use generate::{generate, GenerationOutput, GenerationParams, StopReason};
+pub use model::{
+    Architecture, Gpt2Config, HostTensor, LlamaConfig, ModelConfig, ModelSource, ModelWeights,
+};
 pub use optimizer::{Optimizer, OptimizerKind};
 pub use prompt::{PromptInit, SoftPrompt};
 pub use rng::Rng;

@@ -22,17 +22,26 @@ pub trait Optimizer: Send {
 
     /// One update from the gradient `grads` at learning rate `lr`.
     fn step(&mut self, _params: &mut [f32], _grads: &[f32], _lr: f32) -> Result<()> {
-        Err(Error::InvalidArgument(format!("optimizer `{}` is gradient-free: use ask/tell", self.name())))
+        Err(Error::InvalidArgument(format!(
+            "optimizer `{}` is gradient-free: use ask/tell",
+            self.name()
+        )))
     }
 
     /// Gradient-free: the candidate parameter vectors to evaluate next.
     fn ask(&mut self, _params: &[f32]) -> Result<Vec<Vec<f32>>> {
-        Err(Error::InvalidArgument(format!("optimizer `{}` needs gradients: use step", self.name())))
+        Err(Error::InvalidArgument(format!(
+            "optimizer `{}` needs gradients: use step",
+            self.name()
+        )))
     }
 
     /// Gradient-free: updates `params` from the losses of the candidates of the last `ask`.
     fn tell(&mut self, _params: &mut [f32], _losses: &[f32], _lr: f32) -> Result<()> {
-        Err(Error::InvalidArgument(format!("optimizer `{}` needs gradients: use step", self.name())))
+        Err(Error::InvalidArgument(format!(
+            "optimizer `{}` needs gradients: use step",
+            self.name()
+        )))
     }
 
     /// Serializable state (moments, step count) for checkpoints.

@@ -22,12 +22,20 @@ impl SoftPrompt {
                 values.len()
             )));
         }
-        Ok(SoftPrompt { num_virtual_tokens, hidden_size, values })
+        Ok(SoftPrompt {
+            num_virtual_tokens,
+            hidden_size,
+            values,
+        })
     }
 
     /// A prompt of zero virtual tokens: the plain (zero-shot) model.
     pub fn empty(hidden_size: usize) -> Self {
-        SoftPrompt { num_virtual_tokens: 0, hidden_size, values: Vec::new() }
+        SoftPrompt {
+            num_virtual_tokens: 0,
+            hidden_size,
+            values: Vec::new(),
+        }
     }
 
     /// Number of virtual tokens `N`.
@@ -58,7 +66,10 @@ impl SoftPrompt {
     /// Errors unless this prompt fits a backbone of `hidden_size`.
     pub fn check_hidden_size(&self, hidden_size: usize) -> Result<()> {
         if self.hidden_size != hidden_size {
-            return Err(Error::HiddenSizeMismatch { prompt: self.hidden_size, backbone: hidden_size });
+            return Err(Error::HiddenSizeMismatch {
+                prompt: self.hidden_size,
+                backbone: hidden_size,
+            });
         }
         Ok(())
     }
@@ -75,12 +86,14 @@ impl SoftPrompt {
         let d = spec.hidden_size;
         let ids: Vec<u32> = match init {
             PromptInit::Uniform { range } => {
-                let values = (0..num_virtual_tokens * d).map(|_| rng.uniform(-range, *range)).collect();
+                let values = (0..num_virtual_tokens * d)
+                    .map(|_| rng.uniform(-range, *range))
+                    .collect();
                 return SoftPrompt::new(num_virtual_tokens, d, values);
             }
-            PromptInit::Vocab => {
-                (0..num_virtual_tokens).map(|_| rng.below(spec.vocab_size) as u32).collect()
-            }
+            PromptInit::Vocab => (0..num_virtual_tokens)
+                .map(|_| rng.below(spec.vocab_size) as u32)
+                .collect(),
             PromptInit::Text { text } => {
                 let tok = tokenizer.ok_or_else(|| {
                     Error::InvalidArgument("text initialisation needs a tokenizer".into())
@@ -112,7 +125,9 @@ impl SoftPrompt {
 /// PEFT's rule for text initialisation: repeat the token ids until there are enough, then truncate.
 fn tile_to(ids: &[u32], n: usize, what: &str) -> Result<Vec<u32>> {
     if ids.is_empty() {
-        return Err(Error::InvalidArgument(format!("{what} encodes to no tokens")));
+        return Err(Error::InvalidArgument(format!(
+            "{what} encodes to no tokens"
+        )));
     }
     Ok(ids.iter().cycle().take(n).copied().collect())
 }
@@ -164,7 +179,10 @@ mod tests {
 
     #[test]
     fn tiling_follows_peft() {
-        assert_eq!(tile_to(&[1, 2, 3], 7, "t").unwrap(), vec![1, 2, 3, 1, 2, 3, 1]);
+        assert_eq!(
+            tile_to(&[1, 2, 3], 7, "t").unwrap(),
+            vec![1, 2, 3, 1, 2, 3, 1]
+        );
         assert_eq!(tile_to(&[1, 2, 3], 2, "t").unwrap(), vec![1, 2]);
         assert!(tile_to(&[], 2, "t").is_err());
     }
@@ -174,7 +192,10 @@ mod tests {
         let p = SoftPrompt::new(1, 4, vec![0.0; 4]).unwrap();
         assert!(matches!(
             p.check_hidden_size(8),
-            Err(Error::HiddenSizeMismatch { prompt: 4, backbone: 8 })
+            Err(Error::HiddenSizeMismatch {
+                prompt: 4,
+                backbone: 8
+            })
         ));
     }
 }

@@ -23,13 +23,20 @@ impl Rng {
     /// A generator seeded from `seed`; equal seeds give equal streams.
     pub fn seed_from_u64(seed: u64) -> Self {
         let mut st = seed;
-        let s = [splitmix64(&mut st), splitmix64(&mut st), splitmix64(&mut st), splitmix64(&mut st)];
+        let s = [
+            splitmix64(&mut st),
+            splitmix64(&mut st),
+            splitmix64(&mut st),
+            splitmix64(&mut st),
+        ];
         Rng { s }
     }
 
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        let result = (self.s[0].wrapping_add(self.s[3])).rotate_left(23).wrapping_add(self.s[0]);
+        let result = (self.s[0].wrapping_add(self.s[3]))
+            .rotate_left(23)
+            .wrapping_add(self.s[0]);
         let t = self.s[1] << 17;
         self.s[2] ^= self.s[0];
         self.s[3] ^= self.s[1];
@@ -85,7 +92,10 @@ mod tests {
         let json = serde_json::to_string(&a).unwrap();
         let mut c: Rng = serde_json::from_str(&json).unwrap();
         assert_eq!(a.next_u64(), c.next_u64());
-        assert_ne!(Rng::seed_from_u64(8).next_u64(), Rng::seed_from_u64(7).next_u64());
+        assert_ne!(
+            Rng::seed_from_u64(8).next_u64(),
+            Rng::seed_from_u64(7).next_u64()
+        );
     }
 
     #[test]
@@ -97,7 +107,10 @@ mod tests {
         let xs: Vec<f64> = (0..n).map(|_| r.normal()).collect();
         let mean = xs.iter().sum::<f64>() / n as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "mean {mean} var {var}"
+        );
         let mut v: Vec<usize> = (0..50).collect();
         r.shuffle(&mut v);
         let mut sorted = v.clone();

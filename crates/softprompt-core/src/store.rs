@@ -68,7 +68,11 @@ pub struct Provenance {
 
 impl PromptConfig {
     /// A PEFT prompt-tuning config for `prompt` on `spec`.
-    pub fn for_backbone(prompt: &SoftPrompt, spec: &BackboneSpec, num_attention_heads: usize) -> Self {
+    pub fn for_backbone(
+        prompt: &SoftPrompt,
+        spec: &BackboneSpec,
+        num_attention_heads: usize,
+    ) -> Self {
         PromptConfig {
             peft_type: "PROMPT_TUNING".into(),
             task_type: Some("CAUSAL_LM".into()),

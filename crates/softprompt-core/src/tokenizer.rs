@@ -48,7 +48,9 @@ impl HfTokenizer {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                     let first = |key: &str| {
                         let x = v.get(key)?;
-                        x.as_u64().or_else(|| x.as_array()?.first()?.as_u64()).map(|n| n as u32)
+                        x.as_u64()
+                            .or_else(|| x.as_array()?.first()?.as_u64())
+                            .map(|n| n as u32)
                     };
                     tok.eos = tok.eos.or(first("eos_token_id"));
                     tok.pad = tok.pad.or(first("pad_token_id"));
@@ -62,7 +64,10 @@ impl HfTokenizer {
     pub fn from_tokenizer(inner: tokenizers::Tokenizer) -> Self {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let eos = find(&["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"]);
-        let pad = inner.get_padding().map(|p| p.pad_id).or_else(|| find(&["<pad>", "<|pad|>"]));
+        let pad = inner
+            .get_padding()
+            .map(|p| p.pad_id)
+            .or_else(|| find(&["<pad>", "<|pad|>"]));
         HfTokenizer { inner, eos, pad }
     }
 
@@ -85,12 +90,17 @@ impl HfTokenizer {
 
 impl TextTokenizer for HfTokenizer {
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     fn eos_id(&self) -> Option<u32> {

@@ -24,7 +24,9 @@ pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -61,7 +63,10 @@ impl PromptStore for DirectoryStore {
 
     async fn load(&self, name: &str) -> Result<StoredPrompt> {
         let dir = self.path_of(name)?;
-        if !tokio::fs::try_exists(dir.join(ADAPTER_CONFIG)).await.unwrap_or(false) {
+        if !tokio::fs::try_exists(dir.join(ADAPTER_CONFIG))
+            .await
+            .unwrap_or(false)
+        {
             return Err(Error::PromptNotFound(name.to_string()));
         }
         read_prompt_dir(&dir).await
@@ -74,7 +79,11 @@ impl PromptStore for DirectoryStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
             Err(e) => return Err(Error::io(&self.root, e)),
         };
-        while let Some(entry) = entries.next_entry().await.map_err(|e| Error::io(&self.root, e))? {
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(|e| Error::io(&self.root, e))?
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             if validate_name(&name).is_err() || !entry.path().join(ADAPTER_CONFIG).is_file() {
                 continue;
@@ -85,8 +94,12 @@ impl PromptStore for DirectoryStore {
                 name,
                 num_virtual_tokens: stored.prompt.num_virtual_tokens(),
                 token_dim: stored.prompt.hidden_size(),
-                backbone_fingerprint: prov.map(|p| p.backbone_fingerprint.clone()).filter(|f| !f.is_empty()),
-                labels: prov.map(|p| p.labels.iter().map(|(_, w)| w.clone()).collect()).unwrap_or_default(),
+                backbone_fingerprint: prov
+                    .map(|p| p.backbone_fingerprint.clone())
+                    .filter(|f| !f.is_empty()),
+                labels: prov
+                    .map(|p| p.labels.iter().map(|(_, w)| w.clone()).collect())
+                    .unwrap_or_default(),
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -97,7 +110,9 @@ impl PromptStore for DirectoryStore {
         let dir = self.path_of(name)?;
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::PromptNotFound(name.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::PromptNotFound(name.to_string()))
+            }
             Err(e) => Err(Error::io(dir, e)),
         }
     }

@@ -23,14 +23,23 @@ fn stored(values: Vec<f32>, d: usize) -> StoredPrompt {
     let mut config = PromptConfig::for_backbone(&prompt, &spec("ab12", d), 4);
     let prov = config.softprompt.as_mut().unwrap();
     prov.template = Some("Review: {text}\nSentiment:".into());
-    prov.labels = vec![("negative".into(), " negative".into()), ("positive".into(), " positive".into())];
+    prov.labels = vec![
+        ("negative".into(), " negative".into()),
+        ("positive".into(), " positive".into()),
+    ];
     prov.metrics.insert("dev_accuracy".into(), 0.75);
     prov.softprompt_version = "0.1.0".into();
-    StoredPrompt { prompt, config, metadata: [("step".to_string(), "10".to_string())].into() }
+    StoredPrompt {
+        prompt,
+        config,
+        metadata: [("step".to_string(), "10".to_string())].into(),
+    }
 }
 
 fn fixture(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(path)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(path)
 }
 
 #[tokio::test]
@@ -48,7 +57,15 @@ async fn save_load_round_trip_and_list() {
     // overwriting replaces atomically and leaves no temporary files behind
     let s2 = stored(vec![1.0; 96], 32);
     store.save("sentiment", &s2).await.unwrap();
-    assert_eq!(store.load("sentiment").await.unwrap().prompt.num_virtual_tokens(), 3);
+    assert_eq!(
+        store
+            .load("sentiment")
+            .await
+            .unwrap()
+            .prompt
+            .num_virtual_tokens(),
+        3
+    );
     let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("sentiment"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -56,7 +73,10 @@ async fn save_load_round_trip_and_list() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     store.remove("sentiment").await.unwrap();
-    assert!(matches!(store.load("sentiment").await, Err(Error::PromptNotFound(_))));
+    assert!(matches!(
+        store.load("sentiment").await,
+        Err(Error::PromptNotFound(_))
+    ));
 }
 
 #[tokio::test]
@@ -70,13 +90,24 @@ async fn saved_adapter_config_snapshot() {
 
 #[tokio::test]
 async fn loads_a_prompt_saved_by_peft() {
-    let s = read_prompt_dir(&fixture("tiny-llama/peft-prompt")).await.unwrap();
-    assert_eq!((s.prompt.num_virtual_tokens(), s.prompt.hidden_size()), (3, 32));
+    let s = read_prompt_dir(&fixture("tiny-llama/peft-prompt"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.prompt.num_virtual_tokens(), s.prompt.hidden_size()),
+        (3, 32)
+    );
     assert_eq!(s.config.peft_type, "PROMPT_TUNING");
-    assert!(s.config.other.contains_key("peft_version"), "unknown PEFT keys are preserved");
+    assert!(
+        s.config.other.contains_key("peft_version"),
+        "unknown PEFT keys are preserved"
+    );
     // PEFT prompts carry no fingerprint: only the hidden size is checked
     assert!(s.check_backbone(&spec("anything", 32)).is_ok());
-    assert!(matches!(s.check_backbone(&spec("x", 64)), Err(Error::HiddenSizeMismatch { .. })));
+    assert!(matches!(
+        s.check_backbone(&spec("x", 64)),
+        Err(Error::HiddenSizeMismatch { .. })
+    ));
 }
 
 #[tokio::test]
@@ -108,11 +139,16 @@ async fn malformed_files_are_typed_errors() {
     let good = std::fs::read(&w).unwrap();
     // truncated weights
     std::fs::write(&w, &good[..good.len() - 7]).unwrap();
-    assert!(matches!(store.load("p").await, Err(Error::Safetensors { .. })));
+    assert!(matches!(
+        store.load("p").await,
+        Err(Error::Safetensors { .. })
+    ));
     // shape disagreeing with the config
     std::fs::write(&w, &good).unwrap();
     let c = dir.path().join("p").join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&c).unwrap().replace("\"num_virtual_tokens\": 2", "\"num_virtual_tokens\": 5");
+    let text = std::fs::read_to_string(&c)
+        .unwrap()
+        .replace("\"num_virtual_tokens\": 2", "\"num_virtual_tokens\": 5");
     std::fs::write(&c, text).unwrap();
     let err = store.load("p").await.unwrap_err();
     assert!(matches!(err, Error::InvalidPrompt { .. }), "{err}");
@@ -120,7 +156,11 @@ async fn malformed_files_are_typed_errors() {
     std::fs::write(&c, "{").unwrap();
     assert!(matches!(store.load("p").await, Err(Error::Json { .. })));
     // another PEFT method
-    std::fs::write(&c, r#"{"peft_type":"LORA","num_virtual_tokens":2,"token_dim":32}"#).unwrap();
+    std::fs::write(
+        &c,
+        r#"{"peft_type":"LORA","num_virtual_tokens":2,"token_dim":32}"#,
+    )
+    .unwrap();
     let err = store.load("p").await.unwrap_err();
     assert!(err.to_string().contains("PROMPT_TUNING"), "{err}");
 }

@@ -40,21 +40,28 @@ pub struct TrainState {
 
 /// Writes `state` to `path` through a temporary file and a rename.
 pub fn write_checkpoint(path: &Path, state: &TrainState) -> Result<()> {
-    let json = serde_json::to_vec(state).map_err(|e| Error::Json { path: path.to_path_buf(), reason: e.to_string() })?;
+    let json = serde_json::to_vec(state).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Reads a checkpoint written by [`write_checkpoint`].
 pub fn read_checkpoint(path: &Path) -> Result<TrainState> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let state: TrainState =
-        serde_json::from_slice(&bytes).map_err(|e| Error::Json { path: path.to_path_buf(), reason: e.to_string() })?;
+    let state: TrainState = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     if state.prompt.len() != state.num_virtual_tokens * state.hidden_size {
         return Err(Error::Json {
             path: path.to_path_buf(),

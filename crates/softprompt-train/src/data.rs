@@ -24,7 +24,11 @@ pub struct GenerationRow {
 }
 
 fn data_err(path: &Path, line: usize, reason: impl Into<String>) -> Error {
-    Error::Data { path: path.to_path_buf(), line, reason: reason.into() }
+    Error::Data {
+        path: path.to_path_buf(),
+        line,
+        reason: reason.into(),
+    }
 }
 
 /// Reads a JSONL file into objects; blank lines are skipped, anything else that is not a JSON
@@ -36,11 +40,17 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, ser
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| data_err(path, i + 1, format!("not valid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| data_err(path, i + 1, format!("not valid JSON: {e}")))?;
         match v {
             serde_json::Value::Object(m) => out.push((i + 1, m)),
-            other => return Err(data_err(path, i + 1, format!("expected a JSON object, found {other}"))),
+            other => {
+                return Err(data_err(
+                    path,
+                    i + 1,
+                    format!("expected a JSON object, found {other}"),
+                ))
+            }
         }
     }
     if out.is_empty() {
@@ -49,12 +59,21 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, ser
     Ok(out)
 }
 
-fn field(path: &Path, line: usize, m: &serde_json::Map<String, serde_json::Value>, key: &str) -> Result<String> {
+fn field(
+    path: &Path,
+    line: usize,
+    m: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Result<String> {
     match m.get(key) {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
         Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
         Some(serde_json::Value::Bool(b)) => Ok(b.to_string()),
-        Some(other) => Err(data_err(path, line, format!("field `{key}` must be a string, found {other}"))),
+        Some(other) => Err(data_err(
+            path,
+            line,
+            format!("field `{key}` must be a string, found {other}"),
+        )),
         None => Err(data_err(path, line, format!("missing field `{key}`"))),
     }
 }
@@ -63,7 +82,12 @@ fn field(path: &Path, line: usize, m: &serde_json::Map<String, serde_json::Value
 pub fn read_classification(path: &Path) -> Result<Vec<ClassificationRow>> {
     read_jsonl(path)?
         .into_iter()
-        .map(|(line, m)| Ok(ClassificationRow { text: field(path, line, &m, "text")?, label: field(path, line, &m, "label")? }))
+        .map(|(line, m)| {
+            Ok(ClassificationRow {
+                text: field(path, line, &m, "text")?,
+                label: field(path, line, &m, "label")?,
+            })
+        })
         .collect()
 }
 
@@ -71,7 +95,12 @@ pub fn read_classification(path: &Path) -> Result<Vec<ClassificationRow>> {
 pub fn read_generation(path: &Path) -> Result<Vec<GenerationRow>> {
     read_jsonl(path)?
         .into_iter()
-        .map(|(line, m)| Ok(GenerationRow { input: field(path, line, &m, "input")?, target: field(path, line, &m, "target")? }))
+        .map(|(line, m)| {
+            Ok(GenerationRow {
+                input: field(path, line, &m, "input")?,
+                target: field(path, line, &m, "target")?,
+            })
+        })
         .collect()
 }
 
@@ -99,7 +128,9 @@ impl Template {
 
     /// The pattern with `text` in place of the placeholder.
     pub fn render(&self, text: &str) -> String {
-        self.0.replacen("{text}", text, 1).replacen("{input}", text, 1)
+        self.0
+            .replacen("{text}", text, 1)
+            .replacen("{input}", text, 1)
     }
 }
 
@@ -113,11 +144,15 @@ impl Verbalizer {
     /// From `(label, word)` pairs; labels must be distinct and words non-empty.
     pub fn new(labels: Vec<(String, String)>) -> Result<Self> {
         if labels.len() < 2 {
-            return Err(Error::InvalidArgument("a verbalizer needs at least two labels".into()));
+            return Err(Error::InvalidArgument(
+                "a verbalizer needs at least two labels".into(),
+            ));
         }
         for (i, (l, w)) in labels.iter().enumerate() {
             if w.is_empty() {
-                return Err(Error::InvalidArgument(format!("label `{l}` has an empty verbalizer word")));
+                return Err(Error::InvalidArgument(format!(
+                    "label `{l}` has an empty verbalizer word"
+                )));
             }
             if labels[..i].iter().any(|(x, _)| x == l) {
                 return Err(Error::InvalidArgument(format!("label `{l}` appears twice")));
@@ -133,7 +168,11 @@ impl Verbalizer {
             .map(|pair| {
                 pair.split_once('=')
                     .map(|(l, w)| (l.trim().to_string(), w.to_string()))
-                    .ok_or_else(|| Error::InvalidArgument(format!("verbalizer entry `{pair}` is not label=word")))
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "verbalizer entry `{pair}` is not label=word"
+                        ))
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         Self::new(labels)
@@ -146,10 +185,18 @@ impl Verbalizer {
 
     /// Class index of `label`.
     pub fn index_of(&self, label: &str) -> Result<usize> {
-        self.labels.iter().position(|(l, _)| l == label).ok_or_else(|| Error::UnknownLabel {
-            label: label.to_string(),
-            known: self.labels.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>().join(", "),
-        })
+        self.labels
+            .iter()
+            .position(|(l, _)| l == label)
+            .ok_or_else(|| Error::UnknownLabel {
+                label: label.to_string(),
+                known: self
+                    .labels
+                    .iter()
+                    .map(|(l, _)| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 }
 
@@ -209,16 +256,26 @@ impl Task {
     }
 
     /// Reads and encodes `path`; contexts longer than `max_context` keep their last tokens.
-    pub fn load(&self, path: &Path, tok: &dyn TextTokenizer, max_context: usize) -> Result<EncodedSet> {
+    pub fn load(
+        &self,
+        path: &Path,
+        tok: &dyn TextTokenizer,
+        max_context: usize,
+    ) -> Result<EncodedSet> {
         match self {
-            Task::Classification { template, verbalizer } => {
+            Task::Classification {
+                template,
+                verbalizer,
+            } => {
                 let candidates = verbalizer
                     .labels()
                     .iter()
                     .map(|(l, w)| {
                         let ids = tok.encode(w, false)?;
                         if ids.is_empty() {
-                            return Err(Error::InvalidArgument(format!("label word of `{l}` encodes to no tokens")));
+                            return Err(Error::InvalidArgument(format!(
+                                "label word of `{l}` encodes to no tokens"
+                            )));
                         }
                         Ok(ids)
                     })
@@ -227,23 +284,43 @@ impl Task {
                 let lines: Vec<usize> = read_jsonl(path)?.into_iter().map(|(l, _)| l).collect();
                 let mut examples = Vec::with_capacity(rows.len());
                 for (row, line) in rows.iter().zip(lines) {
-                    let label = verbalizer.index_of(&row.label).map_err(|e| data_err(path, line, e.to_string()))?;
-                    let context = keep_tail(tok.encode(&template.render(&row.text), true)?, max_context);
-                    examples.push(EncodedExample { context, target: candidates[label].clone(), label: Some(label) });
+                    let label = verbalizer
+                        .index_of(&row.label)
+                        .map_err(|e| data_err(path, line, e.to_string()))?;
+                    let context =
+                        keep_tail(tok.encode(&template.render(&row.text), true)?, max_context);
+                    examples.push(EncodedExample {
+                        context,
+                        target: candidates[label].clone(),
+                        label: Some(label),
+                    });
                 }
-                Ok(EncodedSet { examples, candidates, source: path.to_path_buf() })
+                Ok(EncodedSet {
+                    examples,
+                    candidates,
+                    source: path.to_path_buf(),
+                })
             }
             Task::Generation { template } => {
                 let mut examples = Vec::new();
                 for row in read_generation(path)? {
-                    let context = keep_tail(tok.encode(&template.render(&row.input), true)?, max_context);
+                    let context =
+                        keep_tail(tok.encode(&template.render(&row.input), true)?, max_context);
                     let mut target = tok.encode(&row.target, false)?;
                     if let Some(eos) = tok.eos_id() {
                         target.push(eos);
                     }
-                    examples.push(EncodedExample { context, target, label: None });
+                    examples.push(EncodedExample {
+                        context,
+                        target,
+                        label: None,
+                    });
                 }
-                Ok(EncodedSet { examples, candidates: Vec::new(), source: path.to_path_buf() })
+                Ok(EncodedSet {
+                    examples,
+                    candidates: Vec::new(),
+                    source: path.to_path_buf(),
+                })
             }
         }
     }
@@ -265,12 +342,19 @@ mod tests {
         let f = file("{\"text\":\"a\",\"label\":\"x\"}\n\nnot json\n");
         let e = read_classification(f.path()).unwrap_err();
         assert!(matches!(e, Error::Data { line: 3, .. }), "{e}");
-        assert!(e.to_string().contains(&format!("{}:3: not valid JSON", f.path().display())), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("{}:3: not valid JSON", f.path().display())),
+            "{e}"
+        );
         let f = file("{\"text\":\"a\"}\n");
         let e = read_classification(f.path()).unwrap_err();
         assert!(e.to_string().ends_with(":1: missing field `label`"), "{e}");
         let f = file("[1,2]\n");
-        assert!(read_jsonl(f.path()).unwrap_err().to_string().contains("expected a JSON object"));
+        assert!(read_jsonl(f.path())
+            .unwrap_err()
+            .to_string()
+            .contains("expected a JSON object"));
         let f = file("\n\n");
         assert!(read_jsonl(f.path()).is_err());
         let f = file("{\"text\":\"a\",\"label\":1}\n");
@@ -283,11 +367,17 @@ mod tests {
         assert_eq!(t.render("great"), "Review: great\nSentiment:");
         assert!(Template::new("no placeholder").is_err());
         let v = Verbalizer::parse("negative= negative,positive= positive").unwrap();
-        assert_eq!(v.labels()[1], ("positive".to_string(), " positive".to_string()));
+        assert_eq!(
+            v.labels()[1],
+            ("positive".to_string(), " positive".to_string())
+        );
         assert_eq!(v.index_of("positive").unwrap(), 1);
         let e = v.index_of("neutral").unwrap_err();
         assert!(matches!(e, Error::UnknownLabel { .. }));
-        assert_eq!(e.to_string(), "unknown label `neutral` (known labels: negative, positive)");
+        assert_eq!(
+            e.to_string(),
+            "unknown label `neutral` (known labels: negative, positive)"
+        );
         assert!(Verbalizer::parse("a=x").is_err());
         assert!(Verbalizer::parse("a=x,a=y").is_err());
         assert!(Verbalizer::parse("a=x,b").is_err());

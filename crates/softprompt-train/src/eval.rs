@@ -1,6 +1,8 @@
 //! Evaluation: rank classification accuracy, exact match, mean loss.
 
-use softprompt_core::{generate, Backbone, Batch, BatchRow, Error, GenerationParams, Result, SoftPrompt};
+use softprompt_core::{
+    generate, Backbone, Batch, BatchRow, Error, GenerationParams, Result, SoftPrompt,
+};
 
 use crate::data::EncodedSet;
 
@@ -22,34 +24,63 @@ pub fn rank_classify(
     batch_size: usize,
 ) -> Result<Vec<Prediction>> {
     if set.candidates.is_empty() {
-        return Err(Error::InvalidArgument("rank classification needs label candidates".into()));
+        return Err(Error::InvalidArgument(
+            "rank classification needs label candidates".into(),
+        ));
     }
     let c = set.candidates.len();
     let mut out = Vec::with_capacity(set.examples.len());
     for chunk in set.examples.chunks(batch_size.max(1)) {
         let rows: Vec<BatchRow> = chunk
             .iter()
-            .flat_map(|ex| set.candidates.iter().map(|cand| BatchRow::with_continuation(&ex.context, cand, 0)))
+            .flat_map(|ex| {
+                set.candidates
+                    .iter()
+                    .map(|cand| BatchRow::with_continuation(&ex.context, cand, 0))
+            })
             .collect();
         let scores = backbone.score(std::slice::from_ref(prompt), &Batch::from_rows(&rows, 0)?)?;
         for e in 0..chunk.len() {
             let logprobs = scores.logprob_sum[e * c..(e + 1) * c].to_vec();
-            let predicted = (0..c).fold(0, |best, k| if logprobs[k] > logprobs[best] { k } else { best });
-            out.push(Prediction { predicted, logprobs });
+            let predicted = (0..c).fold(0, |best, k| {
+                if logprobs[k] > logprobs[best] {
+                    k
+                } else {
+                    best
+                }
+            });
+            out.push(Prediction {
+                predicted,
+                logprobs,
+            });
         }
     }
     Ok(out)
 }
 
 /// Fraction of examples whose predicted class is the gold label.
-pub fn accuracy(backbone: &dyn Backbone, prompt: &SoftPrompt, set: &EncodedSet, batch_size: usize) -> Result<f64> {
+pub fn accuracy(
+    backbone: &dyn Backbone,
+    prompt: &SoftPrompt,
+    set: &EncodedSet,
+    batch_size: usize,
+) -> Result<f64> {
     let preds = rank_classify(backbone, prompt, set, batch_size)?;
-    let correct = preds.iter().zip(&set.examples).filter(|(p, ex)| Some(p.predicted) == ex.label).count();
+    let correct = preds
+        .iter()
+        .zip(&set.examples)
+        .filter(|(p, ex)| Some(p.predicted) == ex.label)
+        .count();
     Ok(correct as f64 / set.examples.len().max(1) as f64)
 }
 
 /// Fraction of examples whose greedy generation reproduces the target ids exactly.
-pub fn exact_match(backbone: &dyn Backbone, prompt: &SoftPrompt, set: &EncodedSet, stop: Option<u32>) -> Result<f64> {
+pub fn exact_match(
+    backbone: &dyn Backbone,
+    prompt: &SoftPrompt,
+    set: &EncodedSet,
+    stop: Option<u32>,
+) -> Result<f64> {
     let mut hits = 0;
     for ex in &set.examples {
         let params = GenerationParams {
@@ -65,11 +96,18 @@ pub fn exact_match(backbone: &dyn Backbone, prompt: &SoftPrompt, set: &EncodedSe
 }
 
 /// Mean negative log-likelihood of the gold targets over the whole set.
-pub fn mean_loss(backbone: &dyn Backbone, prompt: &SoftPrompt, set: &EncodedSet, batch_size: usize) -> Result<f64> {
+pub fn mean_loss(
+    backbone: &dyn Backbone,
+    prompt: &SoftPrompt,
+    set: &EncodedSet,
+    batch_size: usize,
+) -> Result<f64> {
     let (mut sum, mut count) = (0.0, 0usize);
     for chunk in set.examples.chunks(batch_size.max(1)) {
-        let rows: Vec<BatchRow> =
-            chunk.iter().map(|ex| BatchRow::with_continuation(&ex.context, &ex.target, 0)).collect();
+        let rows: Vec<BatchRow> = chunk
+            .iter()
+            .map(|ex| BatchRow::with_continuation(&ex.context, &ex.target, 0))
+            .collect();
         let s = backbone.score(std::slice::from_ref(prompt), &Batch::from_rows(&rows, 0)?)?;
         sum -= s.logprob_sum.iter().sum::<f64>();
         count += s.num_targets.iter().sum::<usize>();

@@ -15,7 +15,8 @@ fn check_len(name: &str, params: &[f32], grads: &[f32], state: usize) -> Result<
 }
 
 fn load<T: for<'de> Deserialize<'de>>(name: &str, state: &serde_json::Value) -> Result<T> {
-    serde_json::from_value(state.clone()).map_err(|e| Error::InvalidArgument(format!("bad {name} state: {e}")))
+    serde_json::from_value(state.clone())
+        .map_err(|e| Error::InvalidArgument(format!("bad {name} state: {e}")))
 }
 
 fn to_json<T: Serialize>(x: &T) -> serde_json::Value {
@@ -35,7 +36,11 @@ pub struct Sgd {
 impl Sgd {
     /// Plain SGD.
     pub fn new() -> Self {
-        Sgd { momentum: 0.0, weight_decay: 0.0, buf: Vec::new() }
+        Sgd {
+            momentum: 0.0,
+            weight_decay: 0.0,
+            buf: Vec::new(),
+        }
     }
 
     /// With momentum.
@@ -101,7 +106,15 @@ pub struct AdamW {
 impl AdamW {
     /// PyTorch defaults: β = (0.9, 0.999), ε = 1e-8, weight decay 0.01.
     pub fn new() -> Self {
-        AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, t: 0, m: Vec::new(), v: Vec::new() }
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            t: 0,
+            m: Vec::new(),
+            v: Vec::new(),
+        }
     }
 
     /// Sets the weight decay.
@@ -202,7 +215,10 @@ impl Optimizer for Adafactor {
         let (r, c) = (self.rows, self.cols);
         self.t += 1;
         let beta2 = 1.0 - (self.t as f64).powf(self.decay_rate as f64);
-        let sq: Vec<f64> = grads.iter().map(|g| (*g as f64) * (*g as f64) + self.eps1 as f64).collect();
+        let sq: Vec<f64> = grads
+            .iter()
+            .map(|g| (*g as f64) * (*g as f64) + self.eps1 as f64)
+            .collect();
         for i in 0..r {
             let mean = sq[i * c..(i + 1) * c].iter().sum::<f64>() / c as f64;
             self.row_sq[i] = (beta2 * self.row_sq[i] as f64 + (1.0 - beta2) * mean) as f32;
@@ -265,7 +281,9 @@ impl std::str::FromStr for OptimizerChoice {
             "sgd" => Ok(OptimizerChoice::Sgd),
             "adamw" => Ok(OptimizerChoice::AdamW),
             "adafactor" => Ok(OptimizerChoice::Adafactor),
-            other => Err(Error::InvalidArgument(format!("unknown optimizer `{other}` (sgd, adamw, adafactor)"))),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown optimizer `{other}` (sgd, adamw, adafactor)"
+            ))),
         }
     }
 }
@@ -279,7 +297,9 @@ impl OptimizerChoice {
                 o.weight_decay = weight_decay.unwrap_or(0.0);
                 Box::new(o)
             }
-            OptimizerChoice::AdamW => Box::new(AdamW::new().with_weight_decay(weight_decay.unwrap_or(0.01))),
+            OptimizerChoice::AdamW => {
+                Box::new(AdamW::new().with_weight_decay(weight_decay.unwrap_or(0.01)))
+            }
             OptimizerChoice::Adafactor => {
                 let mut o = Adafactor::new(rows, cols);
                 o.weight_decay = weight_decay.unwrap_or(1e-5);
@@ -324,7 +344,11 @@ impl Schedule {
 
 /// Scales `grads` so their L2 norm is at most `max_norm`; returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
-    let norm = grads.iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>().sqrt() as f32;
+    let norm = grads
+        .iter()
+        .map(|g| (*g as f64) * (*g as f64))
+        .sum::<f64>()
+        .sqrt() as f32;
     if norm > max_norm && norm.is_finite() {
         let s = max_norm / (norm + 1e-6);
         grads.iter_mut().for_each(|g| *g *= s);
@@ -344,7 +368,10 @@ mod tests {
             let g: Vec<f32> = x.iter().zip(&target).map(|(a, t)| 2.0 * (a - t)).collect();
             opt.step(&mut x, &g, lr).unwrap();
         }
-        x.iter().zip(&target).map(|(a, t)| (a - t).abs()).fold(0.0, f32::max)
+        x.iter()
+            .zip(&target)
+            .map(|(a, t)| (a - t).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]
@@ -364,7 +391,7 @@ mod tests {
         let mut p = vec![1.0f32, -1.0];
         o.step(&mut p, &[0.5, -3.0], 0.1).unwrap();
         assert!((p[0] - (1.0 * (1.0 - 0.001) - 0.1)).abs() < 1e-6, "{p:?}");
-        assert!((p[1] - (-1.0 * (1.0 - 0.001) + 0.1)).abs() < 1e-6, "{p:?}");
+        assert!((p[1] - (-(1.0 - 0.001) + 0.1)).abs() < 1e-6, "{p:?}");
     }
 
     #[test]
@@ -380,13 +407,22 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_resumes_identically() {
-        let grads = [[0.3f32, -0.2, 0.1, 0.9], [0.1, 0.1, -0.5, 0.2], [0.7, -0.1, 0.0, 0.3]];
-        for choice in [OptimizerChoice::Sgd, OptimizerChoice::AdamW, OptimizerChoice::Adafactor] {
+        let grads = [
+            [0.3f32, -0.2, 0.1, 0.9],
+            [0.1, 0.1, -0.5, 0.2],
+            [0.7, -0.1, 0.0, 0.3],
+        ];
+        for choice in [
+            OptimizerChoice::Sgd,
+            OptimizerChoice::AdamW,
+            OptimizerChoice::Adafactor,
+        ] {
             let mut a = choice.build(2, 2, None);
             let mut pa = vec![0.5f32; 4];
             a.step(&mut pa, &grads[0], 0.1).unwrap();
             let mut b = choice.build(2, 2, None);
-            b.load_state(&serde_json::from_str(&a.state().to_string()).unwrap()).unwrap();
+            b.load_state(&serde_json::from_str(&a.state().to_string()).unwrap())
+                .unwrap();
             let mut pb = pa.clone();
             for g in &grads[1..] {
                 a.step(&mut pa, g, 0.1).unwrap();
@@ -394,12 +430,17 @@ mod tests {
             }
             assert_eq!(pa, pb, "{choice:?}");
         }
-        assert!(AdamW::new().load_state(&serde_json::json!({"nope": 1})).is_err());
+        assert!(AdamW::new()
+            .load_state(&serde_json::json!({"nope": 1}))
+            .is_err());
     }
 
     #[test]
     fn schedules_and_clipping() {
-        let s = Schedule::WarmupLinear { warmup: 10, total: 110 };
+        let s = Schedule::WarmupLinear {
+            warmup: 10,
+            total: 110,
+        };
         assert!((s.factor(0) - 0.1).abs() < 1e-6);
         assert!((s.factor(9) - 1.0).abs() < 1e-6);
         assert!((s.factor(60) - 0.5).abs() < 1e-6);

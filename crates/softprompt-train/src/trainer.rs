@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use softprompt_core::{Backbone, Batch, BatchRow, Error, Optimizer, OptimizerKind, Result, Rng, SoftPrompt};
+use softprompt_core::{
+    Backbone, Batch, BatchRow, Error, Optimizer, OptimizerKind, Result, Rng, SoftPrompt,
+};
 
 use crate::checkpoint::{write_checkpoint, TrainState};
 use crate::data::EncodedSet;
@@ -125,7 +127,11 @@ impl std::fmt::Debug for Trainer<'_> {
 
 impl<'a> Trainer<'a> {
     /// Checks that the optimizer fits the backend's capabilities and the config is usable.
-    pub fn new(backbone: &'a dyn Backbone, optimizer: Box<dyn Optimizer>, config: TrainConfig) -> Result<Self> {
+    pub fn new(
+        backbone: &'a dyn Backbone,
+        optimizer: Box<dyn Optimizer>,
+        config: TrainConfig,
+    ) -> Result<Self> {
         if optimizer.kind() == OptimizerKind::Gradient && !backbone.capabilities().gradients {
             return Err(Error::unsupported(
                 backbone.backend_name(),
@@ -140,12 +146,21 @@ impl<'a> Trainer<'a> {
             )));
         }
         if config.batch_size == 0 || config.max_steps == 0 {
-            return Err(Error::InvalidArgument("batch_size and max_steps must be positive".into()));
+            return Err(Error::InvalidArgument(
+                "batch_size and max_steps must be positive".into(),
+            ));
         }
         if !(config.lr.is_finite() && config.lr > 0.0) {
-            return Err(Error::InvalidArgument(format!("learning rate must be positive, got {}", config.lr)));
+            return Err(Error::InvalidArgument(format!(
+                "learning rate must be positive, got {}",
+                config.lr
+            )));
         }
-        Ok(Trainer { backbone, optimizer, config })
+        Ok(Trainer {
+            backbone,
+            optimizer,
+            config,
+        })
     }
 
     /// A fresh state starting from `prompt`.
@@ -175,7 +190,8 @@ impl<'a> Trainer<'a> {
 
     fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..n).collect();
-        Rng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15))).shuffle(&mut order);
+        Rng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            .shuffle(&mut order);
         order
     }
 
@@ -193,9 +209,13 @@ impl<'a> Trainer<'a> {
 
     fn evaluate(&self, prompt: &SoftPrompt, dev: &EncodedSet) -> Result<f64> {
         match self.config.metric {
-            Metric::Accuracy => eval::accuracy(self.backbone, prompt, dev, self.config.eval_batch_size),
+            Metric::Accuracy => {
+                eval::accuracy(self.backbone, prompt, dev, self.config.eval_batch_size)
+            }
             Metric::ExactMatch => eval::exact_match(self.backbone, prompt, dev, self.config.eos_id),
-            Metric::NegLoss => eval::mean_loss(self.backbone, prompt, dev, self.config.eval_batch_size).map(|l| -l),
+            Metric::NegLoss => {
+                eval::mean_loss(self.backbone, prompt, dev, self.config.eval_batch_size).map(|l| -l)
+            }
         }
     }
 
@@ -224,7 +244,12 @@ impl<'a> Trainer<'a> {
     ///
     /// A non-finite loss or gradient stops the run with [`Error::NonFinite`]; the checkpoint on
     /// disk is then the last good one.
-    pub fn run(&mut self, mut state: TrainState, train: &EncodedSet, dev: Option<&EncodedSet>) -> Result<TrainOutcome> {
+    pub fn run(
+        &mut self,
+        mut state: TrainState,
+        train: &EncodedSet,
+        dev: Option<&EncodedSet>,
+    ) -> Result<TrainOutcome> {
         let spec = self.backbone.spec();
         if state.backbone_fingerprint != spec.fingerprint {
             return Err(Error::FingerprintMismatch {
@@ -233,10 +258,16 @@ impl<'a> Trainer<'a> {
             });
         }
         if state.hidden_size != spec.hidden_size {
-            return Err(Error::HiddenSizeMismatch { prompt: state.hidden_size, backbone: spec.hidden_size });
+            return Err(Error::HiddenSizeMismatch {
+                prompt: state.hidden_size,
+                backbone: spec.hidden_size,
+            });
         }
         if train.examples.is_empty() {
-            return Err(Error::InvalidArgument(format!("{} holds no training examples", train.source.display())));
+            return Err(Error::InvalidArgument(format!(
+                "{} holds no training examples",
+                train.source.display()
+            )));
         }
         self.optimizer.load_state(&state.optimizer)?;
         let (n, d) = (state.num_virtual_tokens, state.hidden_size);
@@ -247,8 +278,10 @@ impl<'a> Trainer<'a> {
             ProgressBar::hidden()
         };
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} steps {msg}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} steps {msg}",
+            )
+            .expect("valid template"),
         );
         bar.set_position(state.step);
         let mut outcome_evals = Vec::new();
@@ -267,16 +300,24 @@ impl<'a> Trainer<'a> {
                 .collect();
             let tokens: usize = rows.iter().map(|r| r.ids.len() + n).sum();
             let batch = Batch::from_rows(&rows, pad)?;
-            let lg = self.backbone.loss_and_grad(std::slice::from_ref(&prompt), &batch)?;
+            let lg = self
+                .backbone
+                .loss_and_grad(std::slice::from_ref(&prompt), &batch)?;
             let step = state.step + 1;
             if !lg.loss.is_finite() {
                 bar.abandon();
-                return Err(Error::NonFinite { what: "loss".into(), step });
+                return Err(Error::NonFinite {
+                    what: "loss".into(),
+                    step,
+                });
             }
             let mut grad = lg.grads.into_iter().next().unwrap_or_default();
             if grad.iter().any(|g| !g.is_finite()) {
                 bar.abandon();
-                return Err(Error::NonFinite { what: "gradient".into(), step });
+                return Err(Error::NonFinite {
+                    what: "gradient".into(),
+                    step,
+                });
             }
             let grad_norm = match self.config.max_grad_norm {
                 Some(max) => clip_grad_norm(&mut grad, max),
@@ -286,7 +327,10 @@ impl<'a> Trainer<'a> {
             self.optimizer.step(prompt.values_mut(), &grad, lr)?;
             if prompt.values().iter().any(|v| !v.is_finite()) {
                 bar.abandon();
-                return Err(Error::NonFinite { what: "prompt update".into(), step });
+                return Err(Error::NonFinite {
+                    what: "prompt update".into(),
+                    step,
+                });
             }
             state.step = step;
             state.prompt = prompt.values().to_vec();
@@ -298,7 +342,11 @@ impl<'a> Trainer<'a> {
                 "examples_per_s": picked.len() as f64 / secs, "tokens_per_s": tokens as f64 / secs,
             }))?;
             bar.set_position(step);
-            bar.set_message(format!("loss {:.4} | {:.1} ex/s", lg.loss, picked.len() as f64 / secs));
+            bar.set_message(format!(
+                "loss {:.4} | {:.1} ex/s",
+                lg.loss,
+                picked.len() as f64 / secs
+            ));
 
             let eval_now = self.config.eval_every > 0
                 && (step % self.config.eval_every == 0 || step == self.config.max_steps);
@@ -306,7 +354,10 @@ impl<'a> Trainer<'a> {
                 let value = self.evaluate(&prompt, dev)?;
                 outcome_evals.push(EvalRecord { step, value });
                 self.log(serde_json::json!({"step": step, "dev_metric": value, "metric": self.config.metric}))?;
-                bar.println(format!("step {step}: dev {:?} = {value:.4}", self.config.metric));
+                bar.println(format!(
+                    "step {step}: dev {:?} = {value:.4}",
+                    self.config.metric
+                ));
                 if state.best_metric.is_none_or(|b| value > b) {
                     state.best_metric = Some(value);
                     state.best_prompt = Some(prompt.values().to_vec());
@@ -315,12 +366,18 @@ impl<'a> Trainer<'a> {
                 } else {
                     state.evals_without_improvement += 1;
                 }
-                if self.config.patience.is_some_and(|p| state.evals_without_improvement >= p) {
+                if self
+                    .config
+                    .patience
+                    .is_some_and(|p| state.evals_without_improvement >= p)
+                {
                     stopped_early = true;
                 }
             }
             let last = step == self.config.max_steps || stopped_early;
-            if self.config.checkpoint_every > 0 && (step % self.config.checkpoint_every == 0 || last) {
+            if self.config.checkpoint_every > 0
+                && (step % self.config.checkpoint_every == 0 || last)
+            {
                 self.checkpoint(&state)?;
             }
             if stopped_early {
@@ -333,6 +390,12 @@ impl<'a> Trainer<'a> {
             (Some(best), true) => SoftPrompt::new(n, d, best.clone())?,
             _ => prompt,
         };
-        Ok(TrainOutcome { prompt: chosen, state, evals: outcome_evals, losses, stopped_early })
+        Ok(TrainOutcome {
+            prompt: chosen,
+            state,
+            evals: outcome_evals,
+            losses,
+            stopped_early,
+        })
     }
 }

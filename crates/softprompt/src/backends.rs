@@ -30,17 +30,35 @@ pub struct BackendOptions {
 
 impl Default for BackendOptions {
     fn default() -> Self {
-        BackendOptions { device: "cpu".into(), dtype: "f32".into() }
+        BackendOptions {
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        }
     }
 }
 
 /// Loads the model at `path` on backend `name` and device `device`, in f32.
-pub fn load_backbone(name: &str, path: impl AsRef<Path>, device: &str) -> Result<Box<dyn Backbone>> {
-    load_backbone_with(name, path, &BackendOptions { device: device.into(), ..Default::default() })
+pub fn load_backbone(
+    name: &str,
+    path: impl AsRef<Path>,
+    device: &str,
+) -> Result<Box<dyn Backbone>> {
+    load_backbone_with(
+        name,
+        path,
+        &BackendOptions {
+            device: device.into(),
+            ..Default::default()
+        },
+    )
 }
 
 /// Loads the model at `path` on backend `name` with `options`.
-pub fn load_backbone_with(name: &str, path: impl AsRef<Path>, options: &BackendOptions) -> Result<Box<dyn Backbone>> {
+pub fn load_backbone_with(
+    name: &str,
+    path: impl AsRef<Path>,
+    options: &BackendOptions,
+) -> Result<Box<dyn Backbone>> {
     match name {
         #[cfg(feature = "candle")]
         "candle" => {

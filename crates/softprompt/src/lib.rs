@@ -12,7 +12,9 @@
 
 mod backends;
 
-pub use backends::{available_backends, load_backbone, load_backbone_with, BackendOptions, BACKENDS};
+pub use backends::{
+    available_backends, load_backbone, load_backbone_with, BackendOptions, BACKENDS,
+};
 pub use softprompt_core::*;
 pub use softprompt_store as store;
 pub use softprompt_train as train;

@@ -110,7 +110,10 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn err(&self, reason: String) -> Error {
-        Error::InvalidConfig { path: self.path.to_path_buf(), reason }
+        Error::InvalidConfig {
+            path: self.path.to_path_buf(),
+            reason,
+        }
     }
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.v.get(key) {
@@ -123,18 +126,23 @@ impl Fields<'_> {
         }
     }
     fn usize(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| self.err(format!("missing `{key}`")))
+        self.usize_opt(key)?
+            .ok_or_else(|| self.err(format!("missing `{key}`")))
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.v.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(x) => x.as_f64().ok_or_else(|| self.err(format!("`{key}` must be a number, found {x}"))),
+            Some(x) => x
+                .as_f64()
+                .ok_or_else(|| self.err(format!("`{key}` must be a number, found {x}"))),
         }
     }
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.v.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(x) => x.as_bool().ok_or_else(|| self.err(format!("`{key}` must be a boolean, found {x}"))),
+            Some(x) => x
+                .as_bool()
+                .ok_or_else(|| self.err(format!("`{key}` must be a boolean, found {x}"))),
         }
     }
 }
@@ -149,21 +157,32 @@ impl ModelConfig {
 
     /// Parses `config.json` text; `path` is used in messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| Error::Json { path: path.to_path_buf(), reason: e.to_string() })?;
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let f = Fields { v: &v, path };
-        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
+        let model_type = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         match model_type.as_str() {
             "llama" | "mistral" | "qwen2" => Self::llama(&f, model_type),
             "gpt2" => Self::gpt2(&f),
-            _ => Err(Error::UnsupportedArchitecture { model_type, path: PathBuf::from(path) }),
+            _ => Err(Error::UnsupportedArchitecture {
+                model_type,
+                path: PathBuf::from(path),
+            }),
         }
     }
 
     fn llama(f: &Fields<'_>, model_type: String) -> Result<Self> {
         let hidden_size = f.usize("hidden_size")?;
         let num_attention_heads = f.usize("num_attention_heads")?;
-        let num_key_value_heads = f.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = f
+            .usize_opt("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(f.err(format!(
                 "num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_key_value_heads})"
@@ -172,18 +191,29 @@ impl ModelConfig {
         let head_dim = match f.usize_opt("head_dim")? {
             Some(h) => h,
             None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => return Err(f.err("hidden_size is not a multiple of num_attention_heads".into())),
+            None => {
+                return Err(f.err("hidden_size is not a multiple of num_attention_heads".into()))
+            }
         };
         if head_dim % 2 != 0 {
             return Err(f.err(format!("head_dim {head_dim} must be even for RoPE")));
         }
         // transformers < 5 writes `rope_theta` + `rope_scaling`; transformers 5 writes `rope_parameters`.
-        let rope = f.v.get("rope_parameters").filter(|r| !r.is_null()).or_else(|| f.v.get("rope_scaling"));
+        let rope =
+            f.v.get("rope_parameters")
+                .filter(|r| !r.is_null())
+                .or_else(|| f.v.get("rope_scaling"));
         let mut rope_theta = f.f64_or("rope_theta", 10_000.0)?;
         if let Some(r) = rope.filter(|r| !r.is_null()) {
-            let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(Value::as_str).unwrap_or("default");
+            let kind = r
+                .get("rope_type")
+                .or_else(|| r.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             if kind != "default" {
-                return Err(f.err(format!("RoPE scaling `{kind}` is not supported (only the default RoPE)")));
+                return Err(f.err(format!(
+                    "RoPE scaling `{kind}` is not supported (only the default RoPE)"
+                )));
             }
             if let Some(t) = r.get("rope_theta").and_then(Value::as_f64) {
                 rope_theta = t;
@@ -214,7 +244,9 @@ impl ModelConfig {
         let n_embd = f.usize("n_embd")?;
         let n_head = f.usize("n_head")?;
         if n_embd % n_head != 0 {
-            return Err(f.err(format!("n_embd ({n_embd}) is not a multiple of n_head ({n_head})")));
+            return Err(f.err(format!(
+                "n_embd ({n_embd}) is not a multiple of n_head ({n_head})"
+            )));
         }
         if f.bool_or("scale_attn_by_inverse_layer_idx", false)? {
             return Err(f.err("scale_attn_by_inverse_layer_idx is not supported".into()));
@@ -222,7 +254,10 @@ impl ModelConfig {
         if !f.bool_or("scale_attn_weights", true)? {
             return Err(f.err("scale_attn_weights = false is not supported".into()));
         }
-        let act = f.v.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
+        let act =
+            f.v.get("activation_function")
+                .and_then(Value::as_str)
+                .unwrap_or("gelu_new");
         let activation = match act {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Gpt2Activation::GeluTanh,
             "gelu" => Gpt2Activation::GeluErf,
@@ -303,9 +338,14 @@ mod tests {
         let c = parse(r#"{"model_type":"qwen2","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
             "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100,"rms_norm_eps":1e-6,"rope_theta":1000000.0}"#)
         .unwrap();
-        let ModelConfig::Llama(c) = c else { panic!("not llama") };
+        let ModelConfig::Llama(c) = c else {
+            panic!("not llama")
+        };
         assert!(c.qkv_bias && !c.o_bias);
-        assert_eq!((c.head_dim, c.num_key_value_heads, c.rope_theta), (16, 2, 1e6));
+        assert_eq!(
+            (c.head_dim, c.num_key_value_heads, c.rope_theta),
+            (16, 2, 1e6)
+        );
     }
 
     #[test]
@@ -313,21 +353,27 @@ mod tests {
         let c = parse(r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
             "num_attention_heads":4,"vocab_size":100,"rope_parameters":{"rope_type":"default","rope_theta":500.0}}"#)
         .unwrap();
-        let ModelConfig::Llama(c) = c else { panic!("not llama") };
+        let ModelConfig::Llama(c) = c else {
+            panic!("not llama")
+        };
         assert_eq!(c.rope_theta, 500.0);
     }
 
     #[test]
     fn bad_configs_are_typed_errors() {
-        assert!(matches!(parse(r#"{"model_type":"bert"}"#), Err(Error::UnsupportedArchitecture { .. })));
+        assert!(matches!(
+            parse(r#"{"model_type":"bert"}"#),
+            Err(Error::UnsupportedArchitecture { .. })
+        ));
         assert!(matches!(parse("{not json"), Err(Error::Json { .. })));
         let e = parse(r#"{"model_type":"llama","hidden_size":64}"#).unwrap_err();
-        assert!(e.to_string().contains("missing `intermediate_size`"), "{e}");
+        assert!(e.to_string().contains("missing `num_attention_heads`"), "{e}");
         let e = parse(r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
             "num_attention_heads":4,"vocab_size":100,"rope_scaling":{"rope_type":"yarn","factor":4.0}}"#)
         .unwrap_err();
         assert!(e.to_string().contains("yarn"), "{e}");
-        let e = parse(r#"{"model_type":"gpt2","n_embd":10,"n_head":3,"n_layer":1,"vocab_size":5}"#).unwrap_err();
+        let e = parse(r#"{"model_type":"gpt2","n_embd":10,"n_head":3,"n_layer":1,"vocab_size":5}"#)
+            .unwrap_err();
         assert!(e.to_string().contains("multiple"), "{e}");
     }
 }

@@ -53,7 +53,12 @@ impl ModelSource {
     }
 
     /// Assembles a model from an already parsed config and weights (GGUF readers, tests).
-    pub fn from_parts(config: ModelConfig, weights: ModelWeights, name: String, path: PathBuf) -> Result<Self> {
+    pub fn from_parts(
+        config: ModelConfig,
+        weights: ModelWeights,
+        name: String,
+        path: PathBuf,
+    ) -> Result<Self> {
         let spec = BackboneSpec {
             architecture: config.architecture(),
             hidden_size: config.hidden_size(),
@@ -62,6 +67,11 @@ impl ModelSource {
             fingerprint: weights.fingerprint(),
             name,
         };
-        Ok(ModelSource { config, weights, spec, path })
+        Ok(ModelSource {
+            config,
+            weights,
+            spec,
+            path,
+        })
     }
 }

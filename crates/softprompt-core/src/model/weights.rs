@@ -22,7 +22,10 @@ impl HostTensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(Error::Shape(format!("shape {shape:?} needs {n} values, got {}", data.len())));
+            return Err(Error::Shape(format!(
+                "shape {shape:?} needs {n} values, got {}",
+                data.len()
+            )));
         }
         Ok(HostTensor { shape, data })
     }
@@ -37,7 +40,10 @@ pub struct ModelWeights {
 /// Converts little-endian bytes of `dtype` to f32.
 fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     let out = match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         Dtype::F16 => bytes
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -50,7 +56,12 @@ fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
             .collect(),
-        other => return Err(Error::UnsupportedDtype { name: name.to_string(), dtype: format!("{other:?}") }),
+        other => {
+            return Err(Error::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: format!("{other:?}"),
+            })
+        }
     };
     Ok(out)
 }
@@ -63,11 +74,19 @@ impl ModelWeights {
 
     /// Parses one safetensors buffer; `path` is used in messages.
     pub fn read_safetensors_bytes(&mut self, bytes: &[u8], path: &Path) -> Result<()> {
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         for (name, view) in st.tensors() {
             let data = to_f32(&name, view.dtype(), view.data())?;
-            self.tensors.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+            self.tensors.insert(
+                name,
+                HostTensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            );
         }
         Ok(())
     }
@@ -118,16 +137,27 @@ impl ModelWeights {
 
     /// Removes and returns `name`, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        let t = self.tensors.remove(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+            })?;
         if t.shape != shape {
-            return Err(Error::TensorShape { name: name.to_string(), expected: shape.to_vec(), actual: t.shape });
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: t.shape,
+            });
         }
         Ok(t)
     }
 
     /// A copy of `name`, checking its shape (for tensors used twice, like tied embeddings).
     pub fn get_checked(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+        })?;
         if t.shape != shape {
             return Err(Error::TensorShape {
                 name: name.to_string(),
@@ -181,12 +211,17 @@ impl ModelWeights {
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Json { path: index.to_path_buf(), reason: e.to_string() })?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Json {
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
         path: index.to_path_buf(),
-        reason: "no `weight_map` object".into(),
+        reason: e.to_string(),
     })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Json {
+            path: index.to_path_buf(),
+            reason: "no `weight_map` object".into(),
+        })?;
     let mut files: Vec<PathBuf> = Vec::new();
     for (name, file) in map {
         let file = file.as_str().ok_or_else(|| Error::Json {
@@ -214,11 +249,23 @@ mod tests {
     use safetensors::tensor::TensorView;
 
     fn sample_bytes() -> Vec<u8> {
-        let a: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|x| x.to_le_bytes()).collect();
-        let b: Vec<u8> = [half::bf16::from_f32(0.5)].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let a: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let b: Vec<u8> = [half::bf16::from_f32(0.5)]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         let views = vec![
-            ("a".to_string(), TensorView::new(Dtype::F32, vec![2, 2], &a).unwrap()),
-            ("b".to_string(), TensorView::new(Dtype::BF16, vec![1], &b).unwrap()),
+            (
+                "a".to_string(),
+                TensorView::new(Dtype::F32, vec![2, 2], &a).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                TensorView::new(Dtype::BF16, vec![1], &b).unwrap(),
+            ),
         ];
         safetensors::serialize(views, None).unwrap()
     }
@@ -226,11 +273,15 @@ mod tests {
     #[test]
     fn reads_f32_and_bf16() {
         let mut w = ModelWeights::new();
-        w.read_safetensors_bytes(&sample_bytes(), Path::new("x")).unwrap();
+        w.read_safetensors_bytes(&sample_bytes(), Path::new("x"))
+            .unwrap();
         assert_eq!(w.get("a").unwrap().data, vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(w.get("b").unwrap().data, vec![0.5]);
         assert!(matches!(w.take("a", &[4]), Err(Error::TensorShape { .. })));
-        assert!(matches!(w.take("zz", &[4]), Err(Error::MissingTensor { .. })));
+        assert!(matches!(
+            w.take("zz", &[4]),
+            Err(Error::MissingTensor { .. })
+        ));
     }
 
     #[test]
@@ -238,7 +289,9 @@ mod tests {
         let bytes = sample_bytes();
         for cut in [0, 4, 8, 20, bytes.len() - 1] {
             let mut w = ModelWeights::new();
-            let err = w.read_safetensors_bytes(&bytes[..cut], Path::new("m.safetensors")).unwrap_err();
+            let err = w
+                .read_safetensors_bytes(&bytes[..cut], Path::new("m.safetensors"))
+                .unwrap_err();
             assert!(matches!(err, Error::Safetensors { .. }), "cut {cut}: {err}");
         }
         let mut corrupt = bytes.clone();
