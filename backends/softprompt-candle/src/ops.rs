@@ -1,7 +1,7 @@
 //! Differentiable building blocks. candle's fused kernels (softmax_last_dim, rms_norm,
 //! layer_norm, rope) record no backward, so the training path uses these compositions.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 /// `x · Wᵀ + b` with `W` stored `[out, in]`.
 #[derive(Debug, Clone)]
@@ -21,7 +21,14 @@ impl Linear {
             .split_last()
             .expect("linear input has at least one dim");
         let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, *last))?.matmul(&self.w.t()?)?;
+        let x2 = x.reshape((rows, *last))?;
+        let y = if x.track_op() && x.device().is_cpu() {
+            // Training: the backward of a plain matmul would also compute the (unused) weight
+            // gradient, as costly as the forward; this op only propagates to the input.
+            x2.contiguous()?.apply_op1(FrozenMatmul { w: self.w.clone() })?
+        } else {
+            x2.matmul(&self.w.t()?)?
+        };
         let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -29,6 +36,39 @@ impl Linear {
         let mut out = lead.to_vec();
         out.push(self.w.dim(0)?);
         y.reshape(out)
+    }
+}
+
+/// `x · Wᵀ` for a frozen `W`: its backward computes only `∂L/∂x = ∂L/∂y · W`.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul needs a contiguous input".into()))?;
+        let x = match storage {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?,
+            _ => candle_core::bail!("frozen-matmul supports f32 and f64 training"),
+        };
+        let y = x.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        let (guard, _) = y.storage_and_layout();
+        match &*guard {
+            Storage::Cpu(cpu) => Ok((cpu.clone(), shape)),
+            _ => candle_core::bail!("frozen-matmul result left the CPU"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w)?))
     }
 }
 

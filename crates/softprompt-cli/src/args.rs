@@ -28,7 +28,7 @@ pub enum Command {
 /// Which runtime executes the backbone, on which device, in which precision.
 #[derive(Debug, Args, Clone)]
 pub struct BackendArgs {
-    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    /// Model: a Hugging Face directory (config.json, model.safetensors, tokenizer.json) or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
     /// Backend, among those compiled into this build (this version: candle).

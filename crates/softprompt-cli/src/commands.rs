@@ -38,7 +38,7 @@ fn load(b: &BackendArgs) -> Result<(Box<dyn Backbone>, HfTokenizer)> {
     };
     let backbone = load_backbone_with(&b.backend, &b.model, &opts)
         .with_context(|| format!("loading {} on {}", b.model.display(), b.backend))?;
-    let tok = HfTokenizer::from_model_dir(&b.model)?;
+    let tok = softprompt::load_tokenizer(&b.model)?;
     Ok((backbone, tok))
 }
 
@@ -265,7 +265,7 @@ async fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `num_attention_heads` from config.json, for PEFT's config (0 when unreadable).
+/// `num_attention_heads` of the model, for PEFT's config (0 when unreadable).
 fn model_heads(model: &Path) -> usize {
     softprompt::ModelConfig::from_file(model.join("config.json"))
         .map(|c| c.num_attention_heads())

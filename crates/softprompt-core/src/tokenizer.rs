@@ -77,6 +77,12 @@ impl HfTokenizer {
         self
     }
 
+    /// Overrides the padding id.
+    pub fn with_pad(mut self, pad: Option<u32>) -> Self {
+        self.pad = pad.or(self.pad);
+        self
+    }
+
     /// Id of a token string, if it is in the vocabulary.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

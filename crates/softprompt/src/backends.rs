@@ -2,7 +2,38 @@
 
 use std::path::Path;
 
-use crate::{Backbone, Error, Result};
+use crate::model::ModelSource;
+use crate::{Backbone, Error, HfTokenizer, ModelConfig, Result};
+
+/// Reads a model (a Hugging Face directory or a `.gguf` file) into host memory.
+pub fn load_model_source(path: impl AsRef<Path>) -> Result<ModelSource> {
+    let path = path.as_ref();
+    if softprompt_gguf::is_gguf(path) {
+        softprompt_gguf::load_model(path)
+    } else {
+        ModelSource::load(path)
+    }
+}
+
+/// The configuration of a model (a Hugging Face directory or a `.gguf` file) without its weights.
+pub fn load_model_config(path: impl AsRef<Path>) -> Result<ModelConfig> {
+    let path = path.as_ref();
+    if softprompt_gguf::is_gguf(path) {
+        softprompt_gguf::load_config(path)
+    } else {
+        ModelConfig::from_file(path.join("config.json"))
+    }
+}
+
+/// The tokenizer of a model: `tokenizer.json` of a directory, or the vocabulary embedded in a GGUF.
+pub fn load_tokenizer(path: impl AsRef<Path>) -> Result<HfTokenizer> {
+    let path = path.as_ref();
+    if softprompt_gguf::is_gguf(path) {
+        softprompt_gguf::load_tokenizer(path)
+    } else {
+        HfTokenizer::from_model_dir(path)
+    }
+}
 
 /// Every backend softprompt implements, with the Cargo feature that compiles it in.
 pub const BACKENDS: &[(&str, &str)] = &[("candle", "candle")];
@@ -37,7 +68,7 @@ impl Default for BackendOptions {
     }
 }
 
-/// Loads the model at `path` on backend `name` and device `device`, in f32.
+/// Loads the model at `path` (directory or `.gguf`) on backend `name` and device `device`, in f32.
 pub fn load_backbone(
     name: &str,
     path: impl AsRef<Path>,
@@ -53,7 +84,7 @@ pub fn load_backbone(
     )
 }
 
-/// Loads the model at `path` on backend `name` with `options`.
+/// Loads the model at `path` (directory or `.gguf`) on backend `name` with `options`.
 pub fn load_backbone_with(
     name: &str,
     path: impl AsRef<Path>,
@@ -75,7 +106,7 @@ pub fn load_backbone_with(
             };
             let device = softprompt_candle::parse_device(&options.device)?;
             let opts = softprompt_candle::CandleOptions::new().with_device(device).with_dtype(dtype);
-            Ok(Box::new(softprompt_candle::CandleBackbone::load(path, opts)?))
+            Ok(Box::new(softprompt_candle::CandleBackbone::from_source(load_model_source(path)?, opts)?))
         }
         other => match BACKENDS.iter().find(|(n, _)| *n == other) {
             Some((_, feature)) => Err(Error::InvalidArgument(format!(

@@ -13,9 +13,11 @@
 mod backends;
 
 pub use backends::{
-    available_backends, load_backbone, load_backbone_with, BackendOptions, BACKENDS,
+    available_backends, load_backbone, load_backbone_with, load_model_config, load_model_source, load_tokenizer,
+    BackendOptions, BACKENDS,
 };
 pub use softprompt_core::*;
+pub use softprompt_gguf as gguf;
 pub use softprompt_store as store;
 pub use softprompt_train as train;
 

