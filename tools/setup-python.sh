@@ -7,7 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SOFTPROMPT_VENV:-$root/.venv}"
 py="${PYTHON:-python3}"
 stamp="$venv/.softprompt-stamp"
-want="torch==2.13.0 transformers==5.24.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6 setuptools==84.2.1"
+want="torch==2.13.0 transformers==5.24.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0 setuptools==84.2.1"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -16,6 +16,6 @@ pip=("$venv/bin/pip" install --quiet --disable-pip-version-check)
 "${pip[@]}" --no-deps torch==2.13.0
 # torch's own pure-Python dependencies (its CUDA wheels are left out on purpose)
 "${pip[@]}" filelock==4.3.1 typing-extensions==4.16.0 sympy==1.14.0 networkx==3.6.1 jinja2==3.1.6 fsspec==2026.9.0 setuptools==84.2.1
-"${pip[@]}" transformers==5.24.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6
+"${pip[@]}" transformers==5.24.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0
 "$venv/bin/python" -c "import torch, transformers, peft; print('oracle env: torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 echo "$want" > "$stamp"

@@ -315,6 +315,30 @@ macro_rules! conformance_suite {
             }
 
             #[test]
+            fn next_token_logprobs_match_scoring_each_candidate() {
+                for name in FIXTURE_MODELS {
+                    let r = load_reference(name);
+                    let b = load(name);
+                    let rows: Vec<BatchRow> = r
+                        .rows
+                        .iter()
+                        .enumerate()
+                        .map(|(i, ids)| BatchRow { ids: ids.clone(), targets: vec![false; ids.len()], prompt: i })
+                        .collect();
+                    let batch = Batch::from_rows(&rows, 0).unwrap();
+                    let candidates = [3u32, 17, 200];
+                    let fast = b.next_token_logprobs(&r.prompts, &batch, &candidates).unwrap();
+                    for (row, ids) in r.rows.iter().enumerate() {
+                        for (k, c) in candidates.iter().enumerate() {
+                            let one = Batch::from_rows(&[BatchRow::with_continuation(ids, &[*c], 0)], 0).unwrap();
+                            let slow = b.score(std::slice::from_ref(&r.prompts[row]), &one).unwrap().logprob_sum[0];
+                            assert!((fast[row][k] - slow).abs() < 1e-4, "{name} row {row} cand {c}: {} vs {slow}", fast[row][k]);
+                        }
+                    }
+                }
+            }
+
+            #[test]
             fn repeated_calls_are_bitwise_reproducible() {
                 let r = load_reference("tiny-llama");
                 let b = load("tiny-llama");

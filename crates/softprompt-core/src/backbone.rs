@@ -76,6 +76,28 @@ pub trait Backbone: Send + Sync {
         self.score(prompts, batch)?.mean_loss()
     }
 
+    /// Log-probability of each of `candidates` as the next token after each row's last real
+    /// token: rank classification with single-token labels in one pass. `out[row][k]` is
+    /// `log p(candidates[k] | row)`. The provided method scores one expanded row per candidate;
+    /// backends override it to share the prefix.
+    fn next_token_logprobs(
+        &self,
+        prompts: &[SoftPrompt],
+        batch: &Batch,
+        candidates: &[u32],
+    ) -> Result<Vec<Vec<f64>>> {
+        let t = batch.seq_len();
+        let mut rows = Vec::with_capacity(batch.rows() * candidates.len());
+        for r in 0..batch.rows() {
+            let ids = &batch.input_ids()[r * t..r * t + batch.row_len(r)];
+            for c in candidates {
+                rows.push(crate::BatchRow::with_continuation(ids, &[*c], batch.prompt_index()[r]));
+            }
+        }
+        let scores = self.score(prompts, &Batch::from_rows(&rows, 0)?)?;
+        Ok(scores.logprob_sum.chunks(candidates.len().max(1)).map(<[f64]>::to_vec).collect())
+    }
+
     /// Loss and its gradient with respect to the prompts. Backends without gradients answer
     /// with [`Error::Unsupported`].
     fn loss_and_grad(&self, _prompts: &[SoftPrompt], _batch: &Batch) -> Result<LossAndGrad> {

@@ -15,8 +15,9 @@ pub struct Prediction {
     pub logprobs: Vec<f64>,
 }
 
-/// Rank classification: every candidate's log-likelihood after each example's context;
-/// `batch_size` examples (times the number of candidates rows) per forward pass.
+/// Rank classification: every candidate's log-likelihood after each example's context.
+/// Single-token candidates are read from one row per example; longer ones take one row per
+/// candidate. `batch_size` examples per forward pass.
 pub fn rank_classify(
     backbone: &dyn Backbone,
     prompt: &SoftPrompt,
@@ -30,6 +31,23 @@ pub fn rank_classify(
     }
     let c = set.candidates.len();
     let mut out = Vec::with_capacity(set.examples.len());
+    let pick = |logprobs: Vec<f64>| {
+        let predicted = (0..logprobs.len()).fold(0, |best, k| if logprobs[k] > logprobs[best] { k } else { best });
+        Prediction { predicted, logprobs }
+    };
+    if set.candidates.iter().all(|cand| cand.len() == 1) {
+        // single-token labels: one row per example, every label read from the same position
+        let tokens: Vec<u32> = set.candidates.iter().map(|cand| cand[0]).collect();
+        for chunk in set.examples.chunks(batch_size.max(1)) {
+            let rows: Vec<BatchRow> = chunk
+                .iter()
+                .map(|ex| BatchRow { ids: ex.context.clone(), targets: vec![false; ex.context.len()], prompt: 0 })
+                .collect();
+            let lp = backbone.next_token_logprobs(std::slice::from_ref(prompt), &Batch::from_rows(&rows, 0)?, &tokens)?;
+            out.extend(lp.into_iter().map(pick));
+        }
+        return Ok(out);
+    }
     for chunk in set.examples.chunks(batch_size.max(1)) {
         let rows: Vec<BatchRow> = chunk
             .iter()

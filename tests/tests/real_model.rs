@@ -1,0 +1,106 @@
+//! The real backbone (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers loading the same
+//! file. Needs the fetched assets and the oracle references:
+//!   python3 tools/fetch_assets.py && .venv/bin/python tools/make_real_reference.py
+//! Without them these tests say so and pass, unless SOFTPROMPT_REQUIRE_ASSETS=1 (CI sets it),
+//! in which case missing assets fail the run.
+
+use std::path::PathBuf;
+
+use safetensors::SafeTensors;
+use softprompt::train::data::Template;
+use softprompt::train::{AdamW, Task, TrainConfig, Trainer, Verbalizer};
+use softprompt::{load_backbone, load_tokenizer, Backbone, Batch, BatchRow, PromptInit, Rng, SoftPrompt, TextTokenizer};
+
+const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn assets() -> Option<PathBuf> {
+    let dir = std::env::var_os("SOFTPROMPT_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/assets"));
+    let ready = dir.join(GGUF).is_file() && dir.join("reference/logits.safetensors").is_file();
+    if ready {
+        return Some(dir);
+    }
+    let msg = format!(
+        "real-model assets missing in {}: run `python3 tools/fetch_assets.py && .venv/bin/python tools/make_real_reference.py`",
+        dir.display()
+    );
+    if std::env::var("SOFTPROMPT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+        panic!("{msg}");
+    }
+    eprintln!("skipped: {msg}");
+    None
+}
+
+#[test]
+fn tokenizer_matches_transformers_gguf_tokenizer_on_every_text() {
+    let Some(dir) = assets() else { return };
+    let tok = load_tokenizer(dir.join(GGUF)).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference/tokens.json")).unwrap()).unwrap();
+    let texts = v["texts"].as_array().unwrap();
+    let ids = v["ids"].as_array().unwrap();
+    assert!(texts.len() > 5000, "expected every RT test text and every SMS text, got {}", texts.len());
+    let mut mismatches = Vec::new();
+    for (t, expected) in texts.iter().zip(ids) {
+        let expected: Vec<u32> = expected.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let ours = tok.encode(t.as_str().unwrap(), true).unwrap();
+        if ours != expected {
+            mismatches.push(t.as_str().unwrap().to_string());
+        }
+    }
+    assert!(mismatches.is_empty(), "{} of {} texts differ, e.g. {:?}", mismatches.len(), texts.len(), &mismatches[..mismatches.len().min(3)]);
+    assert_eq!(tok.eos_id(), Some(2));
+}
+
+#[test]
+fn logits_match_transformers_on_the_real_model() {
+    let Some(dir) = assets() else { return };
+    let b = load_backbone("candle", dir.join(GGUF), "cpu").unwrap();
+    assert_eq!((b.spec().hidden_size, b.spec().vocab_size, b.spec().num_layers), (576, 49152, 30));
+    let bytes = std::fs::read(dir.join("reference/logits.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let tok = load_tokenizer(dir.join(GGUF)).unwrap();
+    let mut i = 0;
+    while let Ok(ids) = st.tensor(&format!("ids_{i}")) {
+        let ids: Vec<u32> = ids.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
+        let reference: Vec<f32> = st
+            .tensor(&format!("logits_{i}"))
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let batch = Batch::from_rows(&[BatchRow { ids: ids.clone(), targets: vec![false; ids.len()], prompt: 0 }], 0).unwrap();
+        let ours = b.logits(&[SoftPrompt::empty(576)], &batch).unwrap();
+        let diff = ours.iter().zip(&reference).map(|(a, r)| (a - r).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-3, "sentence {i} ({:?}): max |Δlogit| = {diff:e}", tok.decode(&ids).unwrap());
+        i += 1;
+    }
+    assert!(i >= 3, "expected at least three reference sentences");
+}
+
+#[test]
+fn smoke_training_on_rotten_tomatoes() {
+    let Some(dir) = assets() else { return };
+    let b = load_backbone("candle", dir.join(GGUF), "cpu").unwrap();
+    let tok = load_tokenizer(dir.join(GGUF)).unwrap();
+    let task = Task::Classification {
+        template: Template::new("Review: {text}\nIs this movie review positive or negative? Answer:").unwrap(),
+        verbalizer: Verbalizer::parse("negative= negative,positive= positive").unwrap(),
+    };
+    let mut train = task.load(&dir.join("rotten-tomatoes/train.jsonl"), &tok, 64).unwrap();
+    train.examples.truncate(64);
+    let mut dev = task.load(&dir.join("rotten-tomatoes/dev.jsonl"), &tok, 64).unwrap();
+    dev.examples.truncate(16);
+    let init = PromptInit::Text { text: "Classify if the movie review is positive or negative".into() };
+    let p0 = SoftPrompt::initialize(&init, 8, b.as_ref(), Some(&tok), &mut Rng::seed_from_u64(0)).unwrap();
+    let cfg = TrainConfig { max_steps: 3, batch_size: 4, lr: 0.03, eval_every: 3, ..TrainConfig::default() };
+    let mut t = Trainer::new(b.as_ref(), Box::new(AdamW::new()), cfg).unwrap();
+    let out = t.run(t.init_state(&p0), &train, Some(&dev)).unwrap();
+    assert_eq!(out.losses.len(), 3);
+    assert!(out.losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    assert!(out.losses[2] < out.losses[0], "loss should fall over the first steps: {:?}", out.losses);
+    let acc = out.evals[0].value;
+    assert!((0.0..=1.0).contains(&acc));
+}

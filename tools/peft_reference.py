@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Reference run of Hugging Face PEFT prompt tuning on the same model, data, template, split,
+steps, batch, optimizer and virtual-token count as softprompt's main job, for docs/results.md.
+
+Usage: .venv/bin/python tools/peft_reference.py [--data rotten-tomatoes|sms-spam] [--steps 60] ...
+Prints one JSON object: zero-shot and tuned test accuracy and seconds per train step.
+"""
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ASSETS = os.environ.get("SOFTPROMPT_ASSETS", os.path.join(ROOT, ".cache", "assets"))
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TASKS = {
+    "rotten-tomatoes": ("Review: {text}\nIs this movie review positive or negative? Answer:",
+                        {"negative": " negative", "positive": " positive"},
+                        "Classify if the movie review is positive or negative"),
+    "sms-spam": ("Message: {text}\nIs this message spam or ham? Answer:",
+                 {"ham": " ham", "spam": " spam"},
+                 "Classify if the text message is spam or ham"),
+}
+
+
+def rows(path):
+    return [json.loads(l) for l in open(path) if l.strip()]
+
+
+def encode(tok, template, text, max_context):
+    ids = tok(template.replace("{text}", text))["input_ids"]
+    return ids[-max_context:]
+
+
+def accuracy(model, tok, template, labels, data, batch, max_context, pad):
+    cand = [tok(w, add_special_tokens=False)["input_ids"][0] for w in labels.values()]
+    names = list(labels)
+    correct = 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            chunk = data[i : i + batch]
+            seqs = [encode(tok, template, r["text"], max_context) for r in chunk]
+            T = max(map(len, seqs))
+            ids = torch.full((len(seqs), T), pad)
+            mask = torch.zeros((len(seqs), T), dtype=torch.long)
+            for j, s in enumerate(seqs):
+                ids[j, : len(s)] = torch.tensor(s)
+                mask[j, : len(s)] = 1
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            offset = logits.shape[1] - T  # PEFT returns logits for the virtual tokens too
+            for j, (s, r) in enumerate(zip(seqs, chunk)):
+                lp = torch.log_softmax(logits[j, offset + len(s) - 1].float(), -1)
+                pred = max(range(len(cand)), key=lambda k: lp[cand[k]].item())
+                correct += names[pred] == r["label"]
+    return correct / len(data)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="rotten-tomatoes", choices=list(TASKS))
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=0.03)
+    ap.add_argument("--num-virtual-tokens", type=int, default=20)
+    ap.add_argument("--test-limit", type=int, default=500)
+    ap.add_argument("--max-context", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    template, labels, init_text = TASKS[a.data]
+    tok = AutoTokenizer.from_pretrained(ASSETS, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(ASSETS, gguf_file=GGUF, dtype=torch.float32)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train = rows(os.path.join(ASSETS, a.data, "train.jsonl"))
+    test = rows(os.path.join(ASSETS, a.data, "test.jsonl"))[: a.test_limit]
+    zero = accuracy(model, tok, template, labels, test, 16, a.max_context, pad)
+    cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a.num_virtual_tokens,
+                             prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=init_text,
+                             tokenizer_name_or_path=ASSETS, tokenizer_kwargs={"gguf_file": GGUF})
+    peft_model = get_peft_model(model, cfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
+    order = list(range(len(train)))
+    random.Random(a.seed).shuffle(order)
+    times, losses = [], []
+    peft_model.train()
+    for step in range(a.steps):
+        batch = [train[i] for i in order[step * a.batch_size : (step + 1) * a.batch_size]]
+        seqs, labs = [], []
+        for r in batch:
+            ctx = encode(tok, template, r["text"], a.max_context)
+            tgt = tok(labels[r["label"]], add_special_tokens=False)["input_ids"]
+            seqs.append(ctx + tgt)
+            labs.append([-100] * len(ctx) + tgt)
+        T = max(map(len, seqs))
+        ids = torch.full((len(seqs), T), pad)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        lab = torch.full((len(seqs), T), -100)
+        for j, (s, l) in enumerate(zip(seqs, labs)):
+            ids[j, : len(s)] = torch.tensor(s)
+            mask[j, : len(s)] = 1
+            lab[j, : len(l)] = torch.tensor(l)
+        t0 = time.perf_counter()
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    tuned = accuracy(peft_model, tok, template, labels, test, 16, a.max_context, pad)
+    times.sort()
+    print(json.dumps({"task": a.data, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+                      "num_virtual_tokens": a.num_virtual_tokens, "test_examples": len(test),
+                      "zero_shot_accuracy": zero, "tuned_accuracy": tuned,
+                      "median_step_seconds": times[len(times) // 2], "final_loss": losses[-1]}))
+
+
+if __name__ == "__main__":
+    main()
