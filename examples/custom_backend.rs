@@ -40,6 +40,7 @@ impl MeanPoolLm {
             hidden_size: d,
             vocab_size: vocab,
             num_layers: 0,
+            num_attention_heads: 0,
             fingerprint: format!("mean-pool-lm-{vocab}x{d}-seed{seed}"),
             name: "mean-pool-lm".into(),
         };

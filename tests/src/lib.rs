@@ -323,16 +323,31 @@ macro_rules! conformance_suite {
                         .rows
                         .iter()
                         .enumerate()
-                        .map(|(i, ids)| BatchRow { ids: ids.clone(), targets: vec![false; ids.len()], prompt: i })
+                        .map(|(i, ids)| BatchRow {
+                            ids: ids.clone(),
+                            targets: vec![false; ids.len()],
+                            prompt: i,
+                        })
                         .collect();
                     let batch = Batch::from_rows(&rows, 0).unwrap();
                     let candidates = [3u32, 17, 200];
-                    let fast = b.next_token_logprobs(&r.prompts, &batch, &candidates).unwrap();
+                    let fast = b
+                        .next_token_logprobs(&r.prompts, &batch, &candidates)
+                        .unwrap();
                     for (row, ids) in r.rows.iter().enumerate() {
                         for (k, c) in candidates.iter().enumerate() {
-                            let one = Batch::from_rows(&[BatchRow::with_continuation(ids, &[*c], 0)], 0).unwrap();
-                            let slow = b.score(std::slice::from_ref(&r.prompts[row]), &one).unwrap().logprob_sum[0];
-                            assert!((fast[row][k] - slow).abs() < 1e-4, "{name} row {row} cand {c}: {} vs {slow}", fast[row][k]);
+                            let one =
+                                Batch::from_rows(&[BatchRow::with_continuation(ids, &[*c], 0)], 0)
+                                    .unwrap();
+                            let slow = b
+                                .score(std::slice::from_ref(&r.prompts[row]), &one)
+                                .unwrap()
+                                .logprob_sum[0];
+                            assert!(
+                                (fast[row][k] - slow).abs() < 1e-4,
+                                "{name} row {row} cand {c}: {} vs {slow}",
+                                fast[row][k]
+                            );
                         }
                     }
                 }

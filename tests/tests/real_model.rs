@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use safetensors::SafeTensors;
 use softprompt::train::data::Template;
 use softprompt::train::{AdamW, Task, TrainConfig, Trainer, Verbalizer};
-use softprompt::{load_backbone, load_tokenizer, Backbone, Batch, BatchRow, PromptInit, Rng, SoftPrompt, TextTokenizer};
+use softprompt::{
+    load_backbone, load_tokenizer, Batch, BatchRow, PromptInit, Rng, SoftPrompt, TextTokenizer,
+};
 
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -37,19 +39,35 @@ fn tokenizer_matches_transformers_gguf_tokenizer_on_every_text() {
     let Some(dir) = assets() else { return };
     let tok = load_tokenizer(dir.join(GGUF)).unwrap();
     let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference/tokens.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference/tokens.json")).unwrap())
+            .unwrap();
     let texts = v["texts"].as_array().unwrap();
     let ids = v["ids"].as_array().unwrap();
-    assert!(texts.len() > 5000, "expected every RT test text and every SMS text, got {}", texts.len());
+    assert!(
+        texts.len() > 5000,
+        "expected every RT test text and every SMS text, got {}",
+        texts.len()
+    );
     let mut mismatches = Vec::new();
     for (t, expected) in texts.iter().zip(ids) {
-        let expected: Vec<u32> = expected.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let expected: Vec<u32> = expected
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         let ours = tok.encode(t.as_str().unwrap(), true).unwrap();
         if ours != expected {
             mismatches.push(t.as_str().unwrap().to_string());
         }
     }
-    assert!(mismatches.is_empty(), "{} of {} texts differ, e.g. {:?}", mismatches.len(), texts.len(), &mismatches[..mismatches.len().min(3)]);
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} texts differ, e.g. {:?}",
+        mismatches.len(),
+        texts.len(),
+        &mismatches[..mismatches.len().min(3)]
+    );
     assert_eq!(tok.eos_id(), Some(2));
 }
 
@@ -57,13 +75,26 @@ fn tokenizer_matches_transformers_gguf_tokenizer_on_every_text() {
 fn logits_match_transformers_on_the_real_model() {
     let Some(dir) = assets() else { return };
     let b = load_backbone("candle", dir.join(GGUF), "cpu").unwrap();
-    assert_eq!((b.spec().hidden_size, b.spec().vocab_size, b.spec().num_layers), (576, 49152, 30));
+    let spec = b.spec();
+    assert_eq!(
+        (
+            spec.hidden_size,
+            spec.vocab_size,
+            spec.num_layers,
+            spec.num_attention_heads
+        ),
+        (576, 49152, 30, 9)
+    );
     let bytes = std::fs::read(dir.join("reference/logits.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let tok = load_tokenizer(dir.join(GGUF)).unwrap();
     let mut i = 0;
     while let Ok(ids) = st.tensor(&format!("ids_{i}")) {
-        let ids: Vec<u32> = ids.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
+        let ids: Vec<u32> = ids
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect();
         let reference: Vec<f32> = st
             .tensor(&format!("logits_{i}"))
             .unwrap()
@@ -71,11 +102,30 @@ fn logits_match_transformers_on_the_real_model() {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let batch = Batch::from_rows(&[BatchRow { ids: ids.clone(), targets: vec![false; ids.len()], prompt: 0 }], 0).unwrap();
+        let batch = Batch::from_rows(
+            &[BatchRow {
+                ids: ids.clone(),
+                targets: vec![false; ids.len()],
+                prompt: 0,
+            }],
+            0,
+        )
+        .unwrap();
         let ours = b.logits(&[SoftPrompt::empty(576)], &batch).unwrap();
-        let diff = ours.iter().zip(&reference).map(|(a, r)| (a - r).abs()).fold(0f32, f32::max);
-        eprintln!("sentence {i}: {} tokens, max |Δlogit| = {diff:e}", ids.len());
-        assert!(diff <= 1e-3, "sentence {i} ({:?}): max |Δlogit| = {diff:e}", tok.decode(&ids).unwrap());
+        let diff = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, r)| (a - r).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "sentence {i}: {} tokens, max |Δlogit| = {diff:e}",
+            ids.len()
+        );
+        assert!(
+            diff <= 1e-3,
+            "sentence {i} ({:?}): max |Δlogit| = {diff:e}",
+            tok.decode(&ids).unwrap()
+        );
         i += 1;
     }
     assert!(i >= 3, "expected at least three reference sentences");
@@ -87,21 +137,41 @@ fn smoke_training_on_rotten_tomatoes() {
     let b = load_backbone("candle", dir.join(GGUF), "cpu").unwrap();
     let tok = load_tokenizer(dir.join(GGUF)).unwrap();
     let task = Task::Classification {
-        template: Template::new("Review: {text}\nIs this movie review positive or negative? Answer:").unwrap(),
+        template: Template::new(
+            "Review: {text}\nIs this movie review positive or negative? Answer:",
+        )
+        .unwrap(),
         verbalizer: Verbalizer::parse("negative= negative,positive= positive").unwrap(),
     };
-    let mut train = task.load(&dir.join("rotten-tomatoes/train.jsonl"), &tok, 64).unwrap();
+    let mut train = task
+        .load(&dir.join("rotten-tomatoes/train.jsonl"), &tok, 64)
+        .unwrap();
     train.examples.truncate(64);
-    let mut dev = task.load(&dir.join("rotten-tomatoes/dev.jsonl"), &tok, 64).unwrap();
+    let mut dev = task
+        .load(&dir.join("rotten-tomatoes/dev.jsonl"), &tok, 64)
+        .unwrap();
     dev.examples.truncate(16);
-    let init = PromptInit::Text { text: "Classify if the movie review is positive or negative".into() };
-    let p0 = SoftPrompt::initialize(&init, 8, b.as_ref(), Some(&tok), &mut Rng::seed_from_u64(0)).unwrap();
-    let cfg = TrainConfig { max_steps: 3, batch_size: 4, lr: 0.03, eval_every: 3, ..TrainConfig::default() };
+    let init = PromptInit::Text {
+        text: "Classify if the movie review is positive or negative".into(),
+    };
+    let p0 = SoftPrompt::initialize(&init, 8, b.as_ref(), Some(&tok), &mut Rng::seed_from_u64(0))
+        .unwrap();
+    let cfg = TrainConfig {
+        max_steps: 3,
+        batch_size: 4,
+        lr: 0.03,
+        eval_every: 3,
+        ..TrainConfig::default()
+    };
     let mut t = Trainer::new(b.as_ref(), Box::new(AdamW::new()), cfg).unwrap();
     let out = t.run(t.init_state(&p0), &train, Some(&dev)).unwrap();
     assert_eq!(out.losses.len(), 3);
     assert!(out.losses.iter().all(|l| l.is_finite() && *l > 0.0));
-    assert!(out.losses[2] < out.losses[0], "loss should fall over the first steps: {:?}", out.losses);
+    assert!(
+        out.losses[2] < out.losses[0],
+        "loss should fall over the first steps: {:?}",
+        out.losses
+    );
     let acc = out.evals[0].value;
     assert!((0.0..=1.0).contains(&acc));
 }

@@ -311,11 +311,18 @@ impl Backbone for CandleBackbone {
     ) -> Result<Vec<Vec<f64>>> {
         let n = check_prompts(prompts, &self.spec, batch)?;
         self.check_length(n + batch.seq_len())?;
-        if let Some(c) = candidates.iter().find(|c| **c as usize >= self.spec.vocab_size) {
-            return Err(Error::InvalidBatch(format!("candidate {c} is outside the vocabulary")));
+        if let Some(c) = candidates
+            .iter()
+            .find(|c| **c as usize >= self.spec.vocab_size)
+        {
+            return Err(Error::InvalidBatch(format!(
+                "candidate {c} is outside the vocabulary"
+            )));
         }
         if let Some(r) = (0..batch.rows()).find(|r| n + batch.row_len(*r) == 0) {
-            return Err(Error::InvalidBatch(format!("row {r} is empty and there is no prompt")));
+            return Err(Error::InvalidBatch(format!(
+                "row {r} is empty and there is no prompt"
+            )));
         }
         let p = self.prompts_tensor(prompts, n)?;
         let s = n + batch.seq_len();
@@ -324,15 +331,23 @@ impl Backbone for CandleBackbone {
             let hidden = self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?;
             let flat = hidden.reshape((batch.rows() * s, self.spec.hidden_size))?;
             // only each row's last real position goes through the head
-            let at: Vec<u32> = (0..batch.rows()).map(|r| (r * s + n + batch.row_len(r) - 1) as u32).collect();
+            let at: Vec<u32> = (0..batch.rows())
+                .map(|r| (r * s + n + batch.row_len(r) - 1) as u32)
+                .collect();
             let at = Tensor::from_vec(at, batch.rows(), &self.device)?;
-            let logits = self.model.head(&flat.index_select(&at, 0)?)?.to_dtype(DType::F32)?;
+            let logits = self
+                .model
+                .head(&flat.index_select(&at, 0)?)?
+                .to_dtype(DType::F32)?;
             let logp = ops::log_softmax_last(&logits)?;
             let cand = Tensor::from_slice(candidates, candidates.len(), &self.device)?;
             logp.index_select(&cand, 1)?.flatten_all()?.to_vec1()
         };
         let flat = run().map_err(to_core)?;
-        Ok(flat.chunks(candidates.len().max(1)).map(|c| c.iter().map(|x| *x as f64).collect()).collect())
+        Ok(flat
+            .chunks(candidates.len().max(1))
+            .map(|c| c.iter().map(|x| *x as f64).collect())
+            .collect())
     }
 
     fn loss_and_grad(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<LossAndGrad> {

@@ -25,7 +25,8 @@ impl Linear {
         let y = if x.track_op() && x.device().is_cpu() {
             // Training: the backward of a plain matmul would also compute the (unused) weight
             // gradient, as costly as the forward; this op only propagates to the input.
-            x2.contiguous()?.apply_op1(FrozenMatmul { w: self.w.clone() })?
+            x2.contiguous()?
+                .apply_op1(FrozenMatmul { w: self.w.clone() })?
         } else {
             x2.matmul(&self.w.t()?)?
         };
@@ -50,12 +51,16 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul needs a contiguous input".into()))?;
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("frozen-matmul needs a contiguous input".into())
+        })?;
         let x = match storage {
-            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?,
-            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?,
+            CpuStorage::F32(v) => {
+                Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?
+            }
+            CpuStorage::F64(v) => {
+                Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?
+            }
             _ => candle_core::bail!("frozen-matmul supports f32 and f64 training"),
         };
         let y = x.matmul(&self.w.t()?)?;

@@ -192,8 +192,7 @@ async fn train(a: TrainArgs) -> Result<()> {
     let outcome = trainer.run(state, &train_set, dev_set.as_ref())?;
     let secs = started.elapsed().as_secs_f64();
 
-    let mut config =
-        PromptConfig::for_backbone(&outcome.prompt, &spec, model_heads(&a.backend.model));
+    let mut config = PromptConfig::for_backbone(&outcome.prompt, &spec);
     config.base_model_name_or_path = Some(a.backend.model.display().to_string());
     config.prompt_tuning_init = Some(init.peft_name().to_string());
     if let PromptInit::Text { text } = &init {
@@ -263,13 +262,6 @@ async fn train(a: TrainArgs) -> Result<()> {
     );
     println!("{report}");
     Ok(())
-}
-
-/// `num_attention_heads` of the model, for PEFT's config (0 when unreadable).
-fn model_heads(model: &Path) -> usize {
-    softprompt::ModelConfig::from_file(model.join("config.json"))
-        .map(|c| c.num_attention_heads())
-        .unwrap_or(0)
 }
 
 async fn load_prompt(path: &Path, backbone: &dyn Backbone) -> Result<StoredPrompt> {

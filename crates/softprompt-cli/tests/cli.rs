@@ -104,6 +104,16 @@ fn train_eval_inspect_generate_resume() {
     let ev: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert!((ev["accuracy"].as_f64().unwrap() - tuned).abs() < 1e-12);
 
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(prompt.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (
+            cfg["num_attention_heads"].as_u64(),
+            cfg["num_layers"].as_u64()
+        ),
+        (Some(4), Some(2))
+    );
     let o = run(&["inspect", &s(&prompt)]);
     assert!(o.status.success());
     let text = stdout(&o);

@@ -91,11 +91,19 @@ pub trait Backbone: Send + Sync {
         for r in 0..batch.rows() {
             let ids = &batch.input_ids()[r * t..r * t + batch.row_len(r)];
             for c in candidates {
-                rows.push(crate::BatchRow::with_continuation(ids, &[*c], batch.prompt_index()[r]));
+                rows.push(crate::BatchRow::with_continuation(
+                    ids,
+                    &[*c],
+                    batch.prompt_index()[r],
+                ));
             }
         }
         let scores = self.score(prompts, &Batch::from_rows(&rows, 0)?)?;
-        Ok(scores.logprob_sum.chunks(candidates.len().max(1)).map(<[f64]>::to_vec).collect())
+        Ok(scores
+            .logprob_sum
+            .chunks(candidates.len().max(1))
+            .map(<[f64]>::to_vec)
+            .collect())
     }
 
     /// Loss and its gradient with respect to the prompts. Backends without gradients answer

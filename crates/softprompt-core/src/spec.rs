@@ -15,6 +15,8 @@ pub struct BackboneSpec {
     pub vocab_size: usize,
     /// Number of transformer blocks.
     pub num_layers: usize,
+    /// Attention (query) heads per block.
+    pub num_attention_heads: usize,
     /// Hex SHA-256 over the tensor names, shapes and f32 values of the weights.
     pub fingerprint: String,
     /// Human-readable name (the model directory or file name).

@@ -68,18 +68,14 @@ pub struct Provenance {
 
 impl PromptConfig {
     /// A PEFT prompt-tuning config for `prompt` on `spec`.
-    pub fn for_backbone(
-        prompt: &SoftPrompt,
-        spec: &BackboneSpec,
-        num_attention_heads: usize,
-    ) -> Self {
+    pub fn for_backbone(prompt: &SoftPrompt, spec: &BackboneSpec) -> Self {
         PromptConfig {
             peft_type: "PROMPT_TUNING".into(),
             task_type: Some("CAUSAL_LM".into()),
             num_virtual_tokens: prompt.num_virtual_tokens(),
             token_dim: prompt.hidden_size(),
             num_transformer_submodules: Some(1),
-            num_attention_heads: Some(num_attention_heads),
+            num_attention_heads: Some(spec.num_attention_heads),
             num_layers: Some(spec.num_layers),
             base_model_name_or_path: Some(spec.name.clone()),
             prompt_tuning_init: Some("RANDOM".into()),

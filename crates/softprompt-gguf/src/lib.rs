@@ -20,11 +20,15 @@ pub use tokenizer::{load_tokenizer, tokenizer_from_metadata};
 
 /// True when `path` names a GGUF file (by extension).
 pub fn is_gguf(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
-    Error::InvalidConfig { path: path.to_path_buf(), reason: reason.into() }
+    Error::InvalidConfig {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 pub(crate) fn read_content(path: &Path) -> Result<(Content, std::fs::File)> {
@@ -47,7 +51,9 @@ impl Meta<'_> {
         self.map.get(&format!("{}.{key}", self.arch))
     }
     fn usize(&self, key: &str) -> Result<usize> {
-        let v = self.get(key).ok_or_else(|| bad(self.path, format!("missing `{}.{key}`", self.arch)))?;
+        let v = self
+            .get(key)
+            .ok_or_else(|| bad(self.path, format!("missing `{}.{key}`", self.arch)))?;
         v.to_u64()
             .map(|n| n as usize)
             .or_else(|_| v.to_u32().map(|n| n as usize))
@@ -56,7 +62,10 @@ impl Meta<'_> {
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.to_f32().map(f64::from).map_err(|e| bad(self.path, format!("`{}.{key}`: {e}", self.arch))),
+            Some(v) => v
+                .to_f32()
+                .map(f64::from)
+                .map_err(|e| bad(self.path, format!("`{}.{key}`: {e}", self.arch))),
         }
     }
 }
@@ -68,13 +77,28 @@ fn config_of(content: &Content, path: &Path) -> Result<LlamaConfig> {
         _ => return Err(bad(path, "missing `general.architecture`")),
     };
     if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
-        return Err(Error::UnsupportedArchitecture { model_type: arch, path: path.to_path_buf() });
+        return Err(Error::UnsupportedArchitecture {
+            model_type: arch,
+            path: path.to_path_buf(),
+        });
     }
-    let m = Meta { map: &content.metadata, arch: arch.clone(), path };
+    let m = Meta {
+        map: &content.metadata,
+        arch: arch.clone(),
+        path,
+    };
     let hidden_size = m.usize("embedding_length")?;
     let heads = m.usize("attention.head_count")?;
-    let kv = m.get("attention.head_count_kv").map(|_| m.usize("attention.head_count_kv")).transpose()?.unwrap_or(heads);
-    let head_dim = m.get("rope.dimension_count").map(|_| m.usize("rope.dimension_count")).transpose()?.unwrap_or(hidden_size / heads);
+    let kv = m
+        .get("attention.head_count_kv")
+        .map(|_| m.usize("attention.head_count_kv"))
+        .transpose()?
+        .unwrap_or(heads);
+    let head_dim = m
+        .get("rope.dimension_count")
+        .map(|_| m.usize("rope.dimension_count"))
+        .transpose()?
+        .unwrap_or(hidden_size / heads);
     let vocab_size = match m.get("vocab_size") {
         Some(_) => m.usize("vocab_size")?,
         None => match content.metadata.get("tokenizer.ggml.tokens") {
@@ -86,7 +110,10 @@ fn config_of(content: &Content, path: &Path) -> Result<LlamaConfig> {
                 .ok_or_else(|| bad(path, "cannot tell the vocabulary size"))?,
         },
     };
-    if content.metadata.contains_key(&format!("{arch}.rope.scaling.type")) {
+    if content
+        .metadata
+        .contains_key(&format!("{arch}.rope.scaling.type"))
+    {
         if let Some(Value::String(t)) = content.metadata.get(&format!("{arch}.rope.scaling.type")) {
             if t != "none" {
                 return Err(bad(path, format!("RoPE scaling `{t}` is not supported")));
@@ -104,7 +131,11 @@ fn config_of(content: &Content, path: &Path) -> Result<LlamaConfig> {
         vocab_size,
         rms_norm_eps: m.f64_or("attention.layer_norm_rms_epsilon", 1e-6)?,
         rope_theta: m.f64_or("rope.freq_base", 10_000.0)?,
-        max_position_embeddings: m.get("context_length").map(|_| m.usize("context_length")).transpose()?.unwrap_or(2048),
+        max_position_embeddings: m
+            .get("context_length")
+            .map(|_| m.usize("context_length"))
+            .transpose()?
+            .unwrap_or(2048),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
@@ -181,10 +212,12 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<ModelSource> {
             // rope_freqs and other derived tables are recomputed, not loaded
             continue;
         };
-        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            reason: format!("tensor `{name}`: {e}"),
-        })?;
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| Error::Safetensors {
+                path: path.to_path_buf(),
+                reason: format!("tensor `{name}`: {e}"),
+            })?;
         let t = q
             .dequantize(&Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
@@ -203,8 +236,16 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<ModelSource> {
         }
         weights.insert(hf, HostTensor::new(shape, data)?);
     }
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    ModelSource::from_parts(ModelConfig::Llama(config), weights, name, path.to_path_buf())
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    ModelSource::from_parts(
+        ModelConfig::Llama(config),
+        weights,
+        name,
+        path.to_path_buf(),
+    )
 }
 
 #[cfg(test)]
@@ -213,10 +254,22 @@ mod tests {
 
     #[test]
     fn names_map_to_hugging_face() {
-        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
-        assert_eq!(hf_name("blk.0.attn_q.bias").unwrap(), "model.layers.0.self_attn.q_proj.bias");
-        assert_eq!(hf_name("blk.12.ffn_norm.weight").unwrap(), "model.layers.12.post_attention_layernorm.weight");
-        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").unwrap(),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_q.bias").unwrap(),
+            "model.layers.0.self_attn.q_proj.bias"
+        );
+        assert_eq!(
+            hf_name("blk.12.ffn_norm.weight").unwrap(),
+            "model.layers.12.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
         assert!(hf_name("rope_freqs.weight").is_none());
     }
 
@@ -248,6 +301,9 @@ mod tests {
         assert!(matches!(load_model(&p), Err(Error::Safetensors { .. })));
         std::fs::write(&p, b"not a gguf at all").unwrap();
         assert!(matches!(load_model(&p), Err(Error::Safetensors { .. })));
-        assert!(matches!(load_model(dir.path().join("missing.gguf")), Err(Error::Io { .. })));
+        assert!(matches!(
+            load_model(dir.path().join("missing.gguf")),
+            Err(Error::Io { .. })
+        ));
     }
 }

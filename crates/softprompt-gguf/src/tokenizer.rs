@@ -18,7 +18,9 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// keep GPT-2's byte-level regex, as transformers does.
 fn split_regex(pre: &str) -> Option<&'static str> {
     match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "dbrx" | "smaug-bpe" => Some(LLAMA3_SPLIT),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "dbrx" | "smaug-bpe" => {
+            Some(LLAMA3_SPLIT)
+        }
         "qwen2" | "deepseek-r1-qwen" => Some(QWEN2_SPLIT),
         _ => None,
     }
@@ -26,7 +28,10 @@ fn split_regex(pre: &str) -> Option<&'static str> {
 
 /// GPT-2's byte → printable character table.
 fn byte_alphabet() -> HashMap<u8, char> {
-    let mut bytes: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bytes: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars: Vec<u32> = bytes.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -36,36 +41,66 @@ fn byte_alphabet() -> HashMap<u8, char> {
             n += 1;
         }
     }
-    bytes.into_iter().zip(chars).map(|(b, c)| (b as u8, char::from_u32(c).expect("valid char"))).collect()
+    bytes
+        .into_iter()
+        .zip(chars)
+        .map(|(b, c)| (b as u8, char::from_u32(c).expect("valid char")))
+        .collect()
 }
 
 fn strings(v: Option<&Value>, key: &str, path: &Path) -> Result<Vec<String>> {
     match v {
         Some(Value::Array(items)) => items
             .iter()
-            .map(|x| x.to_string().cloned().map_err(|e| Error::Tokenizer(format!("{}: `{key}`: {e}", path.display()))))
+            .map(|x| {
+                x.to_string()
+                    .cloned()
+                    .map_err(|e| Error::Tokenizer(format!("{}: `{key}`: {e}", path.display())))
+            })
             .collect(),
-        _ => Err(Error::Tokenizer(format!("{}: missing `{key}`", path.display()))),
+        _ => Err(Error::Tokenizer(format!(
+            "{}: missing `{key}`",
+            path.display()
+        ))),
     }
 }
 
 fn id(meta: &HashMap<String, Value>, key: &str) -> Option<u32> {
-    meta.get(key).and_then(|v| v.to_u32().ok().or_else(|| v.to_u64().ok().map(|x| x as u32)))
+    meta.get(key).and_then(|v| {
+        v.to_u32()
+            .ok()
+            .or_else(|| v.to_u64().ok().map(|x| x as u32))
+    })
 }
 
 /// Builds the tokenizer from GGUF metadata; `path` is used in messages.
 pub fn tokenizer_from_metadata(meta: &HashMap<String, Value>, path: &Path) -> Result<HfTokenizer> {
-    let model = meta.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let model = meta
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
     if model != "gpt2" {
         return Err(Error::Tokenizer(format!(
             "{}: tokenizer model `{model}` is not supported yet (only byte-level BPE, `gpt2`)",
             path.display()
         )));
     }
-    let tokens = strings(meta.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens", path)?;
-    let merges = strings(meta.get("tokenizer.ggml.merges"), "tokenizer.ggml.merges", path)?;
+    let tokens = strings(
+        meta.get("tokenizer.ggml.tokens"),
+        "tokenizer.ggml.tokens",
+        path,
+    )?;
+    let merges = strings(
+        meta.get("tokenizer.ggml.merges"),
+        "tokenizer.ggml.merges",
+        path,
+    )?;
     let types: Vec<i64> = match meta.get("tokenizer.ggml.token_type") {
-        Some(Value::Array(items)) => items.iter().map(|v| v.to_i32().map(i64::from).unwrap_or(1)).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.to_i32().map(i64::from).unwrap_or(1))
+            .collect(),
         _ => vec![1; tokens.len()],
     };
     let alphabet = byte_alphabet();
@@ -77,12 +112,17 @@ pub fn tokenizer_from_metadata(meta: &HashMap<String, Value>, path: &Path) -> Re
             t.bytes().map(|b| alphabet[&b]).collect()
         }
     };
-    let vocab: serde_json::Map<String, Json> =
-        tokens.iter().enumerate().map(|(i, t)| (respell(t), json!(i))).collect();
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (respell(t), json!(i)))
+        .collect();
     let merges: Vec<Json> = merges
         .iter()
         .map(|m| {
-            let (a, b) = m.split_once(' ').ok_or_else(|| Error::Tokenizer(format!("merge `{m}` is not a pair")))?;
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| Error::Tokenizer(format!("merge `{m}` is not a pair")))?;
             Ok(json!([a, b]))
         })
         .collect::<Result<_>>()?;
@@ -94,15 +134,24 @@ pub fn tokenizer_from_metadata(meta: &HashMap<String, Value>, path: &Path) -> Re
                               "normalized": false, "special": is_control}));
         }
     }
-    let pre = meta.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let pre = meta
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
     let pre_tokenizer = match split_regex(&pre) {
         Some(re) => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
-        None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+        None => {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        }
     };
     let bos = id(meta, "tokenizer.ggml.bos_token_id");
-    let add_bos = meta.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+    let add_bos = meta
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(false);
     let (single, specials) = match (add_bos, bos) {
         (true, Some(b)) => {
             let name = tokens.get(b as usize).cloned().unwrap_or_default();
@@ -124,8 +173,9 @@ pub fn tokenizer_from_metadata(meta: &HashMap<String, Value>, path: &Path) -> Re
             "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merges},
     });
-    let inner = tokenizers::Tokenizer::from_str(&spec.to_string())
-        .map_err(|e| Error::Tokenizer(format!("{}: building the tokenizer: {e}", path.display())))?;
+    let inner = tokenizers::Tokenizer::from_str(&spec.to_string()).map_err(|e| {
+        Error::Tokenizer(format!("{}: building the tokenizer: {e}", path.display()))
+    })?;
     Ok(HfTokenizer::from_tokenizer(inner)
         .with_eos(id(meta, "tokenizer.ggml.eos_token_id"))
         .with_pad(id(meta, "tokenizer.ggml.padding_token_id")))
@@ -157,18 +207,37 @@ mod tests {
         let mut meta = HashMap::new();
         meta.insert("tokenizer.ggml.model".to_string(), s("gpt2"));
         let toks = ["<|endoftext|>", "a", "b", "Ġ", "ab", "Ġab"];
-        meta.insert("tokenizer.ggml.tokens".into(), Value::Array(toks.iter().map(|t| s(t)).collect()));
-        meta.insert("tokenizer.ggml.merges".into(), Value::Array(vec![s("a b"), s("Ġ ab")]));
+        meta.insert(
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(toks.iter().map(|t| s(t)).collect()),
+        );
+        meta.insert(
+            "tokenizer.ggml.merges".into(),
+            Value::Array(vec![s("a b"), s("Ġ ab")]),
+        );
         meta.insert(
             "tokenizer.ggml.token_type".into(),
-            Value::Array(vec![Value::I32(3), Value::I32(1), Value::I32(1), Value::I32(1), Value::I32(1), Value::I32(1)]),
+            Value::Array(vec![
+                Value::I32(3),
+                Value::I32(1),
+                Value::I32(1),
+                Value::I32(1),
+                Value::I32(1),
+                Value::I32(1),
+            ]),
         );
         meta.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(0));
         let tok = tokenizer_from_metadata(&meta, Path::new("t.gguf")).unwrap();
         use softprompt_core::TextTokenizer;
-        assert_eq!(tok.encode("ab ab<|endoftext|>", true).unwrap(), vec![4, 5, 0]);
+        assert_eq!(
+            tok.encode("ab ab<|endoftext|>", true).unwrap(),
+            vec![4, 5, 0]
+        );
         assert_eq!(tok.eos_id(), Some(0));
         meta.insert("tokenizer.ggml.model".into(), s("llama"));
-        assert!(tokenizer_from_metadata(&meta, Path::new("t.gguf")).unwrap_err().to_string().contains("not supported"));
+        assert!(tokenizer_from_metadata(&meta, Path::new("t.gguf"))
+            .unwrap_err()
+            .to_string()
+            .contains("not supported"));
     }
 }

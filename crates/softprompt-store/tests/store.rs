@@ -13,6 +13,7 @@ fn spec(fingerprint: &str, d: usize) -> BackboneSpec {
         hidden_size: d,
         vocab_size: 320,
         num_layers: 2,
+        num_attention_heads: 4,
         fingerprint: fingerprint.into(),
         name: "tiny-llama".into(),
     }
@@ -20,7 +21,7 @@ fn spec(fingerprint: &str, d: usize) -> BackboneSpec {
 
 fn stored(values: Vec<f32>, d: usize) -> StoredPrompt {
     let prompt = SoftPrompt::new(values.len() / d, d, values).unwrap();
-    let mut config = PromptConfig::for_backbone(&prompt, &spec("ab12", d), 4);
+    let mut config = PromptConfig::for_backbone(&prompt, &spec("ab12", d));
     let prov = config.softprompt.as_mut().unwrap();
     prov.template = Some("Review: {text}\nSentiment:".into());
     prov.labels = vec![

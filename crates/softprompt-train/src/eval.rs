@@ -32,8 +32,17 @@ pub fn rank_classify(
     let c = set.candidates.len();
     let mut out = Vec::with_capacity(set.examples.len());
     let pick = |logprobs: Vec<f64>| {
-        let predicted = (0..logprobs.len()).fold(0, |best, k| if logprobs[k] > logprobs[best] { k } else { best });
-        Prediction { predicted, logprobs }
+        let predicted = (0..logprobs.len()).fold(0, |best, k| {
+            if logprobs[k] > logprobs[best] {
+                k
+            } else {
+                best
+            }
+        });
+        Prediction {
+            predicted,
+            logprobs,
+        }
     };
     if set.candidates.iter().all(|cand| cand.len() == 1) {
         // single-token labels: one row per example, every label read from the same position
@@ -41,9 +50,17 @@ pub fn rank_classify(
         for chunk in set.examples.chunks(batch_size.max(1)) {
             let rows: Vec<BatchRow> = chunk
                 .iter()
-                .map(|ex| BatchRow { ids: ex.context.clone(), targets: vec![false; ex.context.len()], prompt: 0 })
+                .map(|ex| BatchRow {
+                    ids: ex.context.clone(),
+                    targets: vec![false; ex.context.len()],
+                    prompt: 0,
+                })
                 .collect();
-            let lp = backbone.next_token_logprobs(std::slice::from_ref(prompt), &Batch::from_rows(&rows, 0)?, &tokens)?;
+            let lp = backbone.next_token_logprobs(
+                std::slice::from_ref(prompt),
+                &Batch::from_rows(&rows, 0)?,
+                &tokens,
+            )?;
             out.extend(lp.into_iter().map(pick));
         }
         return Ok(out);

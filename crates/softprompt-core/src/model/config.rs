@@ -367,7 +367,10 @@ mod tests {
         ));
         assert!(matches!(parse("{not json"), Err(Error::Json { .. })));
         let e = parse(r#"{"model_type":"llama","hidden_size":64}"#).unwrap_err();
-        assert!(e.to_string().contains("missing `num_attention_heads`"), "{e}");
+        assert!(
+            e.to_string().contains("missing `num_attention_heads`"),
+            "{e}"
+        );
         let e = parse(r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
             "num_attention_heads":4,"vocab_size":100,"rope_scaling":{"rope_type":"yarn","factor":4.0}}"#)
         .unwrap_err();

@@ -64,6 +64,7 @@ impl ModelSource {
             hidden_size: config.hidden_size(),
             vocab_size: config.vocab_size(),
             num_layers: config.num_layers(),
+            num_attention_heads: config.num_attention_heads(),
             fingerprint: weights.fingerprint(),
             name,
         };
