@@ -12,6 +12,20 @@ use crate::{to_core, Result};
 /// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]` (after RoPE).
 pub type LayerCache = Option<(Tensor, Tensor)>;
 
+/// Appends this step's keys and values to a layer's cache; returns everything cached.
+fn extend_cache(
+    slot: &mut LayerCache,
+    k: Tensor,
+    v: Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (k, v) = match slot.take() {
+        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        None => (k, v),
+    };
+    *slot = Some((k.clone(), v.clone()));
+    Ok((k, v))
+}
+
 struct Loader<'a> {
     weights: &'a mut ModelWeights,
     device: &'a Device,
@@ -236,11 +250,7 @@ impl Llama {
             let mut k = rope(&k, &cos, &sin)?;
             let mut v = v;
             if let Some(cache) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = &cache[i] {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
-                }
-                cache[i] = Some((k.clone(), v.clone()));
+                (k, v) = extend_cache(&mut cache[i], k, v)?;
             }
             let k = repeat_kv(&k, h / kvh)?.contiguous()?;
             let v = repeat_kv(&v, h / kvh)?.contiguous()?;
@@ -326,11 +336,7 @@ impl Gpt2 {
             };
             let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
             if let Some(cache) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = &cache[i] {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
-                }
-                cache[i] = Some((k.clone(), v.clone()));
+                (k, v) = extend_cache(&mut cache[i], k, v)?;
             }
             let att = attention(&q, &k, &v, bias)?
                 .transpose(1, 2)?
