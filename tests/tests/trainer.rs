@@ -6,6 +6,7 @@ use softprompt::train::data::Template;
 use softprompt::train::{
     read_checkpoint, AdamW, Metric, OptimizerChoice, Task, TrainConfig, Trainer, Verbalizer,
 };
+use softprompt::TextTokenizer;
 use softprompt::{
     load_backbone, Backbone, BackboneSpec, Batch, Capabilities, Error, HfTokenizer, LossAndGrad,
     PromptInit, Rng, RowScores, SoftPrompt,
@@ -256,4 +257,60 @@ fn unknown_labels_in_data_name_file_and_line() {
     let err = task().load(&path, &tok, 64).unwrap_err();
     assert!(matches!(err, Error::Data { line: 2, .. }), "{err}");
     assert!(err.to_string().contains("unknown label `meh`"), "{err}");
+}
+
+#[test]
+fn generation_task_trains_and_is_scored_by_exact_match() {
+    let (b, tok) = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gen.jsonl");
+    let rows: String = ["the movie", "the plot", "the film", "the actors"]
+        .iter()
+        .map(|s| format!("{{\"input\":\"{s} was\",\"target\":\" great\"}}\n"))
+        .collect();
+    std::fs::write(&path, rows).unwrap();
+    let task = Task::Generation {
+        template: Template::new("Review: {input}").unwrap(),
+    };
+    let set = task.load(&path, &tok, 64).unwrap();
+    // the target ends with the end-of-sequence token
+    assert_eq!(set.examples[0].target.last().copied(), tok.eos_id());
+    let p0 = init(b.as_ref(), &tok);
+    let cfg = TrainConfig {
+        max_steps: 150,
+        batch_size: 4,
+        lr: 0.1,
+        eval_every: 50,
+        metric: Metric::ExactMatch,
+        eos_id: tok.eos_id(),
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(b.as_ref(), Box::new(AdamW::new()), cfg).unwrap();
+    let out = t.run(t.init_state(&p0), &set, Some(&set)).unwrap();
+    assert_eq!(out.evals.len(), 3);
+    let mean_loss =
+        |p: &SoftPrompt| softprompt::train::eval::mean_loss(b.as_ref(), p, &set, 8).unwrap();
+    let (l0, l1) = (mean_loss(&p0), mean_loss(&out.prompt));
+    assert!(l1 < 0.5 * l0, "generation loss {l0} -> {l1}");
+
+    // exact match is 1 exactly when greedy decoding reproduces every target
+    let params = softprompt::GenerationParams {
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    let mut own = set.clone();
+    for ex in &mut own.examples {
+        ex.target = softprompt::generate(b.as_ref(), &out.prompt, &ex.context, &params)
+            .unwrap()
+            .tokens;
+    }
+    assert_eq!(
+        softprompt::train::eval::exact_match(b.as_ref(), &out.prompt, &own, None).unwrap(),
+        1.0
+    );
+    own.examples[0].target[2] = own.examples[0].target[2].wrapping_add(1) % 320;
+    assert_eq!(
+        softprompt::train::eval::exact_match(b.as_ref(), &out.prompt, &own, None).unwrap(),
+        0.75
+    );
 }
