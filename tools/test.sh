@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup-python.sh
 cargo test --workspace
-cargo run -q -p softprompt --example custom_backend
+# built by `cargo test` with the workspace's features; `cargo run -p` would resolve them anew and rebuild
+target/debug/examples/custom_backend
 .venv/bin/python tools/peft_interop.py target/debug/softprompt
