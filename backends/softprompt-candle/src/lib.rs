@@ -158,6 +158,15 @@ impl CandleBackbone {
             .map_err(to_core)
     }
 
+    /// Log-softmax runs in f32, or f64 when the weights are f64 (bf16/f16 logits are upcast).
+    fn score_dtype(&self) -> DType {
+        if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
     fn check_length(&self, positions: usize) -> Result<()> {
         let max = self.config.max_positions();
         if positions > max {
@@ -223,8 +232,7 @@ impl CandleBackbone {
                 .collect();
             let at = Tensor::from_vec(at, targets.len(), &self.device)?;
             let logits = self.model.head(&flat.index_select(&at, 0)?)?;
-            let logp =
-                ops::log_softmax_last(&logits.to_dtype(DType::F32.max_precision(self.dtype))?)?;
+            let logp = ops::log_softmax_last(&logits.to_dtype(self.score_dtype())?)?;
             let ids: Vec<u32> = targets
                 .iter()
                 .map(|(r, t, _)| batch.input_ids()[r * batch.seq_len() + t])
@@ -234,20 +242,6 @@ impl CandleBackbone {
         };
         let rows = targets.iter().map(|(r, _, _)| *r).collect();
         Ok((run().map_err(to_core)?, rows))
-    }
-}
-
-trait MaxPrecision {
-    fn max_precision(self, other: DType) -> DType;
-}
-
-impl MaxPrecision for DType {
-    fn max_precision(self, other: DType) -> DType {
-        if other == DType::F64 {
-            DType::F64
-        } else {
-            self
-        }
     }
 }
 
