@@ -8,6 +8,8 @@ use softprompt_core::{Error, Result, TextTokenizer};
 /// A classification row: `{"text": ..., "label": ...}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassificationRow {
+    /// 1-based line of the row in its file.
+    pub line: usize,
     /// Input text.
     pub text: String,
     /// Gold label (strings; numbers are converted).
@@ -17,6 +19,8 @@ pub struct ClassificationRow {
 /// A generation row: `{"input": ..., "target": ...}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GenerationRow {
+    /// 1-based line of the row in its file.
+    pub line: usize,
     /// Input text.
     pub input: String,
     /// Expected output.
@@ -84,6 +88,7 @@ pub fn read_classification(path: &Path) -> Result<Vec<ClassificationRow>> {
         .into_iter()
         .map(|(line, m)| {
             Ok(ClassificationRow {
+                line,
                 text: field(path, line, &m, "text")?,
                 label: field(path, line, &m, "label")?,
             })
@@ -97,6 +102,7 @@ pub fn read_generation(path: &Path) -> Result<Vec<GenerationRow>> {
         .into_iter()
         .map(|(line, m)| {
             Ok(GenerationRow {
+                line,
                 input: field(path, line, &m, "input")?,
                 target: field(path, line, &m, "target")?,
             })
@@ -281,12 +287,11 @@ impl Task {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let rows = read_classification(path)?;
-                let lines: Vec<usize> = read_jsonl(path)?.into_iter().map(|(l, _)| l).collect();
                 let mut examples = Vec::with_capacity(rows.len());
-                for (row, line) in rows.iter().zip(lines) {
+                for row in &rows {
                     let label = verbalizer
                         .index_of(&row.label)
-                        .map_err(|e| data_err(path, line, e.to_string()))?;
+                        .map_err(|e| data_err(path, row.line, e.to_string()))?;
                     let context =
                         keep_tail(tok.encode(&template.render(&row.text), true)?, max_context);
                     examples.push(EncodedExample {
