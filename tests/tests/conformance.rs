@@ -5,3 +5,7 @@ softprompt_tests::conformance_suite!(candle, |path| softprompt::load_backbone(
     "candle", path, "cpu"
 )
 .unwrap());
+
+#[cfg(feature = "tch")]
+softprompt_tests::conformance_suite!(tch, |path| softprompt::load_backbone("tch", path, "cpu")
+    .unwrap());

@@ -13,6 +13,18 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The backend flags of the command, if it loads a model.
+    pub fn backend(&self) -> Option<&BackendArgs> {
+        match &self.command {
+            Command::Train(a) => Some(&a.backend),
+            Command::Eval(a) => Some(&a.backend),
+            Command::Generate(a) => Some(&a.backend),
+            Command::Inspect(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Tune a soft prompt on a frozen model and save it in PEFT's layout.
@@ -31,7 +43,7 @@ pub struct BackendArgs {
     /// Model: a Hugging Face directory (config.json, model.safetensors, tokenizer.json) or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
-    /// Backend, among those compiled into this build (this version: candle).
+    /// Backend, among those compiled into this build: candle (default), tch (feature `tch`).
     #[arg(long, default_value = "candle")]
     pub backend: String,
     /// Device: cpu or cuda:N.
@@ -40,6 +52,9 @@ pub struct BackendArgs {
     /// Precision of the frozen weights: f32, f64, bf16, f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Intra-op threads of the backend (default: the runtime's own choice).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// How rows of the data set become model inputs.

@@ -35,6 +35,7 @@ fn load(b: &BackendArgs) -> Result<(Box<dyn Backbone>, HfTokenizer)> {
     let opts = BackendOptions {
         device: b.device.clone(),
         dtype: b.dtype.clone(),
+        threads: b.threads,
     };
     let backbone = load_backbone_with(&b.backend, &b.model, &opts)
         .with_context(|| format!("loading {} on {}", b.model.display(), b.backend))?;

@@ -7,6 +7,11 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
+    if let Some(threads) = cli.backend().and_then(|b| b.threads) {
+        // candle sizes its thread pool from this variable at its first operation; set it
+        // before any thread starts (libtorch's count is set when the backbone loads)
+        std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

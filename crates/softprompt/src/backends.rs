@@ -36,16 +36,19 @@ pub fn load_tokenizer(path: impl AsRef<Path>) -> Result<HfTokenizer> {
 }
 
 /// Every backend softprompt implements, with the Cargo feature that compiles it in.
-pub const BACKENDS: &[(&str, &str)] = &[("candle", "candle")];
+pub const BACKENDS: &[(&str, &str)] = &[("candle", "candle"), ("tch", "tch")];
 
 /// Backends designed for but not implemented in this version.
-const PLANNED: &[&str] = &["tch", "ort"];
+const PLANNED: &[&str] = &["ort"];
 
 /// Names of the backends compiled into this build.
 pub fn available_backends() -> Vec<&'static str> {
     let mut v = Vec::new();
     if cfg!(feature = "candle") {
         v.push("candle");
+    }
+    if cfg!(feature = "tch") {
+        v.push("tch");
     }
     v
 }
@@ -57,6 +60,9 @@ pub struct BackendOptions {
     pub device: String,
     /// `f32` (default), `f64`, `bf16` or `f16` for the frozen weights.
     pub dtype: String,
+    /// Intra-op threads of the runtime (`None`: the runtime's default). libtorch's setting is
+    /// process-wide; candle reads `RAYON_NUM_THREADS` once, before its first operation.
+    pub threads: Option<usize>,
 }
 
 impl Default for BackendOptions {
@@ -64,6 +70,7 @@ impl Default for BackendOptions {
         BackendOptions {
             device: "cpu".into(),
             dtype: "f32".into(),
+            threads: None,
         }
     }
 }
@@ -107,6 +114,16 @@ pub fn load_backbone_with(
             let device = softprompt_candle::parse_device(&options.device)?;
             let opts = softprompt_candle::CandleOptions::new().with_device(device).with_dtype(dtype);
             Ok(Box::new(softprompt_candle::CandleBackbone::from_source(load_model_source(path)?, opts)?))
+        }
+        #[cfg(feature = "tch")]
+        "tch" => {
+            let kind = softprompt_tch::parse_kind(&options.dtype)?;
+            let device = softprompt_tch::parse_device(&options.device)?;
+            if let Some(t) = options.threads {
+                softprompt_tch::set_num_threads(t);
+            }
+            let opts = softprompt_tch::TchOptions::new().with_device(device).with_kind(kind);
+            Ok(Box::new(softprompt_tch::TchBackbone::from_source(load_model_source(path)?, opts)?))
         }
         other => match BACKENDS.iter().find(|(n, _)| *n == other) {
             Some((_, feature)) => Err(Error::InvalidArgument(format!(

@@ -23,3 +23,5 @@ pub use softprompt_train as train;
 
 #[cfg(feature = "candle")]
 pub use softprompt_candle as candle;
+#[cfg(feature = "tch")]
+pub use softprompt_tch as tch;

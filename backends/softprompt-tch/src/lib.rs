@@ -1,0 +1,586 @@
+//! The libtorch backend of softprompt, through `tch`: CPU and CUDA (`cuda:N`, chosen at run
+//! time), f32 / f64 / bf16 / f16 frozen weights with the prompt and its gradient in f32.
+//!
+//! Implements [`Backbone`] with gradients with respect to the prompt only (weights never require
+//! a gradient), per-row prompts, rank-classification scores from one pass, full logits and
+//! KV-cached decoding. libtorch comes from the pinned `torch==2.13.0` wheel: build with
+//! `bash tools/setup-python.sh && source tools/libtorch-env.sh`.
+//!
+//! `tch::Tensor` is `Send` but not `Sync`; the model sits behind a mutex so that a
+//! `TchBackbone` is `Sync` without unsafe code. Calls on one backbone run one at a time, each
+//! using libtorch's intra-op threads.
+
+mod model;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use softprompt_core::backbone::check_prompts;
+use softprompt_core::model::ModelSource;
+use softprompt_core::{
+    Backbone, BackboneSpec, Batch, BatchRow, Capabilities, DecodeSession, Error, LossAndGrad,
+    ModelConfig, RowScores, SoftPrompt,
+};
+pub use tch::{Device, Kind};
+use tch::{TchError, Tensor};
+
+use crate::model::{LayerCache, Model};
+
+/// Result with softprompt's error type.
+pub type Result<T> = softprompt_core::Result<T>;
+
+const BACKEND: &str = "tch";
+/// Additive attention bias for masked positions (finite so that f16/bf16 stay NaN-free).
+const MASKED: f64 = -1e9;
+
+pub(crate) fn to_core(e: TchError) -> Error {
+    Error::backend(BACKEND, e)
+}
+
+/// Parses `cpu` or `cuda:N` (`cuda` means `cuda:0`); a CUDA device libtorch cannot see is an
+/// error, never a silent fall back to the CPU.
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .map_err(|_| {
+                    Error::InvalidArgument(format!("bad CUDA device `{s}`: expected cuda:N"))
+                })?;
+            let count = tch::Cuda::device_count();
+            if ordinal as i64 >= count {
+                return Err(Error::InvalidArgument(format!(
+                    "CUDA device {ordinal} is not available to libtorch ({count} CUDA devices visible{})",
+                    if tch::Cuda::is_available() { "" } else { "; no CUDA driver or GPU found" }
+                )));
+            }
+            Ok(Device::Cuda(ordinal))
+        }
+        other => Err(Error::InvalidArgument(format!(
+            "unknown device `{other}`: expected cpu or cuda:N"
+        ))),
+    }
+}
+
+/// Parses a weight precision: `f32`, `f64`, `bf16` or `f16`.
+pub fn parse_kind(name: &str) -> Result<Kind> {
+    match name {
+        "f32" => Ok(Kind::Float),
+        "f64" => Ok(Kind::Double),
+        "bf16" => Ok(Kind::BFloat16),
+        "f16" => Ok(Kind::Half),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown dtype `{other}`: expected f32, f64, bf16 or f16"
+        ))),
+    }
+}
+
+/// Sets libtorch's intra-op thread count for the whole process.
+pub fn set_num_threads(threads: usize) {
+    tch::set_num_threads(threads.max(1) as i32);
+}
+
+/// How to load a backbone.
+#[derive(Debug, Clone, Copy)]
+pub struct TchOptions {
+    device: Device,
+    kind: Kind,
+}
+
+impl Default for TchOptions {
+    fn default() -> Self {
+        TchOptions {
+            device: Device::Cpu,
+            kind: Kind::Float,
+        }
+    }
+}
+
+impl TchOptions {
+    /// CPU, f32.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs on `device`.
+    pub fn with_device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Stores the frozen weights and computes in `kind` (f32 default; f64 for exact gradient
+    /// checks; bf16/f16 to save memory and time). Prompts and gradients stay f32.
+    pub fn with_kind(mut self, kind: Kind) -> Self {
+        self.kind = kind;
+        self
+    }
+}
+
+/// A frozen Llama-family or GPT-2 model on libtorch.
+#[derive(Debug)]
+pub struct TchBackbone {
+    model: Mutex<Model>,
+    config: ModelConfig,
+    spec: BackboneSpec,
+    device: Device,
+    kind: Kind,
+}
+
+impl TchBackbone {
+    /// Loads a Hugging Face model directory.
+    pub fn load(path: impl AsRef<Path>, options: TchOptions) -> Result<Self> {
+        Self::from_source(ModelSource::load(path)?, options)
+    }
+
+    /// Builds the backbone from an already read model description (HF directory or GGUF).
+    pub fn from_source(source: ModelSource, options: TchOptions) -> Result<Self> {
+        if !matches!(
+            options.kind,
+            Kind::Float | Kind::Double | Kind::BFloat16 | Kind::Half
+        ) {
+            return Err(Error::InvalidArgument(format!(
+                "weights kind {:?} is not a floating-point kind",
+                options.kind
+            )));
+        }
+        let ModelSource {
+            config,
+            weights,
+            spec,
+            ..
+        } = source;
+        let model = Model::load(&config, weights, options.device, options.kind)?;
+        Ok(TchBackbone {
+            model: Mutex::new(model),
+            config,
+            spec,
+            device: options.device,
+            kind: options.kind,
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Kind of the frozen weights.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    fn model(&self) -> MutexGuard<'_, Model> {
+        // the model is never mutated: a panic elsewhere cannot leave it half-updated
+        self.model.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Log-softmax runs in f32, or f64 when the weights are f64.
+    fn score_kind(&self) -> Kind {
+        if self.kind == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        }
+    }
+
+    fn check_length(&self, positions: usize) -> Result<()> {
+        let max = self.config.max_positions();
+        if positions > max {
+            return Err(Error::InvalidBatch(format!(
+                "{positions} positions (virtual tokens included) exceed the model's maximum of {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The prompts as one f32 tensor `[P, N, d]` on the device.
+    fn prompts_tensor(&self, prompts: &[SoftPrompt], n: usize) -> Result<Tensor> {
+        let d = self.spec.hidden_size;
+        let values: Vec<f32> = prompts
+            .iter()
+            .flat_map(|p| p.values().iter().copied())
+            .collect();
+        Tensor::f_from_slice(&values)
+            .and_then(|t| t.f_view([prompts.len() as i64, n as i64, d as i64]))
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(to_core)
+    }
+
+    fn ids_tensor(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids: Vec<i64> = ids.iter().map(|i| *i as i64).collect();
+        Tensor::f_from_slice(&ids)
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(to_core)
+    }
+
+    fn index_tensor(&self, idx: impl IntoIterator<Item = usize>) -> Result<Tensor> {
+        let idx: Vec<i64> = idx.into_iter().map(|i| i as i64).collect();
+        Tensor::f_from_slice(&idx)
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(to_core)
+    }
+
+    /// `[prompt rows][token embeddings]` in the weights' kind, and the causal + padding mask
+    /// `[rows, 1, S, S]`.
+    fn inputs(
+        &self,
+        model: &Model,
+        prompts: &Tensor,
+        batch: &Batch,
+        n: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (rows, t) = (batch.rows(), batch.seq_len());
+        let s = n + t;
+        let ids = self.ids_tensor(batch.input_ids())?;
+        let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
+        let mask = batch.attention_mask();
+        let mut bias = vec![0f32; rows * s * s];
+        for r in 0..rows {
+            for q in 0..s {
+                for k in 0..s {
+                    let visible = k <= q && (k < n || mask[r * t + (k - n)]);
+                    if !visible {
+                        bias[(r * s + q) * s + k] = MASKED as f32;
+                    }
+                }
+            }
+        }
+        let run = || -> std::result::Result<(Tensor, Tensor), TchError> {
+            let tok =
+                model
+                    .embed(&ids)?
+                    .f_view([rows as i64, t as i64, self.spec.hidden_size as i64])?;
+            let x = if n == 0 {
+                tok
+            } else {
+                let p = prompts
+                    .f_index_select(0, &prompt_rows)?
+                    .f_to_kind(self.kind)?;
+                Tensor::f_cat(&[&p, &tok], 1)?
+            };
+            let bias = Tensor::f_from_slice(&bias)?
+                .f_view([rows as i64, 1, s as i64, s as i64])?
+                .f_to_kind(self.kind)?
+                .f_to_device(self.device)?;
+            Ok((x, bias))
+        };
+        run().map_err(to_core)
+    }
+
+    /// Log-probabilities of every target token, in `batch.targets()` order (differentiable
+    /// with respect to `prompts` when it requires a gradient).
+    fn target_logprobs(
+        &self,
+        prompts: &Tensor,
+        batch: &Batch,
+        n: usize,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let targets = batch.targets(n)?;
+        if targets.is_empty() {
+            return Err(Error::InvalidBatch("the batch has no target tokens".into()));
+        }
+        let s = n + batch.seq_len();
+        let model = self.model();
+        let (x, bias) = self.inputs(&model, prompts, batch, n)?;
+        let at = self.index_tensor(targets.iter().map(|(r, _, pos)| r * s + pos))?;
+        let ids = self.index_tensor(
+            targets
+                .iter()
+                .map(|(r, t, _)| batch.input_ids()[r * batch.seq_len() + t] as usize),
+        )?;
+        let run = || -> std::result::Result<Tensor, TchError> {
+            let hidden = model.forward(&x, 0, Some(&bias), None)?;
+            let flat =
+                hidden.f_reshape([(batch.rows() * s) as i64, self.spec.hidden_size as i64])?;
+            // the head runs only where a target is predicted
+            let logits = model.head(&flat.f_index_select(0, &at)?)?;
+            let logp = logits.f_log_softmax(-1, self.score_kind())?;
+            logp.f_gather(1, &ids.f_unsqueeze(1)?, false)?
+                .f_squeeze_dim(1)
+        };
+        let rows = targets.iter().map(|(r, _, _)| *r).collect();
+        Ok((run().map_err(to_core)?, rows))
+    }
+}
+
+/// Copies any tensor to host f64 values.
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    t.f_to_kind(Kind::Double)
+        .and_then(|t| t.f_to_device(Device::Cpu))
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_view(-1))
+        .and_then(|t| Vec::<f64>::try_from(&t))
+        .map_err(to_core)
+}
+
+/// Copies any tensor to host f32 values.
+fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.f_to_kind(Kind::Float)
+        .and_then(|t| t.f_to_device(Device::Cpu))
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_view(-1))
+        .and_then(|t| Vec::<f32>::try_from(&t))
+        .map_err(to_core)
+}
+
+impl Backbone for TchBackbone {
+    fn backend_name(&self) -> &str {
+        BACKEND
+    }
+
+    fn spec(&self) -> &BackboneSpec {
+        &self.spec
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            gradients: true,
+            generation: true,
+        }
+    }
+
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
+            return Err(Error::InvalidBatch(format!(
+                "token id {id} is outside the vocabulary of {}",
+                self.spec.vocab_size
+            )));
+        }
+        let ids = self.ids_tensor(ids)?;
+        let _guard = tch::no_grad_guard();
+        let e = self.model().embed(&ids).map_err(to_core)?;
+        to_f32(&e)
+    }
+
+    fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<RowScores> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        let _guard = tch::no_grad_guard();
+        let p = self.prompts_tensor(prompts, n)?;
+        let (logp, rows) = self.target_logprobs(&p, batch, n)?;
+        let logp = to_f64(&logp)?;
+        let mut scores = RowScores {
+            logprob_sum: vec![0.0; batch.rows()],
+            num_targets: vec![0; batch.rows()],
+        };
+        for (lp, r) in logp.iter().zip(rows) {
+            scores.logprob_sum[r] += lp;
+            scores.num_targets[r] += 1;
+        }
+        Ok(scores)
+    }
+
+    fn next_token_logprobs(
+        &self,
+        prompts: &[SoftPrompt],
+        batch: &Batch,
+        candidates: &[u32],
+    ) -> Result<Vec<Vec<f64>>> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        if let Some(c) = candidates
+            .iter()
+            .find(|c| **c as usize >= self.spec.vocab_size)
+        {
+            return Err(Error::InvalidBatch(format!(
+                "candidate {c} is outside the vocabulary"
+            )));
+        }
+        if let Some(r) = (0..batch.rows()).find(|r| n + batch.row_len(*r) == 0) {
+            return Err(Error::InvalidBatch(format!(
+                "row {r} is empty and there is no prompt"
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        let p = self.prompts_tensor(prompts, n)?;
+        let s = n + batch.seq_len();
+        let model = self.model();
+        let (x, bias) = self.inputs(&model, &p, batch, n)?;
+        // only each row's last real position goes through the head
+        let at = self.index_tensor((0..batch.rows()).map(|r| r * s + n + batch.row_len(r) - 1))?;
+        let cand = self.ids_tensor(candidates)?;
+        let run = || -> std::result::Result<Tensor, TchError> {
+            let hidden = model.forward(&x, 0, Some(&bias), None)?;
+            let flat =
+                hidden.f_reshape([(batch.rows() * s) as i64, self.spec.hidden_size as i64])?;
+            let logits = model.head(&flat.f_index_select(0, &at)?)?;
+            logits
+                .f_log_softmax(-1, self.score_kind())?
+                .f_index_select(1, &cand)
+        };
+        let flat = to_f64(&run().map_err(to_core)?)?;
+        Ok(flat
+            .chunks(candidates.len().max(1))
+            .map(<[f64]>::to_vec)
+            .collect())
+    }
+
+    fn loss_and_grad(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<LossAndGrad> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        if n == 0 {
+            return Err(Error::InvalidArgument(
+                "a prompt of zero virtual tokens has no gradient".into(),
+            ));
+        }
+        // the only tensor of the graph that requires a gradient
+        let leaf = self
+            .prompts_tensor(prompts, n)?
+            .f_requires_grad_(true)
+            .map_err(to_core)?;
+        let (logp, _) = self.target_logprobs(&leaf, batch, n)?;
+        let count = batch.num_targets() as f64;
+        let loss = logp
+            .f_sum(None::<Kind>)
+            .and_then(|s| s.f_neg())
+            .and_then(|s| s.f_div_scalar(count))
+            .map_err(to_core)?;
+        loss.f_backward().map_err(to_core)?;
+        let grad = leaf.grad();
+        if !grad.defined() {
+            return Err(Error::backend(BACKEND, "no gradient reached the prompt"));
+        }
+        let loss = to_f32(&loss.detach())?[0];
+        let flat = to_f32(&grad)?;
+        let per = n * self.spec.hidden_size;
+        Ok(LossAndGrad {
+            loss,
+            grads: flat.chunks(per).map(<[f32]>::to_vec).collect(),
+        })
+    }
+
+    fn logits(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<Vec<f32>> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        let _guard = tch::no_grad_guard();
+        let p = self.prompts_tensor(prompts, n)?;
+        let model = self.model();
+        let (x, bias) = self.inputs(&model, &p, batch, n)?;
+        let s = n + batch.seq_len();
+        let run = || -> std::result::Result<Tensor, TchError> {
+            let hidden = model.forward(&x, 0, Some(&bias), None)?;
+            let flat =
+                hidden.f_reshape([(batch.rows() * s) as i64, self.spec.hidden_size as i64])?;
+            model.head(&flat)
+        };
+        to_f32(&run().map_err(to_core)?)
+    }
+
+    fn start_decode<'a>(
+        &'a self,
+        prompt: &SoftPrompt,
+        ids: &[u32],
+    ) -> Result<Box<dyn DecodeSession + 'a>> {
+        prompt.check_hidden_size(self.spec.hidden_size)?;
+        let n = prompt.num_virtual_tokens();
+        if n + ids.len() == 0 {
+            return Err(Error::InvalidArgument(
+                "generation needs a prompt or at least one input token".into(),
+            ));
+        }
+        self.check_length(n + ids.len())?;
+        let _guard = tch::no_grad_guard();
+        let p = self.prompts_tensor(std::slice::from_ref(prompt), n)?;
+        let x = if ids.is_empty() {
+            p.f_to_kind(self.kind).map_err(to_core)?
+        } else {
+            let batch = Batch::from_rows(
+                &[BatchRow {
+                    ids: ids.to_vec(),
+                    targets: vec![false; ids.len()],
+                    prompt: 0,
+                }],
+                0,
+            )?;
+            batch.validate(1, self.spec.vocab_size)?;
+            let model = self.model();
+            self.inputs(&model, &p, &batch, n)?.0
+        };
+        let mut session = TchDecode {
+            backbone: self,
+            cache: (0..self.model().num_layers()).map(|_| None).collect(),
+            position: 0,
+            logits: Vec::new(),
+        };
+        session.run(&x)?;
+        Ok(Box::new(session))
+    }
+}
+
+/// KV-cached decoding of one sequence.
+struct TchDecode<'a> {
+    backbone: &'a TchBackbone,
+    cache: Vec<LayerCache>,
+    position: usize,
+    logits: Vec<f32>,
+}
+
+impl TchDecode<'_> {
+    fn run(&mut self, x: &Tensor) -> Result<()> {
+        let b = self.backbone;
+        let s = x.size()[1] as usize;
+        b.check_length(self.position + s)?;
+        let _guard = tch::no_grad_guard();
+        // causal inside the new chunk; everything cached is visible
+        let total = self.position + s;
+        let mut bias = vec![0f32; s * total];
+        for q in 0..s {
+            for k in (self.position + q + 1)..total {
+                bias[q * total + k] = MASKED as f32;
+            }
+        }
+        let model = b.model();
+        let mut step = || -> std::result::Result<Tensor, TchError> {
+            let bias = Tensor::f_from_slice(&bias)?
+                .f_view([1, 1, s as i64, total as i64])?
+                .f_to_kind(b.kind)?
+                .f_to_device(b.device)?;
+            let h = model.forward(x, self.position, Some(&bias), Some(&mut self.cache))?;
+            let last = h
+                .f_narrow(1, s as i64 - 1, 1)?
+                .f_reshape([1, b.spec.hidden_size as i64])?;
+            model.head(&last)
+        };
+        let logits = step().map_err(to_core)?;
+        self.logits = to_f32(&logits)?;
+        self.position += s;
+        Ok(())
+    }
+}
+
+impl DecodeSession for TchDecode<'_> {
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    fn advance(&mut self, token: u32) -> Result<()> {
+        let b = self.backbone;
+        if token as usize >= b.spec.vocab_size {
+            return Err(Error::InvalidBatch(format!(
+                "token id {token} is outside the vocabulary of {}",
+                b.spec.vocab_size
+            )));
+        }
+        let ids = b.ids_tensor(&[token])?;
+        let x = {
+            let _guard = tch::no_grad_guard();
+            b.model()
+                .embed(&ids)
+                .and_then(|e| e.f_view([1, 1, b.spec.hidden_size as i64]))
+                .map_err(to_core)?
+        };
+        self.run(&x)
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+}
