@@ -74,7 +74,13 @@ fn tokenizer_matches_transformers_gguf_tokenizer_on_every_text() {
 #[test]
 fn logits_match_transformers_on_the_real_model() {
     let Some(dir) = assets() else { return };
-    let b = load_backbone("candle", dir.join(GGUF), "cpu").unwrap();
+    for backend in softprompt::available_backends() {
+        logits_match_transformers_on(backend, &dir);
+    }
+}
+
+fn logits_match_transformers_on(backend: &str, dir: &std::path::Path) {
+    let b = load_backbone(backend, dir.join(GGUF), "cpu").unwrap();
     let spec = b.spec();
     assert_eq!(
         (
@@ -118,12 +124,12 @@ fn logits_match_transformers_on_the_real_model() {
             .map(|(a, r)| (a - r).abs())
             .fold(0f32, f32::max);
         eprintln!(
-            "sentence {i}: {} tokens, max |Δlogit| = {diff:e}",
+            "{backend}: sentence {i}: {} tokens, max |Δlogit| = {diff:e}",
             ids.len()
         );
         assert!(
             diff <= 1e-3,
-            "sentence {i} ({:?}): max |Δlogit| = {diff:e}",
+            "{backend}: sentence {i} ({:?}): max |Δlogit| = {diff:e}",
             tok.decode(&ids).unwrap()
         );
         i += 1;
@@ -131,11 +137,12 @@ fn logits_match_transformers_on_the_real_model() {
     assert!(i >= 3, "expected at least three reference sentences");
 }
 
-#[test]
-fn smoke_training_on_rotten_tomatoes() {
-    let Some(dir) = assets() else { return };
-    let b = load_backbone("candle", dir.join(GGUF), "cpu").unwrap();
-    let tok = load_tokenizer(dir.join(GGUF)).unwrap();
+fn rotten_tomatoes(
+    dir: &std::path::Path,
+    tok: &softprompt::HfTokenizer,
+    split: &str,
+    keep: usize,
+) -> softprompt::train::EncodedSet {
     let task = Task::Classification {
         template: Template::new(
             "Review: {text}\nIs this movie review positive or negative? Answer:",
@@ -143,19 +150,25 @@ fn smoke_training_on_rotten_tomatoes() {
         .unwrap(),
         verbalizer: Verbalizer::parse("negative= negative,positive= positive").unwrap(),
     };
-    let mut train = task
-        .load(&dir.join("rotten-tomatoes/train.jsonl"), &tok, 64)
+    let mut set = task
+        .load(&dir.join(format!("rotten-tomatoes/{split}.jsonl")), tok, 64)
         .unwrap();
-    train.examples.truncate(64);
-    let mut dev = task
-        .load(&dir.join("rotten-tomatoes/dev.jsonl"), &tok, 64)
-        .unwrap();
-    dev.examples.truncate(16);
+    set.examples.truncate(keep);
+    set
+}
+
+/// Three AdamW steps (batch 4) from the text initialisation; a dev evaluation every 3 steps.
+fn train_three_steps(
+    b: &dyn softprompt::Backbone,
+    tok: &softprompt::HfTokenizer,
+    dir: &std::path::Path,
+) -> softprompt::train::TrainOutcome {
+    let train = rotten_tomatoes(dir, tok, "train", 64);
+    let dev = rotten_tomatoes(dir, tok, "dev", 16);
     let init = PromptInit::Text {
         text: "Classify if the movie review is positive or negative".into(),
     };
-    let p0 = SoftPrompt::initialize(&init, 8, b.as_ref(), Some(&tok), &mut Rng::seed_from_u64(0))
-        .unwrap();
+    let p0 = SoftPrompt::initialize(&init, 8, b, Some(tok), &mut Rng::seed_from_u64(0)).unwrap();
     let cfg = TrainConfig {
         max_steps: 3,
         batch_size: 4,
@@ -163,8 +176,16 @@ fn smoke_training_on_rotten_tomatoes() {
         eval_every: 3,
         ..TrainConfig::default()
     };
-    let mut t = Trainer::new(b.as_ref(), Box::new(AdamW::new()), cfg).unwrap();
-    let out = t.run(t.init_state(&p0), &train, Some(&dev)).unwrap();
+    let mut t = Trainer::new(b, Box::new(AdamW::new()), cfg).unwrap();
+    t.run(t.init_state(&p0), &train, Some(&dev)).unwrap()
+}
+
+#[test]
+fn smoke_training_on_rotten_tomatoes() {
+    let Some(dir) = assets() else { return };
+    let b = load_backbone("candle", dir.join(GGUF), "cpu").unwrap();
+    let tok = load_tokenizer(dir.join(GGUF)).unwrap();
+    let out = train_three_steps(b.as_ref(), &tok, &dir);
     assert_eq!(out.losses.len(), 3);
     assert!(out.losses.iter().all(|l| l.is_finite() && *l > 0.0));
     assert!(
@@ -174,4 +195,51 @@ fn smoke_training_on_rotten_tomatoes() {
     );
     let acc = out.evals[0].value;
     assert!((0.0..=1.0).contains(&acc));
+}
+
+/// A prompt trained on each runtime predicts the same labels on every other (64 test reviews),
+/// with per-label log-probabilities within 1e-3.
+#[test]
+fn prompts_move_between_runtimes_on_the_real_model() {
+    let Some(dir) = assets() else { return };
+    let names = softprompt::available_backends();
+    if names.len() < 2 {
+        eprintln!("skipped: only {names:?} compiled in");
+        return;
+    }
+    let tok = load_tokenizer(dir.join(GGUF)).unwrap();
+    let all: Vec<_> = names
+        .iter()
+        .map(|n| load_backbone(n, dir.join(GGUF), "cpu").unwrap())
+        .collect();
+    let test = rotten_tomatoes(&dir, &tok, "test", 64);
+    for trainer in &all {
+        let prompt = train_three_steps(trainer.as_ref(), &tok, &dir).prompt;
+        let reference =
+            softprompt::train::eval::rank_classify(trainer.as_ref(), &prompt, &test, 16).unwrap();
+        for other in &all {
+            let preds =
+                softprompt::train::eval::rank_classify(other.as_ref(), &prompt, &test, 16).unwrap();
+            let mut worst = 0f64;
+            for (a, b) in reference.iter().zip(&preds) {
+                assert_eq!(
+                    a.predicted,
+                    b.predicted,
+                    "trained on {}, predicted on {}",
+                    trainer.backend_name(),
+                    other.backend_name()
+                );
+                for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                    worst = worst.max((x - y).abs());
+                }
+            }
+            eprintln!(
+                "trained on {}, scored on {}: same {} predictions, max |Δlogprob| = {worst:e}",
+                trainer.backend_name(),
+                other.backend_name(),
+                preds.len()
+            );
+            assert!(worst <= 1e-3);
+        }
+    }
 }

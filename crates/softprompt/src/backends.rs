@@ -144,3 +144,15 @@ pub fn load_backbone_with(
 
 #[cfg(feature = "candle")]
 use softprompt_candle::DType as candle_core_dtype;
+
+/// Whether libtorch sees a CUDA device (false when the `tch` backend is not compiled in).
+pub fn tch_cuda_available() -> bool {
+    #[cfg(feature = "tch")]
+    {
+        softprompt_tch::Device::cuda_if_available().is_cuda()
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        false
+    }
+}

@@ -1,0 +1,95 @@
+//! Every backend compiled in computes the same model, and a prompt trained on one runtime is
+//! reused unchanged on another (through the PEFT files of the store).
+
+use softprompt::store::DirectoryStore;
+use softprompt::{
+    available_backends, load_backbone, Backbone, PromptConfig, PromptStore, StoredPrompt,
+};
+use softprompt_tests::{
+    fixture_model, load_reference, max_abs_diff, train_fixture_prompt, FIXTURE_MODELS,
+};
+
+fn backends(name: &str) -> Vec<Box<dyn Backbone>> {
+    available_backends()
+        .into_iter()
+        .map(|b| load_backbone(b, fixture_model(name), "cpu").unwrap())
+        .collect()
+}
+
+#[test]
+fn logits_agree_across_backends() {
+    for name in FIXTURE_MODELS {
+        let r = load_reference(name);
+        let batch = r.batch(&[1, 0]);
+        let all = backends(name);
+        let first: Vec<f64> = all[0]
+            .logits(&r.prompts, &batch)
+            .unwrap()
+            .iter()
+            .map(|x| *x as f64)
+            .collect();
+        for b in &all[1..] {
+            let other: Vec<f64> = b
+                .logits(&r.prompts, &batch)
+                .unwrap()
+                .iter()
+                .map(|x| *x as f64)
+                .collect();
+            let diff = max_abs_diff(&first, &other);
+            eprintln!(
+                "{name}: {} vs {}: max |Δlogit| = {diff:e}",
+                all[0].backend_name(),
+                b.backend_name()
+            );
+            assert!(
+                diff <= 1e-4,
+                "{name}: {} vs {}: {diff:e}",
+                all[0].backend_name(),
+                b.backend_name()
+            );
+            assert_eq!(
+                b.spec(),
+                all[0].spec(),
+                "one model description, one fingerprint"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_prompt_trained_on_one_runtime_evaluates_the_same_on_every_other() {
+    let r = load_reference("tiny-llama");
+    let batch = r.batch(&[0, 0]);
+    let all = backends("tiny-llama");
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirectoryStore::new(dir.path());
+    for trainer in &all {
+        let out = train_fixture_prompt(trainer.as_ref(), 5);
+        let name = format!("trained-on-{}", trainer.backend_name());
+        let stored = StoredPrompt {
+            config: PromptConfig::for_backbone(&out.prompt, trainer.spec()),
+            prompt: out.prompt,
+            metadata: [(
+                "softprompt.backend".to_string(),
+                trainer.backend_name().to_string(),
+            )]
+            .into(),
+        };
+        store.save(&name, &stored).await.unwrap();
+        let own = trainer.loss(&[stored.prompt.clone()], &batch).unwrap();
+        for other in &all {
+            let loaded = store.load_for(&name, other.spec()).await.unwrap();
+            let loss = other.loss(&[loaded.prompt], &batch).unwrap();
+            eprintln!(
+                "{name}: loss {own} on {}, {loss} on {}",
+                trainer.backend_name(),
+                other.backend_name()
+            );
+            assert!(
+                (loss - own).abs() <= 1e-4,
+                "{name} on {}: {loss} vs {own}",
+                other.backend_name()
+            );
+        }
+    }
+}
