@@ -20,7 +20,15 @@ impl Cli {
             Command::Train(a) => Some(&a.backend),
             Command::Eval(a) => Some(&a.backend),
             Command::Generate(a) => Some(&a.backend),
-            Command::Inspect(_) => None,
+            Command::Inspect(_) | Command::Bench(_) => None,
+        }
+    }
+
+    /// Thread count asked for, by any command.
+    pub fn threads(&self) -> Option<usize> {
+        match &self.command {
+            Command::Bench(a) => a.threads,
+            _ => self.backend().and_then(|b| b.threads),
         }
     }
 }
@@ -35,6 +43,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Show a stored prompt (or every prompt of a store) and its metadata.
     Inspect(InspectArgs),
+    /// Time the train step and rank classification of each backend on one fixed batch.
+    Bench(BenchArgs),
 }
 
 /// Which runtime executes the backbone, on which device, in which precision.
@@ -237,4 +247,47 @@ pub struct InspectArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model: a Hugging Face directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Data (JSONL): the first --batch-size examples form the train batch, the next
+    /// --eval-examples the rank-classification set.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Comma-separated backends (default: every backend compiled in).
+    #[arg(long)]
+    pub backends: Option<String>,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Precision of the frozen weights: f32, f64, bf16, f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Intra-op threads of every backend.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Rows of the train batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Virtual tokens of the prompt.
+    #[arg(long, default_value_t = 20)]
+    pub num_virtual_tokens: usize,
+    /// Examples scored for the rank-classification throughput (16 per pass).
+    #[arg(long, default_value_t = 64)]
+    pub eval_examples: usize,
+    /// Untimed repetitions first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Write the token ids of both batches here (JSON) for tools/peft_bench.py.
+    #[arg(long)]
+    pub batch_out: Option<PathBuf>,
 }

@@ -28,6 +28,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => evaluate(a).await,
         Command::Generate(a) => generate_text(a).await,
         Command::Inspect(a) => inspect(a).await,
+        Command::Bench(a) => crate::bench::bench(a).await,
     }
 }
 
@@ -44,7 +45,7 @@ fn load(b: &BackendArgs) -> Result<(Box<dyn Backbone>, HfTokenizer)> {
 }
 
 /// The task from the flags, falling back to what a stored prompt recorded, then to defaults.
-fn task_of(t: &TaskArgs, stored: Option<&StoredPrompt>) -> Result<Task> {
+pub(crate) fn task_of(t: &TaskArgs, stored: Option<&StoredPrompt>) -> Result<Task> {
     let prov = stored.and_then(|s| s.config.softprompt.as_ref());
     let template = t
         .template

@@ -1,13 +1,14 @@
 //! `softprompt`: prompt tuning of frozen language models from the command line.
 
 mod args;
+mod bench;
 mod commands;
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
-    if let Some(threads) = cli.backend().and_then(|b| b.threads) {
+    if let Some(threads) = cli.threads() {
         // candle sizes its thread pool from this variable at its first operation; set it
         // before any thread starts (libtorch's count is set when the backbone loads)
         std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
