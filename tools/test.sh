@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The project's tests: the Rust workspace, the custom-backend example, and the PEFT interop check
-# (a prompt saved by softprompt loads in Hugging Face PEFT and gives the same loss).
+# The project's tests: the Rust workspace with every backend (candle and libtorch), the examples,
+# and the PEFT interop check (a prompt saved by softprompt loads in Hugging Face PEFT and gives the
+# same loss).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup-python.sh
-cargo test --workspace
+# libtorch for the tch backend: the pinned torch==2.13.0 wheel in .venv
+source tools/libtorch-env.sh
+cargo test --workspace --features softprompt/tch
+# the default build (candle only) still names the backends it lacks
+cargo test -p softprompt-tests --test interop
 # built by `cargo test` with the workspace's features; `cargo run -p` would resolve them anew and rebuild
 target/debug/examples/custom_backend
+target/debug/examples/cross_runtime
 .venv/bin/python tools/peft_interop.py target/debug/softprompt

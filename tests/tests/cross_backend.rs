@@ -76,7 +76,9 @@ async fn a_prompt_trained_on_one_runtime_evaluates_the_same_on_every_other() {
             .into(),
         };
         store.save(&name, &stored).await.unwrap();
-        let own = trainer.loss(&[stored.prompt.clone()], &batch).unwrap();
+        let own = trainer
+            .loss(std::slice::from_ref(&stored.prompt), &batch)
+            .unwrap();
         for other in &all {
             let loaded = store.load_for(&name, other.spec()).await.unwrap();
             let loss = other.loss(&[loaded.prompt], &batch).unwrap();

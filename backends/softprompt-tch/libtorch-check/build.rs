@@ -1,4 +1,5 @@
 //! Fails early, with the command to run, when no libtorch 2.13.0 is set up for `tch`.
+//! `softprompt-tch` depends on this crate so that the check is part of every build of it.
 //!
 //! `torch-sys` (built by `tch`) finds libtorch through `LIBTORCH_USE_PYTORCH=1` and the Python
 //! on `PATH`, or through `LIBTORCH`. Without either its own error names neither this project's
