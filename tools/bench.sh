@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Train-step time and rank-classification throughput of every backend beside PyTorch + PEFT, in
-# one run, on the same batch of the real task, with the same thread count. Prints a table of
-# medians and ratios (ours / PEFT) and keeps the raw JSON in runs/bench/.
+# Every backend beside PyTorch + PEFT, in one run, on the same batch of the real task (SmolLM2-135M,
+# Rotten Tomatoes), with the same thread count: train step, train FLOP/s against an f32 matmul
+# measured in the same process, rank-classification throughput, greedy generation with a KV cache,
+# and peak resident memory (one process per backend, so that each peak is its own). Prints medians
+# and ratios (ours / PEFT); the raw JSON stays in runs/bench/.
 #   bash tools/bench.sh                 # candle and tch, 2 threads, batch 8, 20 virtual tokens
 #   THREADS=1 BACKENDS=tch bash tools/bench.sh --repeats 9
 set -euo pipefail
@@ -14,22 +16,41 @@ backends="${BACKENDS:-candle,tch}"
 assets=".cache/assets"
 out="runs/bench"
 mkdir -p "$out"
+rm -f "$out"/ours-*.json
 cargo build --release -p softprompt-cli --features tch
-target/release/softprompt bench --model "$assets/SmolLM2-135M-Instruct.Q4_1.gguf" \
-  --data "$assets/rotten-tomatoes/train.jsonl" \
-  --template $'Review: {text}\nIs this movie review positive or negative? Answer:' \
-  --labels "negative= negative,positive= positive" \
-  --backends "$backends" --threads "$threads" --batch-out "$out/batch.json" "$@" > "$out/ours.json"
+for b in ${backends//,/ }; do
+  target/release/softprompt bench --model "$assets/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    --data "$assets/rotten-tomatoes/train.jsonl" \
+    --template $'Review: {text}\nIs this movie review positive or negative? Answer:' \
+    --labels "negative= negative,positive= positive" \
+    --backends "$b" --threads "$threads" --batch-out "$out/batch.json" "$@" > "$out/ours-$b.json"
+done
 .venv/bin/python tools/peft_bench.py "$out/batch.json" > "$out/peft.json"
-python3 - "$out/ours.json" "$out/peft.json" <<'PY'
+python3 - "$out" "$backends" <<'PY'
 import json, sys
-ours = json.load(open(sys.argv[1])); peft = json.load(open(sys.argv[2]))
-print(f"batch {ours['rows']} rows x {ours['seq_len']} tokens + {ours['num_virtual_tokens']} virtual tokens, "
-      f"{ours['eval_examples']} eval examples, {peft['threads']} threads, {ours['dtype']}")
-print(f"{'backend':8} {'train step s':>13} {'x PEFT':>7} {'train tok/s':>12} {'eval ex/s':>10} {'x PEFT':>7}")
-for r in ours["results"] + [peft]:
-    step = r.get("train_step_seconds")
-    s = f"{step:13.3f} {step / peft['train_step_seconds']:7.2f} {r['train_tokens_per_second']:12.0f}" if step else f"{'-':>13} {'-':>7} {'-':>12}"
-    e = r["eval_examples_per_second"]
-    print(f"{r['backend']:8} {s} {e:10.1f} {e / peft['eval_examples_per_second']:7.2f}")
+out, backends = sys.argv[1], sys.argv[2].split(",")
+runs = [json.load(open(f"{out}/ours-{b}.json")) for b in backends]
+peft = json.load(open(f"{out}/peft.json"))
+first = runs[0]
+flops = next((r["results"][0]["train_step_flops"] for r in runs if "train_step_flops" in r["results"][0]), None)
+if flops:
+    peft["train_flops_per_second"] = flops / peft["train_step_seconds"]
+    peft["train_fraction_of_matmul"] = peft["train_flops_per_second"] / peft["matmul_flops_per_second"]
+print(f"batch {first['rows']} rows x {first['seq_len']} tokens + {first['num_virtual_tokens']} virtual tokens, "
+      f"{first['eval_examples']} eval examples, {peft['threads']} threads, {first['dtype']}; "
+      f"train step = {flops / 1e9:.1f} GFLOP" if flops else "")
+cols = [("train step s", "train_step_seconds", "{:.3f}", True), ("GFLOP/s", "train_flops_per_second", "{:.1f}", False),
+        ("% matmul", "train_fraction_of_matmul", "{:.0%}", None), ("eval ex/s", "eval_examples_per_second", "{:.1f}", False),
+        ("gen tok/s", "generate_tokens_per_second", "{:.1f}", False), ("peak MiB", "peak_rss_mib", "{:.0f}", True)]
+print(f"{'backend':8}" + "".join(f"{c[0]:>13}{'x PEFT':>8}" if c[3] is not None else f"{c[0]:>10}" for c in cols))
+for r in [x["results"][0] for x in runs] + [peft]:
+    line = f"{r['backend']:8}"
+    for name, key, fmt, _ in cols:
+        v, p = r.get(key), peft.get(key)
+        cell = fmt.format(v) if v is not None else "-"
+        if _ is None:
+            line += f"{cell:>10}"
+        else:
+            line += f"{cell:>13}" + (f"{v / p:8.2f}" if v is not None and p else f"{'-':>8}")
+    print(line)
 PY

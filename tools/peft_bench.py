@@ -81,6 +81,30 @@ def main():
                 lp[:, cand]
             if i >= warmup:
                 eval_times.append(time.perf_counter() - t)
+    gen_tokens = spec.get("gen_tokens", 0)
+    gen_tps = None
+    if gen_tokens:
+        first = torch.tensor([spec["train"][0]["ids"]])
+        gen_times = []
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                t = time.perf_counter()
+                out = peft_model.generate(input_ids=first, attention_mask=torch.ones_like(first),
+                                          max_new_tokens=gen_tokens, min_new_tokens=gen_tokens,
+                                          do_sample=False)
+                if i >= warmup:
+                    gen_times.append(time.perf_counter() - t)
+        assert out.shape[1] - first.shape[1] == gen_tokens, out.shape
+        gen_tps = gen_tokens / sorted(gen_times)[len(gen_times) // 2]
+    n = spec.get("matmul_size", 1536)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    mm = []
+    for i in range(6):
+        t = time.perf_counter()
+        a @ b
+        if i:
+            mm.append(time.perf_counter() - t)
+    matmul = 2 * n ** 3 / sorted(mm)[len(mm) // 2]
     med = sorted(times)[len(times) // 2]
     eval_med = sorted(eval_times)[len(eval_times) // 2]
     tokens = ids.shape[0] * (spec["num_virtual_tokens"] + ids.shape[1])
@@ -95,6 +119,8 @@ def main():
         "train_losses": losses,
         "eval_seconds": eval_med,
         "eval_examples_per_second": examples / eval_med,
+        "generate_tokens_per_second": gen_tps,
+        "matmul_flops_per_second": matmul,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 

@@ -95,3 +95,41 @@ async fn a_prompt_trained_on_one_runtime_evaluates_the_same_on_every_other() {
         }
     }
 }
+
+/// bf16 / f16 frozen weights with an f32 prompt: the loss stays close to f32's and the prompt
+/// gradient arrives in f32, pointing the same way.
+#[test]
+fn half_precision_weights_keep_an_f32_prompt_gradient() {
+    let r = load_reference("tiny-llama");
+    let batch = r.batch(&[0, 0]);
+    let prompts = vec![r.prompts[0].clone()];
+    for backend in available_backends() {
+        let full = load_backbone(backend, fixture_model("tiny-llama"), "cpu").unwrap();
+        let exact = full.loss_and_grad(&prompts, &batch).unwrap();
+        for dtype in ["bf16", "f16"] {
+            let opts = softprompt::BackendOptions {
+                dtype: dtype.into(),
+                ..Default::default()
+            };
+            let half = softprompt::load_backbone_with(backend, fixture_model("tiny-llama"), &opts)
+                .unwrap();
+            let lg = half.loss_and_grad(&prompts, &batch).unwrap();
+            let g = &lg.grads[0];
+            assert_eq!(g.len(), exact.grads[0].len());
+            assert!(g.iter().all(|x| x.is_finite()), "{backend} {dtype}");
+            let dot: f64 = g
+                .iter()
+                .zip(&exact.grads[0])
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+            let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            let cosine = dot / (norm(g) * norm(&exact.grads[0]));
+            eprintln!(
+                "{backend} {dtype}: loss {} vs f32 {}, gradient cosine {cosine:.4}",
+                lg.loss, exact.loss
+            );
+            assert!((lg.loss - exact.loss).abs() < 2e-2 * exact.loss.abs().max(1.0));
+            assert!(cosine > 0.98, "{backend} {dtype}: cosine {cosine}");
+        }
+    }
+}

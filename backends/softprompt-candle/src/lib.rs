@@ -486,3 +486,25 @@ impl DecodeSession for CandleDecode<'_> {
         self.position
     }
 }
+
+/// Achieved f32 FLOP/s of an `n × n` by `n × n` matrix product on `device`: the practical
+/// ceiling of the machine for this runtime (median of `repeats` after one warm-up).
+pub fn matmul_flops(device: &Device, n: usize, repeats: usize) -> Result<f64> {
+    let run = || -> candle_core::Result<f64> {
+        let a = Tensor::randn(0f32, 1f32, (n, n), device)?;
+        let b = Tensor::randn(0f32, 1f32, (n, n), device)?;
+        let mut times = Vec::with_capacity(repeats);
+        for i in 0..repeats.max(1) + 1 {
+            let t0 = std::time::Instant::now();
+            let c = a.matmul(&b)?;
+            device.synchronize()?;
+            drop(c);
+            if i > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(2.0 * (n as f64).powi(3) / times[times.len() / 2])
+    };
+    run().map_err(to_core)
+}

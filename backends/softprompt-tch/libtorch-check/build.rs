@@ -1,5 +1,7 @@
 //! Fails early, with the command to run, when no libtorch 2.13.0 is set up for `tch`.
-//! `softprompt-tch` depends on this crate so that the check is part of every build of it.
+//! `softprompt-tch` turns on this crate's `check` feature. `softprompt-core` depends on this
+//! crate (without code) so that cargo, which schedules first what most crates wait for, runs
+//! this check before `torch-sys`'s build script.
 //!
 //! `torch-sys` (built by `tch`) finds libtorch through `LIBTORCH_USE_PYTORCH=1` and the Python
 //! on `PATH`, or through `LIBTORCH`. Without either its own error names neither this project's
@@ -12,6 +14,9 @@ const FIX: &str = "set up the pinned libtorch with\n\n    bash tools/setup-pytho
 LIBTORCH_USE_PYTORCH=1, VIRTUAL_ENV, PATH and LD_LIBRARY_PATH)";
 
 fn main() {
+    if std::env::var_os("CARGO_FEATURE_CHECK").is_none() {
+        return; // softprompt-tch is not part of this build
+    }
     for var in ["LIBTORCH", "LIBTORCH_USE_PYTORCH", "VIRTUAL_ENV", "PATH"] {
         println!("cargo:rerun-if-env-changed={var}");
     }

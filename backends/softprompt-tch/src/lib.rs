@@ -584,3 +584,26 @@ impl DecodeSession for TchDecode<'_> {
         self.position
     }
 }
+
+/// Achieved f32 FLOP/s of an `n × n` by `n × n` matrix product on `device`: the practical
+/// ceiling of the machine for this runtime (median of `repeats` after one warm-up).
+pub fn matmul_flops(device: Device, n: usize, repeats: usize) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let size = [n as i64, n as i64];
+    let a = Tensor::f_randn(size, (Kind::Float, device)).map_err(to_core)?;
+    let b = Tensor::f_randn(size, (Kind::Float, device)).map_err(to_core)?;
+    let mut times = Vec::with_capacity(repeats);
+    for i in 0..repeats.max(1) + 1 {
+        let t0 = std::time::Instant::now();
+        let c = a.f_matmul(&b).map_err(to_core)?;
+        if let Device::Cuda(ordinal) = device {
+            tch::Cuda::synchronize(ordinal as i64);
+        }
+        drop(c);
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * (n as f64).powi(3) / times[times.len() / 2])
+}

@@ -287,6 +287,13 @@ pub struct BenchArgs {
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Tokens generated (greedy, KV cache) after the first train row for the decoding speed
+    /// (0 skips it).
+    #[arg(long, default_value_t = 32)]
+    pub gen_tokens: usize,
+    /// Size n of the n × n f32 matrix product measured as the FLOP/s ceiling.
+    #[arg(long, default_value_t = 1536)]
+    pub matmul_size: usize,
     /// Write the token ids of both batches here (JSON) for tools/peft_bench.py.
     #[arg(long)]
     pub batch_out: Option<PathBuf>,

@@ -1,6 +1,7 @@
-//! `softprompt bench`: the train step and rank-classification throughput of every backend
-//! compiled in, on one fixed batch of real data, with the batch written out so that the
-//! PyTorch + PEFT reference (`tools/peft_bench.py`) runs on exactly the same token ids.
+//! `softprompt bench`: train step (time, tokens/s, FLOP/s against an f32 matmul measured in the
+//! same process), rank-classification throughput, KV-cached generation speed and peak memory of
+//! every backend asked for, on one fixed batch of real data, with the batch written out so that
+//! the PyTorch + PEFT reference (`tools/peft_bench.py`) runs on exactly the same token ids.
 
 use std::time::Instant;
 
@@ -8,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use softprompt::train::{clip_grad_norm, AdamW, EncodedSet};
 use softprompt::{
-    available_backends, load_backbone_with, Backbone, BackendOptions, Batch, BatchRow, Optimizer,
-    PromptInit, Rng, SoftPrompt,
+    available_backends, generate, load_backbone_with, matmul_flops, Backbone, BackendOptions,
+    Batch, BatchRow, GenerationParams, ModelConfig, Optimizer, PromptInit, Rng, SoftPrompt,
 };
 
 use crate::args::BenchArgs;
@@ -22,8 +23,12 @@ fn median(xs: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// The train batch (context + label tokens as targets) and the eval rows (contexts only).
-fn batches(set: &EncodedSet, train_rows: usize, eval_rows: usize) -> Result<(Batch, Vec<Batch>)> {
+/// The train batch (context + label tokens as targets) and the eval rows (contexts only), in
+/// passes of 16: `(ours, reference)`. Ours go in order of length, as `rank_classify` does; the
+/// reference passes keep the data order, as a PEFT evaluation loop does.
+type Batches = (Batch, Vec<Batch>, Vec<Batch>);
+
+fn batches(set: &EncodedSet, train_rows: usize, eval_rows: usize) -> Result<Batches> {
     if set.examples.len() < train_rows + eval_rows {
         bail!(
             "{} has {} examples; the bench needs {train_rows} + {eval_rows}",
@@ -44,11 +49,58 @@ fn batches(set: &EncodedSet, train_rows: usize, eval_rows: usize) -> Result<(Bat
             prompt: 0,
         })
         .collect();
-    let eval = eval
-        .chunks(16)
-        .map(|c| Batch::from_rows(c, 0))
-        .collect::<softprompt::Result<Vec<_>>>()?;
-    Ok((train, eval))
+    let passes = |rows: &[BatchRow]| {
+        rows.chunks(16)
+            .map(|c| Batch::from_rows(c, 0))
+            .collect::<softprompt::Result<Vec<_>>>()
+    };
+    let reference = passes(&eval)?;
+    let mut sorted = eval;
+    sorted.sort_by_key(|r| r.ids.len());
+    Ok((train, passes(&sorted)?, reference))
+}
+
+/// Multiply-add FLOPs of one train step on `train` (×2 per multiply-add): forward, then the
+/// backward to the prompt only (input gradients: the linear layers once more, attention twice
+/// more), with the output head at target positions only.
+fn train_step_flops(config: &ModelConfig, train: &Batch, n: usize) -> f64 {
+    let (d, layers, linear, heads_dim, vocab) = match config {
+        ModelConfig::Llama(c) => {
+            let (q, kv) = (
+                c.num_attention_heads * c.head_dim,
+                c.num_key_value_heads * c.head_dim,
+            );
+            let per_layer = c.hidden_size * (q + 2 * kv)
+                + q * c.hidden_size
+                + 3 * c.hidden_size * c.intermediate_size;
+            (
+                c.hidden_size,
+                c.num_hidden_layers,
+                per_layer,
+                q,
+                c.vocab_size,
+            )
+        }
+        ModelConfig::Gpt2(c) => {
+            let per_layer = 4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_inner;
+            (c.n_embd, c.n_layer, per_layer, c.n_embd, c.vocab_size)
+        }
+    };
+    let s = (n + train.seq_len()) as f64;
+    let rows = train.rows() as f64;
+    let tokens = rows * s;
+    let linear = 2.0 * tokens * (layers * linear) as f64;
+    let attention = 2.0 * 2.0 * rows * s * s * (layers * heads_dim) as f64;
+    let head = 2.0 * train.num_targets() as f64 * (d * vocab) as f64;
+    2.0 * linear + 3.0 * attention + 2.0 * head
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn batch_json(b: &Batch) -> serde_json::Value {
@@ -119,6 +171,29 @@ fn bench_one(
         "eval_examples_per_second".into(),
         json!(examples as f64 / eval_s),
     );
+    if b.capabilities().generation && a.gen_tokens > 0 {
+        // greedy decoding of exactly gen_tokens after the first train row
+        let context = &train.input_ids()[..train.row_len(0)];
+        let params = GenerationParams {
+            max_new_tokens: a.gen_tokens,
+            ..Default::default()
+        };
+        let mut times = Vec::new();
+        for i in 0..a.warmup + a.repeats {
+            let t0 = Instant::now();
+            let g = generate(b, prompt, context, &params)?;
+            if g.tokens.len() != a.gen_tokens {
+                bail!("generation stopped after {} tokens", g.tokens.len());
+            }
+            if i >= a.warmup {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        out.insert(
+            "generate_tokens_per_second".into(),
+            json!(a.gen_tokens as f64 / median(&times)),
+        );
+    }
     Ok(serde_json::Value::Object(out))
 }
 
@@ -128,21 +203,24 @@ pub async fn bench(a: BenchArgs) -> Result<()> {
         None => available_backends().iter().map(|s| s.to_string()).collect(),
     };
     let tok = softprompt::load_tokenizer(&a.model)?;
+    let config = softprompt::load_model_config(&a.model)?;
     let task = task_of(&a.task, None)?;
     let set = task.load(&a.data, &tok, a.task.max_context)?;
     if set.candidates.iter().any(|c| c.len() != 1) {
         bail!("the bench's rank classification needs single-token labels");
     }
     let candidates: Vec<u32> = set.candidates.iter().map(|c| c[0]).collect();
-    let (train, eval) = batches(&set, a.batch_size, a.eval_examples)?;
+    let (train, eval, reference_eval) = batches(&set, a.batch_size, a.eval_examples)?;
     if let Some(path) = &a.batch_out {
         let doc = json!({
             "model": a.model,
             "num_virtual_tokens": a.num_virtual_tokens,
             "train": batch_json(&train),
-            "eval": eval.iter().map(batch_json).collect::<Vec<_>>(),
+            "eval": reference_eval.iter().map(batch_json).collect::<Vec<_>>(),
             "candidates": candidates,
             "warmup": a.warmup,
+            "gen_tokens": a.gen_tokens,
+            "matmul_size": a.matmul_size,
             "repeats": a.repeats,
             "threads": a.threads,
         });
@@ -169,6 +247,18 @@ pub async fn bench(a: BenchArgs) -> Result<()> {
         )?;
         let mut r = bench_one(b.as_ref(), &prompt, &train, &eval, &candidates, &a)?;
         r["load_seconds"] = json!(load_s);
+        if let Some(step) = r.get("train_step_seconds").and_then(|v| v.as_f64()) {
+            let flops = train_step_flops(&config, &train, a.num_virtual_tokens);
+            let ceiling = matmul_flops(name, &a.device, a.matmul_size, 5)?;
+            r["train_step_flops"] = json!(flops);
+            r["train_flops_per_second"] = json!(flops / step);
+            r["matmul_flops_per_second"] = json!(ceiling);
+            r["train_fraction_of_matmul"] = json!(flops / step / ceiling);
+        }
+        if let Some(rss) = peak_rss_mib() {
+            // cumulative over the process: run one backend per process to compare peaks
+            r["peak_rss_mib"] = json!(rss);
+        }
         eprintln!("{}", serde_json::to_string(&r)?);
         results.push(r);
     }

@@ -25,7 +25,7 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn help_texts() {
-    for sub in ["", "train", "eval", "generate", "inspect"] {
+    for sub in ["", "train", "eval", "generate", "inspect", "bench"] {
         let mut args: Vec<&str> = vec![];
         if !sub.is_empty() {
             args.push(sub);
@@ -241,4 +241,86 @@ fn bad_inputs_give_clear_errors() {
         "{}",
         stderr(&o)
     );
+}
+
+/// The same stored prompt evaluated on every backend of this build gives the same loss and
+/// accuracy; a backend not compiled in is refused with the feature that enables it.
+#[test]
+fn eval_agrees_across_backends() {
+    let f = fixtures();
+    let s = |p: PathBuf| p.display().to_string();
+    let mut results = Vec::new();
+    for backend in ["candle", "tch"] {
+        let o = run(&[
+            "eval",
+            "--model",
+            &s(f.join("tiny-llama")),
+            "--backend",
+            backend,
+            "--prompt",
+            &s(f.join("tiny-llama/peft-prompt")),
+            "--data",
+            &s(f.join("data/sentiment-dev.jsonl")),
+            "--json",
+        ]);
+        if !o.status.success() {
+            assert!(
+                stderr(&o).contains("rebuild with the Cargo feature `tch`"),
+                "{}",
+                stderr(&o)
+            );
+            continue;
+        }
+        let ev: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        results.push((
+            ev["loss"].as_f64().unwrap(),
+            ev["accuracy"].as_f64().unwrap(),
+        ));
+    }
+    for (loss, acc) in &results[1..] {
+        assert!((loss - results[0].0).abs() < 1e-4, "{results:?}");
+        assert_eq!(*acc, results[0].1);
+    }
+}
+
+#[test]
+fn bench_times_every_backend_and_writes_the_batch() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("batch.json");
+    let o = run(&[
+        "bench",
+        "--model",
+        &f.join("tiny-llama").display().to_string(),
+        "--data",
+        &f.join("data/sentiment-train.jsonl").display().to_string(),
+        "--batch-size",
+        "4",
+        "--num-virtual-tokens",
+        "5",
+        "--eval-examples",
+        "16",
+        "--warmup",
+        "0",
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+        "--batch-out",
+        &batch.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert!(!results.is_empty());
+    for r in results {
+        assert!(r["train_step_seconds"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["train_losses"].as_array().unwrap().len(), 2);
+        assert!(r["eval_examples_per_second"].as_f64().unwrap() > 0.0);
+    }
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&batch).unwrap()).unwrap();
+    assert_eq!(written["train"].as_array().unwrap().len(), 4);
+    assert_eq!(written["eval"][0].as_array().unwrap().len(), 16);
+    assert_eq!(written["num_virtual_tokens"], 5);
 }

@@ -16,8 +16,9 @@ pub struct Prediction {
 }
 
 /// Rank classification: every candidate's log-likelihood after each example's context.
-/// Single-token candidates are read from one row per example; longer ones take one row per
-/// candidate. `batch_size` examples per forward pass.
+/// Single-token candidates are read from one row per example (examples batched in order of
+/// length, results returned in the set's order); longer ones take one row per candidate.
+/// `batch_size` examples per forward pass.
 pub fn rank_classify(
     backbone: &dyn Backbone,
     prompt: &SoftPrompt,
@@ -45,14 +46,18 @@ pub fn rank_classify(
         }
     };
     if set.candidates.iter().all(|cand| cand.len() == 1) {
-        // single-token labels: one row per example, every label read from the same position
+        // single-token labels: one row per example, every label read from the same position.
+        // Examples go through in order of length so that each pass pads as little as possible.
         let tokens: Vec<u32> = set.candidates.iter().map(|cand| cand[0]).collect();
-        for chunk in set.examples.chunks(batch_size.max(1)) {
+        let mut order: Vec<usize> = (0..set.examples.len()).collect();
+        order.sort_by_key(|i| set.examples[*i].context.len());
+        let mut slots: Vec<Option<Prediction>> = vec![None; set.examples.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
             let rows: Vec<BatchRow> = chunk
                 .iter()
-                .map(|ex| BatchRow {
-                    ids: ex.context.clone(),
-                    targets: vec![false; ex.context.len()],
+                .map(|i| BatchRow {
+                    ids: set.examples[*i].context.clone(),
+                    targets: vec![false; set.examples[*i].context.len()],
                     prompt: 0,
                 })
                 .collect();
@@ -61,8 +66,11 @@ pub fn rank_classify(
                 &Batch::from_rows(&rows, 0)?,
                 &tokens,
             )?;
-            out.extend(lp.into_iter().map(pick));
+            for (i, logprobs) in chunk.iter().zip(lp) {
+                slots[*i] = Some(pick(logprobs));
+            }
         }
+        out.extend(slots.into_iter().flatten());
         return Ok(out);
     }
     for chunk in set.examples.chunks(batch_size.max(1)) {

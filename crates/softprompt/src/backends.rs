@@ -156,3 +156,20 @@ pub fn tch_cuda_available() -> bool {
         false
     }
 }
+
+/// Achieved f32 FLOP/s of an `n × n` matrix product on backend `name` and `device`, measured in
+/// this process: the ceiling that `softprompt bench` compares train steps against.
+pub fn matmul_flops(name: &str, device: &str, n: usize, repeats: usize) -> Result<f64> {
+    match name {
+        #[cfg(feature = "candle")]
+        "candle" => {
+            softprompt_candle::matmul_flops(&softprompt_candle::parse_device(device)?, n, repeats)
+        }
+        #[cfg(feature = "tch")]
+        "tch" => softprompt_tch::matmul_flops(softprompt_tch::parse_device(device)?, n, repeats),
+        other => Err(Error::InvalidArgument(format!(
+            "backend `{other}` is not compiled into this build (available: {})",
+            available_backends().join(", ")
+        ))),
+    }
+}

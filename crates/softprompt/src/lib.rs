@@ -14,7 +14,7 @@ mod backends;
 
 pub use backends::{
     available_backends, load_backbone, load_backbone_with, load_model_config, load_model_source,
-    load_tokenizer, tch_cuda_available, BackendOptions, BACKENDS,
+    load_tokenizer, matmul_flops, tch_cuda_available, BackendOptions, BACKENDS,
 };
 pub use softprompt_core::*;
 pub use softprompt_gguf as gguf;
