@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup-python.sh
 # libtorch for the tch backend: the pinned torch==2.13.0 wheel in .venv
 source tools/libtorch-env.sh
-cargo test --workspace --features softprompt/tch
+cargo test --workspace --features softprompt-tests/tch
 # the default build (candle only) still names the backends it lacks
 cargo test -p softprompt-tests --test interop
 # built by `cargo test` with the workspace's features; `cargo run -p` would resolve them anew and rebuild

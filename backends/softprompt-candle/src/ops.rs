@@ -61,7 +61,13 @@ impl CustomOp1 for FrozenMatmul {
             CpuStorage::F64(v) => {
                 Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?
             }
-            _ => candle_core::bail!("frozen-matmul supports f32 and f64 training"),
+            CpuStorage::BF16(v) => {
+                Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?
+            }
+            CpuStorage::F16(v) => {
+                Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?
+            }
+            _ => candle_core::bail!("frozen-matmul supports f32, f64, bf16 and f16 weights"),
         };
         let y = x.matmul(&self.w.t()?)?;
         let shape = y.shape().clone();

@@ -43,7 +43,7 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Show a stored prompt (or every prompt of a store) and its metadata.
     Inspect(InspectArgs),
-    /// Time the train step and rank classification of each backend on one fixed batch.
+    /// Time train steps, rank classification and generation of each backend on one fixed batch.
     Bench(BenchArgs),
 }
 
