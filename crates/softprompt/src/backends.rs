@@ -127,8 +127,13 @@ pub fn load_backbone_with(
         }
         other => match BACKENDS.iter().find(|(n, _)| *n == other) {
             Some((_, feature)) => Err(Error::InvalidArgument(format!(
-                "backend `{other}` is not compiled into this build (available: {}); rebuild with the Cargo feature `{feature}`, e.g. `cargo build --features {feature}`",
-                available_backends().join(", ")
+                "backend `{other}` is not compiled into this build (available: {}); rebuild with the Cargo feature `{feature}`, e.g. `cargo build --features {feature}`{}",
+                available_backends().join(", "),
+                if *feature == "tch" {
+                    " after `bash tools/setup-python.sh && source tools/libtorch-env.sh` (libtorch 2.13.0)"
+                } else {
+                    ""
+                }
             ))),
             None if PLANNED.contains(&other) => Err(Error::InvalidArgument(format!(
                 "backend `{other}` is planned but not implemented in this version (available: {})",
