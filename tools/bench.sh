@@ -34,23 +34,27 @@ peft = json.load(open(f"{out}/peft.json"))
 first = runs[0]
 flops = next((r["results"][0]["train_step_flops"] for r in runs if "train_step_flops" in r["results"][0]), None)
 if flops:
+    # the same useful work (head at target positions only) over PEFT's time
     peft["train_flops_per_second"] = flops / peft["train_step_seconds"]
     peft["train_fraction_of_matmul"] = peft["train_flops_per_second"] / peft["matmul_flops_per_second"]
 print(f"batch {first['rows']} rows x {first['seq_len']} tokens + {first['num_virtual_tokens']} virtual tokens, "
-      f"{first['eval_examples']} eval examples, {peft['threads']} threads, {first['dtype']}; "
-      f"train step = {flops / 1e9:.1f} GFLOP" if flops else "")
-cols = [("train step s", "train_step_seconds", "{:.3f}", True), ("GFLOP/s", "train_flops_per_second", "{:.1f}", False),
-        ("% matmul", "train_fraction_of_matmul", "{:.0%}", None), ("eval ex/s", "eval_examples_per_second", "{:.1f}", False),
-        ("gen tok/s", "generate_tokens_per_second", "{:.1f}", False), ("peak MiB", "peak_rss_mib", "{:.0f}", True)]
-print(f"{'backend':8}" + "".join(f"{c[0]:>13}{'x PEFT':>8}" if c[3] is not None else f"{c[0]:>10}" for c in cols))
+      f"{first['eval_examples']} eval examples, {peft['threads']} threads, {first['dtype']}"
+      + (f"; train step = {flops / 1e9:.1f} GFLOP" if flops else ""))
+# (title, key, scale, format, ratio to PEFT?)
+cols = [("train step s", "train_step_seconds", 1, "{:.3f}", True),
+        ("train GFLOP/s", "train_flops_per_second", 1e-9, "{:.1f}", False),
+        ("matmul GFLOP/s", "matmul_flops_per_second", 1e-9, "{:.1f}", False),
+        ("% of matmul", "train_fraction_of_matmul", 100, "{:.0f}", False),
+        ("eval ex/s", "eval_examples_per_second", 1, "{:.1f}", True),
+        ("gen tok/s", "generate_tokens_per_second", 1, "{:.1f}", True),
+        ("peak MiB", "peak_rss_mib", 1, "{:.0f}", True)]
+print(f"{'backend':8}" + "".join(f" {t:>14}" + (f" {'x PEFT':>7}" if r else "") for t, _, _, _, r in cols))
 for r in [x["results"][0] for x in runs] + [peft]:
     line = f"{r['backend']:8}"
-    for name, key, fmt, _ in cols:
+    for _, key, scale, fmt, ratio in cols:
         v, p = r.get(key), peft.get(key)
-        cell = fmt.format(v) if v is not None else "-"
-        if _ is None:
-            line += f"{cell:>10}"
-        else:
-            line += f"{cell:>13}" + (f"{v / p:8.2f}" if v is not None and p else f"{'-':>8}")
+        line += f" {fmt.format(v * scale) if v is not None else '-':>14}"
+        if ratio:
+            line += f" {v / p if v is not None and p else float('nan'):7.2f}"
     print(line)
 PY
