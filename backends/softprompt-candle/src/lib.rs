@@ -209,6 +209,59 @@ impl CandleBackbone {
         Ok(Inputs { x, bias })
     }
 
+    /// Hidden states at the token positions, `[rows, T, d]`, computing each distinct prompt's
+    /// keys and values once (one pass of `[P, N, d]`) and letting every row attend to its
+    /// prompt's cache: the virtual tokens are not recomputed per row. Exact: the same attention
+    /// over the same keys, only the work is shared.
+    fn token_hidden(
+        &self,
+        prompts: &Tensor,
+        batch: &Batch,
+        n: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (rows, t) = (batch.rows(), batch.seq_len());
+        let s = n + t;
+        let mask = batch.attention_mask();
+        // token q of a row sees every virtual token and its own real tokens up to q
+        let mut bias = vec![0f32; rows * t * s];
+        for r in 0..rows {
+            for q in 0..t {
+                for j in 0..t {
+                    if j > q || !mask[r * t + j] {
+                        bias[(r * t + q) * s + n + j] = MASKED;
+                    }
+                }
+            }
+        }
+        let mut cache: Vec<LayerCache> = vec![None; self.model.num_layers()];
+        if n > 0 {
+            let mut causal = vec![0f32; n * n];
+            for q in 0..n {
+                for k in q + 1..n {
+                    causal[q * n + k] = MASKED;
+                }
+            }
+            let causal =
+                Tensor::from_vec(causal, (1, 1, n, n), &self.device)?.to_dtype(self.dtype)?;
+            self.model
+                .forward(prompts, 0, Some(&causal), Some(&mut cache))?;
+            let idx: Vec<u32> = batch.prompt_index().iter().map(|p| *p as u32).collect();
+            let idx = Tensor::from_vec(idx, rows, &self.device)?;
+            for slot in cache.iter_mut() {
+                if let Some((k, v)) = slot.take() {
+                    *slot = Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?));
+                }
+            }
+        }
+        let ids = Tensor::from_slice(batch.input_ids(), rows * t, &self.device)?;
+        let tok = self
+            .model
+            .embed(&ids)?
+            .reshape((rows, t, self.spec.hidden_size))?;
+        let bias = Tensor::from_vec(bias, (rows, 1, t, s), &self.device)?.to_dtype(self.dtype)?;
+        self.model.forward(&tok, n, Some(&bias), Some(&mut cache))
+    }
+
     /// Log-probabilities of every target token, in `batch.targets()` order (differentiable).
     fn target_logprobs(
         &self,
@@ -220,16 +273,22 @@ impl CandleBackbone {
         if targets.is_empty() {
             return Err(Error::InvalidBatch("the batch has no target tokens".into()));
         }
-        let s = n + batch.seq_len();
+        let (t, s) = (batch.seq_len(), n + batch.seq_len());
+        let d = self.spec.hidden_size;
+        // every target predicted from a token position: share the prompt pass across rows
+        let shared = targets.iter().all(|(_, _, pos)| *pos >= n);
         let run = || -> candle_core::Result<Tensor> {
-            let inputs = self.inputs(prompts, batch, n)?;
-            let hidden = self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?;
-            let flat = hidden.reshape((batch.rows() * s, self.spec.hidden_size))?;
-            // The head runs only where a target is predicted.
-            let at: Vec<u32> = targets
-                .iter()
-                .map(|(r, _, pos)| (r * s + pos) as u32)
-                .collect();
+            let (flat, at): (Tensor, Vec<u32>) = if shared {
+                let hidden = self.token_hidden(prompts, batch, n)?;
+                let at = targets.iter().map(|(r, _, pos)| (r * t + pos - n) as u32);
+                (hidden.reshape((batch.rows() * t, d))?, at.collect())
+            } else {
+                let inputs = self.inputs(prompts, batch, n)?;
+                let hidden = self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?;
+                let at = targets.iter().map(|(r, _, pos)| (r * s + pos) as u32);
+                (hidden.reshape((batch.rows() * s, d))?, at.collect())
+            };
+            // the head runs only where a target is predicted
             let at = Tensor::from_vec(at, targets.len(), &self.device)?;
             let logits = self.model.head(&flat.index_select(&at, 0)?)?;
             let logp = ops::log_softmax_last(&logits.to_dtype(self.score_dtype())?)?;
@@ -319,15 +378,22 @@ impl Backbone for CandleBackbone {
             )));
         }
         let p = self.prompts_tensor(prompts, n)?;
-        let s = n + batch.seq_len();
+        let (t, s) = (batch.seq_len(), n + batch.seq_len());
+        let d = self.spec.hidden_size;
         let run = || -> candle_core::Result<Vec<f32>> {
-            let inputs = self.inputs(&p, batch, n)?;
-            let hidden = self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?;
-            let flat = hidden.reshape((batch.rows() * s, self.spec.hidden_size))?;
             // only each row's last real position goes through the head
-            let at: Vec<u32> = (0..batch.rows())
-                .map(|r| (r * s + n + batch.row_len(r) - 1) as u32)
-                .collect();
+            let (flat, at): (Tensor, Vec<u32>) = if (0..batch.rows()).all(|r| batch.row_len(r) > 0)
+            {
+                let hidden = self.token_hidden(&p, batch, n)?;
+                let at = (0..batch.rows()).map(|r| (r * t + batch.row_len(r) - 1) as u32);
+                (hidden.reshape((batch.rows() * t, d))?, at.collect())
+            } else {
+                // a row made of its prompt alone: the full pass
+                let inputs = self.inputs(&p, batch, n)?;
+                let hidden = self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?;
+                let at = (0..batch.rows()).map(|r| (r * s + n + batch.row_len(r) - 1) as u32);
+                (hidden.reshape((batch.rows() * s, d))?, at.collect())
+            };
             let at = Tensor::from_vec(at, batch.rows(), &self.device)?;
             let logits = self
                 .model

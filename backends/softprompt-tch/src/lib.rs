@@ -275,6 +275,69 @@ impl TchBackbone {
         run().map_err(to_core)
     }
 
+    /// Hidden states at the token positions, `[rows, T, d]`, computing each distinct prompt's
+    /// keys and values once (one pass of `[P, N, d]`) and letting every row attend to its
+    /// prompt's cache: the virtual tokens are not recomputed per row. Exact: the same attention
+    /// over the same keys, only the work is shared.
+    fn token_hidden(
+        &self,
+        model: &Model,
+        prompts: &Tensor,
+        batch: &Batch,
+        n: usize,
+    ) -> Result<Tensor> {
+        let (rows, t) = (batch.rows(), batch.seq_len());
+        let s = n + t;
+        let d = self.spec.hidden_size as i64;
+        let ids = self.ids_tensor(batch.input_ids())?;
+        let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
+        let mask = batch.attention_mask();
+        // token q of a row sees every virtual token and its own real tokens up to q
+        let mut bias = vec![0f32; rows * t * s];
+        for r in 0..rows {
+            for q in 0..t {
+                for j in 0..t {
+                    if j > q || !mask[r * t + j] {
+                        bias[(r * t + q) * s + n + j] = MASKED as f32;
+                    }
+                }
+            }
+        }
+        let mut causal = vec![0f32; n * n];
+        for q in 0..n {
+            for k in q + 1..n {
+                causal[q * n + k] = MASKED as f32;
+            }
+        }
+        let run = || -> std::result::Result<Tensor, TchError> {
+            let host = |v: &[f32], shape: [i64; 4]| -> std::result::Result<Tensor, TchError> {
+                Tensor::f_from_slice(v)?
+                    .f_view(shape)?
+                    .f_to_kind(self.kind)?
+                    .f_to_device(self.device)
+            };
+            let mut cache: Vec<LayerCache> = (0..model.num_layers()).map(|_| None).collect();
+            if n > 0 {
+                let x = prompts.f_to_kind(self.kind)?;
+                let causal = host(&causal, [1, 1, n as i64, n as i64])?;
+                // only the keys and values it leaves in the cache are used
+                let _ = model.forward(&x, 0, Some(&causal), Some(&mut cache))?;
+                for slot in cache.iter_mut() {
+                    if let Some((k, v)) = slot.take() {
+                        *slot = Some((
+                            k.f_index_select(0, &prompt_rows)?,
+                            v.f_index_select(0, &prompt_rows)?,
+                        ));
+                    }
+                }
+            }
+            let tok = model.embed(&ids)?.f_view([rows as i64, t as i64, d])?;
+            let bias = host(&bias, [rows as i64, 1, t as i64, s as i64])?;
+            model.forward(&tok, n, Some(&bias), Some(&mut cache))
+        };
+        run().map_err(to_core)
+    }
+
     /// Log-probabilities of every target token, in `batch.targets()` order (differentiable
     /// with respect to `prompts` when it requires a gradient).
     fn target_logprobs(
@@ -287,22 +350,34 @@ impl TchBackbone {
         if targets.is_empty() {
             return Err(Error::InvalidBatch("the batch has no target tokens".into()));
         }
-        let s = n + batch.seq_len();
+        let (t, s) = (batch.seq_len(), n + batch.seq_len());
+        let d = self.spec.hidden_size as i64;
         let model = self.model();
-        let (x, bias) = self.inputs(&model, prompts, batch, n)?;
-        let at = self.index_tensor(targets.iter().map(|(r, _, pos)| r * s + pos))?;
         let ids = self.index_tensor(
             targets
                 .iter()
                 .map(|(r, t, _)| batch.input_ids()[r * batch.seq_len() + t] as usize),
         )?;
+        // every target predicted from a token position: share the prompt pass across rows
+        let shared = targets.iter().all(|(_, _, pos)| *pos >= n);
+        let flat = if shared {
+            let hidden = self.token_hidden(&model, prompts, batch, n)?;
+            let at = self.index_tensor(targets.iter().map(|(r, _, pos)| r * t + pos - n))?;
+            hidden
+                .f_reshape([(batch.rows() * t) as i64, d])
+                .and_then(|h| h.f_index_select(0, &at))
+        } else {
+            let (x, bias) = self.inputs(&model, prompts, batch, n)?;
+            let at = self.index_tensor(targets.iter().map(|(r, _, pos)| r * s + pos))?;
+            model
+                .forward(&x, 0, Some(&bias), None)
+                .and_then(|h| h.f_reshape([(batch.rows() * s) as i64, d]))
+                .and_then(|h| h.f_index_select(0, &at))
+        }
+        .map_err(to_core)?;
         let run = || -> std::result::Result<Tensor, TchError> {
-            let hidden = model.forward(&x, 0, Some(&bias), None)?;
-            let flat =
-                hidden.f_reshape([(batch.rows() * s) as i64, self.spec.hidden_size as i64])?;
             // the head runs only where a target is predicted
-            let logits = model.head(&flat.f_index_select(0, &at)?)?;
-            let logp = logits.f_log_softmax(-1, self.score_kind())?;
+            let logp = model.head(&flat)?.f_log_softmax(-1, self.score_kind())?;
             logp.f_gather(1, &ids.f_unsqueeze(1)?, false)?
                 .f_squeeze_dim(1)
         };
@@ -401,18 +476,31 @@ impl Backbone for TchBackbone {
         }
         let _guard = tch::no_grad_guard();
         let p = self.prompts_tensor(prompts, n)?;
-        let s = n + batch.seq_len();
+        let (t, s) = (batch.seq_len(), n + batch.seq_len());
+        let d = self.spec.hidden_size as i64;
         let model = self.model();
-        let (x, bias) = self.inputs(&model, &p, batch, n)?;
-        // only each row's last real position goes through the head
-        let at = self.index_tensor((0..batch.rows()).map(|r| r * s + n + batch.row_len(r) - 1))?;
         let cand = self.ids_tensor(candidates)?;
+        // only each row's last real position goes through the head
+        let last = if (0..batch.rows()).all(|r| batch.row_len(r) > 0) {
+            let hidden = self.token_hidden(&model, &p, batch, n)?;
+            let at = self.index_tensor((0..batch.rows()).map(|r| r * t + batch.row_len(r) - 1))?;
+            hidden
+                .f_reshape([(batch.rows() * t) as i64, d])
+                .and_then(|h| h.f_index_select(0, &at))
+        } else {
+            // a row made of its prompt alone: the full pass
+            let (x, bias) = self.inputs(&model, &p, batch, n)?;
+            let at =
+                self.index_tensor((0..batch.rows()).map(|r| r * s + n + batch.row_len(r) - 1))?;
+            model
+                .forward(&x, 0, Some(&bias), None)
+                .and_then(|h| h.f_reshape([(batch.rows() * s) as i64, d]))
+                .and_then(|h| h.f_index_select(0, &at))
+        }
+        .map_err(to_core)?;
         let run = || -> std::result::Result<Tensor, TchError> {
-            let hidden = model.forward(&x, 0, Some(&bias), None)?;
-            let flat =
-                hidden.f_reshape([(batch.rows() * s) as i64, self.spec.hidden_size as i64])?;
-            let logits = model.head(&flat.f_index_select(0, &at)?)?;
-            logits
+            model
+                .head(&last)?
                 .f_log_softmax(-1, self.score_kind())?
                 .f_index_select(1, &cand)
         };
