@@ -60,9 +60,11 @@ fn batches(set: &EncodedSet, train_rows: usize, eval_rows: usize) -> Result<Batc
     Ok((train, passes(&sorted)?, reference))
 }
 
-/// Multiply-add FLOPs of one train step on `train` (×2 per multiply-add): forward, then the
-/// backward to the prompt only (input gradients: the linear layers once more, attention twice
-/// more), with the output head at target positions only.
+/// FLOPs (2 per multiply-add) of one train step on `train` with one prompt of `n` tokens, as
+/// softprompt computes it: the prompt's positions once (their keys and values are shared by
+/// every row), each row's tokens against prompt + tokens; forward, then the backward to the
+/// prompt only (input gradients: the linear layers once more, attention twice more); the output
+/// head at target positions only.
 fn train_step_flops(config: &ModelConfig, train: &Batch, n: usize) -> f64 {
     let (d, layers, linear, heads_dim, vocab) = match config {
         ModelConfig::Llama(c) => {
@@ -86,11 +88,12 @@ fn train_step_flops(config: &ModelConfig, train: &Batch, n: usize) -> f64 {
             (c.n_embd, c.n_layer, per_layer, c.n_embd, c.vocab_size)
         }
     };
-    let s = (n + train.seq_len()) as f64;
-    let rows = train.rows() as f64;
-    let tokens = rows * s;
-    let linear = 2.0 * tokens * (layers * linear) as f64;
-    let attention = 2.0 * 2.0 * rows * s * s * (layers * heads_dim) as f64;
+    let (n, t, rows) = (n as f64, train.seq_len() as f64, train.rows() as f64);
+    let positions = n + rows * t;
+    let linear = 2.0 * positions * (layers * linear) as f64;
+    // scores and weighted values: prompt × prompt once, each row's tokens × (prompt + tokens)
+    let pairs = n * n + rows * t * (n + t);
+    let attention = 2.0 * 2.0 * pairs * (layers * heads_dim) as f64;
     let head = 2.0 * train.num_targets() as f64 * (d * vocab) as f64;
     2.0 * linear + 3.0 * attention + 2.0 * head
 }
