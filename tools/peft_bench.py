@@ -99,12 +99,12 @@ def main():
     n = spec.get("matmul_size", 1536)
     a, b = torch.randn(n, n), torch.randn(n, n)
     mm = []
-    for i in range(6):
+    for i in range(11):
         t = time.perf_counter()
         a @ b
         if i:
             mm.append(time.perf_counter() - t)
-    matmul = 2 * n ** 3 / sorted(mm)[len(mm) // 2]
+    matmul = 2 * n ** 3 / min(mm)  # the fastest of 10: the practical ceiling
     med = sorted(times)[len(times) // 2]
     eval_med = sorted(eval_times)[len(eval_times) // 2]
     tokens = ids.shape[0] * (spec["num_virtual_tokens"] + ids.shape[1])

@@ -252,7 +252,7 @@ pub async fn bench(a: BenchArgs) -> Result<()> {
         r["load_seconds"] = json!(load_s);
         if let Some(step) = r.get("train_step_seconds").and_then(|v| v.as_f64()) {
             let flops = train_step_flops(&config, &train, a.num_virtual_tokens);
-            let ceiling = matmul_flops(name, &a.device, a.matmul_size, 5)?;
+            let ceiling = matmul_flops(name, &a.device, a.matmul_size, 10)?;
             r["train_step_flops"] = json!(flops);
             r["train_flops_per_second"] = json!(flops / step);
             r["matmul_flops_per_second"] = json!(ceiling);
