@@ -13,8 +13,8 @@ use candle_core::{Tensor, Var};
 use softprompt_core::backbone::check_prompts;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    Backbone, BackboneSpec, Batch, Capabilities, DecodeSession, Error, LossAndGrad, ModelConfig,
-    RowScores, SoftPrompt,
+    causal_bias, Backbone, BackboneSpec, Batch, Capabilities, DecodeSession, Error, LossAndGrad,
+    ModelConfig, RowScores, SoftPrompt,
 };
 
 use crate::model::{LayerCache, Model};
@@ -23,8 +23,6 @@ use crate::model::{LayerCache, Model};
 pub type Result<T> = softprompt_core::Result<T>;
 
 const BACKEND: &str = "candle";
-/// Additive attention bias for masked positions (finite so that f16/bf16 stay NaN-free).
-const MASKED: f32 = -1e9;
 
 pub(crate) fn to_core(e: candle_core::Error) -> Error {
     Error::backend(BACKEND, e)
@@ -193,19 +191,8 @@ impl CandleBackbone {
             let idx = Tensor::from_vec(idx, rows, &self.device)?;
             Tensor::cat(&[&prompts.index_select(&idx, 0)?, &tok], 1)?
         };
-        let mask = batch.attention_mask();
-        let mut bias = vec![0f32; rows * s * s];
-        for r in 0..rows {
-            for q in 0..s {
-                for k in 0..s {
-                    let visible = k <= q && (k < n || mask[r * t + (k - n)]);
-                    if !visible {
-                        bias[(r * s + q) * s + k] = MASKED;
-                    }
-                }
-            }
-        }
-        let bias = Tensor::from_vec(bias, (rows, 1, s, s), &self.device)?.to_dtype(self.dtype)?;
+        let bias = Tensor::from_vec(batch.attention_bias(n), (rows, 1, s, s), &self.device)?
+            .to_dtype(self.dtype)?;
         Ok(Inputs { x, bias })
     }
 
@@ -221,28 +208,10 @@ impl CandleBackbone {
     ) -> candle_core::Result<Tensor> {
         let (rows, t) = (batch.rows(), batch.seq_len());
         let s = n + t;
-        let mask = batch.attention_mask();
-        // token q of a row sees every virtual token and its own real tokens up to q
-        let mut bias = vec![0f32; rows * t * s];
-        for r in 0..rows {
-            for q in 0..t {
-                for j in 0..t {
-                    if j > q || !mask[r * t + j] {
-                        bias[(r * t + q) * s + n + j] = MASKED;
-                    }
-                }
-            }
-        }
         let mut cache: Vec<LayerCache> = vec![None; self.model.num_layers()];
         if n > 0 {
-            let mut causal = vec![0f32; n * n];
-            for q in 0..n {
-                for k in q + 1..n {
-                    causal[q * n + k] = MASKED;
-                }
-            }
-            let causal =
-                Tensor::from_vec(causal, (1, 1, n, n), &self.device)?.to_dtype(self.dtype)?;
+            let causal = Tensor::from_vec(causal_bias(n, n), (1, 1, n, n), &self.device)?
+                .to_dtype(self.dtype)?;
             self.model
                 .forward(prompts, 0, Some(&causal), Some(&mut cache))?;
             let idx: Vec<u32> = batch.prompt_index().iter().map(|p| *p as u32).collect();
@@ -258,7 +227,8 @@ impl CandleBackbone {
             .model
             .embed(&ids)?
             .reshape((rows, t, self.spec.hidden_size))?;
-        let bias = Tensor::from_vec(bias, (rows, 1, t, s), &self.device)?.to_dtype(self.dtype)?;
+        let bias = Tensor::from_vec(batch.token_attention_bias(n), (rows, 1, t, s), &self.device)?
+            .to_dtype(self.dtype)?;
         self.model.forward(&tok, n, Some(&bias), Some(&mut cache))
     }
 
@@ -510,13 +480,8 @@ impl CandleDecode<'_> {
         let mut step = || -> candle_core::Result<Vec<f32>> {
             // causal bias inside the new chunk; everything cached is visible
             let total = self.position + s;
-            let mut bias = vec![0f32; s * total];
-            for q in 0..s {
-                for k in (self.position + q + 1)..total {
-                    bias[q * total + k] = MASKED;
-                }
-            }
-            let bias = Tensor::from_vec(bias, (1, 1, s, total), &b.device)?.to_dtype(b.dtype)?;
+            let bias = Tensor::from_vec(causal_bias(s, total), (1, 1, s, total), &b.device)?
+                .to_dtype(b.dtype)?;
             let h = b
                 .model
                 .forward(x, self.position, Some(&bias), Some(&mut self.cache))?;

@@ -18,8 +18,8 @@ use std::sync::{Mutex, MutexGuard};
 use softprompt_core::backbone::check_prompts;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    Backbone, BackboneSpec, Batch, BatchRow, Capabilities, DecodeSession, Error, LossAndGrad,
-    ModelConfig, RowScores, SoftPrompt,
+    causal_bias, Backbone, BackboneSpec, Batch, BatchRow, Capabilities, DecodeSession, Error,
+    LossAndGrad, ModelConfig, RowScores, SoftPrompt,
 };
 pub use tch::{Device, Kind};
 use tch::{TchError, Tensor};
@@ -30,8 +30,6 @@ use crate::model::{LayerCache, Model};
 pub type Result<T> = softprompt_core::Result<T>;
 
 const BACKEND: &str = "tch";
-/// Additive attention bias for masked positions (finite so that f16/bf16 stay NaN-free).
-const MASKED: f64 = -1e9;
 
 pub(crate) fn to_core(e: TchError) -> Error {
     Error::backend(BACKEND, e)
@@ -241,18 +239,7 @@ impl TchBackbone {
         let s = n + t;
         let ids = self.ids_tensor(batch.input_ids())?;
         let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
-        let mask = batch.attention_mask();
-        let mut bias = vec![0f32; rows * s * s];
-        for r in 0..rows {
-            for q in 0..s {
-                for k in 0..s {
-                    let visible = k <= q && (k < n || mask[r * t + (k - n)]);
-                    if !visible {
-                        bias[(r * s + q) * s + k] = MASKED as f32;
-                    }
-                }
-            }
-        }
+        let bias = batch.attention_bias(n);
         let run = || -> std::result::Result<(Tensor, Tensor), TchError> {
             let tok =
                 model
@@ -291,24 +278,8 @@ impl TchBackbone {
         let d = self.spec.hidden_size as i64;
         let ids = self.ids_tensor(batch.input_ids())?;
         let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
-        let mask = batch.attention_mask();
-        // token q of a row sees every virtual token and its own real tokens up to q
-        let mut bias = vec![0f32; rows * t * s];
-        for r in 0..rows {
-            for q in 0..t {
-                for j in 0..t {
-                    if j > q || !mask[r * t + j] {
-                        bias[(r * t + q) * s + n + j] = MASKED as f32;
-                    }
-                }
-            }
-        }
-        let mut causal = vec![0f32; n * n];
-        for q in 0..n {
-            for k in q + 1..n {
-                causal[q * n + k] = MASKED as f32;
-            }
-        }
+        let bias = batch.token_attention_bias(n);
+        let causal = causal_bias(n, n);
         let run = || -> std::result::Result<Tensor, TchError> {
             let host = |v: &[f32], shape: [i64; 4]| -> std::result::Result<Tensor, TchError> {
                 Tensor::f_from_slice(v)?
@@ -619,12 +590,7 @@ impl TchDecode<'_> {
         let _guard = tch::no_grad_guard();
         // causal inside the new chunk; everything cached is visible
         let total = self.position + s;
-        let mut bias = vec![0f32; s * total];
-        for q in 0..s {
-            for k in (self.position + q + 1)..total {
-                bias[q * total + k] = MASKED as f32;
-            }
-        }
+        let bias = causal_bias(s, total);
         let model = b.model();
         let mut step = || -> std::result::Result<Tensor, TchError> {
             let bias = Tensor::f_from_slice(&bias)?

@@ -19,7 +19,7 @@ pub mod store;
 pub mod tokenizer;
 
 pub use backbone::{Backbone, Capabilities, DecodeSession, LossAndGrad, RowScores};
-pub use batch::{Batch, BatchRow};
+pub use batch::{causal_bias, Batch, BatchRow, MASKED_BIAS};
 pub use error::{Error, Result};
 pub use generate::{generate, GenerationOutput, GenerationParams, StopReason};
 pub use model::{
