@@ -519,6 +519,11 @@ macro_rules! conformance_suite {
                     b.score(&r.prompts[..1], &r.batch(&[0, 1])),
                     Err(softprompt::Error::InvalidBatch(_))
                 ));
+                // a label candidate outside the vocabulary
+                assert!(matches!(
+                    b.next_token_logprobs(&r.prompts, &r.batch(&[0, 1]), &[r.vocab as u32]),
+                    Err(softprompt::Error::InvalidBatch(_))
+                ));
             }
         }
     };

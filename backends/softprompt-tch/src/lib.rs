@@ -15,7 +15,7 @@ mod model;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use softprompt_core::backbone::check_prompts;
+use softprompt_core::backbone::{check_next_token, check_prompts};
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
     causal_bias, Backbone, BackboneSpec, Batch, BatchRow, Capabilities, DecodeSession, Error,
@@ -430,21 +430,8 @@ impl Backbone for TchBackbone {
         batch: &Batch,
         candidates: &[u32],
     ) -> Result<Vec<Vec<f64>>> {
-        let n = check_prompts(prompts, &self.spec, batch)?;
+        let n = check_next_token(prompts, &self.spec, batch, candidates)?;
         self.check_length(n + batch.seq_len())?;
-        if let Some(c) = candidates
-            .iter()
-            .find(|c| **c as usize >= self.spec.vocab_size)
-        {
-            return Err(Error::InvalidBatch(format!(
-                "candidate {c} is outside the vocabulary"
-            )));
-        }
-        if let Some(r) = (0..batch.rows()).find(|r| n + batch.row_len(*r) == 0) {
-            return Err(Error::InvalidBatch(format!(
-                "row {r} is empty and there is no prompt"
-            )));
-        }
         let _guard = tch::no_grad_guard();
         let p = self.prompts_tensor(prompts, n)?;
         let (t, s) = (batch.seq_len(), n + batch.seq_len());

@@ -152,6 +152,28 @@ pub fn check_prompts(prompts: &[SoftPrompt], spec: &BackboneSpec, batch: &Batch)
     Ok(n)
 }
 
+/// [`check_prompts`] for [`Backbone::next_token_logprobs`]: also every candidate must be in the
+/// vocabulary and every row must have a last position (a real token or a prompt).
+pub fn check_next_token(
+    prompts: &[SoftPrompt],
+    spec: &BackboneSpec,
+    batch: &Batch,
+    candidates: &[u32],
+) -> Result<usize> {
+    let n = check_prompts(prompts, spec, batch)?;
+    if let Some(c) = candidates.iter().find(|c| **c as usize >= spec.vocab_size) {
+        return Err(Error::InvalidBatch(format!(
+            "candidate {c} is outside the vocabulary"
+        )));
+    }
+    if let Some(r) = (0..batch.rows()).find(|r| n + batch.row_len(*r) == 0) {
+        return Err(Error::InvalidBatch(format!(
+            "row {r} is empty and there is no prompt"
+        )));
+    }
+    Ok(n)
+}
+
 impl std::fmt::Debug for dyn Backbone + '_ {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backbone")
