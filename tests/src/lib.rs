@@ -449,6 +449,82 @@ macro_rules! conformance_suite {
             }
 
             #[test]
+            fn continuous_batching_matches_one_sequence_at_a_time() {
+                for name in FIXTURE_MODELS {
+                    let b = load(name);
+                    if !b.capabilities().generation {
+                        continue;
+                    }
+                    let r = load_reference(name);
+                    let d = b.spec().hidden_size;
+                    // prompts of different tasks and lengths, and no prompt at all
+                    let short =
+                        softprompt::SoftPrompt::new(2, d, r.prompts[1].values()[..2 * d].to_vec())
+                            .unwrap();
+                    let seqs: Vec<(softprompt::SoftPrompt, Vec<u32>)> = vec![
+                        (r.prompts[0].clone(), r.rows[0][..4].to_vec()),
+                        (short, r.rows[1][..2].to_vec()),
+                        (softprompt::SoftPrompt::empty(d), r.rows[0][..5].to_vec()),
+                    ];
+                    // reference: each sequence alone, greedy, 5 steps
+                    let alone: Vec<Vec<Vec<f32>>> = seqs
+                        .iter()
+                        .map(|(p, ids)| {
+                            let mut s = b.start_decode(p, ids).unwrap();
+                            let mut out = vec![s.logits().to_vec()];
+                            for _ in 0..5 {
+                                let t = softprompt::generate::argmax(s.logits());
+                                s.advance(t).unwrap();
+                                out.push(s.logits().to_vec());
+                            }
+                            out
+                        })
+                        .collect();
+                    // together: sequence k joins after k steps, all advance in shared steps
+                    let mut dec = softprompt::batch_decoder(b.as_ref());
+                    let mut live: Vec<(usize, u64, Vec<f32>, usize)> = Vec::new();
+                    for round in 0..8 {
+                        if round < seqs.len() {
+                            let (p, ids) = &seqs[round];
+                            let (id, logits) = dec.add(p, ids).unwrap();
+                            live.push((round, id, logits, 0));
+                        }
+                        for (k, _, logits, step) in &live {
+                            let m = $crate::max_abs_diff(
+                                &logits.iter().map(|x| *x as f64).collect::<Vec<_>>(),
+                                &alone[*k][*step]
+                                    .iter()
+                                    .map(|x| *x as f64)
+                                    .collect::<Vec<_>>(),
+                            );
+                            assert!(m <= 1e-4, "{name}: sequence {k} step {step}: {m}");
+                        }
+                        live.retain(|(_, id, _, step)| {
+                            if *step == 5 {
+                                dec.remove(*id);
+                            }
+                            *step < 5
+                        });
+                        let tokens: Vec<(u64, u32)> = live
+                            .iter()
+                            .map(|(_, id, l, _)| (*id, softprompt::generate::argmax(l)))
+                            .collect();
+                        let next = dec.step(&tokens).unwrap();
+                        for (entry, logits) in live.iter_mut().zip(next) {
+                            entry.2 = logits;
+                            entry.3 += 1;
+                        }
+                    }
+                    assert!(live.is_empty() && dec.is_empty(), "{name}: {}", dec.len());
+                    // a sequence listed twice, or unknown, is an error
+                    let (id, _) = dec.add(&seqs[0].0, &seqs[0].1).unwrap();
+                    assert!(dec.step(&[(id, 1), (id, 1)]).is_err());
+                    assert!(dec.step(&[(id + 100, 1)]).is_err());
+                    assert_eq!(dec.position(id), Some(seqs[0].0.num_virtual_tokens() + 4));
+                }
+            }
+
+            #[test]
             fn seeded_training_is_reproducible_and_learns() {
                 let b = load("tiny-llama");
                 if !b.capabilities().gradients {

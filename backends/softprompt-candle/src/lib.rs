@@ -6,18 +6,20 @@
 mod model;
 mod ops;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use candle_core::{DType, Device};
 use candle_core::{Tensor, Var};
 use softprompt_core::backbone::{check_next_token, check_prompts};
+use softprompt_core::decode::check_step;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    causal_bias, Backbone, BackboneSpec, Batch, Capabilities, DecodeSession, Error, LossAndGrad,
-    ModelConfig, RowScores, SoftPrompt,
+    causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, Capabilities, DecodeSession, Error,
+    LossAndGrad, ModelConfig, RowScores, SeqId, SoftPrompt, MASKED_BIAS,
 };
 
-use crate::model::{LayerCache, Model};
+use crate::model::{LayerCache, Model, Positions};
 
 /// Result with softprompt's error type.
 pub type Result<T> = softprompt_core::Result<T>;
@@ -415,6 +417,21 @@ impl Backbone for CandleBackbone {
         prompt: &SoftPrompt,
         ids: &[u32],
     ) -> Result<Box<dyn DecodeSession + 'a>> {
+        Ok(Box::new(self.prefill(prompt, ids)?))
+    }
+
+    fn batch_decoder(&self) -> Option<Box<dyn BatchDecoder + '_>> {
+        Some(Box::new(CandleBatchDecoder {
+            backbone: self,
+            next_id: 0,
+            seqs: BTreeMap::new(),
+        }))
+    }
+}
+
+impl CandleBackbone {
+    /// Runs `[prompt][ids]` through the model, keeping its keys and values.
+    fn prefill(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<CandleDecode<'_>> {
         prompt.check_hidden_size(self.spec.hidden_size)?;
         let n = prompt.num_virtual_tokens();
         if n + ids.len() == 0 {
@@ -447,7 +464,134 @@ impl Backbone for CandleBackbone {
             Err(_) => p,
         };
         session.run(&x)?;
-        Ok(Box::new(session))
+        Ok(session)
+    }
+}
+
+/// Continuous batching on candle: every sequence keeps its own cache; a step packs the caches of
+/// the listed sequences into one padded batch (padding masked out, each row at its own RoPE /
+/// position-embedding position), runs one forward pass and appends each row's new keys and
+/// values to its sequence.
+struct CandleBatchDecoder<'a> {
+    backbone: &'a CandleBackbone,
+    next_id: SeqId,
+    /// Per sequence: cache of every layer (`[1, heads, len, head_dim]`) and its length.
+    seqs: BTreeMap<SeqId, (Vec<LayerCache>, usize)>,
+}
+
+impl BatchDecoder for CandleBatchDecoder<'_> {
+    fn add(&mut self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqId, Vec<f32>)> {
+        let s = self.backbone.prefill(prompt, ids)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, (s.cache, s.position));
+        Ok((id, s.logits))
+    }
+
+    fn step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
+        check_step(tokens, &self.seqs)?;
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = self.backbone;
+        let rows = tokens.len();
+        let starts: Vec<usize> = tokens.iter().map(|(id, _)| self.seqs[id].1).collect();
+        for p in &starts {
+            b.check_length(p + 1)?;
+        }
+        if let Some((_, t)) = tokens
+            .iter()
+            .find(|(_, t)| *t as usize >= b.spec.vocab_size)
+        {
+            return Err(Error::InvalidBatch(format!(
+                "token {t} is outside the vocabulary"
+            )));
+        }
+        let longest = starts.iter().copied().max().unwrap_or(0);
+        let layers = b.model.num_layers();
+        let run = || -> candle_core::Result<(Vec<Vec<f32>>, Vec<(Tensor, Tensor)>)> {
+            let ids: Vec<u32> = tokens.iter().map(|(_, t)| *t).collect();
+            let ids = Tensor::from_vec(ids, rows, &b.device)?;
+            let x = b
+                .model
+                .embed(&ids)?
+                .reshape((rows, 1, b.spec.hidden_size))?;
+            let pad = |t: &Tensor| -> candle_core::Result<Tensor> {
+                let (one, heads, len, hd) = t.dims4()?;
+                if len == longest {
+                    return Ok(t.clone());
+                }
+                let z = Tensor::zeros((one, heads, longest - len, hd), t.dtype(), t.device())?;
+                Tensor::cat(&[t, &z], 2)
+            };
+            let mut packed: Vec<LayerCache> = Vec::with_capacity(layers);
+            for layer in 0..layers {
+                let (mut ks, mut vs) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+                for (id, _) in tokens {
+                    let (k, v) = self.seqs[id].0[layer]
+                        .as_ref()
+                        .expect("a prefilled sequence has a cache in every layer");
+                    ks.push(pad(k)?);
+                    vs.push(pad(v)?);
+                }
+                packed.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+            }
+            // row r sees its own `starts[r]` cached keys, not the padding, and its new token
+            let mut bias = vec![0f32; rows * (longest + 1)];
+            for (r, start) in starts.iter().enumerate() {
+                bias[r * (longest + 1) + start..r * (longest + 1) + longest].fill(MASKED_BIAS);
+            }
+            let bias =
+                Tensor::from_vec(bias, (rows, 1, 1, longest + 1), &b.device)?.to_dtype(b.dtype)?;
+            let h = b.model.forward_at(
+                &x,
+                Positions::PerRow(&starts),
+                Some(&bias),
+                Some(&mut packed),
+            )?;
+            let logits = b
+                .model
+                .head(&h.reshape((rows, b.spec.hidden_size))?)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+            let fresh = packed
+                .into_iter()
+                .map(|slot| {
+                    let (k, v) = slot.expect("forward fills the cache");
+                    Ok((k.narrow(2, longest, 1)?, v.narrow(2, longest, 1)?))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok((logits, fresh))
+        };
+        let (logits, fresh) = run().map_err(to_core)?;
+        let append = |seqs: &mut BTreeMap<SeqId, (Vec<LayerCache>, usize)>| {
+            for (r, (id, _)) in tokens.iter().enumerate() {
+                let (cache, len) = seqs.get_mut(id).expect("checked above");
+                for (slot, (k, v)) in cache.iter_mut().zip(&fresh) {
+                    let (pk, pv) = slot.take().expect("prefilled");
+                    *slot = Some((
+                        Tensor::cat(&[&pk, &k.narrow(0, r, 1)?], 2)?,
+                        Tensor::cat(&[&pv, &v.narrow(0, r, 1)?], 2)?,
+                    ));
+                }
+                *len += 1;
+            }
+            Ok::<(), candle_core::Error>(())
+        };
+        append(&mut self.seqs).map_err(to_core)?;
+        Ok(logits)
+    }
+
+    fn remove(&mut self, id: SeqId) {
+        self.seqs.remove(&id);
+    }
+
+    fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn position(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(|s| s.1)
     }
 }
 

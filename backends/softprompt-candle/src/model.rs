@@ -9,6 +9,32 @@ use softprompt_core::model::{
 use crate::ops::{attention, layer_norm, repeat_kv, rms_norm, rope, rope_tables, Linear};
 use crate::{to_core, Result};
 
+/// Where the rows of a forward pass sit in their sequences.
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    /// Every row's first input is at this position.
+    From(usize),
+    /// Row `r`'s first input is at `starts[r]` (continuous batching: rows of different lengths).
+    PerRow(&'a [usize]),
+}
+
+impl Positions<'_> {
+    /// Positions of `b` rows of `s` inputs, row-major (one row when they are shared).
+    fn ids(&self, s: usize) -> Vec<usize> {
+        match self {
+            Positions::From(start) => (*start..start + s).collect(),
+            Positions::PerRow(starts) => starts.iter().flat_map(|p| *p..p + s).collect(),
+        }
+    }
+
+    fn end(&self, s: usize) -> usize {
+        match self {
+            Positions::From(start) => start + s,
+            Positions::PerRow(starts) => starts.iter().max().copied().unwrap_or(0) + s,
+        }
+    }
+}
+
 /// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]` (after RoPE).
 pub type LayerCache = Option<(Tensor, Tensor)>;
 
@@ -155,9 +181,20 @@ impl Model {
         bias: Option<&Tensor>,
         cache: Option<&mut Vec<LayerCache>>,
     ) -> candle_core::Result<Tensor> {
+        self.forward_at(x, Positions::From(start), bias, cache)
+    }
+
+    /// [`Model::forward`] with each row at its own positions.
+    pub fn forward_at(
+        &self,
+        x: &Tensor,
+        pos: Positions<'_>,
+        bias: Option<&Tensor>,
+        cache: Option<&mut Vec<LayerCache>>,
+    ) -> candle_core::Result<Tensor> {
         match self {
-            Model::Llama(m) => m.forward(x, start, bias, cache),
-            Model::Gpt2(m) => m.forward(x, start, bias, cache),
+            Model::Llama(m) => m.forward(x, pos, bias, cache),
+            Model::Gpt2(m) => m.forward(x, pos, bias, cache),
         }
     }
 
@@ -217,14 +254,18 @@ impl Llama {
     fn forward(
         &self,
         x: &Tensor,
-        start: usize,
+        pos: Positions<'_>,
         bias: Option<&Tensor>,
         mut cache: Option<&mut Vec<LayerCache>>,
     ) -> candle_core::Result<Tensor> {
         let c = &self.cfg;
         let (b, s, _) = x.dims3()?;
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (cos, sin) = rope_tables(start, s, hd, c.rope_theta, x.dtype(), x.device())?;
+        let (cos, sin) = rope_tables(&pos.ids(s), hd, c.rope_theta, x.dtype(), x.device())?;
+        let (cos, sin) = match pos {
+            Positions::From(_) => (cos, sin),
+            Positions::PerRow(_) => (cos.reshape((b, 1, s, hd))?, sin.reshape((b, 1, s, hd))?),
+        };
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
@@ -309,22 +350,29 @@ impl Gpt2 {
     fn forward(
         &self,
         x: &Tensor,
-        start: usize,
+        pos: Positions<'_>,
         bias: Option<&Tensor>,
         mut cache: Option<&mut Vec<LayerCache>>,
     ) -> candle_core::Result<Tensor> {
         let c = &self.cfg;
         let (b, s, d) = x.dims3()?;
-        if start + s > c.n_positions {
+        if pos.end(s) > c.n_positions {
             candle_core::bail!(
                 "sequence of {} positions exceeds GPT-2's n_positions {}",
-                start + s,
+                pos.end(s),
                 c.n_positions
             );
         }
         let (h, hd) = (c.n_head, d / c.n_head);
         let eps = c.layer_norm_epsilon;
-        let mut x = x.broadcast_add(&self.wpe.narrow(0, start, s)?)?;
+        let mut x = match pos {
+            Positions::From(start) => x.broadcast_add(&self.wpe.narrow(0, start, s)?)?,
+            Positions::PerRow(_) => {
+                let ids: Vec<u32> = pos.ids(s).iter().map(|p| *p as u32).collect();
+                let ids = Tensor::from_vec(ids, b * s, x.device())?;
+                (x + self.wpe.index_select(&ids, 0)?.reshape((b, s, d))?)?
+            }
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = layer_norm(&x, &layer.ln_1.0, &layer.ln_1.1, eps)?;
             let qkv = layer.c_attn.forward(&hn)?;

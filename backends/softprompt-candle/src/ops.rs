@@ -136,19 +136,19 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         .broadcast_add(&rotated.broadcast_mul(sin)?)
 }
 
-/// RoPE tables `[positions, head_dim]` for positions `start..start + len`.
+/// RoPE tables `[positions.len(), head_dim]` for `positions`.
 pub fn rope_tables(
-    start: usize,
-    len: usize,
+    positions: &[usize],
     head_dim: usize,
     theta: f64,
     dtype: DType,
     device: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
+    let len = positions.len();
     let mut cos = Vec::with_capacity(len * head_dim);
     let mut sin = Vec::with_capacity(len * head_dim);
-    for p in start..start + len {
+    for &p in positions {
         let row: Vec<f64> = (0..half)
             .map(|i| {
                 // HF computes inv_freq in f32 and the angle as an f32 product

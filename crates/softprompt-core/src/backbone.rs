@@ -129,6 +129,13 @@ pub trait Backbone: Send + Sync {
     ) -> Result<Box<dyn DecodeSession + 'a>> {
         Err(Error::unsupported(self.backend_name(), "generation", None))
     }
+
+    /// A decoder that advances many sequences (each with its own prompt) in one forward pass
+    /// per step. `None` (the default) lets [`crate::batch_decoder`] fall back to one
+    /// [`DecodeSession`] per sequence.
+    fn batch_decoder(&self) -> Option<Box<dyn crate::BatchDecoder + '_>> {
+        None
+    }
 }
 
 /// Checks that `prompts` fit a backbone of `spec` and share one length; returns that length.

@@ -8,6 +8,7 @@
 
 pub mod backbone;
 pub mod batch;
+pub mod decode;
 pub mod error;
 pub mod generate;
 pub mod model;
@@ -20,6 +21,7 @@ pub mod tokenizer;
 
 pub use backbone::{Backbone, Capabilities, DecodeSession, LossAndGrad, RowScores};
 pub use batch::{causal_bias, Batch, BatchRow, MASKED_BIAS};
+pub use decode::{batch_decoder, BatchDecoder, SeqId, SessionDecoder};
 pub use error::{Error, Result};
 pub use generate::{generate, GenerationOutput, GenerationParams, StopReason};
 pub use model::{
