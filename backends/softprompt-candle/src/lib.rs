@@ -468,6 +468,9 @@ impl CandleBackbone {
     }
 }
 
+/// One layer's keys and values.
+type KeyValue = (Tensor, Tensor);
+
 /// Continuous batching on candle: every sequence keeps its own cache; a step packs the caches of
 /// the listed sequences into one padded batch (padding masked out, each row at its own RoPE /
 /// position-embedding position), runs one forward pass and appends each row's new keys and
@@ -509,7 +512,7 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
         }
         let longest = starts.iter().copied().max().unwrap_or(0);
         let layers = b.model.num_layers();
-        let run = || -> candle_core::Result<(Vec<Vec<f32>>, Vec<(Tensor, Tensor)>)> {
+        let run = || -> candle_core::Result<(Vec<Vec<f32>>, Vec<KeyValue>)> {
             let ids: Vec<u32> = tokens.iter().map(|(_, t)| *t).collect();
             let ids = Tensor::from_vec(ids, rows, &b.device)?;
             let x = b

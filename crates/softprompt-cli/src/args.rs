@@ -20,6 +20,7 @@ impl Cli {
             Command::Train(a) => Some(&a.backend),
             Command::Eval(a) => Some(&a.backend),
             Command::Generate(a) => Some(&a.backend),
+            Command::Serve(a) => Some(&a.backend),
             Command::Inspect(_) | Command::Bench(_) => None,
         }
     }
@@ -45,6 +46,51 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Time train steps, rank classification and generation of each backend on one fixed batch.
     Bench(BenchArgs),
+    /// Serve every prompt of a store over HTTP from one frozen model, batching mixed tasks.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Prompt store: a directory with one PEFT prompt folder per name (read only; changes are
+    /// picked up while serving).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// mixed: rows of different prompts share forward passes; per-prompt: one prompt per batch.
+    #[arg(long, value_enum, default_value_t = BatchingKind::Mixed)]
+    pub batching: BatchingKind,
+    /// Requests waiting for the engine before new ones get 503.
+    #[arg(long, default_value_t = 256)]
+    pub queue_capacity: usize,
+    /// Most classification rows per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch_rows: usize,
+    /// Most sequences decoded together (continuous batching).
+    #[arg(long, default_value_t = 32)]
+    pub max_active: usize,
+    /// Largest max_tokens a completion may ask for.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// Longest input in tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub max_input_tokens: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// File holding the bearer token that /v1/* requires (or set SOFTPROMPT_API_KEY).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BatchingKind {
+    Mixed,
+    PerPrompt,
 }
 
 /// Which runtime executes the backbone, on which device, in which precision.

@@ -15,8 +15,8 @@ use softprompt::{
 };
 
 use crate::args::{
-    BackendArgs, Cli, Command, EvalArgs, GenerateArgs, InitKind, InspectArgs, ScheduleKind,
-    TaskArgs, TaskKind, TrainArgs,
+    BackendArgs, BatchingKind, Cli, Command, EvalArgs, GenerateArgs, InitKind, InspectArgs,
+    ScheduleKind, ServeArgs, TaskArgs, TaskKind, TrainArgs,
 };
 
 const DEFAULT_TEMPLATE: &str = "Review: {text}\nSentiment:";
@@ -29,6 +29,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate_text(a).await,
         Command::Inspect(a) => inspect(a).await,
         Command::Bench(a) => crate::bench::bench(a).await,
+        Command::Serve(a) => serve(a).await,
     }
 }
 
@@ -435,4 +436,95 @@ fn print_summary(v: &serde_json::Value) {
     } else {
         println!("  backbone         not recorded (saved by PEFT?)");
     }
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    use std::sync::Arc;
+
+    let api_key = match &a.api_key_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading --api-key-file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("SOFTPROMPT_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty()),
+    };
+    if !a.store.is_dir() {
+        bail!("--store {} is not a directory", a.store.display());
+    }
+    let model = &a.backend.model;
+    let config = if softprompt::gguf::is_gguf(model) {
+        softprompt::gguf::load_config(model)?
+    } else {
+        softprompt::ModelConfig::from_file(model.join("config.json"))?
+    };
+    let (backbone, tok) = load(&a.backend)?;
+    let listener = tokio::net::TcpListener::bind(&a.addr)
+        .await
+        .with_context(|| format!("listening on {}", a.addr))?;
+    let store = DirectoryStore::new(&a.store);
+    let count = store.list().await.map(|l| l.len()).unwrap_or(0);
+    eprintln!(
+        "serving {count} prompts from {} on http://{} ({} backend, {} batching{})",
+        a.store.display(),
+        listener.local_addr()?,
+        backbone.backend_name(),
+        match a.batching {
+            BatchingKind::Mixed => "mixed",
+            BatchingKind::PerPrompt => "per-prompt",
+        },
+        if api_key.is_some() {
+            ", bearer auth"
+        } else {
+            ""
+        },
+    );
+    let serve_config = softprompt::serve::ServeConfig {
+        queue_capacity: a.queue_capacity,
+        max_batch_rows: a.max_batch_rows,
+        max_active_sequences: a.max_active,
+        max_new_tokens: a.max_new_tokens,
+        max_input_tokens: a.max_input_tokens,
+        max_body_bytes: a.max_body_bytes,
+        context_length: Some(config.max_positions()),
+        batching: match a.batching {
+            BatchingKind::Mixed => softprompt::serve::Batching::Mixed,
+            BatchingKind::PerPrompt => softprompt::serve::Batching::PerPrompt,
+        },
+        api_key,
+        ..Default::default()
+    };
+    let shutdown = async {
+        let term = async {
+            #[cfg(unix)]
+            {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            }
+            #[cfg(not(unix))]
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        eprintln!("shutting down: finishing in-flight requests");
+    };
+    softprompt::serve::serve(
+        listener,
+        Arc::from(backbone),
+        Arc::new(tok),
+        Arc::new(store),
+        serve_config,
+        shutdown,
+    )
+    .await?;
+    Ok(())
 }

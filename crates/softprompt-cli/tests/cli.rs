@@ -25,7 +25,7 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn help_texts() {
-    for sub in ["", "train", "eval", "generate", "inspect", "bench"] {
+    for sub in ["", "train", "eval", "generate", "inspect", "bench", "serve"] {
         let mut args: Vec<&str> = vec![];
         if !sub.is_empty() {
             args.push(sub);

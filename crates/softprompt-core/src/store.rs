@@ -151,6 +151,14 @@ pub trait PromptStore: Send + Sync {
     /// Removes the prompt stored under `name`.
     async fn remove(&self, name: &str) -> Result<()>;
 
+    /// A tag that changes whenever the prompt stored under `name` is replaced, so that a
+    /// long-running reader (a server) can keep a parsed copy and reread only on change.
+    /// `None` means the store cannot tell cheaply and readers must reload every time.
+    /// A missing prompt is [`Error::PromptNotFound`].
+    async fn etag(&self, name: &str) -> Result<Option<String>> {
+        self.load(name).await.map(|_| None)
+    }
+
     /// Reads `name` and checks it fits the backbone `spec`.
     async fn load_for(&self, name: &str, spec: &BackboneSpec) -> Result<StoredPrompt> {
         let stored = self.load(name).await?;

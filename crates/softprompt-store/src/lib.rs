@@ -72,6 +72,31 @@ impl PromptStore for DirectoryStore {
         read_prompt_dir(&dir).await
     }
 
+    /// Modification time and length of both files: an atomic replace renames new files into
+    /// place, so either changes.
+    async fn etag(&self, name: &str) -> Result<Option<String>> {
+        let dir = self.path_of(name)?;
+        let mut tag = String::new();
+        for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+            let path = dir.join(file);
+            let meta = match tokio::fs::metadata(&path).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::PromptNotFound(name.to_string()))
+                }
+                Err(e) => return Err(Error::io(path, e)),
+            };
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            tag.push_str(&format!("{modified:x}-{:x};", meta.len()));
+        }
+        Ok(Some(tag))
+    }
+
     async fn list(&self) -> Result<Vec<PromptInfo>> {
         let mut out = Vec::new();
         let mut entries = match tokio::fs::read_dir(&self.root).await {

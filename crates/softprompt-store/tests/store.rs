@@ -165,3 +165,31 @@ async fn malformed_files_are_typed_errors() {
     let err = store.load("p").await.unwrap_err();
     assert!(err.to_string().contains("PROMPT_TUNING"), "{err}");
 }
+
+#[tokio::test]
+async fn etag_changes_when_a_prompt_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirectoryStore::new(dir.path());
+    assert!(matches!(
+        store.etag("sentiment").await,
+        Err(Error::PromptNotFound(_))
+    ));
+    assert!(store.etag("../etc").await.is_err());
+    store
+        .save("sentiment", &stored(vec![0.5; 64], 32))
+        .await
+        .unwrap();
+    let first = store.etag("sentiment").await.unwrap().unwrap();
+    assert_eq!(store.etag("sentiment").await.unwrap().unwrap(), first);
+    store
+        .save("sentiment", &stored(vec![0.25; 96], 32))
+        .await
+        .unwrap();
+    let second = store.etag("sentiment").await.unwrap().unwrap();
+    assert_ne!(first, second, "a replaced prompt has a new tag");
+    store.remove("sentiment").await.unwrap();
+    assert!(matches!(
+        store.etag("sentiment").await,
+        Err(Error::PromptNotFound(_))
+    ));
+}
