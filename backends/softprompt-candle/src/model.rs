@@ -6,7 +6,7 @@ use softprompt_core::model::{
     GPT2_LN_F, GPT2_WPE, GPT2_WTE, LLAMA_EMBED, LLAMA_FINAL_NORM, LM_HEAD,
 };
 
-use crate::ops::{attention, layer_norm, repeat_kv, rms_norm, rope, rope_tables, Linear};
+use crate::ops::{attention, layer_norm, rms_norm, rope, rope_tables, Linear};
 use crate::{to_core, Result};
 
 /// Where the rows of a forward pass sit in their sequences.
@@ -293,8 +293,6 @@ impl Llama {
             if let Some(cache) = cache.as_deref_mut() {
                 (k, v) = extend_cache(&mut cache[i], k, v)?;
             }
-            let k = repeat_kv(&k, h / kvh)?.contiguous()?;
-            let v = repeat_kv(&v, h / kvh)?.contiguous()?;
             let att = attention(&q, &k, &v, bias)?
                 .transpose(1, 2)?
                 .reshape((b, s, h * hd))?;

@@ -166,27 +166,30 @@ pub fn rope_tables(
     Ok((cos, sin))
 }
 
-/// Scaled dot-product attention of `q [b,h,s,hd]` over `k, v [b,h,t,hd]` with an additive bias
-/// broadcastable to `[b,h,s,t]`.
+/// Scaled dot-product attention of `q [b,h,s,hd]` over `k, v [b,kv,t,hd]` (`h` a multiple of
+/// `kv`: grouped-query attention, query head `j` reads key/value head `j / (h / kv)` as in
+/// Hugging Face's `repeat_kv`) with an additive bias broadcastable to `[b,1,s,t]`. The query
+/// heads of a group are stacked as one `[rep·s, hd]` matrix instead of repeating keys and values.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let hd = q.dim(D::Minus1)?;
+    let (b, h, s, hd) = q.dims4()?;
+    let (kv, t) = (k.dim(1)?, k.dim(2)?);
+    let rep = h / kv;
+    let q = q.reshape((b, kv, rep * s, hd))?;
     let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
     let scores = match bias {
-        Some(b) => scores.broadcast_add(b)?,
+        Some(bias) => {
+            let bias = match bias.rank() {
+                4 => bias.unsqueeze(1)?,
+                _ => bias.clone(),
+            };
+            scores
+                .reshape((b, kv, rep, s, t))?
+                .broadcast_add(&bias)?
+                .reshape((b, kv, rep * s, t))?
+        }
         None => scores,
     };
-    softmax_last(&scores)?.matmul(v)
-}
-
-/// Repeats key/value heads `rep` times: `[b, kv, t, hd]` → `[b, kv·rep, t, hd]`.
-pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, t, hd) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv, rep, t, hd))?
-        .reshape((b, kv * rep, t, hd))
+    softmax_last(&scores)?.matmul(v)?.reshape((b, h, s, hd))
 }
 
 #[cfg(test)]
