@@ -465,6 +465,8 @@ macro_rules! conformance_suite {
                         (r.prompts[0].clone(), r.rows[0][..4].to_vec()),
                         (short, r.rows[1][..2].to_vec()),
                         (softprompt::SoftPrompt::empty(d), r.rows[0][..5].to_vec()),
+                        // the same length as sequence 0's prompt, another prompt, longer input
+                        (r.prompts[1].clone(), r.rows[1][..6].to_vec()),
                     ];
                     // reference: each sequence alone, greedy, 5 steps
                     let alone: Vec<Vec<Vec<f32>>> = seqs
@@ -480,14 +482,27 @@ macro_rules! conformance_suite {
                             out
                         })
                         .collect();
-                    // together: sequence k joins after k steps, all advance in shared steps
+                    // together: sequences 0 and 1 join first (one batched prefill), sequence 2
+                    // after two steps; all advance in shared steps
                     let mut dec = softprompt::batch_decoder(b.as_ref());
                     let mut live: Vec<(usize, u64, Vec<f32>, usize)> = Vec::new();
-                    for round in 0..8 {
-                        if round < seqs.len() {
-                            let (p, ids) = &seqs[round];
+                    for round in 0..9 {
+                        if round == 0 {
+                            let added = dec
+                                .add_many(&[
+                                    (&seqs[0].0, seqs[0].1.as_slice()),
+                                    (&seqs[1].0, seqs[1].1.as_slice()),
+                                    (&seqs[3].0, seqs[3].1.as_slice()),
+                                ])
+                                .unwrap();
+                            for (k, (id, logits)) in [0, 1, 3].into_iter().zip(added) {
+                                live.push((k, id, logits, 0));
+                            }
+                        }
+                        if round == 2 {
+                            let (p, ids) = &seqs[2];
                             let (id, logits) = dec.add(p, ids).unwrap();
-                            live.push((round, id, logits, 0));
+                            live.push((2, id, logits, 0));
                         }
                         for (k, _, logits, step) in &live {
                             let m = $crate::max_abs_diff(

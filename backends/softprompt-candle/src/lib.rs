@@ -105,7 +105,19 @@ pub struct CandleBackbone {
     spec: BackboneSpec,
     device: Device,
     dtype: DType,
+    prefixes: std::sync::Mutex<PrefixCache>,
 }
+
+/// Keys and values of recently used prompts (inference only), so that a prompt seen before is
+/// not run through the model again: a server scoring or generating for the same prompts call
+/// after call pays only for the input tokens. Matched by value, bounded, oldest evicted first.
+#[derive(Debug, Default)]
+struct PrefixCache {
+    entries: std::collections::VecDeque<(Vec<f32>, Vec<KeyValue>)>,
+}
+
+/// Prompts kept in the [`PrefixCache`] (about 0.9 MB each for SmolLM2-135M with 20 tokens).
+const PREFIX_CACHE_ENTRIES: usize = 64;
 
 /// Embedded inputs of a batch: `[rows, N + seq_len, d]` and the attention bias `[rows, 1, S, S]`.
 struct Inputs {
@@ -134,6 +146,7 @@ impl CandleBackbone {
             spec,
             device: options.device,
             dtype: options.dtype,
+            prefixes: Default::default(),
         })
     }
 
@@ -198,32 +211,101 @@ impl CandleBackbone {
         Ok(Inputs { x, bias })
     }
 
-    /// Hidden states at the token positions, `[rows, T, d]`, computing each distinct prompt's
-    /// keys and values once (one pass of `[P, N, d]`) and letting every row attend to its
-    /// prompt's cache: the virtual tokens are not recomputed per row. Exact: the same attention
-    /// over the same keys, only the work is shared.
-    fn token_hidden(
+    /// Per-layer keys and values of each row's prompt, `[rows, heads, N, head_dim]`: each
+    /// distinct prompt is run once (`[P, N, d]` in one pass) and rows gather their prompt's
+    /// cache. With `host` (inference) prompts are looked up in, and added to, the prefix cache.
+    fn prompt_kv(
         &self,
         prompts: &Tensor,
-        batch: &Batch,
+        host: Option<&[SoftPrompt]>,
+        idx: &[u32],
         n: usize,
-    ) -> candle_core::Result<Tensor> {
-        let (rows, t) = (batch.rows(), batch.seq_len());
-        let s = n + t;
-        let mut cache: Vec<LayerCache> = vec![None; self.model.num_layers()];
-        if n > 0 {
-            let causal = Tensor::from_vec(causal_bias(n, n), (1, 1, n, n), &self.device)?
-                .to_dtype(self.dtype)?;
-            self.model
-                .forward(prompts, 0, Some(&causal), Some(&mut cache))?;
-            let idx: Vec<u32> = batch.prompt_index().iter().map(|p| *p as u32).collect();
-            let idx = Tensor::from_vec(idx, rows, &self.device)?;
-            for slot in cache.iter_mut() {
-                if let Some((k, v)) = slot.take() {
-                    *slot = Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?));
+    ) -> candle_core::Result<Vec<LayerCache>> {
+        let layers = self.model.num_layers();
+        let causal = Tensor::from_vec(causal_bias(n, n), (1, 1, n, n), &self.device)?
+            .to_dtype(self.dtype)?;
+        let mut per_prompt: Vec<Option<Vec<KeyValue>>> = vec![None; prompts.dim(0)?];
+        if let Some(host) = host {
+            let cache = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+            for (slot, p) in per_prompt.iter_mut().zip(host) {
+                *slot = cache
+                    .entries
+                    .iter()
+                    .find(|(v, _)| v.as_slice() == p.values())
+                    .map(|(_, kv)| kv.clone());
+            }
+        }
+        let missing: Vec<usize> = (0..per_prompt.len())
+            .filter(|i| per_prompt[*i].is_none())
+            .collect();
+        if !missing.is_empty() {
+            let sel: Vec<u32> = missing.iter().map(|i| *i as u32).collect();
+            let sel = Tensor::from_vec(sel, missing.len(), &self.device)?;
+            let mut fresh: Vec<LayerCache> = vec![None; layers];
+            self.model.forward(
+                &prompts.index_select(&sel, 0)?,
+                0,
+                Some(&causal),
+                Some(&mut fresh),
+            )?;
+            let fresh: Vec<KeyValue> = fresh.into_iter().flatten().collect();
+            for (j, i) in missing.iter().enumerate() {
+                let kv = fresh
+                    .iter()
+                    .map(|(k, v)| Ok((k.narrow(0, j, 1)?, v.narrow(0, j, 1)?)))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                per_prompt[*i] = Some(kv);
+            }
+            if let Some(host) = host {
+                let mut cache = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+                for i in &missing {
+                    let kv: Vec<KeyValue> = per_prompt[*i]
+                        .as_ref()
+                        .expect("filled above")
+                        .iter()
+                        .map(|(k, v)| Ok((k.contiguous()?, v.contiguous()?)))
+                        .collect::<candle_core::Result<_>>()?;
+                    cache.entries.push_back((host[*i].values().to_vec(), kv));
+                    while cache.entries.len() > PREFIX_CACHE_ENTRIES {
+                        cache.entries.pop_front();
+                    }
                 }
             }
         }
+        let per_prompt: Vec<Vec<KeyValue>> = per_prompt.into_iter().flatten().collect();
+        let idx = Tensor::from_slice(idx, idx.len(), &self.device)?;
+        (0..layers)
+            .map(|l| {
+                let ks: Vec<&Tensor> = per_prompt.iter().map(|kv| &kv[l].0).collect();
+                let vs: Vec<&Tensor> = per_prompt.iter().map(|kv| &kv[l].1).collect();
+                Ok(Some((
+                    Tensor::cat(&ks, 0)?.index_select(&idx, 0)?,
+                    Tensor::cat(&vs, 0)?.index_select(&idx, 0)?,
+                )))
+            })
+            .collect()
+    }
+
+    /// Hidden states at the token positions, `[rows, T, d]`, computing each distinct prompt's
+    /// keys and values once (see [`Self::prompt_kv`]) and letting every row attend to its
+    /// prompt's cache: the virtual tokens are not recomputed per row. Exact: the same attention
+    /// over the same keys, only the work is shared. Returns the cache too (`[rows, heads, N + T,
+    /// head_dim]` per layer).
+    fn token_hidden(
+        &self,
+        prompts: &Tensor,
+        host: Option<&[SoftPrompt]>,
+        batch: &Batch,
+        n: usize,
+    ) -> candle_core::Result<(Tensor, Vec<LayerCache>)> {
+        let (rows, t) = (batch.rows(), batch.seq_len());
+        let s = n + t;
+        let mut cache: Vec<LayerCache> = if n > 0 {
+            let idx: Vec<u32> = batch.prompt_index().iter().map(|p| *p as u32).collect();
+            self.prompt_kv(prompts, host, &idx, n)?
+        } else {
+            vec![None; self.model.num_layers()]
+        };
         let ids = Tensor::from_slice(batch.input_ids(), rows * t, &self.device)?;
         let tok = self
             .model
@@ -231,13 +313,15 @@ impl CandleBackbone {
             .reshape((rows, t, self.spec.hidden_size))?;
         let bias = Tensor::from_vec(batch.token_attention_bias(n), (rows, 1, t, s), &self.device)?
             .to_dtype(self.dtype)?;
-        self.model.forward(&tok, n, Some(&bias), Some(&mut cache))
+        let hidden = self.model.forward(&tok, n, Some(&bias), Some(&mut cache))?;
+        Ok((hidden, cache))
     }
 
     /// Log-probabilities of every target token, in `batch.targets()` order (differentiable).
     fn target_logprobs(
         &self,
         prompts: &Tensor,
+        host: Option<&[SoftPrompt]>,
         batch: &Batch,
         n: usize,
     ) -> Result<(Tensor, Vec<usize>)> {
@@ -251,7 +335,7 @@ impl CandleBackbone {
         let shared = targets.iter().all(|(_, _, pos)| *pos >= n);
         let run = || -> candle_core::Result<Tensor> {
             let (flat, at): (Tensor, Vec<u32>) = if shared {
-                let hidden = self.token_hidden(prompts, batch, n)?;
+                let (hidden, _) = self.token_hidden(prompts, host, batch, n)?;
                 let at = targets.iter().map(|(r, _, pos)| (r * t + pos - n) as u32);
                 (hidden.reshape((batch.rows() * t, d))?, at.collect())
             } else {
@@ -312,7 +396,7 @@ impl Backbone for CandleBackbone {
         let n = check_prompts(prompts, &self.spec, batch)?;
         self.check_length(n + batch.seq_len())?;
         let p = self.prompts_tensor(prompts, n)?;
-        let (logp, rows) = self.target_logprobs(&p, batch, n)?;
+        let (logp, rows) = self.target_logprobs(&p, Some(prompts), batch, n)?;
         let logp: Vec<f64> = logp
             .to_dtype(DType::F64)
             .and_then(|t| t.to_vec1())
@@ -343,7 +427,7 @@ impl Backbone for CandleBackbone {
             // only each row's last real position goes through the head
             let (flat, at): (Tensor, Vec<u32>) = if (0..batch.rows()).all(|r| batch.row_len(r) > 0)
             {
-                let hidden = self.token_hidden(&p, batch, n)?;
+                let (hidden, _) = self.token_hidden(&p, Some(prompts), batch, n)?;
                 let at = (0..batch.rows()).map(|r| (r * t + batch.row_len(r) - 1) as u32);
                 (hidden.reshape((batch.rows() * t, d))?, at.collect())
             } else {
@@ -378,7 +462,7 @@ impl Backbone for CandleBackbone {
             ));
         }
         let var = Var::from_tensor(&self.prompts_tensor(prompts, n)?).map_err(to_core)?;
-        let (logp, _) = self.target_logprobs(var.as_tensor(), batch, n)?;
+        let (logp, _) = self.target_logprobs(var.as_tensor(), None, batch, n)?;
         let count = logp.dim(0).map_err(to_core)?;
         let run = || -> candle_core::Result<(f32, Vec<f32>)> {
             let loss = (logp.sum_all()?.neg()? / count as f64)?;
@@ -471,6 +555,12 @@ impl CandleBackbone {
 /// One layer's keys and values.
 type KeyValue = (Tensor, Tensor);
 
+/// A prefilled sequence: its cache, its length and the logits of its next token.
+type Prefilled = (Vec<LayerCache>, usize, Vec<f32>);
+
+/// Most sequences prefilled in one forward pass.
+const PREFILL_ROWS: usize = 16;
+
 /// Continuous batching on candle: every sequence keeps its own cache; a step packs the caches of
 /// the listed sequences into one padded batch (padding masked out, each row at its own RoPE /
 /// position-embedding position), runs one forward pass and appends each row's new keys and
@@ -484,11 +574,110 @@ struct CandleBatchDecoder<'a> {
 
 impl BatchDecoder for CandleBatchDecoder<'_> {
     fn add(&mut self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqId, Vec<f32>)> {
-        let s = self.backbone.prefill(prompt, ids)?;
-        let id = self.next_id;
-        self.next_id += 1;
-        self.seqs.insert(id, (s.cache, s.position));
-        Ok((id, s.logits))
+        let mut out = self.add_many(&[(prompt, ids)])?;
+        Ok(out.remove(0))
+    }
+
+    /// Prefills sequences with equal prompt lengths together: each distinct prompt's keys and
+    /// values come from the prefix cache (or one pass), then the right-padded inputs of up to
+    /// [`PREFILL_ROWS`] sequences run in one forward pass and each keeps its own slice of the
+    /// cache.
+    fn add_many(&mut self, seqs: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqId, Vec<f32>)>> {
+        let b = self.backbone;
+        for (prompt, ids) in seqs {
+            prompt.check_hidden_size(b.spec.hidden_size)?;
+            b.check_length(prompt.num_virtual_tokens() + ids.len())?;
+            if let Some(t) = ids.iter().find(|t| **t as usize >= b.spec.vocab_size) {
+                return Err(Error::InvalidBatch(format!(
+                    "token {t} is outside the vocabulary"
+                )));
+            }
+        }
+        let mut done: Vec<Option<Prefilled>> = vec![None; seqs.len()];
+        // a sequence without input tokens is its prompt alone: the single-sequence path
+        for (i, (prompt, ids)) in seqs.iter().enumerate() {
+            if ids.is_empty() {
+                let s = b.prefill(prompt, ids)?;
+                done[i] = Some((s.cache, s.position, s.logits));
+            }
+        }
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, (prompt, ids)) in seqs.iter().enumerate() {
+            if !ids.is_empty() {
+                groups
+                    .entry(prompt.num_virtual_tokens())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        for (n, members) in groups {
+            for chunk in members.chunks(PREFILL_ROWS) {
+                let mut prompts: Vec<SoftPrompt> = Vec::new();
+                let mut rows = Vec::with_capacity(chunk.len());
+                for &i in chunk {
+                    let (prompt, ids) = seqs[i];
+                    let slot = match prompts.iter().position(|p| p.values() == prompt.values()) {
+                        Some(s) => s,
+                        None => {
+                            prompts.push(prompt.clone());
+                            prompts.len() - 1
+                        }
+                    };
+                    rows.push(softprompt_core::BatchRow {
+                        ids: ids.to_vec(),
+                        targets: vec![false; ids.len()],
+                        prompt: slot,
+                    });
+                }
+                let batch = Batch::from_rows(&rows, 0)?;
+                let p = b.prompts_tensor(&prompts, n)?;
+                let run = || -> candle_core::Result<Vec<Prefilled>> {
+                    let (hidden, cache) = b.token_hidden(&p, Some(&prompts), &batch, n)?;
+                    let t = batch.seq_len();
+                    let last: Vec<u32> = (0..batch.rows())
+                        .map(|r| (r * t + batch.row_len(r) - 1) as u32)
+                        .collect();
+                    let last = Tensor::from_vec(last, batch.rows(), &b.device)?;
+                    let hidden = hidden.reshape((batch.rows() * t, b.spec.hidden_size))?;
+                    let logits = b
+                        .model
+                        .head(&hidden.index_select(&last, 0)?)?
+                        .to_dtype(DType::F32)?
+                        .to_vec2::<f32>()?;
+                    logits
+                        .into_iter()
+                        .enumerate()
+                        .map(|(r, logits)| {
+                            let len = n + batch.row_len(r);
+                            let own = cache
+                                .iter()
+                                .map(|slot| {
+                                    let (k, v) = slot.as_ref().expect("forward fills the cache");
+                                    Ok(Some((
+                                        k.narrow(0, r, 1)?.narrow(2, 0, len)?.contiguous()?,
+                                        v.narrow(0, r, 1)?.narrow(2, 0, len)?.contiguous()?,
+                                    )))
+                                })
+                                .collect::<candle_core::Result<Vec<_>>>()?;
+                            Ok((own, len, logits))
+                        })
+                        .collect()
+                };
+                for (&i, seq) in chunk.iter().zip(run().map_err(to_core)?) {
+                    done[i] = Some(seq);
+                }
+            }
+        }
+        Ok(done
+            .into_iter()
+            .map(|d| {
+                let (cache, len, logits) = d.expect("every sequence prefilled");
+                let id = self.next_id;
+                self.next_id += 1;
+                self.seqs.insert(id, (cache, len));
+                (id, logits)
+            })
+            .collect())
     }
 
     fn step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {

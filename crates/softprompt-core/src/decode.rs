@@ -17,6 +17,24 @@ pub trait BatchDecoder {
     /// its next token.
     fn add(&mut self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqId, Vec<f32>)>;
 
+    /// Adds several sequences (any prompts) at once; backends batch their prefills. Results
+    /// in order; on error none of them is added.
+    fn add_many(&mut self, seqs: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqId, Vec<f32>)>> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for (prompt, ids) in seqs {
+            match self.add(prompt, ids) {
+                Ok(x) => out.push(x),
+                Err(e) => {
+                    for (id, _) in out {
+                        self.remove(id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Appends `token` to each listed sequence (each at most once) and returns, in the same order,
     /// the logits of every sequence's next token.
     fn step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>>;

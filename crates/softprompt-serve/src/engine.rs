@@ -308,7 +308,7 @@ fn classify_group(
 }
 
 /// Lets waiting sequences join the decoder (mixed: any prompt; per-prompt: only the prompt
-/// already being decoded, or any when none is).
+/// already being decoded, or any when none is), prefilled together in one batched call.
 fn admit(
     decoder: &mut dyn BatchDecoder,
     waiting: &mut VecDeque<GenerateJob>,
@@ -316,25 +316,44 @@ fn admit(
     config: &EngineConfig,
     metrics: &Metrics,
 ) {
-    while active.len() < config.max_active {
-        let pick = match (config.batching, active.first()) {
-            (Batching::PerPrompt, Some(a)) => {
-                let key = a.job.entry.key;
-                waiting.iter().position(|j| j.entry.key == key)
-            }
+    let mut joining: Vec<GenerateJob> = Vec::new();
+    while active.len() + joining.len() < config.max_active {
+        let key = active
+            .first()
+            .map(|a| a.job.entry.key)
+            .or_else(|| joining.first().map(|j| j.entry.key));
+        let pick = match (config.batching, key) {
+            (Batching::PerPrompt, Some(key)) => waiting.iter().position(|j| j.entry.key == key),
             _ => (!waiting.is_empty()).then_some(0),
         };
         let Some(i) = pick else { break };
         let job = waiting.remove(i).expect("picked from the queue");
         metrics.queued.fetch_sub(1, Ordering::Relaxed);
         metrics.queue_wait(job.admitted.elapsed().as_secs_f64());
-        if job.events.is_closed() {
-            continue; // the client left while queued
+        if !job.events.is_closed() {
+            joining.push(job); // else the client left while queued
         }
-        let (id, logits) = match decoder.add(&job.entry.prompt, &job.ids) {
+    }
+    if joining.is_empty() {
+        return;
+    }
+    let seqs: Vec<(&SoftPrompt, &[u32])> = joining
+        .iter()
+        .map(|j| (&j.entry.prompt, j.ids.as_slice()))
+        .collect();
+    let added: Vec<Result<(SeqId, Vec<f32>), String>> = match decoder.add_many(&seqs) {
+        Ok(all) => all.into_iter().map(Ok).collect(),
+        // find the culprit: one at a time
+        Err(_) => seqs
+            .iter()
+            .map(|(p, ids)| decoder.add(p, ids).map_err(|e| e.to_string()))
+            .collect(),
+    };
+    for (job, result) in joining.into_iter().zip(added) {
+        let (id, logits) = match result {
             Ok(x) => x,
             Err(e) => {
-                let _ = job.events.send(GenEvent::Failed(e.to_string()));
+                let _ = job.events.send(GenEvent::Failed(e));
                 continue;
             }
         };

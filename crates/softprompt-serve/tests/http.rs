@@ -336,10 +336,10 @@ async fn mixed_prompt_batches_equal_single_prompt_results() {
     }
     let total = calls.len() as u64;
     let release = async {
-        // the held request is in the engine and every other one is queued behind it
+        // every request has arrived: queued, or taken by the engine (which is held)
         wait_for(&server, |m| {
-            metric(m, "softprompt_queue_depth") == total
-                && metric(m, "softprompt_queue_wait_seconds_count") == taken + 1
+            metric(m, "softprompt_queue_depth") + metric(m, "softprompt_queue_wait_seconds_count")
+                == total + 1 + taken
         })
         .await;
         server.backbone.set(true);
@@ -355,9 +355,9 @@ async fn mixed_prompt_batches_equal_single_prompt_results() {
         assert_eq!(body["model"], name);
     }
     let (_, metrics) = server.get("/metrics").await;
-    // the ensemble's pass plus the passes of the released queue (32 rows each)
+    // the ensemble's pass plus at least one pass of the released queue
     assert!(
-        observations_above_one(&metrics, "softprompt_classify_batch_prompts") >= 3,
+        observations_above_one(&metrics, "softprompt_classify_batch_prompts") >= 2,
         "forward passes did not mix prompts:\n{metrics}"
     );
     server.stop().await;
@@ -441,10 +441,10 @@ async fn continuous_batching_completions_and_streaming() {
     }
     let total = calls.len() as u64;
     let release = async {
-        // the held request is in the engine and every other one is queued behind it
+        // every request has arrived: queued, or taken by the engine (which is held)
         wait_for(&server, |m| {
-            metric(m, "softprompt_queue_depth") == total
-                && metric(m, "softprompt_queue_wait_seconds_count") == taken + 1
+            metric(m, "softprompt_queue_depth") + metric(m, "softprompt_queue_wait_seconds_count")
+                == total + 1 + taken
         })
         .await;
         server.backbone.set(true);
