@@ -4,6 +4,7 @@
 # Mixed-task batching against one-prompt-per-batch, for classification and for completions.
 #   bash tools/serve-bench.sh                      # defaults below
 #   CLIENTS=32 REQUESTS=256 SECONDS_MAX=150 bash tools/serve-bench.sh
+#   KINDS=complete MAX_TOKENS=64 GEN_REQUESTS=64 bash tools/serve-bench.sh   # longer generations
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets="$(python3 tools/fetch_assets.py)"
@@ -16,6 +17,7 @@ gen_requests="${GEN_REQUESTS:-128}"
 max_tokens="${MAX_TOKENS:-16}"
 port="${PORT:-18080}"
 threads="${THREADS:-2}"
+kinds="${KINDS:-classify complete}"
 
 cargo build --release -q -p softprompt-cli
 cargo build --release -q -p softprompt-serve --example loadtest
@@ -34,7 +36,7 @@ for mode in mixed per-prompt; do
     curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
     sleep 0.5
   done
-  for kind in classify complete; do
+  for kind in $kinds; do
     n=$requests
     [ "$kind" = complete ] && n=$gen_requests
     line="$(./target/release/examples/loadtest run --url "http://127.0.0.1:$port" --data "$data" \
@@ -55,12 +57,15 @@ by = {(r["mode"], r["result"]["kind"]): r["result"] for r in rows}
 print()
 print("| workload | batching | ok / sent | failed | throughput | p50 s | p90 s | p99 s |")
 print("|---|---|---|---|---|---|---|---|")
-for kind in ("classify", "complete"):
+kinds = [k for k in ("classify", "complete") if ("mixed", k) in by and ("per-prompt", k) in by]
+for kind in kinds:
     for mode in ("mixed", "per-prompt"):
         r = by[(mode, kind)]
         tp = f'{r["requests_per_s"]:.2f} req/s' if kind == "classify" else f'{r["tokens_per_s"]:.1f} tok/s ({r["requests_per_s"]:.2f} req/s)'
         print(f'| {kind} | {mode} | {r["ok"]} / {r["requests"]} | {r["failed"]} | {tp} | {r["latency_p50_s"]:.2f} | {r["latency_p90_s"]:.2f} | {r["latency_p99_s"]:.2f} |')
 for kind, key in (("classify", "requests_per_s"), ("complete", "tokens_per_s")):
+    if kind not in kinds:
+        continue
     m, p = by[("mixed", kind)][key], by[("per-prompt", kind)][key]
     print(f"{kind}: mixed / per-prompt throughput = {m / p:.2f}x")
 EOF
