@@ -186,9 +186,25 @@ pub struct TrainArgs {
         default_value = "Classify if the movie review is positive or negative"
     )]
     pub init_text: String,
-    /// Optimizer: adamw, adafactor (Lester et al.: --lr 0.3) or sgd.
+    /// Optimizer: adamw, adafactor (Lester et al.: --lr 0.3), sgd; gradient-free (forward passes
+    /// only, any backend): spsa (MeZO; --lr is its step size) or cma-es (Black-Box Tuning; --lr unused).
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
+    /// spsa: perturbation scale ε.
+    #[arg(long, default_value_t = 1e-2)]
+    pub spsa_eps: f32,
+    /// spsa: two-point estimates per step (2 candidates each).
+    #[arg(long, default_value_t = 1)]
+    pub spsa_perturbations: usize,
+    /// cma-es: candidates per generation (all scored in one batched forward pass).
+    #[arg(long, default_value_t = 20)]
+    pub population: usize,
+    /// cma-es: dimension of the random projection searched.
+    #[arg(long, default_value_t = 500)]
+    pub intrinsic_dim: usize,
+    /// cma-es: initial step size σ₀.
+    #[arg(long, default_value_t = 1.0)]
+    pub sigma0: f64,
     /// Learning rate.
     #[arg(long, default_value_t = 0.03)]
     pub lr: f32,

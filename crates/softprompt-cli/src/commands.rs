@@ -155,11 +155,22 @@ async fn train(a: TrainArgs) -> Result<()> {
         progress: !a.quiet,
         eos_id: tok.eos_id(),
     };
-    let mut trainer = Trainer::new(
-        b,
-        optimizer.build(n, spec.hidden_size, a.weight_decay),
-        config,
-    )?;
+    let built: Box<dyn softprompt::Optimizer> = match optimizer {
+        OptimizerChoice::Spsa => {
+            let mut o = softprompt::train::Spsa::new(a.spsa_eps, a.seed);
+            o.perturbations = a.spsa_perturbations;
+            Box::new(o)
+        }
+        OptimizerChoice::CmaEs => {
+            let mut o = softprompt::train::CmaEs::new(a.seed);
+            o.population = a.population;
+            o.intrinsic_dim = a.intrinsic_dim;
+            o.sigma0 = a.sigma0;
+            Box::new(o)
+        }
+        other => other.build_seeded(n, spec.hidden_size, a.weight_decay, a.seed),
+    };
+    let mut trainer = Trainer::new(b, built, config)?;
     let state = if a.resume {
         let path = run_dir.join("checkpoint.json");
         let s = read_checkpoint(&path)

@@ -8,10 +8,12 @@
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod free;
 pub mod optim;
 pub mod trainer;
 
 pub use checkpoint::{read_checkpoint, write_checkpoint, TrainState};
 pub use data::{EncodedExample, EncodedSet, Task, Template, Verbalizer};
+pub use free::{CmaEs, Spsa};
 pub use optim::{clip_grad_norm, Adafactor, AdamW, OptimizerChoice, Schedule, Sgd};
 pub use trainer::{EvalRecord, Metric, TrainConfig, TrainOutcome, Trainer};

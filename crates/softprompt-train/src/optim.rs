@@ -262,7 +262,7 @@ impl Optimizer for Adafactor {
     }
 }
 
-/// Which optimizer to build, by name (`sgd`, `adamw`, `adafactor`).
+/// Which optimizer to build, by name (`sgd`, `adamw`, `adafactor`; gradient-free `spsa`, `cma-es`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerChoice {
@@ -272,6 +272,10 @@ pub enum OptimizerChoice {
     AdamW,
     /// [`Adafactor`].
     Adafactor,
+    /// [`crate::free::Spsa`] (MeZO), gradient-free.
+    Spsa,
+    /// [`crate::free::CmaEs`] (Black-Box Tuning), gradient-free.
+    CmaEs,
 }
 
 impl std::str::FromStr for OptimizerChoice {
@@ -281,17 +285,32 @@ impl std::str::FromStr for OptimizerChoice {
             "sgd" => Ok(OptimizerChoice::Sgd),
             "adamw" => Ok(OptimizerChoice::AdamW),
             "adafactor" => Ok(OptimizerChoice::Adafactor),
+            "spsa" | "mezo" => Ok(OptimizerChoice::Spsa),
+            "cma-es" | "cmaes" | "bbt" => Ok(OptimizerChoice::CmaEs),
             other => Err(Error::InvalidArgument(format!(
-                "unknown optimizer `{other}` (sgd, adamw, adafactor)"
+                "unknown optimizer `{other}` (sgd, adamw, adafactor; gradient-free: spsa, cma-es)"
             ))),
         }
     }
 }
 
 impl OptimizerChoice {
-    /// Builds the optimizer for a prompt of `[rows, cols]`.
+    /// Builds the optimizer for a prompt of `[rows, cols]` (seed 0 for the gradient-free ones).
     pub fn build(self, rows: usize, cols: usize, weight_decay: Option<f32>) -> Box<dyn Optimizer> {
+        self.build_seeded(rows, cols, weight_decay, 0)
+    }
+
+    /// Builds the optimizer; `seed` draws the perturbations / projection of gradient-free ones.
+    pub fn build_seeded(
+        self,
+        rows: usize,
+        cols: usize,
+        weight_decay: Option<f32>,
+        seed: u64,
+    ) -> Box<dyn Optimizer> {
         match self {
+            OptimizerChoice::Spsa => Box::new(crate::free::Spsa::new(1e-2, seed)),
+            OptimizerChoice::CmaEs => Box::new(crate::free::CmaEs::new(seed)),
             OptimizerChoice::Sgd => {
                 let mut o = Sgd::new();
                 o.weight_decay = weight_decay.unwrap_or(0.0);

@@ -139,12 +139,6 @@ impl<'a> Trainer<'a> {
                 Some("choose a gradient-free optimizer (spsa, cma-es) for this backend"),
             ));
         }
-        if optimizer.kind() == OptimizerKind::GradientFree {
-            return Err(Error::InvalidArgument(format!(
-                "optimizer `{}` is gradient-free; this trainer drives gradient optimizers",
-                optimizer.name()
-            )));
-        }
         if config.batch_size == 0 || config.max_steps == 0 {
             return Err(Error::InvalidArgument(
                 "batch_size and max_steps must be positive".into(),
@@ -299,32 +293,76 @@ impl<'a> Trainer<'a> {
                 })
                 .collect();
             let tokens: usize = rows.iter().map(|r| r.ids.len() + n).sum();
-            let batch = Batch::from_rows(&rows, pad)?;
-            let lg = self
-                .backbone
-                .loss_and_grad(std::slice::from_ref(&prompt), &batch)?;
             let step = state.step + 1;
-            if !lg.loss.is_finite() {
-                bar.abandon();
-                return Err(Error::NonFinite {
-                    what: "loss".into(),
-                    step,
-                });
-            }
-            let mut grad = lg.grads.into_iter().next().unwrap_or_default();
-            if grad.iter().any(|g| !g.is_finite()) {
-                bar.abandon();
-                return Err(Error::NonFinite {
-                    what: "gradient".into(),
-                    step,
-                });
-            }
-            let grad_norm = match self.config.max_grad_norm {
-                Some(max) => clip_grad_norm(&mut grad, max),
-                None => grad.iter().map(|g| g * g).sum::<f32>().sqrt(),
-            };
             let lr = self.config.lr * self.config.schedule.factor(state.step);
-            self.optimizer.step(prompt.values_mut(), &grad, lr)?;
+            let (loss, grad_norm, candidates) = match self.optimizer.kind() {
+                OptimizerKind::Gradient => {
+                    let batch = Batch::from_rows(&rows, pad)?;
+                    let lg = self
+                        .backbone
+                        .loss_and_grad(std::slice::from_ref(&prompt), &batch)?;
+                    if !lg.loss.is_finite() {
+                        bar.abandon();
+                        return Err(Error::NonFinite {
+                            what: "loss".into(),
+                            step,
+                        });
+                    }
+                    let mut grad = lg.grads.into_iter().next().unwrap_or_default();
+                    if grad.iter().any(|g| !g.is_finite()) {
+                        bar.abandon();
+                        return Err(Error::NonFinite {
+                            what: "gradient".into(),
+                            step,
+                        });
+                    }
+                    let grad_norm = match self.config.max_grad_norm {
+                        Some(max) => clip_grad_norm(&mut grad, max),
+                        None => grad.iter().map(|g| g * g).sum::<f32>().sqrt(),
+                    };
+                    self.optimizer.step(prompt.values_mut(), &grad, lr)?;
+                    (lg.loss, Some(grad_norm), 1)
+                }
+                OptimizerKind::GradientFree => {
+                    // every candidate on the same rows, all in one batched forward pass
+                    let prompts = self
+                        .optimizer
+                        .ask(prompt.values())?
+                        .into_iter()
+                        .map(|v| SoftPrompt::new(n, d, v))
+                        .collect::<Result<Vec<_>>>()?;
+                    let all: Vec<BatchRow> = (0..prompts.len())
+                        .flat_map(|k| {
+                            rows.iter().map(move |r| BatchRow {
+                                ids: r.ids.clone(),
+                                targets: r.targets.clone(),
+                                prompt: k,
+                            })
+                        })
+                        .collect();
+                    let scores = self
+                        .backbone
+                        .score(&prompts, &Batch::from_rows(&all, pad)?)?;
+                    let m = rows.len();
+                    let losses: Vec<f32> = (0..prompts.len())
+                        .map(|k| {
+                            let lp: f64 = scores.logprob_sum[k * m..(k + 1) * m].iter().sum();
+                            let c: usize = scores.num_targets[k * m..(k + 1) * m].iter().sum();
+                            (-lp / c.max(1) as f64) as f32
+                        })
+                        .collect();
+                    if losses.iter().any(|l| !l.is_finite()) {
+                        bar.abandon();
+                        return Err(Error::NonFinite {
+                            what: "loss".into(),
+                            step,
+                        });
+                    }
+                    self.optimizer.tell(prompt.values_mut(), &losses, lr)?;
+                    let mean = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
+                    (mean, None, prompts.len())
+                }
+            };
             if prompt.values().iter().any(|v| !v.is_finite()) {
                 bar.abandon();
                 return Err(Error::NonFinite {
@@ -335,17 +373,19 @@ impl<'a> Trainer<'a> {
             state.step = step;
             state.prompt = prompt.values().to_vec();
             state.optimizer = self.optimizer.state();
-            losses.push(lg.loss);
+            losses.push(loss);
             let secs = started.elapsed().as_secs_f64().max(1e-9);
             self.log(serde_json::json!({
-                "step": step, "loss": lg.loss, "lr": lr, "grad_norm": grad_norm,
-                "examples_per_s": picked.len() as f64 / secs, "tokens_per_s": tokens as f64 / secs,
+                "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "candidates": candidates,
+                "examples_per_s": (picked.len() * candidates) as f64 / secs,
+                "tokens_per_s": (tokens * candidates) as f64 / secs,
             }))?;
             bar.set_position(step);
             bar.set_message(format!(
                 "loss {:.4} | {:.1} ex/s",
-                lg.loss,
-                picked.len() as f64 / secs
+                loss,
+                (picked.len() * candidates) as f64 / secs
             ));
 
             let eval_now = self.config.eval_every > 0
