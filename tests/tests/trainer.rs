@@ -323,8 +323,19 @@ fn gradient_free_optimizers_train_a_forward_only_backend_and_resume() {
     let fwd = ForwardOnly(b.as_ref());
     let (train, _) = sets(&tok);
     let p0 = init(&fwd, &tok);
-    let mean_loss =
-        |p: &SoftPrompt| softprompt::train::eval::mean_loss(&fwd, p, &train, 16).unwrap();
+    // what gradient-free search minimises on a classifier: cross-entropy over the label words
+    let mean_loss = |p: &SoftPrompt| {
+        let preds = softprompt::train::eval::rank_classify(&fwd, p, &train, 16).unwrap();
+        let total: f64 = preds
+            .iter()
+            .zip(&train.examples)
+            .map(|(pr, ex)| {
+                let lse = pr.logprobs.iter().map(|v| v.exp()).sum::<f64>().ln();
+                lse - pr.logprobs[ex.label.unwrap()]
+            })
+            .sum();
+        total / preds.len() as f64
+    };
     let before = mean_loss(&p0);
     for (choice, lr, steps) in [
         (OptimizerChoice::Spsa, 0.5f32, 60u64),
@@ -350,6 +361,7 @@ fn gradient_free_optimizers_train_a_forward_only_backend_and_resume() {
         let mut t = Trainer::new(&fwd, make(), cfg(steps, None)).unwrap();
         let whole = t.run(t.init_state(&p0), &train, None).unwrap();
         let after = mean_loss(&whole.prompt);
+        eprintln!("{choice:?}: train label cross-entropy {before:.4} -> {after:.4}");
         assert!(
             after < before - 0.05,
             "{choice:?}: train loss {before} -> {after}"

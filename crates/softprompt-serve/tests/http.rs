@@ -676,7 +676,7 @@ fn metric(metrics: &str, name: &str) -> u64 {
 }
 
 async fn wait_for(server: &Server, ok: impl Fn(&str) -> bool) {
-    for _ in 0..200 {
+    for _ in 0..1500 {
         let (_, m) = server.get("/metrics").await;
         if ok(&m) {
             return;

@@ -234,7 +234,55 @@ impl<'a> Trainer<'a> {
         }
     }
 
+    /// Mean cross-entropy of the gold label over the label words, for each candidate prompt on
+    /// the examples `picked`: every candidate and example in one `next_token_logprobs` call.
+    fn label_losses(
+        &self,
+        prompts: &[SoftPrompt],
+        train: &EncodedSet,
+        picked: &[usize],
+    ) -> Result<Vec<f32>> {
+        let words: Vec<u32> = train.candidates.iter().map(|c| c[0]).collect();
+        let rows: Vec<BatchRow> = (0..prompts.len())
+            .flat_map(|k| {
+                picked.iter().map(move |i| {
+                    let ctx = &train.examples[*i].context;
+                    BatchRow {
+                        ids: ctx.clone(),
+                        targets: vec![false; ctx.len()],
+                        prompt: k,
+                    }
+                })
+            })
+            .collect();
+        let lp =
+            self.backbone
+                .next_token_logprobs(prompts, &Batch::from_rows(&rows, 0)?, &words)?;
+        let m = picked.len();
+        Ok((0..prompts.len())
+            .map(|k| {
+                let total: f64 = picked
+                    .iter()
+                    .enumerate()
+                    .map(|(j, i)| {
+                        let row = &lp[k * m + j];
+                        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+                        let gold = train.examples[*i].label.expect("checked: labelled");
+                        lse - row[gold]
+                    })
+                    .sum();
+                (total / m.max(1) as f64) as f32
+            })
+            .collect())
+    }
+
     /// Runs from `state` (fresh or read from a checkpoint) until `max_steps` or early stopping.
+    ///
+    /// Gradient optimizers take one `loss_and_grad` per step. Gradient-free ones score all
+    /// candidates of a step in one batched call (per-row prompts): the batch's mean NLL of the
+    /// targets, or on a classification task with single-token label words the cross-entropy
+    /// over the label words only (the objective of Black-Box Tuning).
     ///
     /// A non-finite loss or gradient stops the run with [`Error::NonFinite`]; the checkpoint on
     /// disk is then the last good one.
@@ -282,6 +330,12 @@ impl<'a> Trainer<'a> {
         let mut losses = Vec::new();
         let mut stopped_early = false;
         let pad = 0;
+        // gradient-free search on a classifier: the cross-entropy over the label words only
+        // (Black-Box Tuning's objective), read from one rank-classification pass
+        let label_loss = self.optimizer.kind() == OptimizerKind::GradientFree
+            && train.candidates.len() >= 2
+            && train.candidates.iter().all(|c| c.len() == 1)
+            && train.examples.iter().all(|e| e.label.is_some());
         while state.step < self.config.max_steps {
             let started = Instant::now();
             let picked = self.next_batch(&mut state, train.examples.len());
@@ -331,26 +385,30 @@ impl<'a> Trainer<'a> {
                         .into_iter()
                         .map(|v| SoftPrompt::new(n, d, v))
                         .collect::<Result<Vec<_>>>()?;
-                    let all: Vec<BatchRow> = (0..prompts.len())
-                        .flat_map(|k| {
-                            rows.iter().map(move |r| BatchRow {
-                                ids: r.ids.clone(),
-                                targets: r.targets.clone(),
-                                prompt: k,
+                    let losses = if label_loss {
+                        self.label_losses(&prompts, train, &picked)?
+                    } else {
+                        let all: Vec<BatchRow> = (0..prompts.len())
+                            .flat_map(|k| {
+                                rows.iter().map(move |r| BatchRow {
+                                    ids: r.ids.clone(),
+                                    targets: r.targets.clone(),
+                                    prompt: k,
+                                })
                             })
-                        })
-                        .collect();
-                    let scores = self
-                        .backbone
-                        .score(&prompts, &Batch::from_rows(&all, pad)?)?;
-                    let m = rows.len();
-                    let losses: Vec<f32> = (0..prompts.len())
-                        .map(|k| {
-                            let lp: f64 = scores.logprob_sum[k * m..(k + 1) * m].iter().sum();
-                            let c: usize = scores.num_targets[k * m..(k + 1) * m].iter().sum();
-                            (-lp / c.max(1) as f64) as f32
-                        })
-                        .collect();
+                            .collect();
+                        let scores = self
+                            .backbone
+                            .score(&prompts, &Batch::from_rows(&all, pad)?)?;
+                        let m = rows.len();
+                        (0..prompts.len())
+                            .map(|k| {
+                                let lp: f64 = scores.logprob_sum[k * m..(k + 1) * m].iter().sum();
+                                let c: usize = scores.num_targets[k * m..(k + 1) * m].iter().sum();
+                                (-lp / c.max(1) as f64) as f32
+                            })
+                            .collect()
+                    };
                     if losses.iter().any(|l| !l.is_finite()) {
                         bar.abandon();
                         return Err(Error::NonFinite {
