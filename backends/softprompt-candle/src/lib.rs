@@ -108,7 +108,7 @@ pub struct CandleBackbone {
     prefixes: std::sync::Mutex<PrefixCache>,
 }
 
-/// Keys and values of recently used prompts (inference only), so that a prompt seen before is
+/// Keys and values of recently computed prompts (inference only), so that a prompt seen before is
 /// not run through the model again: a server scoring or generating for the same prompts call
 /// after call pays only for the input tokens. Matched by value, bounded, oldest evicted first.
 #[derive(Debug, Default)]
