@@ -180,6 +180,20 @@ impl CandleBackbone {
         }
     }
 
+    /// Errors on the first id outside the vocabulary.
+    fn check_ids(&self, ids: impl IntoIterator<Item = u32>) -> Result<()> {
+        match ids
+            .into_iter()
+            .find(|id| *id as usize >= self.spec.vocab_size)
+        {
+            Some(id) => Err(Error::InvalidBatch(format!(
+                "token id {id} is outside the vocabulary of {}",
+                self.spec.vocab_size
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn check_length(&self, positions: usize) -> Result<()> {
         let max = self.config.max_positions();
         if positions > max {
@@ -377,12 +391,7 @@ impl Backbone for CandleBackbone {
     }
 
     fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
-            return Err(Error::InvalidBatch(format!(
-                "token id {id} is outside the vocabulary of {}",
-                self.spec.vocab_size
-            )));
-        }
+        self.check_ids(ids.iter().copied())?;
         let ids = Tensor::from_slice(ids, ids.len(), &self.device).map_err(to_core)?;
         self.model
             .embed(&ids)
@@ -587,11 +596,7 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
         for (prompt, ids) in seqs {
             prompt.check_hidden_size(b.spec.hidden_size)?;
             b.check_length(prompt.num_virtual_tokens() + ids.len())?;
-            if let Some(t) = ids.iter().find(|t| **t as usize >= b.spec.vocab_size) {
-                return Err(Error::InvalidBatch(format!(
-                    "token {t} is outside the vocabulary"
-                )));
-            }
+            b.check_ids(ids.iter().copied())?;
         }
         let mut done: Vec<Option<Prefilled>> = vec![None; seqs.len()];
         // a sequence without input tokens is its prompt alone: the single-sequence path
@@ -691,14 +696,7 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
         for p in &starts {
             b.check_length(p + 1)?;
         }
-        if let Some((_, t)) = tokens
-            .iter()
-            .find(|(_, t)| *t as usize >= b.spec.vocab_size)
-        {
-            return Err(Error::InvalidBatch(format!(
-                "token {t} is outside the vocabulary"
-            )));
-        }
+        b.check_ids(tokens.iter().map(|(_, t)| *t))?;
         let longest = starts.iter().copied().max().unwrap_or(0);
         let layers = b.model.num_layers();
         let run = || -> candle_core::Result<(Vec<Vec<f32>>, Vec<KeyValue>)> {

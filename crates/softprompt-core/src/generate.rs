@@ -127,11 +127,12 @@ pub fn sample(logits: &[f32], params: &GenerationParams, rng: &mut Rng) -> u32 {
     probs.last().map(|p| p.0).unwrap_or(0)
 }
 
-/// Index of the largest logit (first on ties).
-pub fn argmax(logits: &[f32]) -> u32 {
+/// Index of the largest value (first on ties; 0 when empty): greedy decoding's next token,
+/// rank classification's predicted class.
+pub fn argmax<T: PartialOrd>(values: &[T]) -> u32 {
     let mut best = 0;
-    for (i, l) in logits.iter().enumerate() {
-        if *l > logits[best] {
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
             best = i;
         }
     }

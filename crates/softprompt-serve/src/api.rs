@@ -550,7 +550,7 @@ fn same_labels(a: &Entry, b: &Entry) -> bool {
 }
 
 fn argmax(v: &[f64]) -> usize {
-    (0..v.len()).fold(0, |best, k| if v[k] > v[best] { k } else { best })
+    softprompt_core::generate::argmax(v) as usize
 }
 
 /// `POST /v1/classify`.

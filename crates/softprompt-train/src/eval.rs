@@ -32,18 +32,9 @@ pub fn rank_classify(
     }
     let c = set.candidates.len();
     let mut out = Vec::with_capacity(set.examples.len());
-    let pick = |logprobs: Vec<f64>| {
-        let predicted = (0..logprobs.len()).fold(0, |best, k| {
-            if logprobs[k] > logprobs[best] {
-                k
-            } else {
-                best
-            }
-        });
-        Prediction {
-            predicted,
-            logprobs,
-        }
+    let pick = |logprobs: Vec<f64>| Prediction {
+        predicted: generate::argmax(&logprobs) as usize,
+        logprobs,
     };
     if set.candidates.iter().all(|cand| cand.len() == 1) {
         // single-token labels: one row per example, every label read from the same position.
@@ -84,18 +75,7 @@ pub fn rank_classify(
             .collect();
         let scores = backbone.score(std::slice::from_ref(prompt), &Batch::from_rows(&rows, 0)?)?;
         for e in 0..chunk.len() {
-            let logprobs = scores.logprob_sum[e * c..(e + 1) * c].to_vec();
-            let predicted = (0..c).fold(0, |best, k| {
-                if logprobs[k] > logprobs[best] {
-                    k
-                } else {
-                    best
-                }
-            });
-            out.push(Prediction {
-                predicted,
-                logprobs,
-            });
+            out.push(pick(scores.logprob_sum[e * c..(e + 1) * c].to_vec()));
         }
     }
     Ok(out)
