@@ -246,7 +246,7 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
                     m["ready"] = true.into();
                     m["task"] = e.task.into();
                     m["labels"] = e.labels.iter().map(|(l, _)| l.clone()).collect();
-                    m["template"] = e.template.clone().into();
+                    m["template"] = e.template.as_ref().map(|t| t.pattern()).into();
                     m["size_bytes"] = e.size_bytes.into();
                 }
                 Err(err) => {

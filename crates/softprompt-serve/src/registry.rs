@@ -10,6 +10,8 @@ use softprompt_core::{
     BackboneSpec, Error, PromptInfo, PromptStore, SoftPrompt, StoredPrompt, TextTokenizer,
 };
 
+use softprompt_train::Template;
+
 use crate::api::ApiError;
 
 /// One loaded prompt version.
@@ -21,8 +23,8 @@ pub struct Entry {
     pub key: u64,
     /// The prompt.
     pub prompt: SoftPrompt,
-    /// Stored input template (`{text}` placeholder), if any.
-    pub template: Option<String>,
+    /// Stored input template, if any.
+    pub template: Option<Template>,
     /// `(label, verbalizer word)` in class order.
     pub labels: Vec<(String, String)>,
     /// Token ids of each verbalizer word.
@@ -38,7 +40,7 @@ impl Entry {
     /// Applies the stored template to `text` (the text unchanged when there is none).
     pub fn render(&self, text: &str) -> String {
         match &self.template {
-            Some(t) => t.replace("{text}", text),
+            Some(t) => t.render(text),
             None => text.to_string(),
         }
     }
@@ -164,6 +166,11 @@ impl Registry {
                 Ok(ids)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let template = prov
+            .template
+            .map(Template::new)
+            .transpose()
+            .map_err(|e| ApiError::unprocessable(format!("prompt `{name}`: {e}")))?;
         let size_bytes = stored.prompt.values().len() * 4;
         Ok(Entry {
             name: name.to_string(),
@@ -174,7 +181,7 @@ impl Registry {
                 "classification"
             },
             prompt: stored.prompt,
-            template: prov.template,
+            template,
             labels: prov.labels,
             label_ids,
             size_bytes,

@@ -334,16 +334,7 @@ async fn mixed_prompt_batches_equal_single_prompt_results() {
             }
         }
     }
-    let total = calls.len() as u64;
-    let release = async {
-        // every request has arrived: queued, or taken by the engine (which is held)
-        wait_for(&server, |m| {
-            metric(m, "softprompt_queue_depth") + metric(m, "softprompt_queue_wait_seconds_count")
-                == total + 1 + taken
-        })
-        .await;
-        server.backbone.set(true);
-    };
+    let release = release_when_queued(&server, calls.len() as u64 + 1, taken);
     let (answers, (held_status, _), ()) =
         tokio::join!(futures_util::future::join_all(calls), held, release);
     assert_eq!(held_status, 200);
@@ -439,16 +430,7 @@ async fn continuous_batching_completions_and_streaming() {
             });
         }
     }
-    let total = calls.len() as u64;
-    let release = async {
-        // every request has arrived: queued, or taken by the engine (which is held)
-        wait_for(&server, |m| {
-            metric(m, "softprompt_queue_depth") + metric(m, "softprompt_queue_wait_seconds_count")
-                == total + 1 + taken
-        })
-        .await;
-        server.backbone.set(true);
-    };
+    let release = release_when_queued(&server, calls.len() as u64 + 1, taken);
     let (answers, (held_status, _), ()) =
         tokio::join!(futures_util::future::join_all(calls), held, release);
     assert_eq!(held_status, 200);
@@ -666,6 +648,17 @@ async fn a_full_queue_answers_503_and_admitted_requests_complete() {
     server.stop().await;
 }
 
+/// Opens the gate once `count` more requests than the `taken` the engine had already taken are
+/// in: queued, or taken by the (held) engine.
+async fn release_when_queued(server: &Server, count: u64, taken: u64) {
+    wait_for(server, |m| {
+        metric(m, "softprompt_queue_depth") + metric(m, "softprompt_queue_wait_seconds_count")
+            == count + taken
+    })
+    .await;
+    server.backbone.set(true);
+}
+
 /// The value of an unlabelled metric.
 fn metric(metrics: &str, name: &str) -> u64 {
     metrics
@@ -797,6 +790,44 @@ async fn bad_requests_get_400s_that_name_the_problem() {
     }
     let (status, _) = server.get("/v1/nothing").await;
     assert_eq!(status, 404);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_template_renders_the_stored_template_and_a_bad_one_is_refused() {
+    let server = Server::start(ServeConfig::default()).await;
+    let spec = server.backbone.spec().clone();
+    // `{input}` is the placeholder generation tasks use
+    let mut qa = stored(&spec, 4, 21, &[]);
+    qa.config.softprompt.as_mut().unwrap().template = Some("Q: {input}\nA:".into());
+    server.store.save("qa", &qa).await.unwrap();
+    for (name, rendered) in [
+        ("qa", "Q: the plot\nA:".to_string()),
+        ("writer", TEMPLATE.replace("{text}", "the plot")),
+    ] {
+        let (status, body) = server
+            .post(
+                "/v1/completions",
+                json!({ "model": name, "prompt": "the plot", "max_tokens": 4,
+                        "temperature": 0, "use_template": true }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let want = expected_completion(&server, name, &rendered, 4).await;
+        assert_eq!(body["choices"][0]["text"], want, "{name}");
+    }
+    // a stored template without a placeholder cannot be served
+    let mut bad = stored(&spec, 4, 22, SENTIMENT);
+    bad.config.softprompt.as_mut().unwrap().template = Some("no placeholder".into());
+    server.store.save("bad", &bad).await.unwrap();
+    let (status, body) = server
+        .post("/v1/classify", json!({ "model": "bad", "input": "hi" }))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("placeholder"));
     server.stop().await;
 }
 
