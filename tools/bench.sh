@@ -4,20 +4,22 @@
 # measured in the same process, rank-classification throughput, greedy generation with a KV cache,
 # and peak resident memory (one process per backend, so that each peak is its own). Prints medians
 # and ratios (ours / PEFT); the raw JSON stays in runs/bench/.
-#   bash tools/bench.sh                 # candle and tch, 2 threads, batch 8, 20 virtual tokens
+#   bash tools/bench.sh                 # candle, tch and ort, 2 threads, batch 8, 20 virtual tokens
 #   THREADS=1 BACKENDS=tch bash tools/bench.sh --repeats 9
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup-python.sh
 python3 tools/fetch_assets.py
 source tools/libtorch-env.sh
+source tools/ort-env.sh
+export SOFTPROMPT_CACHE_DIR="${SOFTPROMPT_CACHE_DIR:-$PWD/.cache}"
 threads="${THREADS:-2}"
-backends="${BACKENDS:-candle,tch}"
+backends="${BACKENDS:-candle,tch,ort}"
 assets=".cache/assets"
 out="runs/bench"
 mkdir -p "$out"
 rm -f "$out"/ours-*.json
-cargo build --release -p softprompt-cli --features tch
+cargo build --release -p softprompt-cli --features tch,ort
 for b in ${backends//,/ }; do
   target/release/softprompt bench --model "$assets/SmolLM2-135M-Instruct.Q4_1.gguf" \
     --data "$assets/rotten-tomatoes/train.jsonl" \
@@ -42,6 +44,7 @@ print(f"batch {first['rows']} rows x {first['seq_len']} tokens + {first['num_vir
       + (f"; train step = {flops / 1e9:.1f} GFLOP" if flops else ""))
 # (title, key, scale, format, ratio to PEFT?)
 cols = [("train step s", "train_step_seconds", 1, "{:.3f}", True),
+        ("forward s", "forward_seconds", 1, "{:.3f}", False),
         ("train GFLOP/s", "train_flops_per_second", 1e-9, "{:.1f}", False),
         ("matmul GFLOP/s", "matmul_flops_per_second", 1e-9, "{:.1f}", False),
         ("% of matmul", "train_fraction_of_matmul", 100, "{:.0f}", False),

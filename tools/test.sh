@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's tests: the Rust workspace with every backend (candle and libtorch), the examples,
+# The project's tests: the Rust workspace with every backend (candle, libtorch and ONNX Runtime), the examples,
 # and the PEFT interop check (a prompt saved by softprompt loads in Hugging Face PEFT and gives the
 # same loss).
 set -euo pipefail
@@ -7,7 +7,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup-python.sh
 # libtorch for the tch backend: the pinned torch==2.13.0 wheel in .venv
 source tools/libtorch-env.sh
-cargo test --workspace --features softprompt-tests/tch
+# ONNX Runtime for the ort backend: the pinned onnxruntime==1.31.1 wheel in .venv
+source tools/ort-env.sh
+# exported ONNX graphs are cached next to the fetched assets (git-ignored)
+export SOFTPROMPT_CACHE_DIR="${SOFTPROMPT_CACHE_DIR:-$PWD/.cache}"
+cargo test --workspace --features softprompt-tests/tch,softprompt-tests/ort
 # the default build (candle only) still names the backends it lacks
 cargo test -p softprompt-tests --test interop
 # built by `cargo test` with the workspace's features; `cargo run -p` would resolve them anew and rebuild

@@ -9,3 +9,7 @@ softprompt_tests::conformance_suite!(candle, |path| softprompt::load_backbone(
 #[cfg(feature = "tch")]
 softprompt_tests::conformance_suite!(tch, |path| softprompt::load_backbone("tch", path, "cpu")
     .unwrap());
+
+#[cfg(feature = "ort")]
+softprompt_tests::conformance_suite!(ort, |path| softprompt::load_backbone("ort", path, "cpu")
+    .unwrap());

@@ -136,8 +136,21 @@ fn backends_not_compiled_in_name_their_feature() {
             "{err}"
         );
     }
-    let err = load_backbone("ort", fixture_model("tiny-llama"), "cpu").unwrap_err();
-    assert!(err.to_string().contains("planned"), "{err}");
+    if !softprompt::available_backends().contains(&"ort") {
+        let err = load_backbone("ort", fixture_model("tiny-llama"), "cpu").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("Cargo feature `ort`") && msg.contains("tools/ort-env.sh"),
+            "{msg}"
+        );
+    } else if !cfg!(feature = "ort-cuda") {
+        // without the CUDA execution provider compiled in, cuda is refused, never run on the CPU
+        let err = load_backbone("ort", fixture_model("tiny-llama"), "cuda:0").unwrap_err();
+        assert!(
+            matches!(err, Error::Unsupported { .. }) && err.to_string().contains("cuda"),
+            "{err}"
+        );
+    }
     let err = load_backbone("tensorflow", fixture_model("tiny-llama"), "cpu").unwrap_err();
     assert!(err.to_string().contains("unknown backend"), "{err}");
     let err = load_backbone("candle", fixture_model("tiny-llama"), "tpu").unwrap_err();

@@ -157,7 +157,8 @@ fn rotten_tomatoes(
     set
 }
 
-/// Three AdamW steps (batch 4) from the text initialisation; a dev evaluation every 3 steps.
+/// Three AdamW steps (SPSA on a forward-only backend; batch 4) from the text initialisation; a
+/// dev evaluation every 3 steps.
 fn train_three_steps(
     b: &dyn softprompt::Backbone,
     tok: &softprompt::HfTokenizer,
@@ -176,7 +177,13 @@ fn train_three_steps(
         eval_every: 3,
         ..TrainConfig::default()
     };
-    let mut t = Trainer::new(b, Box::new(AdamW::new()), cfg).unwrap();
+    // a forward-only runtime (ort) takes SPSA steps instead
+    let optimizer: Box<dyn softprompt::Optimizer> = if b.capabilities().gradients {
+        Box::new(AdamW::new())
+    } else {
+        Box::new(softprompt::train::Spsa::new(1e-2, 0))
+    };
+    let mut t = Trainer::new(b, optimizer, cfg).unwrap();
     t.run(t.init_state(&p0), &train, Some(&dev)).unwrap()
 }
 

@@ -21,7 +21,7 @@ impl Cli {
             Command::Eval(a) => Some(&a.backend),
             Command::Generate(a) => Some(&a.backend),
             Command::Serve(a) => Some(&a.backend),
-            Command::Inspect(_) | Command::Bench(_) => None,
+            Command::Inspect(_) | Command::Bench(_) | Command::Export(_) => None,
         }
     }
 
@@ -48,6 +48,18 @@ pub enum Command {
     Bench(BenchArgs),
     /// Serve every prompt of a store over HTTP from one frozen model, batching mixed tasks.
     Serve(ServeArgs),
+    /// Export a model to the ONNX graph the ort backend runs (prompt embeddings as an input).
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Model: a Hugging Face directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output .onnx file (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -99,7 +111,8 @@ pub struct BackendArgs {
     /// Model: a Hugging Face directory (config.json, model.safetensors, tokenizer.json) or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
-    /// Backend, among those compiled into this build: candle (default), tch (feature `tch`).
+    /// Backend, among those compiled into this build: candle (default), tch (feature `tch`), ort
+    /// (feature `ort`, forward only: train with --optimizer spsa or cma-es).
     #[arg(long, default_value = "candle")]
     pub backend: String,
     /// Device: cpu or cuda:N.

@@ -155,6 +155,18 @@ fn bench_one(
             json!(tokens as f64 / step),
         );
         out.insert("train_losses".into(), json!(losses));
+    } else {
+        // forward-only runtimes train with SPSA / CMA-ES: time the loss of the same batch (one
+        // SPSA step scores two perturbed copies of it)
+        let mut times = Vec::new();
+        for i in 0..a.warmup + a.repeats {
+            let t0 = Instant::now();
+            b.loss(std::slice::from_ref(prompt), train)?;
+            if i >= a.warmup {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        out.insert("forward_seconds".into(), json!(median(&times)));
     }
     let examples: usize = eval.iter().map(Batch::rows).sum();
     let mut times = Vec::new();

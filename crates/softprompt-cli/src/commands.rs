@@ -15,8 +15,8 @@ use softprompt::{
 };
 
 use crate::args::{
-    BackendArgs, BatchingKind, Cli, Command, EvalArgs, GenerateArgs, InitKind, InspectArgs,
-    ScheduleKind, ServeArgs, TaskArgs, TaskKind, TrainArgs,
+    BackendArgs, BatchingKind, Cli, Command, EvalArgs, ExportArgs, GenerateArgs, InitKind,
+    InspectArgs, ScheduleKind, ServeArgs, TaskArgs, TaskKind, TrainArgs,
 };
 
 const DEFAULT_TEMPLATE: &str = "Review: {text}\nSentiment:";
@@ -30,6 +30,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect(a).await,
         Command::Bench(a) => crate::bench::bench(a).await,
         Command::Serve(a) => serve(a).await,
+        Command::Export(a) => export(a),
     }
 }
 
@@ -362,6 +363,19 @@ fn summary(name: &str, s: &StoredPrompt) -> serde_json::Value {
         "config": s.config,
         "metadata": s.metadata,
     })
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let start = std::time::Instant::now();
+    let bytes = softprompt::export_onnx(&a.model, &a.out)
+        .with_context(|| format!("exporting {} to ONNX", a.model.display()))?;
+    println!(
+        "wrote {} ({:.1} MB, opset 17) in {:.1} s",
+        a.out.display(),
+        bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 async fn inspect(a: InspectArgs) -> Result<()> {

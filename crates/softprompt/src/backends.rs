@@ -36,10 +36,7 @@ pub fn load_tokenizer(path: impl AsRef<Path>) -> Result<HfTokenizer> {
 }
 
 /// Every backend softprompt implements, with the Cargo feature that compiles it in.
-pub const BACKENDS: &[(&str, &str)] = &[("candle", "candle"), ("tch", "tch")];
-
-/// Backends designed for but not implemented in this version.
-const PLANNED: &[&str] = &["ort"];
+pub const BACKENDS: &[(&str, &str)] = &[("candle", "candle"), ("tch", "tch"), ("ort", "ort")];
 
 /// Names of the backends compiled into this build.
 pub fn available_backends() -> Vec<&'static str> {
@@ -49,6 +46,9 @@ pub fn available_backends() -> Vec<&'static str> {
     }
     if cfg!(feature = "tch") {
         v.push("tch");
+    }
+    if cfg!(feature = "ort") {
+        v.push("ort");
     }
     v
 }
@@ -125,19 +125,27 @@ pub fn load_backbone_with(
             let opts = softprompt_tch::TchOptions::new().with_device(device).with_kind(kind);
             Ok(Box::new(softprompt_tch::TchBackbone::from_source(load_model_source(path)?, opts)?))
         }
+        #[cfg(feature = "ort")]
+        "ort" => {
+            if options.dtype != "f32" {
+                return Err(Error::InvalidArgument(format!(
+                    "the ort backend runs f32 graphs only (asked for `{}`)",
+                    options.dtype
+                )));
+            }
+            let device = softprompt_ort::parse_device(&options.device)?;
+            let opts = softprompt_ort::OrtOptions::new().with_device(device).with_threads(options.threads);
+            Ok(Box::new(softprompt_ort::OrtBackbone::from_source(load_model_source(path)?, opts)?))
+        }
         other => match BACKENDS.iter().find(|(n, _)| *n == other) {
             Some((_, feature)) => Err(Error::InvalidArgument(format!(
                 "backend `{other}` is not compiled into this build (available: {}); rebuild with the Cargo feature `{feature}`, e.g. `cargo build --features {feature}`{}",
                 available_backends().join(", "),
-                if *feature == "tch" {
-                    " after `bash tools/setup-python.sh && source tools/libtorch-env.sh` (libtorch 2.13.0)"
-                } else {
-                    ""
+                match *feature {
+                    "tch" => " after `bash tools/setup-python.sh && source tools/libtorch-env.sh` (libtorch 2.13.0)",
+                    "ort" => "; at run time it loads ONNX Runtime 1.31.1: `bash tools/setup-python.sh && source tools/ort-env.sh`",
+                    _ => "",
                 }
-            ))),
-            None if PLANNED.contains(&other) => Err(Error::InvalidArgument(format!(
-                "backend `{other}` is planned but not implemented in this version (available: {})",
-                available_backends().join(", ")
             ))),
             None => Err(Error::InvalidArgument(format!(
                 "unknown backend `{other}` (known: {})",
@@ -149,6 +157,22 @@ pub fn load_backbone_with(
 
 #[cfg(feature = "candle")]
 use softprompt_candle::DType as candle_core_dtype;
+
+/// Exports the model at `model` (directory or `.gguf`) to the ONNX graph the ort backend runs
+/// (token ids, attention bias and per-row prompt embeddings in; label log-probabilities, logits
+/// at picked positions and the KV cache out); returns the number of bytes written.
+#[cfg(feature = "ort")]
+pub fn export_onnx(model: impl AsRef<Path>, out: impl AsRef<Path>) -> Result<usize> {
+    softprompt_ort::export::export_to_file(load_model_source(model)?, out.as_ref())
+}
+
+/// Exporting needs the `ort` feature.
+#[cfg(not(feature = "ort"))]
+pub fn export_onnx(_model: impl AsRef<Path>, _out: impl AsRef<Path>) -> Result<usize> {
+    Err(Error::InvalidArgument(
+        "ONNX export is part of the ort backend: rebuild with the Cargo feature `ort`".into(),
+    ))
+}
 
 /// Whether libtorch sees a CUDA device (false when the `tch` backend is not compiled in).
 pub fn tch_cuda_available() -> bool {

@@ -13,8 +13,8 @@
 mod backends;
 
 pub use backends::{
-    available_backends, load_backbone, load_backbone_with, load_model_config, load_model_source,
-    load_tokenizer, matmul_flops, tch_cuda_available, BackendOptions, BACKENDS,
+    available_backends, export_onnx, load_backbone, load_backbone_with, load_model_config,
+    load_model_source, load_tokenizer, matmul_flops, tch_cuda_available, BackendOptions, BACKENDS,
 };
 pub use softprompt_core::*;
 pub use softprompt_gguf as gguf;
@@ -24,5 +24,7 @@ pub use softprompt_train as train;
 
 #[cfg(feature = "candle")]
 pub use softprompt_candle as candle;
+#[cfg(feature = "ort")]
+pub use softprompt_ort as ort;
 #[cfg(feature = "tch")]
 pub use softprompt_tch as tch;

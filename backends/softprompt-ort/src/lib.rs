@@ -1,0 +1,673 @@
+//! ONNX Runtime backend of softprompt.
+//!
+//! The backbone is exported once to an ONNX graph that takes the soft prompts as an input
+//! ([`export`]), cached on disk by the weights' fingerprint, and executed by stock ONNX Runtime
+//! through `ort`, loaded at run time (`ORT_DYLIB_PATH`, the `libonnxruntime.so.1.31.1` of the
+//! pinned `onnxruntime==1.31.1` wheel). ONNX Runtime has no training API, so this backend is
+//! forward only: scoring, rank classification, full logits and KV-cached generation; prompts
+//! are trained on it with the gradient-free optimizers (SPSA, CMA-ES).
+
+pub mod export;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{RunOptions, Session};
+use ort::value::{DynValue, Tensor};
+use softprompt_core::backbone::{check_next_token, check_prompts};
+use softprompt_core::model::{ModelConfig, ModelSource};
+use softprompt_core::{
+    causal_bias, Backbone, BackboneSpec, Batch, Capabilities, DecodeSession, Error, Result,
+    RowScores, SoftPrompt,
+};
+
+/// Name of this runtime in messages.
+pub const BACKEND: &str = "ort";
+/// The ONNX Runtime version this backend is built and tested against.
+pub const ORT_VERSION: &str = "1.31.1";
+
+fn ort_err(context: &str, e: impl std::fmt::Display) -> Error {
+    Error::backend(BACKEND, format!("{context}: {e}"))
+}
+
+/// Where the ONNX Runtime library is looked for: `ORT_DYLIB_PATH`, else the pinned wheel in the
+/// repository's `.venv` when run from a checkout.
+pub fn library_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let rel = format!(
+        ".venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}"
+    );
+    let mut dir = std::env::current_dir().ok();
+    while let Some(d) = dir {
+        let candidate = d.join(&rel);
+        if candidate.is_file() {
+            return Some(candidate);
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    None
+}
+
+const INSTALL_HINT: &str = "install the pinned ONNX Runtime with `bash tools/setup-python.sh` \
+     (PyPI onnxruntime==1.31.1) and `source tools/ort-env.sh`, or point ORT_DYLIB_PATH at a \
+     libonnxruntime.so of version 1.31 or later";
+
+static ENVIRONMENT: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+
+/// Loads ONNX Runtime (once per process) and returns its environment.
+pub fn environment() -> Result<&'static Environment> {
+    let env = ENVIRONMENT.get_or_init(|| {
+        let path = library_path().ok_or_else(|| {
+            format!("the ONNX Runtime library was not found (ORT_DYLIB_PATH is unset and no .venv copy was found): {INSTALL_HINT}")
+        })?;
+        if !path.is_file() {
+            return Err(format!(
+                "the ONNX Runtime library {} does not exist: {INSTALL_HINT}",
+                path.display()
+            ));
+        }
+        let builder = ort::init_from(&path).map_err(|e| {
+            format!("loading ONNX Runtime from {}: {e}; {INSTALL_HINT}", path.display())
+        })?;
+        builder
+            .with_name("softprompt")
+            .build()
+            .map_err(|e| format!("creating the ONNX Runtime environment: {e}"))
+    });
+    env.as_ref().map_err(|m| Error::backend(BACKEND, m))
+}
+
+/// Where the graph runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrtDevice {
+    /// ONNX Runtime's CPU execution provider.
+    Cpu,
+    /// The CUDA execution provider on device `N` (Cargo feature `cuda`).
+    Cuda(i32),
+}
+
+/// Parses `cpu` or `cuda[:N]`.
+pub fn parse_device(name: &str) -> Result<OrtDevice> {
+    match name {
+        "cpu" => Ok(OrtDevice::Cpu),
+        "cuda" => Ok(OrtDevice::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<i32>) {
+            Some(Ok(n)) if n >= 0 => Ok(OrtDevice::Cuda(n)),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown device `{other}`: expected cpu, cuda or cuda:N"
+            ))),
+        },
+    }
+}
+
+/// Options of [`OrtBackbone`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrtOptions {
+    /// Execution provider.
+    pub device: OrtDevice,
+    /// Intra-op threads (`None`: ONNX Runtime's default, one per physical core).
+    pub threads: Option<usize>,
+    /// Directory of exported models (`None`: [`export::default_cache_dir`]).
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for OrtOptions {
+    fn default() -> Self {
+        OrtOptions {
+            device: OrtDevice::Cpu,
+            threads: None,
+            cache_dir: None,
+        }
+    }
+}
+
+impl OrtOptions {
+    /// CPU, default threads, default cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the execution provider.
+    pub fn with_device(mut self, device: OrtDevice) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Sets the number of intra-op threads.
+    pub fn with_threads(mut self, threads: Option<usize>) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Sets the export cache directory.
+    pub fn with_cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
+        self
+    }
+}
+
+/// A frozen model exported to ONNX and run by ONNX Runtime.
+pub struct OrtBackbone {
+    session: Mutex<Session>,
+    config: ModelConfig,
+    spec: BackboneSpec,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    onnx_path: PathBuf,
+}
+
+impl std::fmt::Debug for OrtBackbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrtBackbone")
+            .field("spec", &self.spec)
+            .field("onnx", &self.onnx_path)
+            .finish()
+    }
+}
+
+/// Host tensors of one graph call.
+struct Inputs {
+    rows: usize,
+    input_ids: Vec<i64>,
+    tokens: usize,
+    prompt_embeds: Vec<f32>,
+    virtual_tokens: usize,
+    position_ids: Vec<i64>,
+    attention_bias: Vec<f32>,
+    gather_index: Vec<i64>,
+    picks: usize,
+    candidate_ids: Vec<i64>,
+    candidates: usize,
+    /// Per layer `(keys, values)`, each `[rows, kv_heads, past, head_dim]`.
+    past: Vec<(Vec<f32>, Vec<f32>)>,
+    past_len: usize,
+}
+
+/// One output: shape and values.
+type HostOut = (Vec<usize>, Vec<f32>);
+
+impl OrtBackbone {
+    /// Loads the model at `path` (Hugging Face directory or, through the facade, GGUF).
+    pub fn load(path: impl AsRef<Path>, options: OrtOptions) -> Result<Self> {
+        Self::from_source(ModelSource::load(path)?, options)
+    }
+
+    /// Exports `source` (or reuses the cached export of the same weights) and opens it.
+    pub fn from_source(source: ModelSource, options: OrtOptions) -> Result<Self> {
+        let cache = options
+            .cache_dir
+            .clone()
+            .unwrap_or_else(export::default_cache_dir);
+        let path = export::cached_path(&cache, &source.spec.fingerprint);
+        let config = source.config.clone();
+        let spec = source.spec.clone();
+        // the runtime first: a missing library is reported before any export work
+        environment()?;
+        // a cached export of the same weights is reused; a damaged or foreign one is redone
+        let session = if path.is_file() {
+            Self::open(&path, &spec, &options).ok()
+        } else {
+            None
+        };
+        let session = match session {
+            Some(s) => {
+                drop(source);
+                s
+            }
+            None => {
+                export::export_to_file(source, &path)?;
+                Self::open(&path, &spec, &options)?
+            }
+        };
+        let (layers, kv_heads, head_dim) = match &config {
+            ModelConfig::Llama(c) => (c.num_hidden_layers, c.num_key_value_heads, c.head_dim),
+            ModelConfig::Gpt2(c) => (c.n_layer, c.n_head, c.n_embd / c.n_head),
+        };
+        Ok(OrtBackbone {
+            session: Mutex::new(session),
+            config,
+            spec,
+            layers,
+            kv_heads,
+            head_dim,
+            onnx_path: path,
+        })
+    }
+
+    /// Opens an exported model and checks that it was exported from weights of `spec`.
+    fn open(path: &Path, spec: &BackboneSpec, options: &OrtOptions) -> Result<Session> {
+        let env = environment()?;
+        let mut builder = Session::builder(env)
+            .map_err(|e| ort_err("session options", e))?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| ort_err("session options", e))?;
+        if let Some(t) = options.threads {
+            builder = builder
+                .with_intra_threads(t)
+                .map_err(|e| ort_err("session options", e))?;
+        }
+        builder = register_device(builder, options.device)?;
+        let session = builder
+            .commit_from_file(path)
+            .map_err(|e| ort_err(&format!("loading {}", path.display()), e))?;
+        let found = session
+            .metadata()
+            .ok()
+            .and_then(|m| m.custom(export::META_FINGERPRINT));
+        if found.as_deref() != Some(spec.fingerprint.as_str()) {
+            return Err(Error::backend(
+                BACKEND,
+                format!(
+                    "{} was exported from other weights (fingerprint {:?}, expected {})",
+                    path.display(),
+                    found,
+                    spec.fingerprint
+                ),
+            ));
+        }
+        Ok(session)
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The exported ONNX file this backbone runs.
+    pub fn onnx_path(&self) -> &Path {
+        &self.onnx_path
+    }
+
+    fn session(&self) -> MutexGuard<'_, Session> {
+        // a session is never left half-updated by a panic elsewhere
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_length(&self, positions: usize) -> Result<()> {
+        let max = self.config.max_positions();
+        if positions > max {
+            return Err(Error::InvalidBatch(format!(
+                "{positions} positions (virtual tokens included) exceed the model's maximum of {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Inputs of a full (uncached) pass over `[prompt][tokens]` of `batch`; the picks are left
+    /// for the caller.
+    fn full_inputs(&self, prompts: &[SoftPrompt], batch: &Batch, n: usize) -> Inputs {
+        let (rows, t) = (batch.rows(), batch.seq_len());
+        let s = n + t;
+        let d = self.spec.hidden_size;
+        let mut prompt_embeds = Vec::with_capacity(rows * n * d);
+        for &p in batch.prompt_index() {
+            prompt_embeds.extend_from_slice(prompts[p].values());
+        }
+        Inputs {
+            rows,
+            input_ids: batch.input_ids().iter().map(|i| *i as i64).collect(),
+            tokens: t,
+            prompt_embeds,
+            virtual_tokens: n,
+            position_ids: (0..rows).flat_map(|_| 0..s as i64).collect(),
+            attention_bias: batch.attention_bias(n),
+            gather_index: Vec::new(),
+            picks: 0,
+            candidate_ids: Vec::new(),
+            candidates: 0,
+            past: Vec::new(),
+            past_len: 0,
+        }
+    }
+
+    /// Runs the graph; returns the asked outputs in order.
+    fn run(&self, inputs: Inputs, outputs: &[&str]) -> Result<Vec<HostOut>> {
+        let Inputs {
+            rows,
+            input_ids,
+            tokens,
+            prompt_embeds,
+            virtual_tokens,
+            position_ids,
+            attention_bias,
+            gather_index,
+            picks,
+            candidate_ids,
+            candidates,
+            past,
+            past_len,
+        } = inputs;
+        let s = virtual_tokens + tokens;
+        let d = self.spec.hidden_size;
+        let f = |shape: Vec<usize>, data: Vec<f32>| -> Result<DynValue> {
+            Tensor::from_array((shape, data))
+                .map(|t| t.into_dyn())
+                .map_err(|e| ort_err("input tensor", e))
+        };
+        let i = |shape: Vec<usize>, data: Vec<i64>| -> Result<DynValue> {
+            Tensor::from_array((shape, data))
+                .map(|t| t.into_dyn())
+                .map_err(|e| ort_err("input tensor", e))
+        };
+        let mut values: Vec<(String, DynValue)> = vec![
+            ("input_ids".into(), i(vec![rows, tokens], input_ids)?),
+            (
+                "prompt_embeds".into(),
+                f(vec![rows, virtual_tokens, d], prompt_embeds)?,
+            ),
+            ("position_ids".into(), i(vec![rows, s], position_ids)?),
+            (
+                "attention_bias".into(),
+                f(vec![rows, 1, s, past_len + s], attention_bias)?,
+            ),
+            (
+                "gather_index".into(),
+                i(vec![rows, picks, 1], gather_index)?,
+            ),
+            (
+                "candidate_ids".into(),
+                i(vec![rows, picks, candidates], candidate_ids)?,
+            ),
+        ];
+        let cache_shape = vec![rows, self.kv_heads, past_len, self.head_dim];
+        let mut past = past.into_iter();
+        for l in 0..self.layers {
+            let (k, v) = past.next().unwrap_or_else(|| (Vec::new(), Vec::new()));
+            values.push((format!("past_key.{l}"), f(cache_shape.clone(), k)?));
+            values.push((format!("past_value.{l}"), f(cache_shape.clone(), v)?));
+        }
+        let mut selector = ort::session::OutputSelector::no_default();
+        for o in outputs {
+            selector = selector.with(*o);
+        }
+        let options = RunOptions::new()
+            .map_err(|e| ort_err("run options", e))?
+            .with_outputs(selector);
+        let mut session = self.session();
+        let result = session
+            .run_with_options(values, &options)
+            .map_err(|e| ort_err("running the graph", e))?;
+        outputs
+            .iter()
+            .map(|name| {
+                let v = result
+                    .get(*name)
+                    .ok_or_else(|| Error::backend(BACKEND, format!("output {name} missing")))?;
+                let (shape, data) = v
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| ort_err(name, e))?;
+                Ok((shape.iter().map(|d| *d as usize).collect(), data.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Names of every present key/value output, layer by layer.
+    fn present_names(&self) -> Vec<String> {
+        (0..self.layers)
+            .flat_map(|l| [format!("present_key.{l}"), format!("present_value.{l}")])
+            .collect()
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn register_device(
+    builder: ort::session::builder::SessionBuilder,
+    device: OrtDevice,
+) -> Result<ort::session::builder::SessionBuilder> {
+    match device {
+        OrtDevice::Cpu => Ok(builder),
+        OrtDevice::Cuda(n) => builder
+            .with_execution_providers([ort::ep::CUDA::default()
+                .with_device_id(n)
+                .build()
+                .error_on_failure()])
+            .map_err(|e| {
+                ort_err(
+                    &format!(
+                        "registering the CUDA execution provider on cuda:{n} (no fall back to CPU)"
+                    ),
+                    e,
+                )
+            }),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn register_device(
+    builder: ort::session::builder::SessionBuilder,
+    device: OrtDevice,
+) -> Result<ort::session::builder::SessionBuilder> {
+    match device {
+        OrtDevice::Cpu => Ok(builder),
+        OrtDevice::Cuda(_) => Err(Error::unsupported(
+            BACKEND,
+            "cuda",
+            Some("rebuild with the Cargo feature `cuda` of softprompt-ort (and the onnxruntime-gpu library)"),
+        )),
+    }
+}
+
+impl Backbone for OrtBackbone {
+    fn backend_name(&self) -> &str {
+        BACKEND
+    }
+
+    fn spec(&self) -> &BackboneSpec {
+        &self.spec
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            gradients: false,
+            generation: true,
+        }
+    }
+
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
+            return Err(Error::InvalidBatch(format!(
+                "token id {id} is outside the vocabulary of {}",
+                self.spec.vocab_size
+            )));
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let t = ids.len();
+        let inputs = Inputs {
+            rows: 1,
+            input_ids: ids.iter().map(|i| *i as i64).collect(),
+            tokens: t,
+            prompt_embeds: Vec::new(),
+            virtual_tokens: 0,
+            position_ids: (0..t as i64).collect(),
+            attention_bias: causal_bias(t, t),
+            gather_index: vec![0],
+            picks: 1,
+            candidate_ids: vec![0],
+            candidates: 1,
+            past: Vec::new(),
+            past_len: 0,
+        };
+        Ok(self.run(inputs, &["token_embeds"])?.remove(0).1)
+    }
+
+    fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<RowScores> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        let targets = batch.targets(n)?;
+        let rows = batch.rows();
+        let mut per_row = vec![0usize; rows];
+        for (r, _, _) in &targets {
+            per_row[*r] += 1;
+        }
+        let k = per_row.iter().copied().max().unwrap_or(0).max(1);
+        let mut gather = vec![0i64; rows * k];
+        let mut cand = vec![0i64; rows * k];
+        let mut fill = vec![0usize; rows];
+        let t = batch.seq_len();
+        for (r, tok, pos) in &targets {
+            let j = r * k + fill[*r];
+            gather[j] = *pos as i64;
+            cand[j] = batch.input_ids()[r * t + tok] as i64;
+            fill[*r] += 1;
+        }
+        let mut inputs = self.full_inputs(prompts, batch, n);
+        inputs.gather_index = gather;
+        inputs.picks = k;
+        inputs.candidate_ids = cand;
+        inputs.candidates = 1;
+        let (_, logp) = self.run(inputs, &["logprobs"])?.remove(0);
+        let mut scores = RowScores {
+            logprob_sum: vec![0.0; rows],
+            num_targets: per_row.clone(),
+        };
+        for r in 0..rows {
+            scores.logprob_sum[r] = logp[r * k..r * k + per_row[r]]
+                .iter()
+                .map(|x| *x as f64)
+                .sum();
+        }
+        Ok(scores)
+    }
+
+    fn next_token_logprobs(
+        &self,
+        prompts: &[SoftPrompt],
+        batch: &Batch,
+        candidates: &[u32],
+    ) -> Result<Vec<Vec<f64>>> {
+        let n = check_next_token(prompts, &self.spec, batch, candidates)?;
+        self.check_length(n + batch.seq_len())?;
+        if candidates.is_empty() {
+            return Ok(vec![Vec::new(); batch.rows()]);
+        }
+        let rows = batch.rows();
+        let c = candidates.len();
+        let mut inputs = self.full_inputs(prompts, batch, n);
+        inputs.gather_index = (0..rows)
+            .map(|r| (n + batch.row_len(r) - 1) as i64)
+            .collect();
+        inputs.picks = 1;
+        inputs.candidate_ids = (0..rows)
+            .flat_map(|_| candidates.iter().map(|c| *c as i64))
+            .collect();
+        inputs.candidates = c;
+        let (_, logp) = self.run(inputs, &["logprobs"])?.remove(0);
+        Ok(logp
+            .chunks(c)
+            .map(|row| row.iter().map(|x| *x as f64).collect())
+            .collect())
+    }
+
+    fn logits(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<Vec<f32>> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        let rows = batch.rows();
+        let s = n + batch.seq_len();
+        let mut inputs = self.full_inputs(prompts, batch, n);
+        inputs.gather_index = (0..rows).flat_map(|_| 0..s as i64).collect();
+        inputs.picks = s;
+        inputs.candidate_ids = vec![0; rows * s];
+        inputs.candidates = 1;
+        Ok(self.run(inputs, &["logits"])?.remove(0).1)
+    }
+
+    fn start_decode<'a>(
+        &'a self,
+        prompt: &SoftPrompt,
+        ids: &[u32],
+    ) -> Result<Box<dyn DecodeSession + 'a>> {
+        prompt.check_hidden_size(self.spec.hidden_size)?;
+        let n = prompt.num_virtual_tokens();
+        if n + ids.len() == 0 {
+            return Err(Error::InvalidArgument(
+                "generation needs a prompt or at least one input token".into(),
+            ));
+        }
+        if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
+            return Err(Error::InvalidBatch(format!(
+                "token id {id} is outside the vocabulary of {}",
+                self.spec.vocab_size
+            )));
+        }
+        let mut session = OrtDecode {
+            backbone: self,
+            past: Vec::new(),
+            position: 0,
+            logits: Vec::new(),
+        };
+        session.run(prompt.values().to_vec(), n, ids)?;
+        Ok(Box::new(session))
+    }
+}
+
+/// KV-cached decoding of one sequence; the cache lives on the host between steps.
+struct OrtDecode<'a> {
+    backbone: &'a OrtBackbone,
+    past: Vec<(Vec<f32>, Vec<f32>)>,
+    position: usize,
+    logits: Vec<f32>,
+}
+
+impl OrtDecode<'_> {
+    fn run(&mut self, prompt: Vec<f32>, n: usize, ids: &[u32]) -> Result<()> {
+        let b = self.backbone;
+        let s = n + ids.len();
+        let total = self.position + s;
+        b.check_length(total)?;
+        let inputs = Inputs {
+            rows: 1,
+            input_ids: ids.iter().map(|i| *i as i64).collect(),
+            tokens: ids.len(),
+            prompt_embeds: prompt,
+            virtual_tokens: n,
+            position_ids: (self.position as i64..total as i64).collect(),
+            attention_bias: causal_bias(s, total),
+            gather_index: vec![(s - 1) as i64],
+            picks: 1,
+            candidate_ids: vec![0],
+            candidates: 1,
+            past: std::mem::take(&mut self.past),
+            past_len: self.position,
+        };
+        let mut names = vec!["logits".to_string()];
+        names.extend(b.present_names());
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut out = b.run(inputs, &refs)?.into_iter();
+        self.logits = out.next().map(|o| o.1).unwrap_or_default();
+        let mut past = Vec::with_capacity(b.layers);
+        while let (Some(k), Some(v)) = (out.next(), out.next()) {
+            past.push((k.1, v.1));
+        }
+        self.past = past;
+        self.position = total;
+        Ok(())
+    }
+}
+
+impl DecodeSession for OrtDecode<'_> {
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    fn advance(&mut self, token: u32) -> Result<()> {
+        let b = self.backbone;
+        if token as usize >= b.spec.vocab_size {
+            return Err(Error::InvalidBatch(format!(
+                "token id {token} is outside the vocabulary of {}",
+                b.spec.vocab_size
+            )));
+        }
+        self.run(Vec::new(), 0, &[token])
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+}
