@@ -9,6 +9,7 @@
 
 pub mod export;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -17,10 +18,11 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, Tensor};
 use softprompt_core::backbone::{check_next_token, check_prompts};
+use softprompt_core::decode::check_step;
 use softprompt_core::model::{ModelConfig, ModelSource};
 use softprompt_core::{
-    causal_bias, Backbone, BackboneSpec, Batch, Capabilities, DecodeSession, Error, Result,
-    RowScores, SoftPrompt,
+    causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, BatchRow, Capabilities,
+    DecodeSession, Error, Result, RowScores, SeqId, SoftPrompt,
 };
 
 /// Name of this runtime in messages.
@@ -406,6 +408,31 @@ impl OrtBackbone {
             .collect()
     }
 
+    /// Prefill of one sequence `[prompt][ids]`: a decoding session holding its cache.
+    fn decode(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<OrtDecode<'_>> {
+        prompt.check_hidden_size(self.spec.hidden_size)?;
+        let n = prompt.num_virtual_tokens();
+        if n + ids.len() == 0 {
+            return Err(Error::InvalidArgument(
+                "generation needs a prompt or at least one input token".into(),
+            ));
+        }
+        if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
+            return Err(Error::InvalidBatch(format!(
+                "token id {id} is outside the vocabulary of {}",
+                self.spec.vocab_size
+            )));
+        }
+        let mut session = OrtDecode {
+            backbone: self,
+            past: Vec::new(),
+            position: 0,
+            logits: Vec::new(),
+        };
+        session.run(prompt.values().to_vec(), n, ids)?;
+        Ok(session)
+    }
+
     /// Names of every present key/value output, layer by layer.
     fn present_names(&self) -> Vec<String> {
         (0..self.layers)
@@ -583,27 +610,269 @@ impl Backbone for OrtBackbone {
         prompt: &SoftPrompt,
         ids: &[u32],
     ) -> Result<Box<dyn DecodeSession + 'a>> {
-        prompt.check_hidden_size(self.spec.hidden_size)?;
-        let n = prompt.num_virtual_tokens();
-        if n + ids.len() == 0 {
-            return Err(Error::InvalidArgument(
-                "generation needs a prompt or at least one input token".into(),
-            ));
+        Ok(Box::new(self.decode(prompt, ids)?))
+    }
+
+    fn batch_decoder(&self) -> Option<Box<dyn BatchDecoder + '_>> {
+        Some(Box::new(OrtBatchDecoder {
+            backbone: self,
+            seqs: BTreeMap::new(),
+            next_id: 0,
+        }))
+    }
+}
+
+/// The cache of one sequence: per layer `(keys, values)`, each `[kv_heads, len, head_dim]`.
+#[derive(Debug)]
+struct SeqCache {
+    past: Vec<(Vec<f32>, Vec<f32>)>,
+    len: usize,
+}
+
+/// Continuous batching on ONNX Runtime: every step is one graph call over all listed
+/// sequences, their caches packed into `[rows, kv_heads, longest, head_dim]` with the padding
+/// masked in `attention_bias` and each row at its own position; prefills of sequences whose
+/// prompts have the same length share one call.
+#[derive(Debug)]
+struct OrtBatchDecoder<'a> {
+    backbone: &'a OrtBackbone,
+    seqs: BTreeMap<SeqId, SeqCache>,
+    next_id: SeqId,
+}
+
+impl OrtBatchDecoder<'_> {
+    /// Copies row `r`'s first `keep` positions (and, if given, position `extra`) of a present
+    /// output `[rows, kv_heads, total, head_dim]`.
+    fn slice_row(
+        &self,
+        present: &[f32],
+        r: usize,
+        total: usize,
+        keep: usize,
+        extra: Option<usize>,
+    ) -> Vec<f32> {
+        let (kv, hd) = (self.backbone.kv_heads, self.backbone.head_dim);
+        let len = keep + usize::from(extra.is_some());
+        let mut out = Vec::with_capacity(kv * len * hd);
+        for h in 0..kv {
+            let base = (r * kv + h) * total * hd;
+            out.extend_from_slice(&present[base..base + keep * hd]);
+            if let Some(e) = extra {
+                out.extend_from_slice(&present[base + e * hd..base + (e + 1) * hd]);
+            }
         }
-        if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
+        out
+    }
+
+    /// One prefill call for sequences whose prompts have `n` virtual tokens and at least one
+    /// input token each.
+    fn prefill(
+        &self,
+        n: usize,
+        group: &[(&SoftPrompt, &[u32])],
+    ) -> Result<Vec<(SeqCache, Vec<f32>)>> {
+        let b = self.backbone;
+        let rows: Vec<BatchRow> = group
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ids))| BatchRow {
+                ids: ids.to_vec(),
+                targets: vec![false; ids.len()],
+                prompt: i,
+            })
+            .collect();
+        let batch = Batch::from_rows(&rows, 0)?;
+        let prompts: Vec<SoftPrompt> = group.iter().map(|(p, _)| (*p).clone()).collect();
+        check_prompts(&prompts, &b.spec, &batch)?;
+        b.check_length(n + batch.seq_len())?;
+        let s = n + batch.seq_len();
+        let mut inputs = b.full_inputs(&prompts, &batch, n);
+        inputs.gather_index = (0..rows.len())
+            .map(|r| (n + batch.row_len(r) - 1) as i64)
+            .collect();
+        inputs.picks = 1;
+        inputs.candidate_ids = vec![0; rows.len()];
+        inputs.candidates = 1;
+        let mut names = vec!["logits".to_string()];
+        names.extend(b.present_names());
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let out = b.run(inputs, &refs)?;
+        let vocab = b.spec.vocab_size;
+        Ok((0..rows.len())
+            .map(|r| {
+                let keep = n + batch.row_len(r);
+                let past = out[1..]
+                    .chunks(2)
+                    .map(|kv| {
+                        (
+                            self.slice_row(&kv[0].1, r, s, keep, None),
+                            self.slice_row(&kv[1].1, r, s, keep, None),
+                        )
+                    })
+                    .collect();
+                let logits = out[0].1[r * vocab..(r + 1) * vocab].to_vec();
+                (SeqCache { past, len: keep }, logits)
+            })
+            .collect())
+    }
+
+    fn insert(&mut self, cache: SeqCache) -> SeqId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, cache);
+        id
+    }
+}
+
+impl BatchDecoder for OrtBatchDecoder<'_> {
+    fn add(&mut self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqId, Vec<f32>)> {
+        // the single-sequence session holds exactly this cache layout
+        let session = self.backbone.decode(prompt, ids)?;
+        let id = self.insert(SeqCache {
+            past: session.past,
+            len: session.position,
+        });
+        Ok((id, session.logits))
+    }
+
+    fn add_many(&mut self, seqs: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqId, Vec<f32>)>> {
+        for (p, ids) in seqs {
+            p.check_hidden_size(self.backbone.spec.hidden_size)?;
+            if ids.is_empty() {
+                // a prompt-only sequence: its own call (a batch needs a token per row)
+                if p.num_virtual_tokens() == 0 {
+                    return Err(Error::InvalidArgument(
+                        "generation needs a prompt or at least one input token".into(),
+                    ));
+                }
+            }
+        }
+        // group by prompt length (one graph call per group), keep the caller's order
+        let mut results: Vec<Option<(SeqCache, Vec<f32>)>> =
+            (0..seqs.len()).map(|_| None).collect();
+        let mut lengths: Vec<usize> = seqs.iter().map(|(p, _)| p.num_virtual_tokens()).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        for n in lengths {
+            let members: Vec<usize> = (0..seqs.len())
+                .filter(|i| seqs[*i].0.num_virtual_tokens() == n && !seqs[*i].1.is_empty())
+                .collect();
+            for chunk in members.chunks(16) {
+                let group: Vec<(&SoftPrompt, &[u32])> = chunk.iter().map(|i| seqs[*i]).collect();
+                for (i, r) in chunk.iter().zip(self.prefill(n, &group)?) {
+                    results[*i] = Some(r);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Some((cache, logits)) => out.push((self.insert(cache), logits)),
+                None => match self.add(seqs[i].0, seqs[i].1) {
+                    Ok(x) => out.push(x),
+                    Err(e) => {
+                        for (id, _) in out {
+                            self.remove(id);
+                        }
+                        return Err(e);
+                    }
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    fn step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
+        check_step(tokens, &self.seqs)?;
+        let b = self.backbone;
+        if let Some((_, t)) = tokens
+            .iter()
+            .find(|(_, t)| *t as usize >= b.spec.vocab_size)
+        {
             return Err(Error::InvalidBatch(format!(
-                "token id {id} is outside the vocabulary of {}",
-                self.spec.vocab_size
+                "token id {t} is outside the vocabulary of {}",
+                b.spec.vocab_size
             )));
         }
-        let mut session = OrtDecode {
-            backbone: self,
-            past: Vec::new(),
-            position: 0,
-            logits: Vec::new(),
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = tokens.len();
+        let lens: Vec<usize> = tokens.iter().map(|(id, _)| self.seqs[id].len).collect();
+        let p = lens.iter().copied().max().unwrap_or(0);
+        b.check_length(p + 1)?;
+        let (kv, hd) = (b.kv_heads, b.head_dim);
+        // caches packed left-aligned, zero padded to the longest
+        let mut past = Vec::with_capacity(b.layers);
+        for l in 0..b.layers {
+            let mut k = vec![0f32; rows * kv * p * hd];
+            let mut v = vec![0f32; rows * kv * p * hd];
+            for (r, (id, _)) in tokens.iter().enumerate() {
+                let seq = &self.seqs[id];
+                let n = seq.len * hd;
+                for h in 0..kv {
+                    let dst = (r * kv + h) * p * hd;
+                    k[dst..dst + n].copy_from_slice(&seq.past[l].0[h * n..(h + 1) * n]);
+                    v[dst..dst + n].copy_from_slice(&seq.past[l].1[h * n..(h + 1) * n]);
+                }
+            }
+            past.push((k, v));
+        }
+        let total = p + 1;
+        let mut bias = vec![0f32; rows * total];
+        for (r, len) in lens.iter().enumerate() {
+            bias[r * total + len..r * total + p].fill(softprompt_core::MASKED_BIAS);
+        }
+        let inputs = Inputs {
+            rows,
+            input_ids: tokens.iter().map(|(_, t)| *t as i64).collect(),
+            tokens: 1,
+            prompt_embeds: Vec::new(),
+            virtual_tokens: 0,
+            position_ids: lens.iter().map(|l| *l as i64).collect(),
+            attention_bias: bias,
+            gather_index: vec![0; rows],
+            picks: 1,
+            candidate_ids: vec![0; rows],
+            candidates: 1,
+            past,
+            past_len: p,
         };
-        session.run(prompt.values().to_vec(), n, ids)?;
-        Ok(Box::new(session))
+        let mut names = vec!["logits".to_string()];
+        names.extend(b.present_names());
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let out = b.run(inputs, &refs)?;
+        let vocab = b.spec.vocab_size;
+        let mut logits = Vec::with_capacity(rows);
+        for (r, (id, _)) in tokens.iter().enumerate() {
+            let len = lens[r];
+            let layers: Vec<(Vec<f32>, Vec<f32>)> = out[1..]
+                .chunks(2)
+                .map(|pair| {
+                    (
+                        self.slice_row(&pair[0].1, r, total, len, Some(p)),
+                        self.slice_row(&pair[1].1, r, total, len, Some(p)),
+                    )
+                })
+                .collect();
+            let seq = self.seqs.get_mut(id).expect("checked above");
+            seq.past = layers;
+            seq.len = len + 1;
+            logits.push(out[0].1[r * vocab..(r + 1) * vocab].to_vec());
+        }
+        Ok(logits)
+    }
+
+    fn remove(&mut self, id: SeqId) {
+        self.seqs.remove(&id);
+    }
+
+    fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn position(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(|s| s.len)
     }
 }
 
