@@ -5,6 +5,7 @@
 #   bash tools/serve-bench.sh                      # defaults below
 #   CLIENTS=32 REQUESTS=256 SECONDS_MAX=150 bash tools/serve-bench.sh
 #   KINDS=complete MAX_TOKENS=64 GEN_REQUESTS=64 bash tools/serve-bench.sh   # longer generations
+#   BACKEND=ort KINDS=complete bash tools/serve-bench.sh                     # on ONNX Runtime
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets="$(python3 tools/fetch_assets.py)"
@@ -18,8 +19,16 @@ max_tokens="${MAX_TOKENS:-16}"
 port="${PORT:-18080}"
 threads="${THREADS:-2}"
 kinds="${KINDS:-classify complete}"
+backend="${BACKEND:-candle}"
+features=()
+if [ "$backend" != candle ]; then
+  features=(--features "$backend")
+  [ "$backend" = ort ] && source tools/ort-env.sh
+  [ "$backend" = tch ] && source tools/libtorch-env.sh
+  export SOFTPROMPT_CACHE_DIR="${SOFTPROMPT_CACHE_DIR:-$PWD/.cache}"
+fi
 
-cargo build --release -q -p softprompt-cli
+cargo build --release -q -p softprompt-cli "${features[@]}"
 cargo build --release -q -p softprompt-serve --example loadtest
 work="$(mktemp -d)"
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -29,7 +38,7 @@ from=()
 
 results="$work/results.jsonl"
 for mode in mixed per-prompt; do
-  ./target/release/softprompt serve --model "$model" --store "$work/store" --threads "$threads" \
+  ./target/release/softprompt serve --model "$model" --backend "$backend" --store "$work/store" --threads "$threads" \
     --addr "127.0.0.1:$port" --batching "$mode" --queue-capacity 512 2>"$work/serve-$mode.log" &
   server=$!
   for _ in $(seq 1 120); do
