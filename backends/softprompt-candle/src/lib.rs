@@ -182,16 +182,7 @@ impl CandleBackbone {
 
     /// Errors on the first id outside the vocabulary.
     fn check_ids(&self, ids: impl IntoIterator<Item = u32>) -> Result<()> {
-        match ids
-            .into_iter()
-            .find(|id| *id as usize >= self.spec.vocab_size)
-        {
-            Some(id) => Err(Error::InvalidBatch(format!(
-                "token id {id} is outside the vocabulary of {}",
-                self.spec.vocab_size
-            ))),
-            None => Ok(()),
-        }
+        softprompt_core::backbone::check_token_ids(ids, self.spec.vocab_size)
     }
 
     fn check_length(&self, positions: usize) -> Result<()> {

@@ -17,7 +17,7 @@ use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, Tensor};
-use softprompt_core::backbone::{check_next_token, check_prompts};
+use softprompt_core::backbone::{check_next_token, check_prompts, check_token_ids};
 use softprompt_core::decode::check_step;
 use softprompt_core::model::{ModelConfig, ModelSource};
 use softprompt_core::{
@@ -417,12 +417,7 @@ impl OrtBackbone {
                 "generation needs a prompt or at least one input token".into(),
             ));
         }
-        if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
-            return Err(Error::InvalidBatch(format!(
-                "token id {id} is outside the vocabulary of {}",
-                self.spec.vocab_size
-            )));
-        }
+        check_token_ids(ids.iter().copied(), self.spec.vocab_size)?;
         let mut session = OrtDecode {
             backbone: self,
             past: Vec::new(),
@@ -496,12 +491,7 @@ impl Backbone for OrtBackbone {
     }
 
     fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
-            return Err(Error::InvalidBatch(format!(
-                "token id {id} is outside the vocabulary of {}",
-                self.spec.vocab_size
-            )));
-        }
+        check_token_ids(ids.iter().copied(), self.spec.vocab_size)?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -785,15 +775,7 @@ impl BatchDecoder for OrtBatchDecoder<'_> {
     fn step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
         check_step(tokens, &self.seqs)?;
         let b = self.backbone;
-        if let Some((_, t)) = tokens
-            .iter()
-            .find(|(_, t)| *t as usize >= b.spec.vocab_size)
-        {
-            return Err(Error::InvalidBatch(format!(
-                "token id {t} is outside the vocabulary of {}",
-                b.spec.vocab_size
-            )));
-        }
+        check_token_ids(tokens.iter().map(|(_, t)| *t), b.spec.vocab_size)?;
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
@@ -927,12 +909,7 @@ impl DecodeSession for OrtDecode<'_> {
 
     fn advance(&mut self, token: u32) -> Result<()> {
         let b = self.backbone;
-        if token as usize >= b.spec.vocab_size {
-            return Err(Error::InvalidBatch(format!(
-                "token id {token} is outside the vocabulary of {}",
-                b.spec.vocab_size
-            )));
-        }
+        check_token_ids([token], b.spec.vocab_size)?;
         self.run(Vec::new(), 0, &[token])
     }
 

@@ -15,7 +15,7 @@ mod model;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use softprompt_core::backbone::{check_next_token, check_prompts};
+use softprompt_core::backbone::{check_next_token, check_prompts, check_token_ids};
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
     causal_bias, Backbone, BackboneSpec, Batch, BatchRow, Capabilities, DecodeSession, Error,
@@ -394,12 +394,7 @@ impl Backbone for TchBackbone {
     }
 
     fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        if let Some(id) = ids.iter().find(|id| **id as usize >= self.spec.vocab_size) {
-            return Err(Error::InvalidBatch(format!(
-                "token id {id} is outside the vocabulary of {}",
-                self.spec.vocab_size
-            )));
-        }
+        check_token_ids(ids.iter().copied(), self.spec.vocab_size)?;
         let ids = self.ids_tensor(ids)?;
         let _guard = tch::no_grad_guard();
         let e = self.model().embed(&ids).map_err(to_core)?;
@@ -604,12 +599,7 @@ impl DecodeSession for TchDecode<'_> {
 
     fn advance(&mut self, token: u32) -> Result<()> {
         let b = self.backbone;
-        if token as usize >= b.spec.vocab_size {
-            return Err(Error::InvalidBatch(format!(
-                "token id {token} is outside the vocabulary of {}",
-                b.spec.vocab_size
-            )));
-        }
+        check_token_ids([token], b.spec.vocab_size)?;
         let ids = b.ids_tensor(&[token])?;
         let x = {
             let _guard = tch::no_grad_guard();

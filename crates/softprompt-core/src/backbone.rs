@@ -138,6 +138,16 @@ pub trait Backbone: Send + Sync {
     }
 }
 
+/// Errors ([`Error::InvalidBatch`]) on the first token id outside a vocabulary of `vocab_size`.
+pub fn check_token_ids(ids: impl IntoIterator<Item = u32>, vocab_size: usize) -> Result<()> {
+    match ids.into_iter().find(|id| *id as usize >= vocab_size) {
+        Some(id) => Err(Error::InvalidBatch(format!(
+            "token id {id} is outside the vocabulary of {vocab_size}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Checks that `prompts` fit a backbone of `spec` and share one length; returns that length.
 pub fn check_prompts(prompts: &[SoftPrompt], spec: &BackboneSpec, batch: &Batch) -> Result<usize> {
     if prompts.is_empty() {

@@ -156,12 +156,7 @@ impl Batch {
                 "row {r} uses prompt {p} but only {num_prompts} prompts were given"
             )));
         }
-        if let Some(id) = self.input_ids.iter().find(|id| **id as usize >= vocab_size) {
-            return Err(Error::InvalidBatch(format!(
-                "token id {id} is outside the vocabulary of {vocab_size}"
-            )));
-        }
-        Ok(())
+        crate::backbone::check_token_ids(self.input_ids.iter().copied(), vocab_size)
     }
 }
 
