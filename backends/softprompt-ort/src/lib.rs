@@ -161,6 +161,8 @@ pub struct OrtBackbone {
     kv_heads: usize,
     head_dim: usize,
     onnx_path: PathBuf,
+    /// `logits`, then `present_key.{i}` and `present_value.{i}` layer by layer (named once).
+    decode_outputs: Vec<String>,
 }
 
 impl std::fmt::Debug for OrtBackbone {
@@ -238,6 +240,12 @@ impl OrtBackbone {
             kv_heads,
             head_dim,
             onnx_path: path,
+            decode_outputs: std::iter::once("logits".to_string())
+                .chain(
+                    (0..layers)
+                        .flat_map(|l| [format!("present_key.{l}"), format!("present_value.{l}")]),
+                )
+                .collect(),
         })
     }
 
@@ -428,11 +436,10 @@ impl OrtBackbone {
         Ok(session)
     }
 
-    /// Names of every present key/value output, layer by layer.
-    fn present_names(&self) -> Vec<String> {
-        (0..self.layers)
-            .flat_map(|l| [format!("present_key.{l}"), format!("present_value.{l}")])
-            .collect()
+    /// Runs the graph for decoding: the picked logits, then every layer's present key and value.
+    fn run_decode(&self, inputs: Inputs) -> Result<Vec<HostOut>> {
+        let names: Vec<&str> = self.decode_outputs.iter().map(String::as_str).collect();
+        self.run(inputs, &names)
     }
 }
 
@@ -683,10 +690,7 @@ impl OrtBatchDecoder<'_> {
         inputs.picks = 1;
         inputs.candidate_ids = vec![0; rows.len()];
         inputs.candidates = 1;
-        let mut names = vec!["logits".to_string()];
-        names.extend(b.present_names());
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let out = b.run(inputs, &refs)?;
+        let out = b.run_decode(inputs)?;
         let vocab = b.spec.vocab_size;
         Ok((0..rows.len())
             .map(|r| {
@@ -728,13 +732,11 @@ impl BatchDecoder for OrtBatchDecoder<'_> {
     fn add_many(&mut self, seqs: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqId, Vec<f32>)>> {
         for (p, ids) in seqs {
             p.check_hidden_size(self.backbone.spec.hidden_size)?;
-            if ids.is_empty() {
-                // a prompt-only sequence: its own call (a batch needs a token per row)
-                if p.num_virtual_tokens() == 0 {
-                    return Err(Error::InvalidArgument(
-                        "generation needs a prompt or at least one input token".into(),
-                    ));
-                }
+            // prompt-only sequences get their own call below (a batch needs a token per row)
+            if ids.is_empty() && p.num_virtual_tokens() == 0 {
+                return Err(Error::InvalidArgument(
+                    "generation needs a prompt or at least one input token".into(),
+                ));
             }
         }
         // group by prompt length (one graph call per group), keep the caller's order
@@ -820,10 +822,7 @@ impl BatchDecoder for OrtBatchDecoder<'_> {
             past,
             past_len: p,
         };
-        let mut names = vec!["logits".to_string()];
-        names.extend(b.present_names());
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let out = b.run(inputs, &refs)?;
+        let out = b.run_decode(inputs)?;
         let vocab = b.spec.vocab_size;
         let mut logits = Vec::with_capacity(rows);
         for (r, (id, _)) in tokens.iter().enumerate() {
@@ -887,10 +886,7 @@ impl OrtDecode<'_> {
             past: std::mem::take(&mut self.past),
             past_len: self.position,
         };
-        let mut names = vec!["logits".to_string()];
-        names.extend(b.present_names());
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let mut out = b.run(inputs, &refs)?.into_iter();
+        let mut out = b.run_decode(inputs)?.into_iter();
         self.logits = out.next().map(|o| o.1).unwrap_or_default();
         let mut past = Vec::with_capacity(b.layers);
         while let (Some(k), Some(v)) = (out.next(), out.next()) {
