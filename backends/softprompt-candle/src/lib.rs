@@ -3,8 +3,9 @@
 //! Implements [`Backbone`] with gradients with respect to the prompt (candle autograd over
 //! differentiable ops only), per-row prompts, rank-classification scores and KV-cached decoding.
 
+mod fused;
 mod model;
-mod ops;
+pub mod ops;
 
 use std::collections::BTreeMap;
 use std::path::Path;

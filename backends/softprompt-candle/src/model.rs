@@ -6,7 +6,7 @@ use softprompt_core::model::{
     GPT2_LN_F, GPT2_WPE, GPT2_WTE, LLAMA_EMBED, LLAMA_FINAL_NORM, LM_HEAD,
 };
 
-use crate::ops::{attention, layer_norm, rms_norm, rope, rope_tables, Linear};
+use crate::ops::{attention, layer_norm, rms_norm, rope, rope_tables, swiglu, Linear};
 use crate::{to_core, Result};
 
 /// Where the rows of a forward pass sit in their sequences.
@@ -293,12 +293,10 @@ impl Llama {
             if let Some(cache) = cache.as_deref_mut() {
                 (k, v) = extend_cache(&mut cache[i], k, v)?;
             }
-            let att = attention(&q, &k, &v, bias)?
-                .transpose(1, 2)?
-                .reshape((b, s, h * hd))?;
+            let att = attention(&q, &k, &v, bias)?;
             x = (x + layer.o.forward(&att)?)?;
             let hn = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let mlp = (layer.gate.forward(&hn)?.silu()? * layer.up.forward(&hn)?)?;
+            let mlp = swiglu(&layer.gate.forward(&hn)?, &layer.up.forward(&hn)?)?;
             x = (x + layer.down.forward(&mlp)?)?;
         }
         rms_norm(&x, &self.norm, c.rms_norm_eps)
@@ -384,9 +382,7 @@ impl Gpt2 {
             if let Some(cache) = cache.as_deref_mut() {
                 (k, v) = extend_cache(&mut cache[i], k, v)?;
             }
-            let att = attention(&q, &k, &v, bias)?
-                .transpose(1, 2)?
-                .reshape((b, s, d))?;
+            let att = attention(&q, &k, &v, bias)?;
             x = (x + layer.c_proj.forward(&att)?)?;
             let hn = layer_norm(&x, &layer.ln_2.0, &layer.ln_2.1, eps)?;
             let up = layer.c_fc.forward(&hn)?;

@@ -3,6 +3,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
+use crate::fused;
+
 /// `x · Wᵀ + b` with `W` stored `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -22,11 +24,14 @@ impl Linear {
             .expect("linear input has at least one dim");
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, *last))?;
-        let y = if x.track_op() && x.device().is_cpu() {
+        let y = if x.track_op() && fused::supported(x) {
             // Training: the backward of a plain matmul would also compute the (unused) weight
             // gradient, as costly as the forward; this op only propagates to the input.
             x2.contiguous()?
-                .apply_op1(FrozenMatmul { w: self.w.clone() })?
+                .apply_op1(fused::FrozenMatmul { w: self.w.clone() })?
+        } else if x.track_op() && x.device().is_cpu() {
+            x2.contiguous()?
+                .apply_op1(FrozenMatmulAny { w: self.w.clone() })?
         } else {
             x2.matmul(&self.w.t()?)?
         };
@@ -40,12 +45,13 @@ impl Linear {
     }
 }
 
-/// `x · Wᵀ` for a frozen `W`: its backward computes only `∂L/∂x = ∂L/∂y · W`.
-struct FrozenMatmul {
+/// [`fused::FrozenMatmul`] for the dtypes the fused kernels do not cover (bf16, f16): the input
+/// is copied into a tensor and multiplied by candle.
+struct FrozenMatmulAny {
     w: Tensor,
 }
 
-impl CustomOp1 for FrozenMatmul {
+impl CustomOp1 for FrozenMatmulAny {
     fn name(&self) -> &'static str {
         "frozen-matmul"
     }
@@ -54,19 +60,12 @@ impl CustomOp1 for FrozenMatmul {
         let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
             candle_core::Error::Msg("frozen-matmul needs a contiguous input".into())
         })?;
+        let dev = &candle_core::Device::Cpu;
         let x = match storage {
-            CpuStorage::F32(v) => {
-                Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?
-            }
-            CpuStorage::F64(v) => {
-                Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?
-            }
-            CpuStorage::BF16(v) => {
-                Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?
-            }
-            CpuStorage::F16(v) => {
-                Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?
-            }
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), dev)?,
+            CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], layout.shape(), dev)?,
+            CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], layout.shape(), dev)?,
+            CpuStorage::F16(v) => Tensor::from_slice(&v[start..end], layout.shape(), dev)?,
             _ => candle_core::bail!("frozen-matmul supports f32, f64, bf16 and f16 weights"),
         };
         let y = x.matmul(&self.w.t()?)?;
@@ -80,6 +79,15 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad_res.matmul(&self.w)?))
+    }
+}
+
+/// `silu(a) ⊙ u`, Llama's gated MLP activation.
+pub fn swiglu(a: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if fused::supported(a) && a.dtype() == u.dtype() && a.shape() == u.shape() {
+        a.contiguous()?.apply_op2(&u.contiguous()?, fused::SwiGlu)
+    } else {
+        a.silu()? * u
     }
 }
 
@@ -100,6 +108,13 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · w`, computed in f32 or wider.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::supported(x) && w.dtype() == x.dtype() && w.dims() == [x.dim(D::Minus1)?] {
+        let op = fused::RmsNorm {
+            w: w.contiguous()?,
+            eps,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
     let dtype = x.dtype();
     let xf = upcast(x)?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -168,9 +183,43 @@ pub fn rope_tables(
 
 /// Scaled dot-product attention of `q [b,h,s,hd]` over `k, v [b,kv,t,hd]` (`h` a multiple of
 /// `kv`: grouped-query attention, query head `j` reads key/value head `j / (h / kv)` as in
-/// Hugging Face's `repeat_kv`) with an additive bias broadcastable to `[b,1,s,t]`. The query
-/// heads of a group are stacked as one `[rep·s, hd]` matrix instead of repeating keys and values.
+/// Hugging Face's `repeat_kv`) with an additive bias broadcastable to `[b,1,s,t]`. Returns
+/// `[b, s, h·hd]`, the input of the output projection. On the CPU in f32/f64 with a bias of
+/// shape `[1 or b, 1, s, t]` (or none) this is one fused op ([`fused::Attention`]); otherwise
+/// [`attention_composed`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, h, s, hd) = q.dims4()?;
+    let bias_fits = match bias {
+        None => true,
+        Some(bias) => {
+            bias.rank() == 4
+                && bias.dtype() == q.dtype()
+                && matches!(bias.dims(), [bb, 1, bs, bt] if (*bb == 1 || *bb == b) && *bs == s && *bt == k.dim(2)?)
+        }
+    };
+    if fused::supported(q) && bias_fits && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        let op = fused::Attention {
+            bias: bias.map(Tensor::contiguous).transpose()?,
+            scale: 1.0 / (hd as f64).sqrt(),
+        };
+        let out = q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+        return out.reshape((b, s, h * hd));
+    }
+    attention_composed(q, k, v, bias)?
+        .transpose(1, 2)?
+        .reshape((b, s, h * hd))
+}
+
+/// [`attention`] from differentiable candle primitives, returning `[b, h, s, hd]`. The query
+/// heads of a group are stacked as one `[rep·s, hd]` matrix instead of repeating keys and values.
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, h, s, hd) = q.dims4()?;
     let (kv, t) = (k.dim(1)?, k.dim(2)?);
     let rep = h / kv;

@@ -1,0 +1,945 @@
+//! Fused CPU kernels (f32 and f64) with hand-written backward passes.
+//!
+//! candle's autograd records every elementary op of a composition (RMSNorm is six ops, softmax
+//! five), keeps each op's output alive until the backward pass, and accumulates every gradient
+//! into a fresh zero tensor. On the CPU that bookkeeping, not the matrix products, dominated a
+//! training step. These ops compute a whole block in one pass over the data, store only their
+//! inputs for the backward pass, and compute that backward in one pass too. The matrix products
+//! inside them go straight to `gemm` (the crate candle itself calls), on the rows of the
+//! tensors in place: no transposed or packed copies. Independent rows / heads run on rayon's
+//! pool (`RAYON_NUM_THREADS`, like candle's own kernels).
+//!
+//! Each op is checked against the composition it replaces and against central finite
+//! differences in the tests at the bottom of this file.
+
+#![allow(unsafe_code)] // gemm takes raw pointers; every block states why its offsets are in bounds
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
+};
+use gemm::Parallelism;
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Element types the fused kernels run on.
+pub(crate) trait Elem:
+    WithDType + Float + Send + Sync + std::iter::Sum + std::ops::AddAssign + std::ops::MulAssign
+{
+}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+/// Whether the fused kernels handle tensors like `t` (CPU, f32 or f64).
+pub(crate) fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The contiguous slice of a storage a layout describes.
+fn view<'a, T: Elem>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused kernel needs contiguous inputs".into()))?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Runs `f` on the contiguous data of a captured (frozen) tensor.
+fn with_data<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    match &*guard {
+        Storage::Cpu(cpu) => f(view::<T>(cpu, layout)?),
+        _ => candle_core::bail!("fused kernel: tensor is not on the CPU"),
+    }
+}
+
+fn threads() -> Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// A raw pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+impl<T> Shared<T> {
+    fn at(self, offset: usize) -> *mut T {
+        // SAFETY (of callers): offsets stay inside the buffer the pointer came from.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// Row-major strides of one matrix operand: element `(i, j)` at `i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: usize,
+    cs: usize,
+}
+
+impl<T> Mat<T> {
+    fn rows(ptr: *const T, rs: usize) -> Self {
+        Mat { ptr, rs, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with row stride `rs`.
+    fn t(ptr: *const T, rs: usize) -> Self {
+        Mat { ptr, rs: 1, cs: rs }
+    }
+}
+
+/// `dst [m, n] (row stride dst_rs) = a [m, k] · b [k, n]`, or `+=` with `accumulate`.
+///
+/// # Safety
+/// Every pointer must address a buffer that holds the described matrix.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+    par: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.ptr,
+        a.cs as isize,
+        a.rs as isize,
+        b.ptr,
+        b.cs as isize,
+        b.rs as isize,
+        if accumulate { T::one() } else { T::zero() },
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+macro_rules! dispatch {
+    ($storage:expr, $f:ident ( $($arg:expr),* )) => {
+        match $storage {
+            CpuStorage::F32(_) => $f::<f32>($($arg),*),
+            CpuStorage::F64(_) => $f::<f64>($($arg),*),
+            _ => candle_core::bail!("fused kernels run on f32 and f64"),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// x · Wᵀ for a frozen W
+
+/// `x [m, k] · Wᵀ` with `W [n, k]` frozen; the backward pass computes only `∂L/∂x = ∂L/∂y · W`
+/// (a plain matmul's backward would also compute the weight gradient, as costly as the forward).
+pub(crate) struct FrozenMatmul {
+    pub w: Tensor,
+}
+
+fn frozen_matmul_fwd<T: Elem>(
+    w: &Tensor,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let x = view::<T>(s, l)?;
+    let (m, k) = l.shape().dims2()?;
+    let (n, wk) = w.dims2()?;
+    if wk != k {
+        candle_core::bail!("frozen-matmul: input has {k} columns, weight {wk}");
+    }
+    let mut y = vec![T::zero(); m * n];
+    with_data::<T, _>(w, |w| {
+        // SAFETY: x is [m, k], w is [n, k] (read as its transpose), y is [m, n]
+        unsafe {
+            matmul(
+                (m, n, k),
+                y.as_mut_ptr(),
+                n,
+                false,
+                Mat::rows(x.as_ptr(), k),
+                Mat::t(w.as_ptr(), k),
+                threads(),
+            )
+        };
+        Ok(())
+    })?;
+    Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s, frozen_matmul_fwd(&self.w, s, l))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `x / sqrt(mean(x²) + eps) · w` over the last dimension, `w` frozen.
+pub(crate) struct RmsNorm {
+    pub w: Tensor,
+    pub eps: f64,
+}
+
+fn rms_fwd<T: Elem>(
+    w: &Tensor,
+    eps: f64,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let x = view::<T>(s, l)?;
+    let d = l.shape().dims().last().copied().unwrap_or(1);
+    let eps = T::from(eps).expect("eps is finite");
+    let dn = T::from(d).expect("dimension fits");
+    let mut y = vec![T::zero(); x.len()];
+    with_data::<T, _>(w, |w| {
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            let ms = x.iter().map(|v| *v * *v).sum::<T>() / dn;
+            let r = (ms + eps).sqrt().recip();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                *y = *x * r * *w;
+            }
+        });
+        Ok(())
+    })?;
+    Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s, rms_fwd(&self.w, self.eps, s, l))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = RmsNormBwd {
+            w: self.w.clone(),
+            eps: self.eps,
+        };
+        Ok(Some(
+            x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?,
+        ))
+    }
+}
+
+/// `∂L/∂x` of [`RmsNorm`] from `x` and `∂L/∂y`:
+/// `r·(g⊙w) − x·r³·Σ(g⊙w⊙x)/d` with `r = 1/sqrt(mean(x²) + eps)`.
+struct RmsNormBwd {
+    w: Tensor,
+    eps: f64,
+}
+
+fn rms_bwd<T: Elem>(
+    w: &Tensor,
+    eps: f64,
+    (sx, lx): (&CpuStorage, &Layout),
+    (sg, lg): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (x, g) = (view::<T>(sx, lx)?, view::<T>(sg, lg)?);
+    let d = lx.shape().dims().last().copied().unwrap_or(1);
+    let eps = T::from(eps).expect("eps is finite");
+    let dn = T::from(d).expect("dimension fits");
+    let mut dx = vec![T::zero(); x.len()];
+    with_data::<T, _>(w, |w| {
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(dx, (x, g))| {
+                let ms = x.iter().map(|v| *v * *v).sum::<T>() / dn;
+                let r = (ms + eps).sqrt().recip();
+                let dot = x
+                    .iter()
+                    .zip(g)
+                    .zip(w)
+                    .map(|((x, g), w)| *x * *g * *w)
+                    .sum::<T>();
+                let c = r * r * r * dot / dn;
+                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                    *dx = r * *g * *w - *x * c;
+                }
+            });
+        Ok(())
+    })?;
+    Ok((T::to_cpu_storage_owned(dx), lx.shape().clone()))
+}
+
+impl CustomOp2 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, rms_bwd(&self.w, self.eps, (s1, l1), (s2, l2)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: silu(a) · u
+
+/// `silu(a) ⊙ u` (Llama's gated MLP activation).
+pub(crate) struct SwiGlu;
+
+fn sigmoid<T: Elem>(a: T) -> T {
+    (T::one() + (-a).exp()).recip()
+}
+
+fn swiglu_fwd<T: Elem>(
+    (sa, la): (&CpuStorage, &Layout),
+    (su, lu): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (a, u) = (view::<T>(sa, la)?, view::<T>(su, lu)?);
+    if a.len() != u.len() {
+        candle_core::bail!("swiglu: gate and up differ in size");
+    }
+    let mut y = vec![T::zero(); a.len()];
+    const CHUNK: usize = 4096;
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(y, (a, u))| {
+            for ((y, a), u) in y.iter_mut().zip(a).zip(u) {
+                *y = *a * sigmoid(*a) * *u;
+            }
+        });
+    Ok((T::to_cpu_storage_owned(y), la.shape().clone()))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, swiglu_fwd((s1, l1), (s2, l2)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both =
+            a.contiguous()?
+                .apply_op3_no_bwd(&u.contiguous()?, &grad.contiguous()?, &SwiGluBwd)?;
+        let da = both.get(0)?.reshape(a.shape())?;
+        let du = both.get(1)?.reshape(u.shape())?;
+        Ok((Some(da), Some(du)))
+    }
+}
+
+/// Both input gradients of [`SwiGlu`], stacked `[2, n]`:
+/// `∂a = g·u·σ(a)·(1 + a·(1 − σ(a)))`, `∂u = g·a·σ(a)`.
+struct SwiGluBwd;
+
+fn swiglu_bwd<T: Elem>(
+    (sa, la): (&CpuStorage, &Layout),
+    (su, lu): (&CpuStorage, &Layout),
+    (sg, lg): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (a, u, g) = (view::<T>(sa, la)?, view::<T>(su, lu)?, view::<T>(sg, lg)?);
+    let n = a.len();
+    let mut out = vec![T::zero(); 2 * n];
+    let (da, du) = out.split_at_mut(n);
+    const CHUNK: usize = 4096;
+    da.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(
+            a.par_chunks(CHUNK)
+                .zip(u.par_chunks(CHUNK))
+                .zip(g.par_chunks(CHUNK)),
+        )
+        .for_each(|((da, du), ((a, u), g))| {
+            for i in 0..a.len() {
+                let s = sigmoid(a[i]);
+                du[i] = g[i] * a[i] * s;
+                da[i] = g[i] * u[i] * s * (T::one() + a[i] * (T::one() - s));
+            }
+        });
+    Ok((T::to_cpu_storage_owned(out), Shape::from((2, n))))
+}
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, swiglu_bwd((s1, l1), (s2, l2), (s3, l3)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+/// Scaled dot-product attention of `q [b, h, s, hd]` over `k, v [b, kv, t, hd]` (grouped
+/// queries: head `j` reads key/value head `j / (h / kv)`) plus an additive `bias [1 or b, 1, s,
+/// t]`, returning `[b, s, h, hd]` (the layout the output projection reads, no transpose). Per
+/// (row, head): `softmax(scale·q·kᵀ + bias)·v`, the probabilities never stored: the backward
+/// pass recomputes them from `q`, `k` (as flash attention does).
+pub(crate) struct Attention {
+    pub bias: Option<Tensor>,
+    pub scale: f64,
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    kv: usize,
+    s: usize,
+    t: usize,
+    hd: usize,
+    /// Rows of the bias (1: shared by every batch row).
+    bias_rows: usize,
+}
+
+impl Dims {
+    fn of(q: &Shape, k: &Shape, bias: Option<&Tensor>) -> Result<Self> {
+        let (b, h, s, hd) = q.dims4()?;
+        let (kb, kv, t, khd) = k.dims4()?;
+        if kb != b || khd != hd || kv == 0 || h % kv != 0 {
+            candle_core::bail!("attention: q {q:?} and k {k:?} do not fit");
+        }
+        let bias_rows = match bias {
+            None => 0,
+            Some(bias) => {
+                let (bb, one, bs, bt) = bias.dims4()?;
+                if one != 1 || bs != s || bt != t || (bb != 1 && bb != b) {
+                    candle_core::bail!(
+                        "attention: bias {:?} does not fit [{b}, 1, {s}, {t}]",
+                        bias.shape()
+                    );
+                }
+                bb
+            }
+        };
+        Ok(Dims {
+            b,
+            h,
+            kv,
+            s,
+            t,
+            hd,
+            bias_rows,
+        })
+    }
+
+    fn q_at(&self, bi: usize, hi: usize) -> usize {
+        (bi * self.h + hi) * self.s * self.hd
+    }
+    fn kv_at(&self, bi: usize, ki: usize) -> usize {
+        (bi * self.kv + ki) * self.t * self.hd
+    }
+    /// Start of row `bi`, head `hi` in the `[b, s, h, hd]` output (rows `h·hd` apart).
+    fn out_at(&self, bi: usize, hi: usize) -> usize {
+        (bi * self.s * self.h + hi) * self.hd
+    }
+    fn bias_at(&self, bi: usize) -> usize {
+        if self.bias_rows == 1 {
+            0
+        } else {
+            bi * self.s * self.t
+        }
+    }
+}
+
+/// `p [s, t] = softmax(scale·q·kᵀ + bias)` for one (row, head).
+///
+/// # Safety
+/// `q` addresses `[s, hd]`, `k` `[t, hd]`, both row-major.
+unsafe fn probabilities<T: Elem>(
+    d: &Dims,
+    q: *const T,
+    k: *const T,
+    bias: Option<&[T]>,
+    scale: T,
+    p: &mut [T],
+) {
+    let (s, t, hd) = (d.s, d.t, d.hd);
+    matmul(
+        (s, t, hd),
+        p.as_mut_ptr(),
+        t,
+        false,
+        Mat::rows(q, hd),
+        Mat::t(k, hd),
+        Parallelism::None,
+    );
+    for (i, row) in p.chunks_mut(t).enumerate() {
+        match bias {
+            Some(bias) => {
+                for (x, b) in row.iter_mut().zip(&bias[i * t..(i + 1) * t]) {
+                    *x = *x * scale + *b;
+                }
+            }
+            None => row.iter_mut().for_each(|x| *x *= scale),
+        }
+        let max = row.iter().copied().fold(T::neg_infinity(), Float::max);
+        let mut sum = T::zero();
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = sum.recip();
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+fn attention_fwd<T: Elem>(
+    op: &Attention,
+    (sq, lq): (&CpuStorage, &Layout),
+    (sk, lk): (&CpuStorage, &Layout),
+    (sv, lv): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let d = Dims::of(lq.shape(), lk.shape(), op.bias.as_ref())?;
+    if lv.shape() != lk.shape() {
+        candle_core::bail!(
+            "attention: v {:?} differs from k {:?}",
+            lv.shape(),
+            lk.shape()
+        );
+    }
+    let (q, k, v) = (view::<T>(sq, lq)?, view::<T>(sk, lk)?, view::<T>(sv, lv)?);
+    let scale = T::from(op.scale).expect("scale is finite");
+    let mut out = vec![T::zero(); d.b * d.s * d.h * d.hd];
+    let dst = Shared(out.as_mut_ptr());
+    let rep = d.h / d.kv;
+    let run = |bias: Option<&[T]>| {
+        (0..d.b * d.h).into_par_iter().for_each_init(
+            || vec![T::zero(); d.s * d.t],
+            |p, task| {
+                let (bi, hi) = (task / d.h, task % d.h);
+                let kv_at = d.kv_at(bi, hi / rep);
+                let bias = bias.map(|b| &b[d.bias_at(bi)..d.bias_at(bi) + d.s * d.t]);
+                // SAFETY: offsets from `Dims` stay inside q, k, v, out; each task writes its
+                // own (row, head) block of `out`
+                unsafe {
+                    probabilities(
+                        &d,
+                        q.as_ptr().add(d.q_at(bi, hi)),
+                        k.as_ptr().add(kv_at),
+                        bias,
+                        scale,
+                        p,
+                    );
+                    matmul(
+                        (d.s, d.hd, d.t),
+                        dst.at(d.out_at(bi, hi)),
+                        d.h * d.hd,
+                        false,
+                        Mat::rows(p.as_ptr(), d.t),
+                        Mat::rows(v.as_ptr().add(kv_at), d.hd),
+                        Parallelism::None,
+                    );
+                }
+            },
+        )
+    };
+    match &op.bias {
+        Some(b) => with_data::<T, _>(b, |b| {
+            run(Some(b));
+            Ok(())
+        })?,
+        None => run(None),
+    }
+    Ok((
+        T::to_cpu_storage_owned(out),
+        Shape::from((d.b, d.s, d.h, d.hd)),
+    ))
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, attention_fwd(self, (s1, l1), (s2, l2), (s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = AttentionBwd {
+            q: q.contiguous()?,
+            bias: self.bias.clone(),
+            scale: self.scale,
+        };
+        let all = k
+            .contiguous()?
+            .apply_op3_no_bwd(&v.contiguous()?, &grad.contiguous()?, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = all.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The three input gradients of [`Attention`] (flat `[dq | dk | dv]`) from `k`, `v` and
+/// `∂L/∂out`, with `q` captured: per (row, key/value head), for each of its query heads,
+/// `P` recomputed, `dV += Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − rowsum(dO·Vᵀ ⊙ P))`,
+/// `dQ = scale·dS·K`, `dK += scale·dSᵀ·Q`.
+struct AttentionBwd {
+    q: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+}
+
+fn attention_bwd<T: Elem>(
+    op: &AttentionBwd,
+    (sk, lk): (&CpuStorage, &Layout),
+    (sv, lv): (&CpuStorage, &Layout),
+    (sg, lg): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let d = Dims::of(op.q.shape(), lk.shape(), op.bias.as_ref())?;
+    let (k, v, g) = (view::<T>(sk, lk)?, view::<T>(sv, lv)?, view::<T>(sg, lg)?);
+    let scale = T::from(op.scale).expect("scale is finite");
+    let (nq, nk) = (d.b * d.h * d.s * d.hd, d.b * d.kv * d.t * d.hd);
+    let mut all = vec![T::zero(); nq + 2 * nk];
+    let dst = Shared(all.as_mut_ptr());
+    let rep = d.h / d.kv;
+    with_data::<T, _>(&op.q, |q| {
+        let run = |bias: Option<&[T]>| {
+            (0..d.b * d.kv).into_par_iter().for_each_init(
+                || (vec![T::zero(); d.s * d.t], vec![T::zero(); d.s * d.t]),
+                |(p, dp), task| {
+                    let (bi, ki) = (task / d.kv, task % d.kv);
+                    let kv_at = d.kv_at(bi, ki);
+                    let bias = bias.map(|b| &b[d.bias_at(bi)..d.bias_at(bi) + d.s * d.t]);
+                    // SAFETY: offsets from `Dims` stay inside their buffers; each task writes
+                    // the dq blocks of its own query heads and its own dk/dv block
+                    unsafe {
+                        let (kp, vp) = (k.as_ptr().add(kv_at), v.as_ptr().add(kv_at));
+                        let (dk, dv) = (dst.at(nq + kv_at), dst.at(nq + nk + kv_at));
+                        for hi in ki * rep..(ki + 1) * rep {
+                            let qp = q.as_ptr().add(d.q_at(bi, hi));
+                            let go = g.as_ptr().add(d.out_at(bi, hi));
+                            probabilities(&d, qp, kp, bias, scale, p);
+                            // dV += Pᵀ · dO
+                            let first = hi == ki * rep;
+                            let no = Parallelism::None;
+                            matmul(
+                                (d.t, d.hd, d.s),
+                                dv,
+                                d.hd,
+                                !first,
+                                Mat::t(p.as_ptr(), d.t),
+                                Mat::rows(go, d.h * d.hd),
+                                no,
+                            );
+                            // dP = dO · Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)), times scale
+                            matmul(
+                                (d.s, d.t, d.hd),
+                                dp.as_mut_ptr(),
+                                d.t,
+                                false,
+                                Mat::rows(go, d.h * d.hd),
+                                Mat::t(vp, d.hd),
+                                no,
+                            );
+                            for (dp, p) in dp.chunks_mut(d.t).zip(p.chunks(d.t)) {
+                                let dot = dp.iter().zip(p).map(|(a, b)| *a * *b).sum::<T>();
+                                for (x, p) in dp.iter_mut().zip(p) {
+                                    *x = *p * (*x - dot) * scale;
+                                }
+                            }
+                            // dQ = dS · K; dK += dSᵀ · Q
+                            matmul(
+                                (d.s, d.hd, d.t),
+                                dst.at(d.q_at(bi, hi)),
+                                d.hd,
+                                false,
+                                Mat::rows(dp.as_ptr(), d.t),
+                                Mat::rows(kp, d.hd),
+                                no,
+                            );
+                            matmul(
+                                (d.t, d.hd, d.s),
+                                dk,
+                                d.hd,
+                                !first,
+                                Mat::t(dp.as_ptr(), d.t),
+                                Mat::rows(qp, d.hd),
+                                no,
+                            );
+                        }
+                    }
+                },
+            )
+        };
+        match &op.bias {
+            Some(b) => with_data::<T, _>(b, |b| {
+                run(Some(b));
+                Ok(())
+            }),
+            None => {
+                run(None);
+                Ok(())
+            }
+        }
+    })?;
+    Ok((T::to_cpu_storage_owned(all), Shape::from(nq + 2 * nk)))
+}
+
+impl CustomOp3 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "fused-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, attention_bwd(self, (s1, l1), (s2, l2), (s3, l3)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use crate::ops::{attention, attention_composed, rms_norm, swiglu};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        // a small LCG: deterministic inputs without a random-number dependency
+        let n: usize = shape.iter().product();
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.shape(), b.shape());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Gradients of `sum(f(inputs) ⊙ weights)` with respect to every input.
+    fn grads(
+        inputs: &[Tensor],
+        weights: &Tensor,
+        f: &dyn Fn(&[Tensor]) -> Tensor,
+    ) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        let g = (&y * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs = ts.iter().map(|t| g.get(t).unwrap().clone()).collect();
+        (y, gs)
+    }
+
+    /// Central finite differences of `sum(f(inputs) ⊙ weights)` at a few coordinates of input
+    /// `which`, against `grad`.
+    fn check_fd(
+        inputs: &[Tensor],
+        which: usize,
+        weights: &Tensor,
+        grad: &Tensor,
+        f: &dyn Fn(&[Tensor]) -> Tensor,
+    ) {
+        let base: Vec<f64> = inputs[which].flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-6;
+        let loss = |v: Vec<f64>| {
+            let mut ins = inputs.to_vec();
+            ins[which] = Tensor::from_vec(v, inputs[which].shape(), &Device::Cpu).unwrap();
+            (f(&ins) * weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let step = (base.len() / 7).max(1);
+        for i in (0..base.len()).step_by(step) {
+            let (mut p, mut m) = (base.clone(), base.clone());
+            p[i] += eps;
+            m[i] -= eps;
+            let fd = (loss(p) - loss(m)) / (2.0 * eps);
+            assert!(
+                (fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "input {which} coordinate {i}: finite difference {fd} vs gradient {}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_composition_and_finite_differences() {
+        let (x, w) = (rand(&[3, 5, 16], 1), rand(&[16], 2));
+        let wts = rand(&[3, 5, 16], 3);
+        let fused = |t: &[Tensor]| rms_norm(&t[0], &w, 1e-5).unwrap();
+        let composed = |t: &[Tensor]| {
+            let ms = t[0].sqr().unwrap().mean_keepdim(2).unwrap();
+            let r = ((ms + 1e-5).unwrap().sqrt().unwrap()).recip().unwrap();
+            t[0].broadcast_mul(&r).unwrap().broadcast_mul(&w).unwrap()
+        };
+        let (y1, g1) = grads(std::slice::from_ref(&x), &wts, &fused);
+        let (y2, g2) = grads(std::slice::from_ref(&x), &wts, &composed);
+        assert!(max_diff(&y1, &y2) < 1e-12);
+        assert!(max_diff(&g1[0], &g2[0]) < 1e-12);
+        check_fd(&[x], 0, &wts, &g1[0], &fused);
+    }
+
+    #[test]
+    fn swiglu_matches_composition_and_finite_differences() {
+        let (a, u) = ((rand(&[4, 9], 4) * 4.0).unwrap(), rand(&[4, 9], 5));
+        let wts = rand(&[4, 9], 6);
+        let fused = |t: &[Tensor]| swiglu(&t[0], &t[1]).unwrap();
+        let composed = |t: &[Tensor]| (t[0].silu().unwrap() * &t[1]).unwrap();
+        let (y1, g1) = grads(&[a.clone(), u.clone()], &wts, &fused);
+        let (y2, g2) = grads(&[a.clone(), u.clone()], &wts, &composed);
+        assert!(max_diff(&y1, &y2) < 1e-12);
+        for (g1, g2) in g1.iter().zip(&g2) {
+            assert!(max_diff(g1, g2) < 1e-12);
+        }
+        check_fd(&[a.clone(), u.clone()], 0, &wts, &g1[0], &fused);
+        check_fd(&[a, u], 1, &wts, &g1[1], &fused);
+    }
+
+    /// Grouped queries (6 heads over 2 key/value heads), more keys than queries (a cached
+    /// prefix), a bias per row, shared by all rows, and none.
+    #[test]
+    fn attention_matches_composition_and_finite_differences() {
+        let (b, h, kv, s, t, hd) = (2, 6, 2, 3, 5, 4);
+        let q = rand(&[b, h, s, hd], 7);
+        let k = rand(&[b, kv, t, hd], 8);
+        let v = rand(&[b, kv, t, hd], 9);
+        let mut per_row = vec![0f64; b * s * t];
+        per_row[2] = -1e9; // row 0 query 0 does not see key 2
+        per_row[s * t + t - 1] = -1e9; // row 1 query 0 does not see the last key
+        let per_row = Tensor::from_vec(per_row, (b, 1, s, t), &Device::Cpu).unwrap();
+        let shared = (rand(&[1, 1, s, t], 10) * 0.5).unwrap();
+        let wts = rand(&[b, s, h * hd], 11);
+        for bias in [Some(per_row), Some(shared), None] {
+            let fused = |x: &[Tensor]| attention(&x[0], &x[1], &x[2], bias.as_ref()).unwrap();
+            let composed = |x: &[Tensor]| {
+                attention_composed(&x[0], &x[1], &x[2], bias.as_ref())
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, s, h * hd))
+                    .unwrap()
+            };
+            let ins = [q.clone(), k.clone(), v.clone()];
+            let (y1, g1) = grads(&ins, &wts, &fused);
+            let (y2, g2) = grads(&ins, &wts, &composed);
+            assert!(max_diff(&y1, &y2) < 1e-12, "{}", max_diff(&y1, &y2));
+            for (i, (g1, g2)) in g1.iter().zip(&g2).enumerate() {
+                assert!(max_diff(g1, g2) < 1e-12, "input {i}: {}", max_diff(g1, g2));
+                check_fd(&ins, i, &wts, g1, &fused);
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_finite_differences() {
+        let (x, w) = (rand(&[2, 3, 5], 15), rand(&[7, 5], 16));
+        let wts = rand(&[2, 3, 7], 17);
+        let lin = crate::ops::Linear::new(w.clone(), None);
+        let fused = |t: &[Tensor]| lin.forward(&t[0]).unwrap();
+        let plain = |t: &[Tensor]| t[0].broadcast_matmul(&w.t().unwrap()).unwrap();
+        let (y1, g1) = grads(std::slice::from_ref(&x), &wts, &fused);
+        let (y2, g2) = grads(std::slice::from_ref(&x), &wts, &plain);
+        assert!(max_diff(&y1, &y2) < 1e-12);
+        assert!(max_diff(&g1[0], &g2[0]) < 1e-12);
+        check_fd(&[x], 0, &wts, &g1[0], &fused);
+    }
+
+    #[test]
+    fn f32_agrees_with_f64() {
+        let (b, h, kv, s, t, hd) = (1, 4, 1, 2, 4, 8);
+        let q = rand(&[b, h, s, hd], 12);
+        let k = rand(&[b, kv, t, hd], 13);
+        let v = rand(&[b, kv, t, hd], 14);
+        let y64 = attention(&q, &k, &v, None).unwrap();
+        let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+        let y32 = attention(&f(&q), &f(&k), &f(&v), None).unwrap();
+        assert!(max_diff(&y64, &y32.to_dtype(candle_core::DType::F64).unwrap()) < 1e-6);
+    }
+}
