@@ -6,7 +6,7 @@ use softprompt_core::model::{
     GPT2_LN_F, GPT2_WPE, GPT2_WTE, LLAMA_EMBED, LLAMA_FINAL_NORM, LM_HEAD,
 };
 
-use crate::ops::{attention, layer_norm, rms_norm, rope, rope_tables, swiglu, Linear};
+use crate::ops::{attention, layer_norm, rms_norm, rope_tables, split_heads, swiglu, Linear};
 use crate::{to_core, Result};
 
 /// Where the rows of a forward pass sit in their sequences.
@@ -96,13 +96,12 @@ impl Loader<'_> {
 
 struct LlamaLayer {
     input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v side by side: `[(h + 2·kv)·hd, d]`
+    qkv: Linear,
     o: Linear,
     post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate and up side by side: `[2·intermediate, d]`
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -231,13 +230,19 @@ impl Llama {
             let (qo, kvo) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
             layers.push(LlamaLayer {
                 input_norm: l.tensor(&n.input_norm, &[d])?,
-                q: l.linear(&n.q, qo, d, c.qkv_bias)?,
-                k: l.linear(&n.k, kvo, d, c.qkv_bias)?,
-                v: l.linear(&n.v, kvo, d, c.qkv_bias)?,
+                qkv: Linear::concat(&[
+                    l.linear(&n.q, qo, d, c.qkv_bias)?,
+                    l.linear(&n.k, kvo, d, c.qkv_bias)?,
+                    l.linear(&n.v, kvo, d, c.qkv_bias)?,
+                ])
+                .map_err(to_core)?,
                 o: l.linear(&n.o, d, qo, c.o_bias)?,
                 post_norm: l.tensor(&n.post_norm, &[d])?,
-                gate: l.linear(&n.gate, c.intermediate_size, d, c.mlp_bias)?,
-                up: l.linear(&n.up, c.intermediate_size, d, c.mlp_bias)?,
+                gate_up: Linear::concat(&[
+                    l.linear(&n.gate, c.intermediate_size, d, c.mlp_bias)?,
+                    l.linear(&n.up, c.intermediate_size, d, c.mlp_bias)?,
+                ])
+                .map_err(to_core)?,
                 down: l.linear(&n.down, d, c.intermediate_size, c.mlp_bias)?,
             });
         }
@@ -264,39 +269,21 @@ impl Llama {
         let (cos, sin) = rope_tables(&pos.ids(s), hd, c.rope_theta, x.dtype(), x.device())?;
         let (cos, sin) = match pos {
             Positions::From(_) => (cos, sin),
-            Positions::PerRow(_) => (cos.reshape((b, 1, s, hd))?, sin.reshape((b, 1, s, hd))?),
+            Positions::PerRow(_) => (cos.reshape((b, s, hd))?, sin.reshape((b, s, hd))?),
         };
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let q = layer
-                .q
-                .forward(&hn)?
-                .reshape((b, s, h, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = layer
-                .k
-                .forward(&hn)?
-                .reshape((b, s, kvh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = layer
-                .v
-                .forward(&hn)?
-                .reshape((b, s, kvh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = rope(&q, &cos, &sin)?;
-            let mut k = rope(&k, &cos, &sin)?;
-            let mut v = v;
+            let qkv = layer.qkv.forward(&hn)?;
+            let (q, mut k, mut v) = split_heads(&qkv, (h, kvh, hd), Some((&cos, &sin)))?;
             if let Some(cache) = cache.as_deref_mut() {
                 (k, v) = extend_cache(&mut cache[i], k, v)?;
             }
             let att = attention(&q, &k, &v, bias)?;
             x = (x + layer.o.forward(&att)?)?;
             let hn = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let mlp = swiglu(&layer.gate.forward(&hn)?, &layer.up.forward(&hn)?)?;
+            let gu = layer.gate_up.forward(&hn)?;
+            let mlp = swiglu(&gu)?;
             x = (x + layer.down.forward(&mlp)?)?;
         }
         rms_norm(&x, &self.norm, c.rms_norm_eps)
@@ -372,13 +359,7 @@ impl Gpt2 {
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = layer_norm(&x, &layer.ln_1.0, &layer.ln_1.1, eps)?;
             let qkv = layer.c_attn.forward(&hn)?;
-            let split = |j: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(2, j * d, d)?
-                    .reshape((b, s, h, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
+            let (q, mut k, mut v) = split_heads(&qkv, (h, h, hd), None)?;
             if let Some(cache) = cache.as_deref_mut() {
                 (k, v) = extend_cache(&mut cache[i], k, v)?;
             }

@@ -17,19 +17,41 @@ impl Linear {
         Linear { w, b }
     }
 
+    /// One layer computing `parts` side by side (their outputs concatenated): one matrix
+    /// product instead of several narrower ones. All parts have a bias or none has.
+    pub fn concat(parts: &[Linear]) -> Result<Self> {
+        let ws: Vec<&Tensor> = parts.iter().map(|l| &l.w).collect();
+        let w = Tensor::cat(&ws, 0)?;
+        let bs: Option<Vec<&Tensor>> = parts.iter().map(|l| l.b.as_ref()).collect();
+        let b = match bs {
+            Some(bs) => Some(Tensor::cat(&bs, 0)?),
+            None if parts.iter().any(|l| l.b.is_some()) => {
+                candle_core::bail!("Linear::concat: some parts have a bias, some not")
+            }
+            None => None,
+        };
+        Ok(Linear { w, b })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() && fused::supported(x) {
+            // Training: the backward of a plain matmul would also compute the (unused) weight
+            // gradient, as costly as the forward; this op only propagates to the input.
+            let y = x
+                .contiguous()?
+                .apply_op1(fused::FrozenMatmul { w: self.w.clone() })?;
+            return match &self.b {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         let dims = x.dims().to_vec();
         let (last, lead) = dims
             .split_last()
             .expect("linear input has at least one dim");
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, *last))?;
-        let y = if x.track_op() && fused::supported(x) {
-            // Training: the backward of a plain matmul would also compute the (unused) weight
-            // gradient, as costly as the forward; this op only propagates to the input.
-            x2.contiguous()?
-                .apply_op1(fused::FrozenMatmul { w: self.w.clone() })?
-        } else if x.track_op() && x.device().is_cpu() {
+        let y = if x.track_op() && x.device().is_cpu() {
             x2.contiguous()?
                 .apply_op1(FrozenMatmulAny { w: self.w.clone() })?
         } else {
@@ -82,13 +104,62 @@ impl CustomOp1 for FrozenMatmulAny {
     }
 }
 
-/// `silu(a) ⊙ u`, Llama's gated MLP activation.
-pub fn swiglu(a: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if fused::supported(a) && a.dtype() == u.dtype() && a.shape() == u.shape() {
-        a.contiguous()?.apply_op2(&u.contiguous()?, fused::SwiGlu)
-    } else {
-        a.silu()? * u
+/// Splits a fused projection `[b, s, (h + 2·kv)·hd]` into `q [b, h, s, hd]`, `k, v [b, kv, s,
+/// hd]`, applying the rotary embedding to `q` and `k` with `rope = (cos, sin)`, each `[s, hd]`
+/// (shared positions) or `[b, s, hd]` (per row). One fused op on the CPU in f32/f64.
+pub fn split_heads(
+    qkv: &Tensor,
+    (h, kv, hd): (usize, usize, usize),
+    rope_tables: Option<(&Tensor, &Tensor)>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, s, _) = qkv.dims3()?;
+    let tables_fit = rope_tables.is_none_or(|(c, _)| c.dtype() == qkv.dtype());
+    if fused::supported(qkv) && tables_fit {
+        let op = fused::SplitHeads {
+            h,
+            kv,
+            hd,
+            rope: rope_tables
+                .map(|(c, s)| Ok::<_, candle_core::Error>((c.contiguous()?, s.contiguous()?)))
+                .transpose()?,
+        };
+        let flat = qkv.contiguous()?.apply_op1(op)?;
+        let (nq, nk) = (b * h * s * hd, b * kv * s * hd);
+        return Ok((
+            flat.narrow(0, 0, nq)?.reshape((b, h, s, hd))?,
+            flat.narrow(0, nq, nk)?.reshape((b, kv, s, hd))?,
+            flat.narrow(0, nq + nk, nk)?.reshape((b, kv, s, hd))?,
+        ));
     }
+    let head = |from: usize, n: usize| -> Result<Tensor> {
+        qkv.narrow(2, from * hd, n * hd)?
+            .reshape((b, s, n, hd))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (head(0, h)?, head(h, kv)?, head(h + kv, kv)?);
+    match rope_tables {
+        None => Ok((q, k, v)),
+        Some((cos, sin)) => {
+            let (cos, sin) = match cos.rank() {
+                3 => (cos.unsqueeze(1)?, sin.unsqueeze(1)?),
+                _ => (cos.clone(), sin.clone()),
+            };
+            Ok((rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?, v))
+        }
+    }
+}
+
+/// `silu(a) ⊙ u`, Llama's gated MLP activation, of the packed gate/up projection `[.., 2·i]`
+/// (`a` the first half of the last dimension, `u` the second).
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    if fused::supported(gate_up) {
+        return gate_up.contiguous()?.apply_op1(fused::SwiGlu);
+    }
+    let i = gate_up.dim(D::Minus1)? / 2;
+    let a = gate_up.narrow(D::Minus1, 0, i)?;
+    let u = gate_up.narrow(D::Minus1, i, i)?;
+    a.silu()? * u
 }
 
 /// Softmax over the last dimension from differentiable primitives (max is a detached shift).
