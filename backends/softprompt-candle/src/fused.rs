@@ -213,6 +213,22 @@ pub(crate) struct RmsNorm {
     pub eps: f64,
 }
 
+/// RMSNorm of rows of `w.len()` values.
+fn rms_rows<T: Elem>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let eps = T::from(eps).expect("eps is finite");
+    let dn = T::from(d).expect("dimension fits");
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+        let ms = x.iter().map(|v| *v * *v).sum::<T>() / dn;
+        let r = (ms + eps).sqrt().recip();
+        for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+            *y = *x * r * *w;
+        }
+    });
+    y
+}
+
 fn rms_fwd<T: Elem>(
     w: &Tensor,
     eps: f64,
@@ -220,20 +236,7 @@ fn rms_fwd<T: Elem>(
     l: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
     let x = view::<T>(s, l)?;
-    let d = l.shape().dims().last().copied().unwrap_or(1);
-    let eps = T::from(eps).expect("eps is finite");
-    let dn = T::from(d).expect("dimension fits");
-    let mut y = vec![T::zero(); x.len()];
-    with_data::<T, _>(w, |w| {
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
-            let ms = x.iter().map(|v| *v * *v).sum::<T>() / dn;
-            let r = (ms + eps).sqrt().recip();
-            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                *y = *x * r * *w;
-            }
-        });
-        Ok(())
-    })?;
+    let y = with_data::<T, _>(w, |w| Ok(rms_rows(x, w, eps)))?;
     Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
 }
 
@@ -264,6 +267,31 @@ struct RmsNormBwd {
     eps: f64,
 }
 
+/// `∂L/∂x` of [`rms_rows`] from `x` and `∂L/∂y`.
+fn rms_bwd_rows<T: Elem>(x: &[T], g: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let eps = T::from(eps).expect("eps is finite");
+    let dn = T::from(d).expect("dimension fits");
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+        .for_each(|(dx, (x, g))| {
+            let ms = x.iter().map(|v| *v * *v).sum::<T>() / dn;
+            let r = (ms + eps).sqrt().recip();
+            let dot = x
+                .iter()
+                .zip(g)
+                .zip(w)
+                .map(|((x, g), w)| *x * *g * *w)
+                .sum::<T>();
+            let c = r * r * r * dot / dn;
+            for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                *dx = r * *g * *w - *x * c;
+            }
+        });
+    dx
+}
+
 fn rms_bwd<T: Elem>(
     w: &Tensor,
     eps: f64,
@@ -271,29 +299,7 @@ fn rms_bwd<T: Elem>(
     (sg, lg): (&CpuStorage, &Layout),
 ) -> Result<(CpuStorage, Shape)> {
     let (x, g) = (view::<T>(sx, lx)?, view::<T>(sg, lg)?);
-    let d = lx.shape().dims().last().copied().unwrap_or(1);
-    let eps = T::from(eps).expect("eps is finite");
-    let dn = T::from(d).expect("dimension fits");
-    let mut dx = vec![T::zero(); x.len()];
-    with_data::<T, _>(w, |w| {
-        dx.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(dx, (x, g))| {
-                let ms = x.iter().map(|v| *v * *v).sum::<T>() / dn;
-                let r = (ms + eps).sqrt().recip();
-                let dot = x
-                    .iter()
-                    .zip(g)
-                    .zip(w)
-                    .map(|((x, g), w)| *x * *g * *w)
-                    .sum::<T>();
-                let c = r * r * r * dot / dn;
-                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w) {
-                    *dx = r * *g * *w - *x * c;
-                }
-            });
-        Ok(())
-    })?;
+    let dx = with_data::<T, _>(w, |w| Ok(rms_bwd_rows(x, g, w, eps)))?;
     Ok((T::to_cpu_storage_owned(dx), lx.shape().clone()))
 }
 
@@ -333,9 +339,8 @@ fn half_width(shape: &Shape) -> Result<usize> {
     Ok(w / 2)
 }
 
-fn swiglu_fwd<T: Elem>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-    let x = view::<T>(s, l)?;
-    let i = half_width(l.shape())?;
+/// `silu(a) ⊙ u` of packed rows `[a | u]` of `2·i` values.
+fn swiglu_rows<T: Elem>(x: &[T], i: usize) -> Vec<T> {
     let mut y = vec![T::zero(); x.len() / 2];
     y.par_chunks_mut(i)
         .zip(x.par_chunks(2 * i))
@@ -345,6 +350,13 @@ fn swiglu_fwd<T: Elem>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)
                 *y = *a * sigmoid(*a) * *u;
             }
         });
+    y
+}
+
+fn swiglu_fwd<T: Elem>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = view::<T>(s, l)?;
+    let i = half_width(l.shape())?;
+    let y = swiglu_rows(x, i);
     let mut out = l.shape().dims().to_vec();
     if let Some(last) = out.last_mut() {
         *last = i;
@@ -373,12 +385,8 @@ impl CustomOp1 for SwiGlu {
 /// `∂a = g·u·σ(a)·(1 + a·(1 − σ(a)))`, `∂u = g·a·σ(a)`.
 struct SwiGluBwd;
 
-fn swiglu_bwd<T: Elem>(
-    (sx, lx): (&CpuStorage, &Layout),
-    (sg, lg): (&CpuStorage, &Layout),
-) -> Result<(CpuStorage, Shape)> {
-    let (x, g) = (view::<T>(sx, lx)?, view::<T>(sg, lg)?);
-    let i = half_width(lx.shape())?;
+/// The packed input gradient of [`swiglu_rows`] from its input and `∂L/∂y`.
+fn swiglu_bwd_rows<T: Elem>(x: &[T], g: &[T], i: usize) -> Vec<T> {
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(2 * i)
         .zip(x.par_chunks(2 * i).zip(g.par_chunks(i)))
@@ -391,6 +399,15 @@ fn swiglu_bwd<T: Elem>(
                 da[j] = g[j] * u[j] * s * (T::one() + a[j] * (T::one() - s));
             }
         });
+    dx
+}
+
+fn swiglu_bwd<T: Elem>(
+    (sx, lx): (&CpuStorage, &Layout),
+    (sg, lg): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (x, g) = (view::<T>(sx, lx)?, view::<T>(sg, lg)?);
+    let dx = swiglu_bwd_rows(x, g, half_width(lx.shape())?);
     Ok((T::to_cpu_storage_owned(dx), lx.shape().clone()))
 }
 
@@ -450,31 +467,129 @@ impl SplitHeads {
         Ok((b, s))
     }
 
-    /// Runs `f(task, head, table_row_of)` with the rope tables (or none) as slices.
-    fn with_tables<T: Elem, R>(
-        &self,
-        f: impl FnOnce(Option<(&[T], &[T])>) -> Result<R>,
-    ) -> Result<R> {
+    /// Runs `f` with the rope tables (or none) as slices.
+    fn with_tables<T: Elem, R>(&self, f: impl FnOnce(Tables<'_, T>) -> Result<R>) -> Result<R> {
         match &self.rope {
             None => f(None),
             Some((cos, sin)) => {
-                with_data::<T, _>(cos, |c| with_data::<T, _>(sin, |s| f(Some((c, s)))))
+                let shared = cos.rank() == 2;
+                with_data::<T, _>(cos, |c| with_data::<T, _>(sin, |s| f(Some((c, s, shared)))))
             }
         }
     }
 }
 
-/// Offset of head `j` (of `h + 2·kv`) of batch row `bi` in the flat `[q | k | v]` output.
-fn head_block(b: usize, s: usize, h: usize, kv: usize, hd: usize, bi: usize, j: usize) -> usize {
-    let nq = b * h * s * hd;
-    let nk = b * kv * s * hd;
-    if j < h {
-        (bi * h + j) * s * hd
-    } else if j < h + kv {
-        nq + (bi * kv + j - h) * s * hd
-    } else {
-        nq + nk + (bi * kv + j - h - kv) * s * hd
+/// Where [`split_heads_into`] puts the heads: `q [b, h, s, hd]`, and `k`, `v` at key positions
+/// `t_off..t_off + s` of `[b, kv, t, hd]` buffers (after a cached prefix of `t_off` keys).
+#[derive(Clone, Copy)]
+struct HeadLayout {
+    b: usize,
+    s: usize,
+    h: usize,
+    kv: usize,
+    hd: usize,
+    t: usize,
+    t_off: usize,
+}
+
+impl HeadLayout {
+    /// Buffer (0 q, 1 k, 2 v) and offset of row `bi`, position `si`, head `j` of `h + 2·kv`.
+    fn at(&self, bi: usize, si: usize, j: usize) -> (usize, usize) {
+        let (h, kv, hd) = (self.h, self.kv, self.hd);
+        if j < h {
+            (0, ((bi * h + j) * self.s + si) * hd)
+        } else {
+            let (which, head) = if j < h + kv {
+                (1, j - h)
+            } else {
+                (2, j - h - kv)
+            };
+            (which, ((bi * kv + head) * self.t + self.t_off + si) * hd)
+        }
     }
+}
+
+/// The rope tables as slices, and whether they are shared by every row (`[s, hd]`).
+type Tables<'a, T> = Option<(&'a [T], &'a [T], bool)>;
+
+/// Rotates (or copies, for `v` and without tables) one head vector.
+fn rotate<T: Elem>(x: &[T], o: &mut [T], tables: Tables<'_, T>, row: usize, inverse: bool) {
+    match tables {
+        Some((cos, sin, _)) => {
+            let hd = x.len();
+            let half = hd / 2;
+            let (c, sn) = (&cos[row * hd..][..hd], &sin[row * hd..][..hd]);
+            for i in 0..half {
+                if inverse {
+                    o[i] = x[i] * c[i] + x[i + half] * sn[i + half];
+                    o[i + half] = x[i + half] * c[i + half] - x[i] * sn[i];
+                } else {
+                    o[i] = x[i] * c[i] - x[i + half] * sn[i];
+                    o[i + half] = x[i + half] * c[i + half] + x[i] * sn[i + half];
+                }
+            }
+        }
+        None => o.copy_from_slice(x),
+    }
+}
+
+/// Splits rows `[b·s, (h + 2·kv)·hd]` into the heads of `q`, `k`, `v` (see [`HeadLayout`]),
+/// rotating `q` and `k` with the tables.
+fn split_heads_into<T: Elem>(x: &[T], l: HeadLayout, tables: Tables<'_, T>, out: [&mut [T]; 3]) {
+    let heads = l.h + 2 * l.kv;
+    let width = heads * l.hd;
+    let [q, k, v] = out;
+    let dst = [
+        Shared(q.as_mut_ptr()),
+        Shared(k.as_mut_ptr()),
+        Shared(v.as_mut_ptr()),
+    ];
+    let lens = [q.len(), k.len(), v.len()];
+    (0..l.b * heads).into_par_iter().for_each(|task| {
+        let (bi, j) = (task / heads, task % heads);
+        for si in 0..l.s {
+            let (which, at) = l.at(bi, si, j);
+            assert!(
+                at + l.hd <= lens[which],
+                "split-heads: head outside its buffer"
+            );
+            // SAFETY: in bounds (asserted); each task writes the vectors of its own (row, head)
+            let o = unsafe { std::slice::from_raw_parts_mut(dst[which].at(at), l.hd) };
+            let xr = &x[(bi * l.s + si) * width + j * l.hd..][..l.hd];
+            let row = match tables {
+                Some((_, _, true)) => si,
+                _ => bi * l.s + si,
+            };
+            rotate(
+                xr,
+                o,
+                if j < l.h + l.kv { tables } else { None },
+                row,
+                false,
+            );
+        }
+    });
+}
+
+/// The backward of [`split_heads_into`]: rows `[b·s, (h + 2·kv)·hd]` from the head gradients,
+/// the rotation inverted.
+fn split_heads_grad<T: Elem>(grads: [&[T]; 3], l: HeadLayout, tables: Tables<'_, T>) -> Vec<T> {
+    let heads = l.h + 2 * l.kv;
+    let width = heads * l.hd;
+    let mut dx = vec![T::zero(); l.b * l.s * width];
+    dx.par_chunks_mut(width).enumerate().for_each(|(r, dxr)| {
+        let (bi, si) = (r / l.s, r % l.s);
+        for (j, o) in dxr.chunks_mut(l.hd).enumerate() {
+            let (which, at) = l.at(bi, si, j);
+            let gr = &grads[which][at..at + l.hd];
+            let row = match tables {
+                Some((_, _, true)) => si,
+                _ => r,
+            };
+            rotate(gr, o, if j < l.h + l.kv { tables } else { None }, row, true);
+        }
+    });
+    dx
 }
 
 fn split_heads_fwd<T: Elem>(
@@ -484,34 +599,21 @@ fn split_heads_fwd<T: Elem>(
 ) -> Result<(CpuStorage, Shape)> {
     let x = view::<T>(s, l)?;
     let (b, sl) = op.dims(l.shape())?;
-    let (h, kv, hd) = (op.h, op.kv, op.hd);
-    let heads = h + 2 * kv;
-    let width = heads * hd;
+    let hl = HeadLayout {
+        b,
+        s: sl,
+        h: op.h,
+        kv: op.kv,
+        hd: op.hd,
+        t: sl,
+        t_off: 0,
+    };
     let mut out = vec![T::zero(); x.len()];
-    let dst = Shared(out.as_mut_ptr());
-    let shared_table = matches!(&op.rope, Some((c, _)) if c.rank() == 2);
+    let (nq, nk) = (b * op.h * sl * op.hd, b * op.kv * sl * op.hd);
     op.with_tables::<T, _>(|tables| {
-        (0..b * heads).into_par_iter().for_each(|task| {
-            let (bi, j) = (task / heads, task % heads);
-            let at = head_block(b, sl, h, kv, hd, bi, j);
-            // SAFETY: each task writes the [s, hd] block of its own (row, head)
-            let block = unsafe { std::slice::from_raw_parts_mut(dst.at(at), sl * hd) };
-            for (si, o) in block.chunks_mut(hd).enumerate() {
-                let xr = &x[(bi * sl + si) * width + j * hd..][..hd];
-                match tables {
-                    Some((cos, sin)) if j < h + kv => {
-                        let row = if shared_table { si } else { bi * sl + si };
-                        let (c, sn) = (&cos[row * hd..][..hd], &sin[row * hd..][..hd]);
-                        let half = hd / 2;
-                        for i in 0..half {
-                            o[i] = xr[i] * c[i] - xr[i + half] * sn[i];
-                            o[i + half] = xr[i + half] * c[i + half] + xr[i] * sn[i + half];
-                        }
-                    }
-                    _ => o.copy_from_slice(xr),
-                }
-            }
-        });
+        let (q, rest) = out.split_at_mut(nq);
+        let (k, v) = rest.split_at_mut(nk);
+        split_heads_into(x, hl, tables, [q, k, v]);
         Ok(())
     })?;
     Ok((T::to_cpu_storage_owned(out), Shape::from(x.len())))
@@ -555,31 +657,20 @@ fn split_heads_bwd<T: Elem>(
     let g = view::<T>(s, l)?;
     let f = &op.fwd;
     let (b, sl) = f.dims(&op.shape)?;
-    let (h, kv, hd) = (f.h, f.kv, f.hd);
-    let heads = h + 2 * kv;
-    let width = heads * hd;
-    let mut dx = vec![T::zero(); g.len()];
-    let shared_table = matches!(&f.rope, Some((c, _)) if c.rank() == 2);
-    f.with_tables::<T, _>(|tables| {
-        dx.par_chunks_mut(width).enumerate().for_each(|(r, dxr)| {
-            let (bi, si) = (r / sl, r % sl);
-            for (j, o) in dxr.chunks_mut(hd).enumerate() {
-                let gr = &g[head_block(b, sl, h, kv, hd, bi, j) + si * hd..][..hd];
-                match tables {
-                    Some((cos, sin)) if j < h + kv => {
-                        let row = if shared_table { si } else { bi * sl + si };
-                        let (c, sn) = (&cos[row * hd..][..hd], &sin[row * hd..][..hd]);
-                        let half = hd / 2;
-                        for i in 0..half {
-                            o[i] = gr[i] * c[i] + gr[i + half] * sn[i + half];
-                            o[i + half] = gr[i + half] * c[i + half] - gr[i] * sn[i];
-                        }
-                    }
-                    _ => o.copy_from_slice(gr),
-                }
-            }
-        });
-        Ok(())
+    let hl = HeadLayout {
+        b,
+        s: sl,
+        h: f.h,
+        kv: f.kv,
+        hd: f.hd,
+        t: sl,
+        t_off: 0,
+    };
+    let (nq, nk) = (b * f.h * sl * f.hd, b * f.kv * sl * f.hd);
+    let dx = f.with_tables::<T, _>(|tables| {
+        let (q, rest) = g.split_at(nq);
+        let (k, v) = rest.split_at(nk);
+        Ok(split_heads_grad([q, k, v], hl, tables))
     })?;
     Ok((T::to_cpu_storage_owned(dx), op.shape.clone()))
 }
@@ -712,6 +803,74 @@ unsafe fn probabilities<T: Elem>(
     }
 }
 
+impl Dims {
+    /// Panics unless the slices have the sizes these dimensions describe (the raw-pointer
+    /// arithmetic of the attention kernels relies on it).
+    fn check<T>(&self, q: &[T], k: &[T], v: &[T], bias: Option<&[T]>) {
+        assert_eq!(
+            q.len(),
+            self.b * self.h * self.s * self.hd,
+            "attention: q size"
+        );
+        assert_eq!(
+            k.len(),
+            self.b * self.kv * self.t * self.hd,
+            "attention: k size"
+        );
+        assert_eq!(v.len(), k.len(), "attention: v size");
+        if let Some(bias) = bias {
+            assert_eq!(
+                bias.len(),
+                self.bias_rows * self.s * self.t,
+                "attention: bias size"
+            );
+        }
+    }
+}
+
+/// Attention output `[b, s, h, hd]` (see [`Attention`]).
+fn attention_rows<T: Elem>(
+    d: &Dims,
+    (q, k, v): (&[T], &[T], &[T]),
+    bias: Option<&[T]>,
+    scale: T,
+) -> Vec<T> {
+    d.check(q, k, v, bias);
+    let mut out = vec![T::zero(); d.b * d.s * d.h * d.hd];
+    let dst = Shared(out.as_mut_ptr());
+    let rep = d.h / d.kv;
+    (0..d.b * d.h).into_par_iter().for_each_init(
+        || vec![T::zero(); d.s * d.t],
+        |p, task| {
+            let (bi, hi) = (task / d.h, task % d.h);
+            let kv_at = d.kv_at(bi, hi / rep);
+            let bias = bias.map(|b| &b[d.bias_at(bi)..d.bias_at(bi) + d.s * d.t]);
+            // SAFETY: the sizes are checked above, so the offsets from `Dims` stay inside q,
+            // k, v and out; each task writes its own (row, head) block of `out`
+            unsafe {
+                probabilities(
+                    d,
+                    q.as_ptr().add(d.q_at(bi, hi)),
+                    k.as_ptr().add(kv_at),
+                    bias,
+                    scale,
+                    p,
+                );
+                matmul(
+                    (d.s, d.hd, d.t),
+                    dst.at(d.out_at(bi, hi)),
+                    d.h * d.hd,
+                    false,
+                    Mat::rows(p.as_ptr(), d.t),
+                    Mat::rows(v.as_ptr().add(kv_at), d.hd),
+                    Parallelism::None,
+                );
+            }
+        },
+    );
+    out
+}
+
 fn attention_fwd<T: Elem>(
     op: &Attention,
     (sq, lq): (&CpuStorage, &Layout),
@@ -728,47 +887,10 @@ fn attention_fwd<T: Elem>(
     }
     let (q, k, v) = (view::<T>(sq, lq)?, view::<T>(sk, lk)?, view::<T>(sv, lv)?);
     let scale = T::from(op.scale).expect("scale is finite");
-    let mut out = vec![T::zero(); d.b * d.s * d.h * d.hd];
-    let dst = Shared(out.as_mut_ptr());
-    let rep = d.h / d.kv;
-    let run = |bias: Option<&[T]>| {
-        (0..d.b * d.h).into_par_iter().for_each_init(
-            || vec![T::zero(); d.s * d.t],
-            |p, task| {
-                let (bi, hi) = (task / d.h, task % d.h);
-                let kv_at = d.kv_at(bi, hi / rep);
-                let bias = bias.map(|b| &b[d.bias_at(bi)..d.bias_at(bi) + d.s * d.t]);
-                // SAFETY: offsets from `Dims` stay inside q, k, v, out; each task writes its
-                // own (row, head) block of `out`
-                unsafe {
-                    probabilities(
-                        &d,
-                        q.as_ptr().add(d.q_at(bi, hi)),
-                        k.as_ptr().add(kv_at),
-                        bias,
-                        scale,
-                        p,
-                    );
-                    matmul(
-                        (d.s, d.hd, d.t),
-                        dst.at(d.out_at(bi, hi)),
-                        d.h * d.hd,
-                        false,
-                        Mat::rows(p.as_ptr(), d.t),
-                        Mat::rows(v.as_ptr().add(kv_at), d.hd),
-                        Parallelism::None,
-                    );
-                }
-            },
-        )
+    let out = match &op.bias {
+        Some(b) => with_data::<T, _>(b, |b| Ok(attention_rows(&d, (q, k, v), Some(b), scale)))?,
+        None => attention_rows(&d, (q, k, v), None, scale),
     };
-    match &op.bias {
-        Some(b) => with_data::<T, _>(b, |b| {
-            run(Some(b));
-            Ok(())
-        })?,
-        None => run(None),
-    }
     Ok((
         T::to_cpu_storage_owned(out),
         Shape::from((d.b, d.s, d.h, d.hd)),
@@ -826,6 +948,89 @@ struct AttentionBwd {
     scale: f64,
 }
 
+/// The input gradients of [`attention_rows`], flat `[dq | dk | dv]` (see [`AttentionBwd`]).
+fn attention_grads<T: Elem>(
+    d: &Dims,
+    (q, k, v): (&[T], &[T], &[T]),
+    g: &[T],
+    bias: Option<&[T]>,
+    scale: T,
+) -> Vec<T> {
+    d.check(q, k, v, bias);
+    assert_eq!(g.len(), q.len(), "attention: output gradient size");
+    let (nq, nk) = (d.b * d.h * d.s * d.hd, d.b * d.kv * d.t * d.hd);
+    let mut all = vec![T::zero(); nq + 2 * nk];
+    let dst = Shared(all.as_mut_ptr());
+    let rep = d.h / d.kv;
+    (0..d.b * d.kv).into_par_iter().for_each_init(
+        || (vec![T::zero(); d.s * d.t], vec![T::zero(); d.s * d.t]),
+        |(p, dp), task| {
+            let (bi, ki) = (task / d.kv, task % d.kv);
+            let kv_at = d.kv_at(bi, ki);
+            let bias = bias.map(|b| &b[d.bias_at(bi)..d.bias_at(bi) + d.s * d.t]);
+            // SAFETY: sizes checked above, so offsets from `Dims` stay inside their buffers; each task writes
+            // the dq blocks of its own query heads and its own dk/dv block
+            unsafe {
+                let (kp, vp) = (k.as_ptr().add(kv_at), v.as_ptr().add(kv_at));
+                let (dk, dv) = (dst.at(nq + kv_at), dst.at(nq + nk + kv_at));
+                for hi in ki * rep..(ki + 1) * rep {
+                    let qp = q.as_ptr().add(d.q_at(bi, hi));
+                    let go = g.as_ptr().add(d.out_at(bi, hi));
+                    probabilities(&d, qp, kp, bias, scale, p);
+                    // dV += Pᵀ · dO
+                    let first = hi == ki * rep;
+                    let no = Parallelism::None;
+                    matmul(
+                        (d.t, d.hd, d.s),
+                        dv,
+                        d.hd,
+                        !first,
+                        Mat::t(p.as_ptr(), d.t),
+                        Mat::rows(go, d.h * d.hd),
+                        no,
+                    );
+                    // dP = dO · Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)), times scale
+                    matmul(
+                        (d.s, d.t, d.hd),
+                        dp.as_mut_ptr(),
+                        d.t,
+                        false,
+                        Mat::rows(go, d.h * d.hd),
+                        Mat::t(vp, d.hd),
+                        no,
+                    );
+                    for (dp, p) in dp.chunks_mut(d.t).zip(p.chunks(d.t)) {
+                        let dot = dp.iter().zip(p).map(|(a, b)| *a * *b).sum::<T>();
+                        for (x, p) in dp.iter_mut().zip(p) {
+                            *x = *p * (*x - dot) * scale;
+                        }
+                    }
+                    // dQ = dS · K; dK += dSᵀ · Q
+                    matmul(
+                        (d.s, d.hd, d.t),
+                        dst.at(d.q_at(bi, hi)),
+                        d.hd,
+                        false,
+                        Mat::rows(dp.as_ptr(), d.t),
+                        Mat::rows(kp, d.hd),
+                        no,
+                    );
+                    matmul(
+                        (d.t, d.hd, d.s),
+                        dk,
+                        d.hd,
+                        !first,
+                        Mat::t(dp.as_ptr(), d.t),
+                        Mat::rows(qp, d.hd),
+                        no,
+                    );
+                }
+            }
+        },
+    );
+    all
+}
+
 fn attention_bwd<T: Elem>(
     op: &AttentionBwd,
     (sk, lk): (&CpuStorage, &Layout),
@@ -835,91 +1040,12 @@ fn attention_bwd<T: Elem>(
     let d = Dims::of(op.q.shape(), lk.shape(), op.bias.as_ref())?;
     let (k, v, g) = (view::<T>(sk, lk)?, view::<T>(sv, lv)?, view::<T>(sg, lg)?);
     let scale = T::from(op.scale).expect("scale is finite");
-    let (nq, nk) = (d.b * d.h * d.s * d.hd, d.b * d.kv * d.t * d.hd);
-    let mut all = vec![T::zero(); nq + 2 * nk];
-    let dst = Shared(all.as_mut_ptr());
-    let rep = d.h / d.kv;
-    with_data::<T, _>(&op.q, |q| {
-        let run = |bias: Option<&[T]>| {
-            (0..d.b * d.kv).into_par_iter().for_each_init(
-                || (vec![T::zero(); d.s * d.t], vec![T::zero(); d.s * d.t]),
-                |(p, dp), task| {
-                    let (bi, ki) = (task / d.kv, task % d.kv);
-                    let kv_at = d.kv_at(bi, ki);
-                    let bias = bias.map(|b| &b[d.bias_at(bi)..d.bias_at(bi) + d.s * d.t]);
-                    // SAFETY: offsets from `Dims` stay inside their buffers; each task writes
-                    // the dq blocks of its own query heads and its own dk/dv block
-                    unsafe {
-                        let (kp, vp) = (k.as_ptr().add(kv_at), v.as_ptr().add(kv_at));
-                        let (dk, dv) = (dst.at(nq + kv_at), dst.at(nq + nk + kv_at));
-                        for hi in ki * rep..(ki + 1) * rep {
-                            let qp = q.as_ptr().add(d.q_at(bi, hi));
-                            let go = g.as_ptr().add(d.out_at(bi, hi));
-                            probabilities(&d, qp, kp, bias, scale, p);
-                            // dV += Pᵀ · dO
-                            let first = hi == ki * rep;
-                            let no = Parallelism::None;
-                            matmul(
-                                (d.t, d.hd, d.s),
-                                dv,
-                                d.hd,
-                                !first,
-                                Mat::t(p.as_ptr(), d.t),
-                                Mat::rows(go, d.h * d.hd),
-                                no,
-                            );
-                            // dP = dO · Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)), times scale
-                            matmul(
-                                (d.s, d.t, d.hd),
-                                dp.as_mut_ptr(),
-                                d.t,
-                                false,
-                                Mat::rows(go, d.h * d.hd),
-                                Mat::t(vp, d.hd),
-                                no,
-                            );
-                            for (dp, p) in dp.chunks_mut(d.t).zip(p.chunks(d.t)) {
-                                let dot = dp.iter().zip(p).map(|(a, b)| *a * *b).sum::<T>();
-                                for (x, p) in dp.iter_mut().zip(p) {
-                                    *x = *p * (*x - dot) * scale;
-                                }
-                            }
-                            // dQ = dS · K; dK += dSᵀ · Q
-                            matmul(
-                                (d.s, d.hd, d.t),
-                                dst.at(d.q_at(bi, hi)),
-                                d.hd,
-                                false,
-                                Mat::rows(dp.as_ptr(), d.t),
-                                Mat::rows(kp, d.hd),
-                                no,
-                            );
-                            matmul(
-                                (d.t, d.hd, d.s),
-                                dk,
-                                d.hd,
-                                !first,
-                                Mat::t(dp.as_ptr(), d.t),
-                                Mat::rows(qp, d.hd),
-                                no,
-                            );
-                        }
-                    }
-                },
-            )
-        };
-        match &op.bias {
-            Some(b) => with_data::<T, _>(b, |b| {
-                run(Some(b));
-                Ok(())
-            }),
-            None => {
-                run(None);
-                Ok(())
-            }
-        }
+    let all = with_data::<T, _>(&op.q, |q| match &op.bias {
+        Some(b) => with_data::<T, _>(b, |b| Ok(attention_grads(&d, (q, k, v), g, Some(b), scale))),
+        None => Ok(attention_grads(&d, (q, k, v), g, None, scale)),
     })?;
-    Ok((T::to_cpu_storage_owned(all), Shape::from(nq + 2 * nk)))
+    let n = all.len();
+    Ok((T::to_cpu_storage_owned(all), Shape::from(n)))
 }
 
 impl CustomOp3 for AttentionBwd {
@@ -946,7 +1072,10 @@ mod tests {
 
     use candle_core::DType;
 
-    use crate::ops::{attention, attention_composed, rms_norm, split_heads, swiglu};
+    use crate::ops::{
+        attention, attention_composed, rms_norm, rms_norm_composed, split_heads,
+        split_heads_composed, swiglu, swiglu_composed,
+    };
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         // a small LCG: deterministic inputs without a random-number dependency
@@ -1042,11 +1171,7 @@ mod tests {
         let (x, w) = (rand(&[3, 5, 16], 1), rand(&[16], 2));
         let wts = rand(&[3, 5, 16], 3);
         let fused = |t: &[Tensor]| rms_norm(&t[0], &w, 1e-5).unwrap();
-        let composed = |t: &[Tensor]| {
-            let ms = t[0].sqr().unwrap().mean_keepdim(2).unwrap();
-            let r = ((ms + 1e-5).unwrap().sqrt().unwrap()).recip().unwrap();
-            t[0].broadcast_mul(&r).unwrap().broadcast_mul(&w).unwrap()
-        };
+        let composed = |t: &[Tensor]| rms_norm_composed(&t[0], &w, 1e-5).unwrap();
         let (y1, g1) = grads(std::slice::from_ref(&x), &wts, &fused);
         let (y2, g2) = grads(std::slice::from_ref(&x), &wts, &composed);
         assert!(max_diff(&y1, &y2) < 1e-12);
@@ -1059,10 +1184,7 @@ mod tests {
         let x = Tensor::cat(&[(rand(&[4, 9], 4) * 4.0).unwrap(), rand(&[4, 9], 5)], 1).unwrap();
         let wts = rand(&[4, 9], 6);
         let fused = |t: &[Tensor]| swiglu(&t[0]).unwrap();
-        let composed = |t: &[Tensor]| {
-            let (a, u) = (t[0].narrow(1, 0, 9).unwrap(), t[0].narrow(1, 9, 9).unwrap());
-            (a.silu().unwrap() * u).unwrap()
-        };
+        let composed = |t: &[Tensor]| swiglu_composed(&t[0]).unwrap();
         let (y1, g1) = grads(std::slice::from_ref(&x), &wts, &fused);
         let (y2, g2) = grads(std::slice::from_ref(&x), &wts, &composed);
         assert!(max_diff(&y1, &y2) < 1e-12);
@@ -1148,32 +1270,8 @@ mod tests {
             };
             let rope = tables.map(|(c, s)| (c, s));
             let fused = |t: &[Tensor]| flat(split_heads(&t[0], (h, kv, hd), rope).unwrap());
-            // the same split from candle primitives
-            let composed = |t: &[Tensor]| {
-                let x = &t[0];
-                let head = |from: usize, n: usize| {
-                    x.narrow(2, from * hd, n * hd)
-                        .unwrap()
-                        .reshape((b, s, n, hd))
-                        .unwrap()
-                        .transpose(1, 2)
-                        .unwrap()
-                        .contiguous()
-                        .unwrap()
-                };
-                let (q, k, v) = (head(0, h), head(h, kv), head(h + kv, kv));
-                match rope {
-                    None => flat((q, k, v)),
-                    Some((c, sn)) => {
-                        let (c, sn) = match c.rank() {
-                            3 => (c.unsqueeze(1).unwrap(), sn.unsqueeze(1).unwrap()),
-                            _ => (c.clone(), sn.clone()),
-                        };
-                        let r = |t: &Tensor| crate::ops::rope(t, &c, &sn).unwrap();
-                        flat((r(&q), r(&k), v))
-                    }
-                }
-            };
+            let composed =
+                |t: &[Tensor]| flat(split_heads_composed(&t[0], (h, kv, hd), rope).unwrap());
             let (y1, g1) = grads(std::slice::from_ref(&qkv), &wts, &fused);
             let (y2, g2) = grads(std::slice::from_ref(&qkv), &wts, &composed);
             assert!(max_diff(&y1, &y2) < 1e-12);

@@ -131,6 +131,16 @@ pub fn split_heads(
             flat.narrow(0, nq + nk, nk)?.reshape((b, kv, s, hd))?,
         ));
     }
+    split_heads_composed(qkv, (h, kv, hd), rope_tables)
+}
+
+/// [`split_heads`] from candle primitives (narrow, transpose, [`rope`]).
+pub fn split_heads_composed(
+    qkv: &Tensor,
+    (h, kv, hd): (usize, usize, usize),
+    rope_tables: Option<(&Tensor, &Tensor)>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, s, _) = qkv.dims3()?;
     let head = |from: usize, n: usize| -> Result<Tensor> {
         qkv.narrow(2, from * hd, n * hd)?
             .reshape((b, s, n, hd))?
@@ -156,6 +166,11 @@ pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     if fused::supported(gate_up) {
         return gate_up.contiguous()?.apply_op1(fused::SwiGlu);
     }
+    swiglu_composed(gate_up)
+}
+
+/// [`swiglu`] from candle primitives.
+pub fn swiglu_composed(gate_up: &Tensor) -> Result<Tensor> {
     let i = gate_up.dim(D::Minus1)? / 2;
     let a = gate_up.narrow(D::Minus1, 0, i)?;
     let u = gate_up.narrow(D::Minus1, i, i)?;
@@ -177,7 +192,8 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-/// RMSNorm: `x / sqrt(mean(x²) + eps) · w`, computed in f32 or wider.
+/// RMSNorm: `x / sqrt(mean(x²) + eps) · w`, computed in f32 or wider; one fused op on the CPU
+/// in f32/f64.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if fused::supported(x) && w.dtype() == x.dtype() && w.dims() == [x.dim(D::Minus1)?] {
         let op = fused::RmsNorm {
@@ -186,6 +202,11 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         };
         return x.contiguous()?.apply_op1(op);
     }
+    rms_norm_composed(x, w, eps)
+}
+
+/// [`rms_norm`] from candle primitives.
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = upcast(x)?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
