@@ -976,7 +976,7 @@ fn attention_grads<T: Elem>(
                 for hi in ki * rep..(ki + 1) * rep {
                     let qp = q.as_ptr().add(d.q_at(bi, hi));
                     let go = g.as_ptr().add(d.out_at(bi, hi));
-                    probabilities(&d, qp, kp, bias, scale, p);
+                    probabilities(d, qp, kp, bias, scale, p);
                     // dV += Pᵀ · dO
                     let first = hi == ki * rep;
                     let no = Parallelism::None;
@@ -1063,6 +1063,375 @@ impl CustomOp3 for AttentionBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         dispatch!(s1, attention_bwd(self, (s1, l1), (s2, l2), (s3, l3)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A whole Llama decoder layer over token rows that attend to a cached prefix (training)
+
+/// The frozen weights of one Llama decoder layer, as the model holds them.
+#[derive(Clone)]
+pub(crate) struct LayerWeights {
+    pub input_norm: Tensor,
+    /// `[(h + 2·kv)·hd, d]` and its bias
+    pub qkv: (Tensor, Option<Tensor>),
+    /// `[d, h·hd]`
+    pub o: (Tensor, Option<Tensor>),
+    pub post_norm: Tensor,
+    /// `[2·i, d]`, gate rows then up rows
+    pub gate_up: (Tensor, Option<Tensor>),
+    /// `[d, i]`
+    pub down: (Tensor, Option<Tensor>),
+    pub eps: f64,
+    pub heads: (usize, usize, usize),
+}
+
+/// One Llama decoder layer as one op: token rows `x [b, s, d]` attending to a prefix of cached
+/// keys/values `pk, pv [b, kv, n, hd]` (the soft prompt's, which carry its gradient) and to
+/// themselves under `bias [1 or b, 1, s, n + s]`, RoPE at positions `n..n + s`. Returns the
+/// layer's output `[b, s, d]`; the backward pass gives `∂x` (when `x` is tracked), `∂pk`, `∂pv`.
+///
+/// Built from the same slice kernels as the single ops above, but the graph gets one node per
+/// layer instead of ~20: candle's backward allocates a zero tensor and adds into it for every
+/// edge of the graph, which cost more than a tenth of a training step. The activations the
+/// backward pass needs are kept in the op (`saved`) between the two passes.
+pub(crate) struct TokenLayer {
+    pub w: LayerWeights,
+    /// `cos`, `sin`: `[s, hd]`
+    pub rope: (Tensor, Tensor),
+    pub bias: Tensor,
+    pub saved: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+/// What the backward pass of [`TokenLayer`] reads: `q` (roped), `k`/`v` (prefix + tokens),
+/// the residual stream after attention, and the gate/up projection (no weight gradients, so
+/// neither normed input nor the attention output is needed).
+struct Saved<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    x2: Vec<T>,
+    gu: Vec<T>,
+}
+
+/// `x [m, k] · Wᵀ (+ b)` with `W [n, k]`.
+fn linear_rows<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, n: usize) -> Vec<T> {
+    let k = w.len() / n;
+    let m = x.len() / k;
+    let mut y = vec![T::zero(); m * n];
+    assert!(x.len() == m * k && w.len() == n * k, "linear: sizes");
+    // SAFETY: x is [m, k], w is [n, k] (read transposed), y is [m, n] (asserted above)
+    unsafe {
+        matmul(
+            (m, n, k),
+            y.as_mut_ptr(),
+            n,
+            false,
+            Mat::rows(x.as_ptr(), k),
+            Mat::t(w.as_ptr(), k),
+            threads(),
+        )
+    };
+    if let Some(bias) = bias {
+        y.par_chunks_mut(n)
+            .for_each(|r| r.iter_mut().zip(bias).for_each(|(y, b)| *y += *b));
+    }
+    y
+}
+
+/// `g [m, n] · W` with `W [n, k]`: the input gradient of [`linear_rows`].
+fn linear_grad<T: Elem>(g: &[T], w: &[T], n: usize) -> Vec<T> {
+    let k = w.len() / n;
+    let m = g.len() / n;
+    assert!(g.len() == m * n && w.len() == n * k, "linear grad: sizes");
+    let mut dx = vec![T::zero(); m * k];
+    // SAFETY: g is [m, n], w is [n, k], dx is [m, k] (asserted above)
+    unsafe {
+        matmul(
+            (m, k, n),
+            dx.as_mut_ptr(),
+            k,
+            false,
+            Mat::rows(g.as_ptr(), n),
+            Mat::rows(w.as_ptr(), k),
+            threads(),
+        )
+    };
+    dx
+}
+
+fn add_into<T: Elem>(acc: &mut [T], x: &[T]) {
+    acc.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += *x));
+}
+
+/// Slices of every tensor in `ts` (CPU, contiguous), for `f`.
+fn with_all<T: Elem, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Result<R>) -> Result<R> {
+    let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(held.len());
+    for (guard, layout) in &held {
+        match &**guard {
+            Storage::Cpu(cpu) => slices.push(view::<T>(cpu, layout)?),
+            _ => candle_core::bail!("fused layer: tensor is not on the CPU"),
+        }
+    }
+    f(&slices)
+}
+
+impl TokenLayer {
+    /// The layer's tensors in a fixed order for [`with_all`]; optional biases at the end.
+    fn tensors(&self) -> Vec<&Tensor> {
+        let w = &self.w;
+        let mut ts = vec![
+            &w.input_norm,
+            &w.qkv.0,
+            &w.o.0,
+            &w.post_norm,
+            &w.gate_up.0,
+            &w.down.0,
+            &self.rope.0,
+            &self.rope.1,
+            &self.bias,
+        ];
+        for b in [&w.qkv.1, &w.o.1, &w.gate_up.1, &w.down.1]
+            .into_iter()
+            .flatten()
+        {
+            ts.push(b);
+        }
+        ts
+    }
+
+    /// Splits [`Self::tensors`]' slices back into named parts.
+    fn parts<'a, T>(&self, t: &[&'a [T]]) -> Parts<'a, T> {
+        let w = &self.w;
+        let mut extra = t[9..].iter().copied();
+        let mut bias_of = |b: &Option<Tensor>| b.as_ref().and_then(|_| extra.next());
+        Parts {
+            input_norm: t[0],
+            qkv: t[1],
+            o: t[2],
+            post_norm: t[3],
+            gate_up: t[4],
+            down: t[5],
+            cos: t[6],
+            sin: t[7],
+            bias: t[8],
+            qkv_b: bias_of(&w.qkv.1),
+            o_b: bias_of(&w.o.1),
+            gate_up_b: bias_of(&w.gate_up.1),
+            down_b: bias_of(&w.down.1),
+        }
+    }
+
+    fn dims(&self, x: &Shape, pk: &Shape) -> Result<(Dims, HeadLayout, usize, usize)> {
+        let (b, s, d) = x.dims3()?;
+        let (h, kv, hd) = self.w.heads;
+        let (pb, pkv, n, phd) = pk.dims4()?;
+        if pb != b || pkv != kv || phd != hd {
+            candle_core::bail!("fused layer: prefix {pk:?} does not fit {x:?}");
+        }
+        let q_shape = Shape::from((b, h, s, hd));
+        let k_shape = Shape::from((b, kv, n + s, hd));
+        let dims = Dims::of(&q_shape, &k_shape, Some(&self.bias))?;
+        let hl = HeadLayout {
+            b,
+            s,
+            h,
+            kv,
+            hd,
+            t: n + s,
+            t_off: n,
+        };
+        let inter = self.w.gate_up.0.dim(0)? / 2;
+        Ok((dims, hl, d, inter))
+    }
+}
+
+struct Parts<'a, T> {
+    input_norm: &'a [T],
+    qkv: &'a [T],
+    o: &'a [T],
+    post_norm: &'a [T],
+    gate_up: &'a [T],
+    down: &'a [T],
+    cos: &'a [T],
+    sin: &'a [T],
+    bias: &'a [T],
+    qkv_b: Option<&'a [T]>,
+    o_b: Option<&'a [T]>,
+    gate_up_b: Option<&'a [T]>,
+    down_b: Option<&'a [T]>,
+}
+
+/// Copies `prefix [b, kv, n, hd]` into positions `0..n` of `full [b, kv, n + s, hd]`.
+fn place_prefix<T: Elem>(
+    full: &mut [T],
+    prefix: &[T],
+    blocks: usize,
+    n: usize,
+    t: usize,
+    hd: usize,
+) {
+    for blk in 0..blocks {
+        full[blk * t * hd..][..n * hd].copy_from_slice(&prefix[blk * n * hd..][..n * hd]);
+    }
+}
+
+fn token_layer_fwd<T: Elem>(
+    op: &TokenLayer,
+    (sx, lx): (&CpuStorage, &Layout),
+    (sk, lk): (&CpuStorage, &Layout),
+    (sv, lv): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (d, hl, dm, inter) = op.dims(lx.shape(), lk.shape())?;
+    if lv.shape() != lk.shape() {
+        candle_core::bail!(
+            "fused layer: pv {:?} differs from pk {:?}",
+            lv.shape(),
+            lk.shape()
+        );
+    }
+    let (x, pk, pv) = (view::<T>(sx, lx)?, view::<T>(sk, lk)?, view::<T>(sv, lv)?);
+    let (h, kv, hd) = op.w.heads;
+    let n = hl.t_off;
+    let (out, saved) = with_all::<T, _>(&op.tensors(), |t| {
+        let p = op.parts(t);
+        let hn = rms_rows(x, p.input_norm, op.w.eps);
+        let qkv = linear_rows(&hn, p.qkv, p.qkv_b, (h + 2 * kv) * hd);
+        let mut q = vec![T::zero(); d.b * h * d.s * hd];
+        let mut k = vec![T::zero(); d.b * kv * d.t * hd];
+        let mut v = vec![T::zero(); k.len()];
+        place_prefix(&mut k, pk, d.b * kv, n, d.t, hd);
+        place_prefix(&mut v, pv, d.b * kv, n, d.t, hd);
+        split_heads_into(
+            &qkv,
+            hl,
+            Some((p.cos, p.sin, true)),
+            [&mut q, &mut k, &mut v],
+        );
+        let scale = T::from(1.0 / (hd as f64).sqrt()).expect("scale is finite");
+        let att = attention_rows(&d, (&q, &k, &v), Some(p.bias), scale);
+        let mut x2 = linear_rows(&att, p.o, p.o_b, dm);
+        add_into(&mut x2, x);
+        let hn2 = rms_rows(&x2, p.post_norm, op.w.eps);
+        let gu = linear_rows(&hn2, p.gate_up, p.gate_up_b, 2 * inter);
+        let m = swiglu_rows(&gu, inter);
+        let mut out = linear_rows(&m, p.down, p.down_b, dm);
+        add_into(&mut out, &x2);
+        Ok((out, Saved { q, k, v, x2, gu }))
+    })?;
+    *op.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(saved));
+    Ok((T::to_cpu_storage_owned(out), lx.shape().clone()))
+}
+
+/// `(∂x or nothing, ∂pk, ∂pv)`, each flat.
+type LayerGrads<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
+
+fn token_layer_bwd<T: Elem>(
+    op: &TokenLayer,
+    x: &Tensor,
+    pk: &Tensor,
+    grad: &Tensor,
+) -> Result<LayerGrads<T>> {
+    let (d, hl, dm, inter) = op.dims(x.shape(), pk.shape())?;
+    let (h, kv, hd) = op.w.heads;
+    let n = hl.t_off;
+    let saved = op
+        .saved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("fused layer: backward ran twice".into()))?;
+    let sv = saved.downcast::<Saved<T>>().map_err(|_| {
+        candle_core::Error::Msg("fused layer: saved activations of another dtype".into())
+    })?;
+    let (x, g) = (x.contiguous()?, grad.contiguous()?);
+    let want_dx = x.track_op();
+    let mut ts = op.tensors();
+    ts.push(&x);
+    ts.push(&g);
+    with_all::<T, _>(&ts, |t| {
+        let p = op.parts(&t[..t.len() - 2]);
+        let (x, g) = (t[t.len() - 2], t[t.len() - 1]);
+        // MLP: out = x2 + down(swiglu(gate_up(rms(x2))))
+        let gm = linear_grad(g, p.down, dm);
+        let dgu = swiglu_bwd_rows(&sv.gu, &gm, inter);
+        let dhn2 = linear_grad(&dgu, p.gate_up, 2 * inter);
+        let mut dx2 = rms_bwd_rows(&sv.x2, &dhn2, p.post_norm, op.w.eps);
+        add_into(&mut dx2, g);
+        // attention: x2 = x + o(attention(split(qkv(rms(x)))))
+        let datt = linear_grad(&dx2, p.o, dm);
+        let scale = T::from(1.0 / (hd as f64).sqrt()).expect("scale is finite");
+        let all = attention_grads(&d, (&sv.q, &sv.k, &sv.v), &datt, Some(p.bias), scale);
+        let (nq, nk) = (d.b * h * d.s * hd, d.b * kv * d.t * hd);
+        let (dq, rest) = all.split_at(nq);
+        let (dk, dv) = rest.split_at(nk);
+        let prefix = |full: &[T]| {
+            let mut out = vec![T::zero(); d.b * kv * n * hd];
+            for blk in 0..d.b * kv {
+                out[blk * n * hd..][..n * hd].copy_from_slice(&full[blk * d.t * hd..][..n * hd]);
+            }
+            out
+        };
+        let (dpk, dpv) = (prefix(dk), prefix(dv));
+        let dx = if want_dx {
+            let dqkv = split_heads_grad([dq, dk, dv], hl, Some((p.cos, p.sin, true)));
+            let dhn = linear_grad(&dqkv, p.qkv, (h + 2 * kv) * hd);
+            let mut dx = rms_bwd_rows(x, &dhn, p.input_norm, op.w.eps);
+            add_into(&mut dx, &dx2);
+            Some(dx)
+        } else {
+            None
+        };
+        Ok((dx, dpk, dpv))
+    })
+}
+
+impl CustomOp3 for TokenLayer {
+    fn name(&self) -> &'static str {
+        "fused-llama-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, token_layer_fwd(self, (s1, l1), (s2, l2), (s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        pk: &Tensor,
+        pv: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dev = x.device();
+        macro_rules! run {
+            ($t:ty) => {{
+                let (dx, dpk, dpv) = token_layer_bwd::<$t>(self, x, pk, grad)?;
+                (
+                    dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+                        .transpose()?,
+                    Tensor::from_vec(dpk, pk.shape(), dev)?,
+                    Tensor::from_vec(dpv, pv.shape(), dev)?,
+                )
+            }};
+        }
+        let (dx, dpk, dpv) = match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            other => candle_core::bail!("fused layer: {other:?} is not supported"),
+        };
+        Ok((dx, Some(dpk), Some(dpv)))
     }
 }
 
@@ -1277,6 +1646,88 @@ mod tests {
             assert!(max_diff(&y1, &y2) < 1e-12);
             assert!(max_diff(&g1[0], &g2[0]) < 1e-12);
             check_fd(std::slice::from_ref(&qkv), 0, &wts, &g1[0], &fused);
+        }
+    }
+
+    /// The whole-layer op against the layer composed from candle primitives: output and the
+    /// gradients to the token rows and to the prompt's keys/values, and finite differences.
+    #[test]
+    fn token_layer_matches_composition_and_finite_differences() {
+        use super::{LayerWeights, TokenLayer};
+        let (b, s, n, d, h, kv, hd, i) = (2, 3, 2, 8, 4, 2, 2, 6);
+        let w = LayerWeights {
+            input_norm: (rand(&[d], 20) + 1.0).unwrap(),
+            qkv: (
+                (rand(&[(h + 2 * kv) * hd, d], 21) * 0.5).unwrap(),
+                Some(rand(&[(h + 2 * kv) * hd], 26)),
+            ),
+            o: ((rand(&[d, h * hd], 22) * 0.5).unwrap(), None),
+            post_norm: (rand(&[d], 23) + 1.0).unwrap(),
+            gate_up: ((rand(&[2 * i, d], 24) * 0.5).unwrap(), None),
+            down: ((rand(&[d, i], 25) * 0.5).unwrap(), Some(rand(&[d], 27))),
+            eps: 1e-6,
+            heads: (h, kv, hd),
+        };
+        let positions: Vec<usize> = (n..n + s).collect();
+        let rope =
+            crate::ops::rope_tables(&positions, hd, 10000.0, DType::F64, &Device::Cpu).unwrap();
+        let mut bias = vec![0f64; b * s * (n + s)];
+        for r in 0..b {
+            for q in 0..s {
+                for j in q + 1..s {
+                    bias[(r * s + q) * (n + s) + n + j] = -1e9;
+                }
+            }
+        }
+        bias[(s + 1) * (n + s)] = -1e9; // row 1 query 1 does not see the first prompt key
+        let bias = Tensor::from_vec(bias, (b, 1, s, n + s), &Device::Cpu).unwrap();
+        let lin = |x: &Tensor, (w, bb): &(Tensor, Option<Tensor>)| {
+            let y = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+            match bb {
+                Some(bb) => y.broadcast_add(bb).unwrap(),
+                None => y,
+            }
+        };
+        let composed = |t: &[Tensor]| {
+            let (x, pk, pv) = (&t[0], &t[1], &t[2]);
+            let hn = rms_norm_composed(x, &w.input_norm, w.eps).unwrap();
+            let (q, k, v) =
+                split_heads_composed(&lin(&hn, &w.qkv), (h, kv, hd), Some((&rope.0, &rope.1)))
+                    .unwrap();
+            let k = Tensor::cat(&[pk, &k], 2).unwrap();
+            let v = Tensor::cat(&[pv, &v], 2).unwrap();
+            let att = attention_composed(&q, &k, &v, Some(&bias))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, s, h * hd))
+                .unwrap();
+            let x2 = (x + lin(&att, &w.o)).unwrap();
+            let hn2 = rms_norm_composed(&x2, &w.post_norm, w.eps).unwrap();
+            let m = swiglu_composed(&lin(&hn2, &w.gate_up)).unwrap();
+            (&x2 + lin(&m, &w.down)).unwrap()
+        };
+        let fused = |t: &[Tensor]| {
+            let op = TokenLayer {
+                w: w.clone(),
+                rope: rope.clone(),
+                bias: bias.clone(),
+                saved: Default::default(),
+            };
+            t[0].apply_op3(&t[1], &t[2], op).unwrap()
+        };
+        let ins = [
+            rand(&[b, s, d], 28),
+            rand(&[b, kv, n, hd], 29),
+            rand(&[b, kv, n, hd], 30),
+        ];
+        let wts = rand(&[b, s, d], 31);
+        let (y1, g1) = grads(&ins, &wts, &fused);
+        let (y2, g2) = grads(&ins, &wts, &composed);
+        assert!(max_diff(&y1, &y2) < 1e-12, "{}", max_diff(&y1, &y2));
+        for (k, (g1, g2)) in g1.iter().zip(&g2).enumerate() {
+            assert!(max_diff(g1, g2) < 1e-11, "input {k}: {}", max_diff(g1, g2));
+            check_fd(&ins, k, &wts, g1, &fused);
         }
     }
 

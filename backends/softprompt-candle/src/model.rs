@@ -7,7 +7,7 @@ use softprompt_core::model::{
 };
 
 use crate::ops::{attention, layer_norm, rms_norm, rope_tables, split_heads, swiglu, Linear};
-use crate::{to_core, Result};
+use crate::{fused, to_core, Result};
 
 /// Where the rows of a forward pass sit in their sequences.
 #[derive(Debug, Clone, Copy)]
@@ -214,6 +214,25 @@ impl Model {
     }
 }
 
+impl LlamaLayer {
+    fn weights(&self, c: &LlamaConfig) -> fused::LayerWeights {
+        let owned = |l: &Linear| {
+            let (w, b) = l.weights();
+            (w.clone(), b.cloned())
+        };
+        fused::LayerWeights {
+            input_norm: self.input_norm.clone(),
+            qkv: owned(&self.qkv),
+            o: owned(&self.o),
+            post_norm: self.post_norm.clone(),
+            gate_up: owned(&self.gate_up),
+            down: owned(&self.down),
+            eps: c.rms_norm_eps,
+            heads: (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        }
+    }
+}
+
 impl Llama {
     fn load(c: &LlamaConfig, l: &mut Loader<'_>) -> Result<Self> {
         let (d, hd) = (c.hidden_size, c.head_dim);
@@ -273,6 +292,23 @@ impl Llama {
         };
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
+            // training: token rows over the prompt's (tracked) cached keys/values run as one op
+            // per layer; the cache is read, not extended (nothing reads it after a train step)
+            let past = cache.as_deref().and_then(|c| c[i].clone());
+            if let (Some((pk, pv)), Some(bias), Positions::From(_)) = (&past, bias, pos) {
+                if pk.track_op() && fused::supported(pk) && pk.dtype() == x.dtype() {
+                    let op = fused::TokenLayer {
+                        w: layer.weights(c),
+                        rope: (cos.clone(), sin.clone()),
+                        bias: bias.contiguous()?,
+                        saved: Default::default(),
+                    };
+                    x = x
+                        .contiguous()?
+                        .apply_op3(&pk.contiguous()?, &pv.contiguous()?, op)?;
+                    continue;
+                }
+            }
             let hn = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let qkv = layer.qkv.forward(&hn)?;
             let (q, mut k, mut v) = split_heads(&qkv, (h, kvh, hd), Some((&cos, &sin)))?;

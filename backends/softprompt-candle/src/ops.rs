@@ -17,6 +17,11 @@ impl Linear {
         Linear { w, b }
     }
 
+    /// The weight `[out, in]` and the bias.
+    pub fn weights(&self) -> (&Tensor, Option<&Tensor>) {
+        (&self.w, self.b.as_ref())
+    }
+
     /// One layer computing `parts` side by side (their outputs concatenated): one matrix
     /// product instead of several narrower ones. All parts have a bias or none has.
     pub fn concat(parts: &[Linear]) -> Result<Self> {
