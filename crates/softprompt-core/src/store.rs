@@ -148,6 +148,13 @@ pub trait PromptStore: Send + Sync {
     /// Lists the stored prompts.
     async fn list(&self) -> Result<Vec<PromptInfo>>;
 
+    /// The names of the stored prompts, sorted, without reading them: a reader that lists the
+    /// store and then loads each prompt itself (a server) is not stopped by one unreadable
+    /// prompt and reads each only once. The default goes through [`PromptStore::list`].
+    async fn names(&self) -> Result<Vec<String>> {
+        Ok(self.list().await?.into_iter().map(|i| i.name).collect())
+    }
+
     /// Removes the prompt stored under `name`.
     async fn remove(&self, name: &str) -> Result<()>;
 

@@ -235,14 +235,15 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     let list = state.registry.list().await?;
     let data: Vec<Value> = list
         .into_iter()
-        .map(|(info, entry)| {
+        .map(|row| {
             let mut m = json!({
-                "id": info.name, "object": "model", "created": 0, "owned_by": "softprompt",
-                "num_virtual_tokens": info.num_virtual_tokens, "token_dim": info.token_dim,
-                "backbone_fingerprint": info.backbone_fingerprint,
+                "id": row.name, "object": "model", "created": 0, "owned_by": "softprompt",
             });
-            match entry {
+            match row.entry {
                 Ok(e) => {
+                    m["num_virtual_tokens"] = e.prompt.num_virtual_tokens().into();
+                    m["token_dim"] = e.prompt.hidden_size().into();
+                    m["backbone_fingerprint"] = e.backbone_fingerprint.clone().into();
                     m["ready"] = true.into();
                     m["task"] = e.task.into();
                     m["labels"] = e.labels.iter().map(|(l, _)| l.clone()).collect();
@@ -250,6 +251,14 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
                     m["size_bytes"] = e.size_bytes.into();
                 }
                 Err(err) => {
+                    let stored = row.stored.as_ref();
+                    m["num_virtual_tokens"] = stored.map(|s| s.prompt.num_virtual_tokens()).into();
+                    m["token_dim"] = stored.map(|s| s.prompt.hidden_size()).into();
+                    m["backbone_fingerprint"] = stored
+                        .and_then(|s| s.config.softprompt.as_ref())
+                        .map(|p| p.backbone_fingerprint.clone())
+                        .filter(|f| !f.is_empty())
+                        .into();
                     m["ready"] = false.into();
                     m["reason"] = err.message.into();
                 }

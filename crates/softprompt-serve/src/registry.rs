@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use softprompt_core::{
-    BackboneSpec, Error, PromptInfo, PromptStore, SoftPrompt, StoredPrompt, TextTokenizer,
-};
+use softprompt_core::{BackboneSpec, Error, PromptStore, SoftPrompt, StoredPrompt, TextTokenizer};
 
 use softprompt_train::Template;
 
@@ -33,6 +31,8 @@ pub struct Entry {
     pub task: &'static str,
     /// Bytes of the prompt values (f32).
     pub size_bytes: usize,
+    /// The backbone the prompt was trained for, as recorded in its provenance.
+    pub backbone_fingerprint: Option<String>,
     etag: Option<String>,
 }
 
@@ -47,6 +47,16 @@ impl Entry {
 }
 
 /// Resolves prompt names to loaded, checked prompts.
+/// One row of [`Registry::list`].
+#[derive(Debug)]
+pub struct Listed {
+    pub name: String,
+    /// The servable entry, or why the prompt cannot be served.
+    pub entry: Result<Arc<Entry>, ApiError>,
+    /// The stored prompt of a row that cannot be served, when it can be read at all.
+    pub stored: Option<StoredPrompt>,
+}
+
 pub struct Registry {
     store: Arc<dyn PromptStore>,
     spec: BackboneSpec,
@@ -185,21 +195,33 @@ impl Registry {
             labels: prov.labels,
             label_ids,
             size_bytes,
+            backbone_fingerprint: Some(prov.backbone_fingerprint.clone()).filter(|f| !f.is_empty()),
             etag,
         })
     }
 
-    /// Every prompt in the store, with its entry or the reason it cannot be served.
-    pub async fn list(&self) -> Result<Vec<(PromptInfo, Result<Arc<Entry>, ApiError>)>, ApiError> {
-        let infos = self
+    /// Every prompt in the store, with its entry or the reason it cannot be served (an
+    /// unreadable or foreign prompt is one row, not a failed listing). A prompt whose tag is
+    /// unchanged is not read again; a prompt that cannot be served is read once more for the
+    /// row's shape fields (`None` when it cannot be read at all).
+    pub async fn list(&self) -> Result<Vec<Listed>, ApiError> {
+        let names = self
             .store
-            .list()
+            .names()
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        let mut out = Vec::with_capacity(infos.len());
-        for info in infos {
-            let entry = self.get(&info.name).await;
-            out.push((info, entry));
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let entry = self.get(&name).await;
+            let stored = match &entry {
+                Ok(_) => None,
+                Err(_) => self.store.load(&name).await.ok(),
+            };
+            out.push(Listed {
+                name,
+                entry,
+                stored,
+            });
         }
         Ok(out)
     }

@@ -597,6 +597,27 @@ async fn prompts_are_picked_up_replaced_and_removed_while_serving() {
         .as_str()
         .unwrap()
         .contains("trained for backbone 0123456789abcdef"));
+    assert_eq!(foreign["num_virtual_tokens"], 4);
+    assert_eq!(foreign["backbone_fingerprint"], "0123456789abcdef");
+
+    // one unreadable prompt is one row that is not ready, not a failed listing
+    let broken = server.store.root().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("adapter_config.json"), b"{ not json").unwrap();
+    let (status, list) = server.get("/v1/models").await;
+    assert_eq!(status, 200, "{list}");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let rows = list["data"].as_array().unwrap();
+    let row = |id: &str| rows.iter().find(|m| m["id"] == id).unwrap().clone();
+    assert_eq!(row("broken")["ready"], false);
+    assert!(
+        row("broken")["reason"].as_str().unwrap().contains("broken"),
+        "{}",
+        row("broken")
+    );
+    assert_eq!(row("broken")["num_virtual_tokens"], Value::Null);
+    assert_eq!(row("foreign")["ready"], false);
+    assert_eq!(row("sent-a")["ready"], true);
     server.stop().await;
 }
 

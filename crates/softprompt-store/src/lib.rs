@@ -97,7 +97,7 @@ impl PromptStore for DirectoryStore {
         Ok(Some(tag))
     }
 
-    async fn list(&self) -> Result<Vec<PromptInfo>> {
+    async fn names(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         let mut entries = match tokio::fs::read_dir(&self.root).await {
             Ok(e) => e,
@@ -110,10 +110,18 @@ impl PromptStore for DirectoryStore {
             .map_err(|e| Error::io(&self.root, e))?
         {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if validate_name(&name).is_err() || !entry.path().join(ADAPTER_CONFIG).is_file() {
-                continue;
+            if validate_name(&name).is_ok() && entry.path().join(ADAPTER_CONFIG).is_file() {
+                out.push(name);
             }
-            let stored = read_prompt_dir(&entry.path()).await?;
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn list(&self) -> Result<Vec<PromptInfo>> {
+        let mut out = Vec::new();
+        for name in self.names().await? {
+            let stored = read_prompt_dir(&self.root.join(&name)).await?;
             let prov = stored.config.softprompt.as_ref();
             out.push(PromptInfo {
                 name,
@@ -127,7 +135,6 @@ impl PromptStore for DirectoryStore {
                     .unwrap_or_default(),
             });
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
