@@ -20,7 +20,7 @@ use softprompt_core::{
     LossAndGrad, ModelConfig, RowScores, SeqId, SoftPrompt, MASKED_BIAS,
 };
 
-use crate::model::{LayerCache, Model, Positions};
+use crate::model::{HostCache, LayerCache, Model, Positions};
 
 /// Result with softprompt's error type.
 pub type Result<T> = softprompt_core::Result<T>;
@@ -509,6 +509,7 @@ impl Backbone for CandleBackbone {
         Some(Box::new(CandleBatchDecoder {
             backbone: self,
             next_id: 0,
+            host: self.model.supports_host_decode(&self.device, self.dtype),
             seqs: BTreeMap::new(),
         }))
     }
@@ -566,11 +567,39 @@ const PREFILL_ROWS: usize = 16;
 /// the listed sequences into one padded batch (padding masked out, each row at its own RoPE /
 /// position-embedding position), runs one forward pass and appends each row's new keys and
 /// values to its sequence.
+///
+/// On the CPU in f32 (Llama family) each sequence's keys and values live in host buffers instead
+/// ([`HostCache`]): a step appends in place and attends over each row's own buffer, with no
+/// per-step packing, padding or copying of the caches.
 struct CandleBatchDecoder<'a> {
     backbone: &'a CandleBackbone,
     next_id: SeqId,
-    /// Per sequence: cache of every layer (`[1, heads, len, head_dim]`) and its length.
-    seqs: BTreeMap<SeqId, (Vec<LayerCache>, usize)>,
+    /// Whether sequences keep [`HostCache`]s (decided once, from the model, device and dtype).
+    host: bool,
+    seqs: BTreeMap<SeqId, SeqCache>,
+}
+
+/// A live sequence's keys and values.
+enum SeqCache {
+    /// Cache of every layer (`[1, heads, len, head_dim]`) and the length.
+    Tensors(Vec<LayerCache>, usize),
+    Host(HostCache),
+}
+
+impl SeqCache {
+    fn len(&self) -> usize {
+        match self {
+            SeqCache::Tensors(_, len) => *len,
+            SeqCache::Host(h) => h.len,
+        }
+    }
+
+    fn tensors(&self) -> &[LayerCache] {
+        match self {
+            SeqCache::Tensors(c, _) => c,
+            SeqCache::Host(_) => &[],
+        }
+    }
 }
 
 impl BatchDecoder for CandleBatchDecoder<'_> {
@@ -665,16 +694,20 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
                 }
             }
         }
-        Ok(done
-            .into_iter()
+        done.into_iter()
             .map(|d| {
                 let (cache, len, logits) = d.expect("every sequence prefilled");
+                let seq = if self.host {
+                    SeqCache::Host(HostCache::from_tensors(&cache, len).map_err(to_core)?)
+                } else {
+                    SeqCache::Tensors(cache, len)
+                };
                 let id = self.next_id;
                 self.next_id += 1;
-                self.seqs.insert(id, (cache, len));
-                (id, logits)
+                self.seqs.insert(id, seq);
+                Ok((id, logits))
             })
-            .collect())
+            .collect()
     }
 
     fn step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
@@ -684,11 +717,14 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
         }
         let b = self.backbone;
         let rows = tokens.len();
-        let starts: Vec<usize> = tokens.iter().map(|(id, _)| self.seqs[id].1).collect();
+        let starts: Vec<usize> = tokens.iter().map(|(id, _)| self.seqs[id].len()).collect();
         for p in &starts {
             b.check_length(p + 1)?;
         }
         b.check_ids(tokens.iter().map(|(_, t)| *t))?;
+        if self.host {
+            return self.host_step(tokens);
+        }
         let longest = starts.iter().copied().max().unwrap_or(0);
         let layers = b.model.num_layers();
         let run = || -> candle_core::Result<(Vec<Vec<f32>>, Vec<KeyValue>)> {
@@ -710,7 +746,7 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
             for layer in 0..layers {
                 let (mut ks, mut vs) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
                 for (id, _) in tokens {
-                    let (k, v) = self.seqs[id].0[layer]
+                    let (k, v) = self.seqs[id].tensors()[layer]
                         .as_ref()
                         .expect("a prefilled sequence has a cache in every layer");
                     ks.push(pad(k)?);
@@ -746,9 +782,11 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
             Ok((logits, fresh))
         };
         let (logits, fresh) = run().map_err(to_core)?;
-        let append = |seqs: &mut BTreeMap<SeqId, (Vec<LayerCache>, usize)>| {
+        let append = |seqs: &mut BTreeMap<SeqId, SeqCache>| {
             for (r, (id, _)) in tokens.iter().enumerate() {
-                let (cache, len) = seqs.get_mut(id).expect("checked above");
+                let Some(SeqCache::Tensors(cache, len)) = seqs.get_mut(id) else {
+                    unreachable!("tensor caches when not on the host path")
+                };
                 for (slot, (k, v)) in cache.iter_mut().zip(&fresh) {
                     let (pk, pv) = slot.take().expect("prefilled");
                     *slot = Some((
@@ -773,7 +811,42 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
     }
 
     fn position(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(|s| s.1)
+        self.seqs.get(&id).map(SeqCache::len)
+    }
+}
+
+impl CandleBatchDecoder<'_> {
+    /// [`BatchDecoder::step`] over [`HostCache`]s (checked by the caller).
+    fn host_step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
+        let b = self.backbone;
+        let ids: Vec<u32> = tokens.iter().map(|(_, t)| *t).collect();
+        // the listed sequences' caches, in the order of `tokens` (distinct: checked)
+        let mut by_id: BTreeMap<SeqId, &mut HostCache> = self
+            .seqs
+            .iter_mut()
+            .filter_map(|(id, s)| match s {
+                SeqCache::Host(h) => Some((*id, h)),
+                SeqCache::Tensors(..) => None,
+            })
+            .collect();
+        let mut caches: Vec<&mut HostCache> = tokens
+            .iter()
+            .map(|(id, _)| by_id.remove(id).expect("checked above"))
+            .collect();
+        let run = || -> candle_core::Result<Vec<Vec<f32>>> {
+            let rows = ids.len();
+            let ids = Tensor::from_vec(ids, rows, &b.device)?;
+            let x = b
+                .model
+                .embed(&ids)?
+                .reshape((rows, 1, b.spec.hidden_size))?;
+            let h = b.model.decode_host(&x, &mut caches)?;
+            b.model
+                .head(&h.reshape((rows, b.spec.hidden_size))?)?
+                .to_dtype(DType::F32)?
+                .to_vec2()
+        };
+        run().map_err(to_core)
     }
 }
 

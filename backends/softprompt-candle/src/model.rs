@@ -38,6 +38,39 @@ impl Positions<'_> {
 /// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]` (after RoPE).
 pub type LayerCache = Option<(Tensor, Tensor)>;
 
+/// One sequence's keys and values in host memory for continuous batching (f32, CPU): per layer
+/// `(k, v)`, each token-major `[len, kv_heads, head_dim]`, so a decode step appends its token's
+/// keys/values in place and attention reads them where they are (no per-step packing).
+#[derive(Debug, Clone)]
+pub struct HostCache {
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+    pub len: usize,
+}
+
+impl HostCache {
+    /// From a prefilled cache (`[1, kv, len, hd]` per layer).
+    pub fn from_tensors(cache: &[LayerCache], len: usize) -> candle_core::Result<Self> {
+        let token_major = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            t.squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()
+        };
+        let layers = cache
+            .iter()
+            .map(|slot| {
+                let (k, v) = slot
+                    .as_ref()
+                    .ok_or_else(|| candle_core::Error::Msg("prefill left a layer empty".into()))?;
+                Ok((token_major(k)?, token_major(v)?))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(HostCache { layers, len })
+    }
+}
+
 /// Appends this step's keys and values to a layer's cache; returns everything cached.
 fn extend_cache(
     slot: &mut LayerCache,
@@ -206,6 +239,26 @@ impl Model {
         h.matmul(&w.t()?)
     }
 
+    /// Whether [`Model::decode_host`] runs this model on `device` in `dtype`.
+    pub fn supports_host_decode(&self, device: &Device, dtype: DType) -> bool {
+        matches!(self, Model::Llama(_)) && device.is_cpu() && dtype == DType::F32
+    }
+
+    /// One decode step of `rows` sequences, `x [rows, 1, d]` (each row's next input embedding,
+    /// at position `caches[r].len`), reading and extending each sequence's [`HostCache`]:
+    /// final-normed hidden states `[rows, 1, d]`. Llama, f32, CPU (see
+    /// [`Model::supports_host_decode`]).
+    pub fn decode_host(
+        &self,
+        x: &Tensor,
+        caches: &mut [&mut HostCache],
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Model::Llama(m) => m.decode_host(x, caches),
+            Model::Gpt2(_) => candle_core::bail!("host decoding runs Llama-family models only"),
+        }
+    }
+
     pub fn num_layers(&self) -> usize {
         match self {
             Model::Llama(m) => m.layers.len(),
@@ -321,6 +374,95 @@ impl Llama {
             let gu = layer.gate_up.forward(&hn)?;
             let mlp = swiglu(&gu)?;
             x = (x + layer.down.forward(&mlp)?)?;
+        }
+        rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` of one head vector.
+fn rotate_half(x: &[f32], cos: &[f32], sin: &[f32], out: &mut Vec<f32>) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        out.push(x[i] * cos[i] - x[i + half] * sin[i]);
+    }
+    for i in half..x.len() {
+        out.push(x[i] * cos[i] + x[i - half] * sin[i]);
+    }
+}
+
+impl Llama {
+    fn decode_host(
+        &self,
+        x: &Tensor,
+        caches: &mut [&mut HostCache],
+    ) -> candle_core::Result<Tensor> {
+        use rayon::prelude::*;
+        let c = &self.cfg;
+        let (rows, one, _) = x.dims3()?;
+        if one != 1 || rows != caches.len() {
+            candle_core::bail!(
+                "decode_host: {rows} rows of {one} tokens for {} caches",
+                caches.len()
+            );
+        }
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (width, rep) = ((h + 2 * kv) * hd, h / kv);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let tables: Vec<(Vec<f32>, Vec<f32>)> = caches
+            .iter()
+            .map(|cache| {
+                let (cos, sin) =
+                    rope_tables(&[cache.len], hd, c.rope_theta, DType::F32, x.device())?;
+                Ok((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let hn = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let qkv: Vec<f32> = layer.qkv.forward(&hn)?.flatten_all()?.to_vec1()?;
+            let mut att = vec![0f32; rows * h * hd];
+            att.par_chunks_mut(h * hd)
+                .zip(caches.par_iter_mut())
+                .zip(qkv.par_chunks(width).zip(tables.par_iter()))
+                .for_each(|((out, cache), (row, (cos, sin)))| {
+                    let (kc, vc) = &mut cache.layers[i];
+                    let mut q = Vec::with_capacity(h * hd);
+                    for j in 0..h {
+                        rotate_half(&row[j * hd..][..hd], cos, sin, &mut q);
+                    }
+                    for j in h..h + kv {
+                        rotate_half(&row[j * hd..][..hd], cos, sin, kc);
+                    }
+                    vc.extend_from_slice(&row[(h + kv) * hd..][..kv * hd]);
+                    let t = kc.len() / (kv * hd);
+                    let mut p = vec![0f32; t];
+                    for hi in 0..h {
+                        let (kh, qh) = (hi / rep, &q[hi * hd..][..hd]);
+                        for (tt, p) in p.iter_mut().enumerate() {
+                            let k = &kc[(tt * kv + kh) * hd..][..hd];
+                            *p = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        }
+                        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0f32;
+                        p.iter_mut().for_each(|p| {
+                            *p = (*p - max).exp();
+                            sum += *p;
+                        });
+                        let o = &mut out[hi * hd..][..hd];
+                        for (tt, p) in p.iter().enumerate() {
+                            let w = p / sum;
+                            let v = &vc[(tt * kv + kh) * hd..][..hd];
+                            o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+                        }
+                    }
+                });
+            let att = Tensor::from_vec(att, (rows, 1, h * hd), x.device())?;
+            x = (x + layer.o.forward(&att)?)?;
+            let hn = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+            x = (x + layer.down.forward(&swiglu(&layer.gate_up.forward(&hn)?)?)?)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.len += 1;
         }
         rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
