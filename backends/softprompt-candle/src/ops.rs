@@ -72,7 +72,7 @@ impl Linear {
     }
 }
 
-/// [`fused::FrozenMatmul`] for the dtypes the fused kernels do not cover (bf16, f16): the input
+/// The frozen-weight matmul for the dtypes the fused kernels do not cover (bf16, f16): the input
 /// is copied into a tensor and multiplied by candle.
 struct FrozenMatmulAny {
     w: Tensor,
@@ -282,7 +282,7 @@ pub fn rope_tables(
 /// `kv`: grouped-query attention, query head `j` reads key/value head `j / (h / kv)` as in
 /// Hugging Face's `repeat_kv`) with an additive bias broadcastable to `[b,1,s,t]`. Returns
 /// `[b, s, h·hd]`, the input of the output projection. On the CPU in f32/f64 with a bias of
-/// shape `[1 or b, 1, s, t]` (or none) this is one fused op ([`fused::Attention`]); otherwise
+/// shape `[1 or b, 1, s, t]` (or none) this is one fused op; otherwise
 /// [`attention_composed`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, h, s, hd) = q.dims4()?;
