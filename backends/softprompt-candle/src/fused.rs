@@ -156,27 +156,12 @@ fn frozen_matmul_fwd<T: Elem>(
     let (k, lead) = dims
         .split_last()
         .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: scalar input".into()))?;
-    let (m, k) = (lead.iter().product::<usize>(), *k);
+    let k = *k;
     let (n, wk) = w.dims2()?;
     if wk != k {
         candle_core::bail!("frozen-matmul: input has {k} columns, weight {wk}");
     }
-    let mut y = vec![T::zero(); m * n];
-    with_data::<T, _>(w, |w| {
-        // SAFETY: x is [m, k], w is [n, k] (read as its transpose), y is [m, n]
-        unsafe {
-            matmul(
-                (m, n, k),
-                y.as_mut_ptr(),
-                n,
-                false,
-                Mat::rows(x.as_ptr(), k),
-                Mat::t(w.as_ptr(), k),
-                threads(),
-            )
-        };
-        Ok(())
-    })?;
+    let y = with_data::<T, _>(w, |w| Ok(linear_rows(x, w, None, n)))?;
     let mut out = lead.to_vec();
     out.push(n);
     Ok((T::to_cpu_storage_owned(y), Shape::from(out)))
@@ -590,6 +575,52 @@ fn split_heads_grad<T: Elem>(grads: [&[T]; 3], l: HeadLayout, tables: Tables<'_,
         }
     });
     dx
+}
+
+/// One sequence's attention in a decode step over its own token-major caches
+/// (`[len, kv, hd]`, see the candle backend's `HostCache`): rotates the new token's q and k heads
+/// (`row`, one row of the fused q/k/v projection) with that position's `cos`/`sin` (`[hd]`),
+/// appends its keys and values to `kc`/`vc`, and writes the attention output `[h·hd]` to `out`.
+pub(crate) fn decode_attention_row(
+    row: &[f32],
+    (h, kv, hd): (usize, usize, usize),
+    (cos, sin): (&[f32], &[f32]),
+    (kc, vc): (&mut Vec<f32>, &mut Vec<f32>),
+    out: &mut [f32],
+) {
+    let tables = Some((cos, sin, true));
+    let mut q = vec![0f32; h * hd];
+    for (j, qh) in q.chunks_mut(hd).enumerate() {
+        rotate(&row[j * hd..][..hd], qh, tables, 0, false);
+    }
+    let at = kc.len();
+    kc.resize(at + kv * hd, 0.0);
+    for (j, kh) in kc[at..].chunks_mut(hd).enumerate() {
+        rotate(&row[(h + j) * hd..][..hd], kh, tables, 0, false);
+    }
+    vc.extend_from_slice(&row[(h + kv) * hd..][..kv * hd]);
+    let (t, rep) = (kc.len() / (kv * hd), h / kv);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut p = vec![0f32; t];
+    for (hi, o) in out.chunks_mut(hd).enumerate() {
+        let (kh, qh) = (hi / rep, &q[hi * hd..][..hd]);
+        for (tt, p) in p.iter_mut().enumerate() {
+            let k = &kc[(tt * kv + kh) * hd..][..hd];
+            *p = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+        }
+        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        p.iter_mut().for_each(|p| {
+            *p = (*p - max).exp();
+            sum += *p;
+        });
+        o.fill(0.0);
+        for (tt, p) in p.iter().enumerate() {
+            let w = p / sum;
+            let v = &vc[(tt * kv + kh) * hd..][..hd];
+            o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+        }
+    }
 }
 
 fn split_heads_fwd<T: Elem>(

@@ -379,17 +379,6 @@ impl Llama {
     }
 }
 
-/// `x·cos + rotate_half(x)·sin` of one head vector.
-fn rotate_half(x: &[f32], cos: &[f32], sin: &[f32], out: &mut Vec<f32>) {
-    let half = x.len() / 2;
-    for i in 0..half {
-        out.push(x[i] * cos[i] - x[i + half] * sin[i]);
-    }
-    for i in half..x.len() {
-        out.push(x[i] * cos[i] + x[i - half] * sin[i]);
-    }
-}
-
 impl Llama {
     fn decode_host(
         &self,
@@ -406,8 +395,7 @@ impl Llama {
             );
         }
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (width, rep) = ((h + 2 * kv) * hd, h / kv);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let width = (h + 2 * kv) * hd;
         let tables: Vec<(Vec<f32>, Vec<f32>)> = caches
             .iter()
             .map(|cache| {
@@ -426,35 +414,7 @@ impl Llama {
                 .zip(qkv.par_chunks(width).zip(tables.par_iter()))
                 .for_each(|((out, cache), (row, (cos, sin)))| {
                     let (kc, vc) = &mut cache.layers[i];
-                    let mut q = Vec::with_capacity(h * hd);
-                    for j in 0..h {
-                        rotate_half(&row[j * hd..][..hd], cos, sin, &mut q);
-                    }
-                    for j in h..h + kv {
-                        rotate_half(&row[j * hd..][..hd], cos, sin, kc);
-                    }
-                    vc.extend_from_slice(&row[(h + kv) * hd..][..kv * hd]);
-                    let t = kc.len() / (kv * hd);
-                    let mut p = vec![0f32; t];
-                    for hi in 0..h {
-                        let (kh, qh) = (hi / rep, &q[hi * hd..][..hd]);
-                        for (tt, p) in p.iter_mut().enumerate() {
-                            let k = &kc[(tt * kv + kh) * hd..][..hd];
-                            *p = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        }
-                        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0f32;
-                        p.iter_mut().for_each(|p| {
-                            *p = (*p - max).exp();
-                            sum += *p;
-                        });
-                        let o = &mut out[hi * hd..][..hd];
-                        for (tt, p) in p.iter().enumerate() {
-                            let w = p / sum;
-                            let v = &vc[(tt * kv + kh) * hd..][..hd];
-                            o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
-                        }
-                    }
+                    fused::decode_attention_row(row, (h, kv, hd), (cos, sin), (kc, vc), out);
                 });
             let att = Tensor::from_vec(att, (rows, 1, h * hd), x.device())?;
             x = (x + layer.o.forward(&att)?)?;
