@@ -601,26 +601,54 @@ pub(crate) fn decode_attention_row(
     vc.extend_from_slice(&row[(h + kv) * hd..][..kv * hd]);
     let (t, rep) = (kc.len() / (kv * hd), h / kv);
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut p = vec![0f32; t];
-    for (hi, o) in out.chunks_mut(hd).enumerate() {
-        let (kh, qh) = (hi / rep, &q[hi * hd..][..hd]);
-        for (tt, p) in p.iter_mut().enumerate() {
+    // the `rep` query heads of one key/value head together: each cached key and value is read
+    // once per kv head, not once per query head
+    let mut p = vec![0f32; rep * t];
+    for (kh, o) in out.chunks_mut(rep * hd).enumerate() {
+        let qs = &q[kh * rep * hd..][..rep * hd];
+        for tt in 0..t {
             let k = &kc[(tt * kv + kh) * hd..][..hd];
-            *p = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+            for (r, qh) in qs.chunks(hd).enumerate() {
+                p[r * t + tt] = dot(qh, k) * scale;
+            }
         }
-        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        p.iter_mut().for_each(|p| {
-            *p = (*p - max).exp();
-            sum += *p;
-        });
+        for pr in p.chunks_mut(t) {
+            let max = pr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            pr.iter_mut().for_each(|p| {
+                *p = (*p - max).exp();
+                sum += *p;
+            });
+            pr.iter_mut().for_each(|p| *p /= sum);
+        }
         o.fill(0.0);
-        for (tt, p) in p.iter().enumerate() {
-            let w = p / sum;
+        for tt in 0..t {
             let v = &vc[(tt * kv + kh) * hd..][..hd];
-            o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+            for (r, or) in o.chunks_mut(hd).enumerate() {
+                let w = p[r * t + tt];
+                or.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+            }
         }
     }
+}
+
+/// `a · b` with eight partial sums, so that the compiler vectorizes it (a plain iterator sum is
+/// sequential: float addition does not reassociate).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn split_heads_fwd<T: Elem>(

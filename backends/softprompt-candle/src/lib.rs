@@ -421,6 +421,9 @@ impl Backbone for CandleBackbone {
     ) -> Result<Vec<Vec<f64>>> {
         let n = check_next_token(prompts, &self.spec, batch, candidates)?;
         self.check_length(n + batch.seq_len())?;
+        if self.host_path() && (0..batch.rows()).all(|r| batch.row_len(r) > 0) {
+            return self.next_token_logprobs_host(prompts, batch, candidates);
+        }
         let p = self.prompts_tensor(prompts, n)?;
         let (t, s) = (batch.seq_len(), n + batch.seq_len());
         let d = self.spec.hidden_size;
@@ -516,6 +519,129 @@ impl Backbone for CandleBackbone {
 }
 
 impl CandleBackbone {
+    /// [`Backbone::next_token_logprobs`] on the host path (checked by the caller): every row's
+    /// tokens run packed over a copy of its prompt's keys and values, so a batch of rows of
+    /// different lengths costs its real tokens, not `rows × longest`.
+    fn next_token_logprobs_host(
+        &self,
+        prompts: &[SoftPrompt],
+        batch: &Batch,
+        candidates: &[u32],
+    ) -> Result<Vec<Vec<f64>>> {
+        let t = batch.seq_len();
+        let of_row: Vec<&SoftPrompt> = batch.prompt_index().iter().map(|p| &prompts[*p]).collect();
+        let mut caches = self.host_prefixes(&of_row)?;
+        let inputs: Vec<&[u32]> = (0..batch.rows())
+            .map(|r| &batch.input_ids()[r * t..r * t + batch.row_len(r)])
+            .collect();
+        let mut own: Vec<&mut HostCache> = caches.iter_mut().collect();
+        let logits = self.host_extend_last(&inputs, &mut own)?;
+        Ok(logits
+            .iter()
+            .map(|l| {
+                let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = max + l.iter().map(|x| (*x as f64 - max).exp()).sum::<f64>().ln();
+                candidates
+                    .iter()
+                    .map(|c| l[*c as usize] as f64 - lse)
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Whether inference runs through [`Model::extend_host`] (packed rows over host caches).
+    fn host_path(&self) -> bool {
+        self.model.supports_host_decode(&self.device, self.dtype)
+    }
+
+    /// A [`HostCache`] holding each listed prompt's keys and values (its virtual tokens): from the
+    /// prefix cache, or one pass per prompt length over the distinct prompts not in it.
+    fn host_prefixes(&self, prompts: &[&SoftPrompt]) -> Result<Vec<HostCache>> {
+        let layers = self.model.num_layers();
+        let mut distinct: Vec<&SoftPrompt> = Vec::new();
+        let mut prompt_of = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let at = distinct.iter().position(|p| p.values() == prompt.values());
+            prompt_of.push(at.unwrap_or_else(|| {
+                distinct.push(prompt);
+                distinct.len() - 1
+            }));
+        }
+        let mut prefixes: Vec<HostCache> = vec![HostCache::empty(layers); distinct.len()];
+        let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (j, p) in distinct.iter().enumerate() {
+            if p.num_virtual_tokens() > 0 {
+                by_len.entry(p.num_virtual_tokens()).or_default().push(j);
+            }
+        }
+        for (n, members) in by_len {
+            let group: Vec<SoftPrompt> = members.iter().map(|j| distinct[*j].clone()).collect();
+            let p = self.prompts_tensor(&group, n)?;
+            let idx: Vec<u32> = (0..group.len() as u32).collect();
+            let kv = self.prompt_kv(&p, Some(&group), &idx, n).map_err(to_core)?;
+            for (r, j) in members.iter().enumerate() {
+                let own = kv
+                    .iter()
+                    .map(|slot| {
+                        let (k, v) = slot.as_ref().expect("prompt_kv fills every layer");
+                        Ok(Some((k.narrow(0, r, 1)?, v.narrow(0, r, 1)?)))
+                    })
+                    .collect::<candle_core::Result<Vec<LayerCache>>>()
+                    .map_err(to_core)?;
+                prefixes[*j] = HostCache::from_tensors(&own, n).map_err(to_core)?;
+            }
+        }
+        Ok(prompt_of.iter().map(|j| prefixes[*j].clone()).collect())
+    }
+
+    /// Runs each sequence's `inputs` (non-empty) over its cache, packed (no padding), up to
+    /// [`PREFILL_TOKENS`] tokens per pass: the logits after each sequence's last input token.
+    fn host_extend_last(
+        &self,
+        inputs: &[&[u32]],
+        caches: &mut [&mut HostCache],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut at = 0;
+        while at < inputs.len() {
+            // sequences up to the token budget (at least one)
+            let mut end = at + 1;
+            let mut tokens = inputs[at].len();
+            while end < inputs.len() && tokens + inputs[end].len() <= PREFILL_TOKENS {
+                tokens += inputs[end].len();
+                end += 1;
+            }
+            let ids: Vec<u32> = inputs[at..end].concat();
+            let counts: Vec<usize> = inputs[at..end].iter().map(|i| i.len()).collect();
+            let run = |caches: &mut [&mut HostCache]| -> candle_core::Result<Vec<Vec<f32>>> {
+                let total = ids.len();
+                let x = self
+                    .model
+                    .embed(&Tensor::from_slice(&ids, total, &self.device)?)?
+                    .reshape((total, 1, self.spec.hidden_size))?;
+                let h = self.model.extend_host(&x, &counts, caches)?;
+                let last: Vec<u32> = counts
+                    .iter()
+                    .scan(0u32, |end, n| {
+                        *end += *n as u32;
+                        Some(*end - 1)
+                    })
+                    .collect();
+                let last = Tensor::from_vec(last, counts.len(), &self.device)?;
+                self.model
+                    .head(
+                        &h.reshape((total, self.spec.hidden_size))?
+                            .index_select(&last, 0)?,
+                    )?
+                    .to_dtype(DType::F32)?
+                    .to_vec2()
+            };
+            out.extend(run(&mut caches[at..end]).map_err(to_core)?);
+            at = end;
+        }
+        Ok(out)
+    }
+
     /// Runs `[prompt][ids]` through the model, keeping its keys and values.
     fn prefill(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<CandleDecode<'_>> {
         prompt.check_hidden_size(self.spec.hidden_size)?;
@@ -562,6 +688,9 @@ type Prefilled = (Vec<LayerCache>, usize, Vec<f32>);
 
 /// Most sequences prefilled in one forward pass.
 const PREFILL_ROWS: usize = 16;
+
+/// Most input tokens prefilled in one packed pass on the host path (more sequences if short).
+const PREFILL_TOKENS: usize = 1024;
 
 /// Continuous batching on candle: every sequence keeps its own cache; a step packs the caches of
 /// the listed sequences into one padded batch (padding masked out, each row at its own RoPE /
@@ -618,6 +747,9 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
             prompt.check_hidden_size(b.spec.hidden_size)?;
             b.check_length(prompt.num_virtual_tokens() + ids.len())?;
             b.check_ids(ids.iter().copied())?;
+        }
+        if self.host {
+            return self.add_many_host(seqs);
         }
         let mut done: Vec<Option<Prefilled>> = vec![None; seqs.len()];
         // a sequence without input tokens is its prompt alone: the single-sequence path
@@ -816,6 +948,48 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
 }
 
 impl CandleBatchDecoder<'_> {
+    /// [`BatchDecoder::add_many`] with [`HostCache`]s (inputs checked by the caller): each
+    /// sequence's cache starts as a copy of its prompt's keys and values (prefix cache, or one
+    /// pass per prompt length for the prompts not in it), then the input tokens of up to
+    /// [`PREFILL_TOKENS`] tokens' worth of sequences run as one packed batch through
+    /// [`Model::extend_host`]: no padding, whatever the lengths.
+    fn add_many_host(&mut self, seqs: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqId, Vec<f32>)>> {
+        let b = self.backbone;
+        let prompts: Vec<&SoftPrompt> = seqs.iter().map(|(p, _)| *p).collect();
+        let mut caches = b.host_prefixes(&prompts)?;
+        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
+        // a sequence without input tokens is its prompt alone: the single-sequence path
+        for (i, (prompt, ids)) in seqs.iter().enumerate() {
+            if ids.is_empty() {
+                let s = b.prefill(prompt, ids)?;
+                caches[i] = HostCache::from_tensors(&s.cache, s.position).map_err(to_core)?;
+                logits[i] = s.logits;
+            }
+        }
+        let with_input: Vec<usize> = (0..seqs.len()).filter(|i| !seqs[*i].1.is_empty()).collect();
+        let inputs: Vec<&[u32]> = with_input.iter().map(|i| seqs[*i].1).collect();
+        let mut own: Vec<&mut HostCache> = caches
+            .iter_mut()
+            .zip(seqs)
+            .filter(|(_, (_, ids))| !ids.is_empty())
+            .map(|(c, _)| c)
+            .collect();
+        let last = b.host_extend_last(&inputs, &mut own)?;
+        for (i, l) in with_input.iter().zip(last) {
+            logits[*i] = l;
+        }
+        Ok(caches
+            .into_iter()
+            .zip(logits)
+            .map(|(cache, logits)| {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.seqs.insert(id, SeqCache::Host(cache));
+                (id, logits)
+            })
+            .collect())
+    }
+
     /// [`BatchDecoder::step`] over [`HostCache`]s (checked by the caller).
     fn host_step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
         let b = self.backbone;

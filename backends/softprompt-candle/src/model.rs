@@ -48,6 +48,24 @@ pub struct HostCache {
 }
 
 impl HostCache {
+    /// No tokens yet, `layers` layers.
+    pub fn empty(layers: usize) -> Self {
+        HostCache {
+            layers: vec![(Vec::new(), Vec::new()); layers],
+            len: 0,
+        }
+    }
+
+    /// Drops whatever a failed pass appended past `len` (each layer's buffers hold
+    /// `len · width` values).
+    fn truncate(&mut self, width: usize) {
+        let keep = self.len * width;
+        for (k, v) in &mut self.layers {
+            k.truncate(keep);
+            v.truncate(keep);
+        }
+    }
+
     /// From a prefilled cache (`[1, kv, len, hd]` per layer).
     pub fn from_tensors(cache: &[LayerCache], len: usize) -> candle_core::Result<Self> {
         let token_major = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
@@ -245,16 +263,30 @@ impl Model {
     }
 
     /// One decode step of `rows` sequences, `x [rows, 1, d]` (each row's next input embedding,
-    /// at position `caches[r].len`), reading and extending each sequence's [`HostCache`]:
-    /// final-normed hidden states `[rows, 1, d]`. Llama, f32, CPU (see
-    /// [`Model::supports_host_decode`]).
+    /// at position `caches[r].len`): [`Model::extend_host`] with one token per sequence.
     pub fn decode_host(
         &self,
         x: &Tensor,
         caches: &mut [&mut HostCache],
     ) -> candle_core::Result<Tensor> {
+        let counts = vec![1; caches.len()];
+        self.extend_host(x, &counts, caches)
+    }
+
+    /// Runs new tokens of several sequences over their [`HostCache`]s: `x [total, 1, d]` holds
+    /// `counts[s]` consecutive rows for `caches[s]` (positions `caches[s].len..`, in order).
+    /// Projections and MLP run over all rows as one batch (no padding); each row's keys and
+    /// values are appended to its sequence's cache and the row attends causally over that
+    /// cache where it is. Final-normed hidden states `[total, 1, d]`. On error every cache is
+    /// left as it was. Llama, f32, CPU (see [`Model::supports_host_decode`]).
+    pub fn extend_host(
+        &self,
+        x: &Tensor,
+        counts: &[usize],
+        caches: &mut [&mut HostCache],
+    ) -> candle_core::Result<Tensor> {
         match self {
-            Model::Llama(m) => m.decode_host(x, caches),
+            Model::Llama(m) => m.extend_host(x, counts, caches),
             Model::Gpt2(_) => candle_core::bail!("host decoding runs Llama-family models only"),
         }
     }
@@ -380,49 +412,84 @@ impl Llama {
 }
 
 impl Llama {
-    fn decode_host(
+    fn extend_host(
         &self,
         x: &Tensor,
+        counts: &[usize],
         caches: &mut [&mut HostCache],
     ) -> candle_core::Result<Tensor> {
-        use rayon::prelude::*;
         let c = &self.cfg;
         let (rows, one, _) = x.dims3()?;
-        if one != 1 || rows != caches.len() {
+        if one != 1 || counts.len() != caches.len() || counts.iter().sum::<usize>() != rows {
             candle_core::bail!(
-                "decode_host: {rows} rows of {one} tokens for {} caches",
+                "extend_host: {rows} rows of {one} tokens for {} caches ({counts:?} tokens)",
                 caches.len()
             );
         }
+        let (kv, hd) = (c.num_key_value_heads, c.head_dim);
+        if caches
+            .iter()
+            .any(|cache| cache.layers.len() != self.layers.len())
+        {
+            candle_core::bail!("extend_host: a cache for another number of layers");
+        }
+        let positions: Vec<usize> = caches
+            .iter()
+            .zip(counts)
+            .flat_map(|(cache, &n)| cache.len..cache.len + n)
+            .collect();
+        let (cos, sin) = rope_tables(&positions, hd, c.rope_theta, DType::F32, x.device())?;
+        let (cos, sin): (Vec<f32>, Vec<f32>) =
+            (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?);
+        let result = self.extend_layers(x, counts, caches, (&cos, &sin));
+        for (cache, n) in caches.iter_mut().zip(counts) {
+            match result {
+                Ok(_) => cache.len += n,
+                Err(_) => cache.truncate(kv * hd),
+            }
+        }
+        result
+    }
+
+    /// The layers of [`Llama::extend_host`]; `cos`/`sin` hold one `[hd]` row per input row.
+    fn extend_layers(
+        &self,
+        x: &Tensor,
+        counts: &[usize],
+        caches: &mut [&mut HostCache],
+        (cos, sin): (&[f32], &[f32]),
+    ) -> candle_core::Result<Tensor> {
+        use rayon::prelude::*;
+        let c = &self.cfg;
+        let rows = x.dim(0)?;
         let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let width = (h + 2 * kv) * hd;
-        let tables: Vec<(Vec<f32>, Vec<f32>)> = caches
-            .iter()
-            .map(|cache| {
-                let (cos, sin) =
-                    rope_tables(&[cache.len], hd, c.rope_theta, DType::F32, x.device())?;
-                Ok((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?))
-            })
-            .collect::<candle_core::Result<_>>()?;
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let qkv: Vec<f32> = layer.qkv.forward(&hn)?.flatten_all()?.to_vec1()?;
             let mut att = vec![0f32; rows * h * hd];
-            att.par_chunks_mut(h * hd)
-                .zip(caches.par_iter_mut())
-                .zip(qkv.par_chunks(width).zip(tables.par_iter()))
-                .for_each(|((out, cache), (row, (cos, sin)))| {
-                    let (kc, vc) = &mut cache.layers[i];
-                    fused::decode_attention_row(row, (h, kv, hd), (cos, sin), (kc, vc), out);
-                });
+            // each sequence's rows, in order (a row attends to the rows before it)
+            let mut jobs = Vec::with_capacity(caches.len());
+            let (mut q_rest, mut a_rest, mut first) = (qkv.as_slice(), att.as_mut_slice(), 0);
+            for (cache, &n) in caches.iter_mut().zip(counts) {
+                let (q, qr) = q_rest.split_at(n * width);
+                let (a, ar) = std::mem::take(&mut a_rest).split_at_mut(n * h * hd);
+                (q_rest, a_rest) = (qr, ar);
+                jobs.push((&mut cache.layers[i], q, a, first));
+                first += n;
+            }
+            jobs.into_par_iter().for_each(|((kc, vc), q, a, first)| {
+                for (j, (row, out)) in q.chunks(width).zip(a.chunks_mut(h * hd)).enumerate() {
+                    let t = (first + j) * hd;
+                    let tables = (&cos[t..t + hd], &sin[t..t + hd]);
+                    fused::decode_attention_row(row, (h, kv, hd), tables, (kc, vc), out);
+                }
+            });
             let att = Tensor::from_vec(att, (rows, 1, h * hd), x.device())?;
             x = (x + layer.o.forward(&att)?)?;
             let hn = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
             x = (x + layer.down.forward(&swiglu(&layer.gate_up.forward(&hn)?)?)?)?;
-        }
-        for cache in caches.iter_mut() {
-            cache.len += 1;
         }
         rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
