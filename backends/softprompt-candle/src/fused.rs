@@ -26,9 +26,141 @@ use rayon::prelude::*;
 pub(crate) trait Elem:
     WithDType + Float + Send + Sync + std::iter::Sum + std::ops::AddAssign + std::ops::MulAssign
 {
+    /// `x [m, k] · Wᵀ` (`W [n, k]`) by a kernel for a few rows, where there is one for this
+    /// type and machine; `None` leaves it to `gemm`.
+    fn few_rows(_x: &[Self], _w: &[Self], _n: usize) -> Option<Vec<Self>> {
+        None
+    }
 }
-impl Elem for f32 {}
+impl Elem for f32 {
+    fn few_rows(x: &[f32], w: &[f32], n: usize) -> Option<Vec<f32>> {
+        few_rows::linear(x, w, n)
+    }
+}
 impl Elem for f64 {}
+
+/// Frozen-weight products of 1 to [`few_rows::MAX_ROWS`] rows (a decode step of a few
+/// sequences): `gemm` pads such a product to its 16-row micro-kernel, so two rows cost about
+/// twice one. This kernel streams each weight row once and multiplies it into every input row
+/// (AVX2 + FMA, detected at run time; elsewhere `gemm` keeps the job).
+mod few_rows {
+    use rayon::prelude::*;
+
+    /// Most rows this kernel takes.
+    pub(super) const MAX_ROWS: usize = 4;
+
+    /// Output columns per parallel task.
+    const BLOCK: usize = 64;
+
+    pub(super) fn linear(x: &[f32], w: &[f32], n: usize) -> Option<Vec<f32>> {
+        let k = w.len() / n.max(1);
+        let m = x.len() / k.max(1);
+        if n == 0 || k == 0 || k % 8 != 0 || m == 0 || m > MAX_ROWS || !detected() {
+            return None;
+        }
+        assert!(
+            x.len() == m * k && w.len() == n * k,
+            "few-rows linear: sizes"
+        );
+        // each task: BLOCK columns, column-major `[cols, m]`
+        let blocks: Vec<Vec<f32>> = w
+            .par_chunks(BLOCK * k)
+            .map(|wb| {
+                let mut out = vec![0f32; wb.len() / k * m];
+                // SAFETY: `detected()` checked AVX2 and FMA; `x` is [m, k] and `wb` [cols, k]
+                // with k a multiple of 8 (asserted above), `out` is [cols, m]
+                unsafe { avx2::block(x, wb, m, k, &mut out) };
+                out
+            })
+            .collect();
+        let mut y = vec![0f32; m * n];
+        for (b, out) in blocks.iter().enumerate() {
+            for (j, col) in out.chunks(m).enumerate() {
+                for (r, v) in col.iter().enumerate() {
+                    y[r * n + b * BLOCK + j] = *v;
+                }
+            }
+        }
+        Some(y)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn detected() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn detected() -> bool {
+        false
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        /// # Safety
+        /// AVX2 and FMA present; `x` is `[m, k]`, `w` `[cols, k]`, `k % 8 == 0`, `out` is
+        /// `[cols, m]`, `1 ≤ m ≤ 4`.
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn block(x: &[f32], w: &[f32], m: usize, k: usize, out: &mut [f32]) {
+            match m {
+                1 => rows::<1>(x, w, k, out),
+                2 => rows::<2>(x, w, k, out),
+                3 => rows::<3>(x, w, k, out),
+                _ => rows::<4>(x, w, k, out),
+            }
+        }
+
+        /// Two weight rows at a time against all `M` input rows: 2·M accumulators in registers.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn rows<const M: usize>(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+            assert!(w.len() % k == 0 && x.len() >= M * k && out.len() >= w.len() / k * M);
+            let cols = w.len() / k;
+            let (xp, wp) = (x.as_ptr(), w.as_ptr());
+            let mut o = 0;
+            while o < cols {
+                let two = o + 1 < cols;
+                let w0 = wp.add(o * k);
+                let w1 = if two { wp.add((o + 1) * k) } else { w0 };
+                let mut a0 = [_mm256_setzero_ps(); M];
+                let mut a1 = [_mm256_setzero_ps(); M];
+                let mut kk = 0;
+                while kk < k {
+                    let v0 = _mm256_loadu_ps(w0.add(kk));
+                    let v1 = _mm256_loadu_ps(w1.add(kk));
+                    for r in 0..M {
+                        let xv = _mm256_loadu_ps(xp.add(r * k + kk));
+                        a0[r] = _mm256_fmadd_ps(xv, v0, a0[r]);
+                        a1[r] = _mm256_fmadd_ps(xv, v1, a1[r]);
+                    }
+                    kk += 8;
+                }
+                for r in 0..M {
+                    out[o * M + r] = hsum(a0[r]);
+                    if two {
+                        out[(o + 1) * M + r] = hsum(a1[r]);
+                    }
+                }
+                o += 2;
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    mod avx2 {
+        /// Never called: [`super::detected`] is false off x86-64.
+        pub(super) unsafe fn block(_: &[f32], _: &[f32], _: usize, _: usize, _: &mut [f32]) {
+            unreachable!("few-rows kernel without AVX2")
+        }
+    }
+}
 
 /// Whether the fused kernels handle tensors like `t` (CPU, f32 or f64).
 pub(crate) fn supported(t: &Tensor) -> bool {
@@ -1177,19 +1309,25 @@ struct Saved<T> {
 fn linear_rows<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, n: usize) -> Vec<T> {
     let k = w.len() / n;
     let m = x.len() / k;
-    let mut y = vec![T::zero(); m * n];
     assert!(x.len() == m * k && w.len() == n * k, "linear: sizes");
-    // SAFETY: x is [m, k], w is [n, k] (read transposed), y is [m, n] (asserted above)
-    unsafe {
-        matmul(
-            (m, n, k),
-            y.as_mut_ptr(),
-            n,
-            false,
-            Mat::rows(x.as_ptr(), k),
-            Mat::t(w.as_ptr(), k),
-            threads(),
-        )
+    let mut y = match T::few_rows(x, w, n) {
+        Some(y) => y,
+        None => {
+            let mut y = vec![T::zero(); m * n];
+            // SAFETY: x is [m, k], w is [n, k] (read transposed), y is [m, n] (asserted above)
+            unsafe {
+                matmul(
+                    (m, n, k),
+                    y.as_mut_ptr(),
+                    n,
+                    false,
+                    Mat::rows(x.as_ptr(), k),
+                    Mat::t(w.as_ptr(), k),
+                    threads(),
+                )
+            };
+            y
+        }
     };
     if let Some(bias) = bias {
         y.par_chunks_mut(n)
@@ -1800,5 +1938,53 @@ mod tests {
         let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
         let y32 = attention(&f(&q), &f(&k), &f(&v), None).unwrap();
         assert!(max_diff(&y64, &y32.to_dtype(candle_core::DType::F64).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn few_rows_kernel_matches_a_sum_in_f64() {
+        let (k, n) = (40, 13); // an odd number of columns: the last weight row is alone
+        let w: Vec<f32> = rand(&[n, k], 21)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .concat();
+        for m in 1..=super::few_rows::MAX_ROWS + 1 {
+            let x: Vec<f32> = rand(&[m, k], 22 + m as u64)
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+                .concat();
+            let got = super::few_rows::linear(&x, &w, n);
+            if m > super::few_rows::MAX_ROWS {
+                assert!(got.is_none(), "{m} rows are gemm's");
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            let expected = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            #[cfg(not(target_arch = "x86_64"))]
+            let expected = false;
+            let Some(y) = got else {
+                assert!(!expected, "AVX2 and FMA are here: the kernel should run");
+                continue;
+            };
+            assert_eq!(y.len(), m * n);
+            for r in 0..m {
+                for o in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
+                        .sum();
+                    let d = (y[r * n + o] as f64 - want).abs();
+                    assert!(d < 1e-5, "row {r} column {o}: {} vs {want}", y[r * n + o]);
+                }
+            }
+            // linear_rows takes the kernel for these rows
+            let via = super::linear_rows(&x, &w, None, n);
+            assert_eq!(via, y);
+        }
+        // a depth that is not a multiple of 8 stays with gemm
+        assert!(super::few_rows::linear(&[0.0; 12], &[0.0; 36], 3).is_none());
     }
 }

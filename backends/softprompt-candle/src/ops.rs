@@ -39,9 +39,11 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() && fused::supported(x) {
+        if fused::supported(x) {
             // Training: the backward of a plain matmul would also compute the (unused) weight
             // gradient, as costly as the forward; this op only propagates to the input.
+            // Inference: the input rows are read in place, and a product of a few rows (a decode
+            // step) takes the few-rows kernel.
             let y = x
                 .contiguous()?
                 .apply_op1(fused::FrozenMatmul { w: self.w.clone() })?;
