@@ -254,7 +254,8 @@ impl Model {
             Model::Llama(m) => &m.head,
             Model::Gpt2(m) => &m.head,
         };
-        h.matmul(&w.t()?)
+        // the frozen-weight product (fused on the CPU: the input read in place, few-row kernels)
+        Linear::new(w.clone(), None).forward(h)
     }
 
     /// Whether [`Model::decode_host`] runs this model on `device` in `dtype`.
