@@ -12,19 +12,21 @@
 
 mod model;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use softprompt_core::backbone::{check_next_token, check_prompts, check_token_ids};
+use softprompt_core::decode::check_step;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    causal_bias, Backbone, BackboneSpec, Batch, BatchRow, Capabilities, DecodeSession, Error,
-    LossAndGrad, ModelConfig, RowScores, SoftPrompt,
+    causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, BatchRow, Capabilities,
+    DecodeSession, Error, LossAndGrad, ModelConfig, RowScores, SeqId, SoftPrompt, MASKED_BIAS,
 };
 pub use tch::{Device, Kind};
 use tch::{TchError, Tensor};
 
-use crate::model::{LayerCache, Model};
+use crate::model::{LayerCache, Model, Positions};
 
 /// Result with softprompt's error type.
 pub type Result<T> = softprompt_core::Result<T>;
@@ -520,6 +522,21 @@ impl Backbone for TchBackbone {
         prompt: &SoftPrompt,
         ids: &[u32],
     ) -> Result<Box<dyn DecodeSession + 'a>> {
+        Ok(Box::new(self.prefill(prompt, ids)?))
+    }
+
+    fn batch_decoder(&self) -> Option<Box<dyn BatchDecoder + '_>> {
+        Some(Box::new(TchBatchDecoder {
+            backbone: self,
+            next_id: 0,
+            seqs: BTreeMap::new(),
+        }))
+    }
+}
+
+impl TchBackbone {
+    /// Runs `[prompt][ids]` through the model, keeping its keys and values.
+    fn prefill(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<TchDecode<'_>> {
         prompt.check_hidden_size(self.spec.hidden_size)?;
         let n = prompt.num_virtual_tokens();
         if n + ids.len() == 0 {
@@ -552,7 +569,144 @@ impl Backbone for TchBackbone {
             logits: Vec::new(),
         };
         session.run(&x)?;
-        Ok(Box::new(session))
+        Ok(session)
+    }
+}
+
+/// Continuous batching on libtorch: every sequence keeps its own cache (`[1, kv, len, hd]` per
+/// layer); a step packs the caches of the listed sequences into one right-padded batch (the
+/// padding masked out, each row at its own RoPE / position-embedding position), runs one forward
+/// pass and appends each row's new keys and values to its sequence. Prefill runs one sequence at
+/// a time (the default `add_many`).
+struct TchBatchDecoder<'a> {
+    backbone: &'a TchBackbone,
+    next_id: SeqId,
+    /// Each live sequence's cache and length.
+    seqs: BTreeMap<SeqId, (Vec<LayerCache>, usize)>,
+}
+
+impl BatchDecoder for TchBatchDecoder<'_> {
+    fn add(&mut self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqId, Vec<f32>)> {
+        let s = self.backbone.prefill(prompt, ids)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, (s.cache, s.position));
+        Ok((id, s.logits))
+    }
+
+    fn step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
+        check_step(tokens, &self.seqs)?;
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = self.backbone;
+        let starts: Vec<usize> = tokens.iter().map(|(id, _)| self.seqs[id].1).collect();
+        for p in &starts {
+            b.check_length(p + 1)?;
+        }
+        let ids: Vec<u32> = tokens.iter().map(|(_, t)| *t).collect();
+        check_token_ids(ids.iter().copied(), b.spec.vocab_size)?;
+        let ids = b.ids_tensor(&ids)?;
+        let (rows, d) = (tokens.len() as i64, b.spec.hidden_size as i64);
+        let longest = starts.iter().copied().max().unwrap_or(0);
+        let _guard = tch::no_grad_guard();
+        let model = b.model();
+        let seqs = &self.seqs;
+        // every fallible step first; the caches change only once all succeeded
+        let run = || -> std::result::Result<(Tensor, Vec<Vec<LayerCache>>), TchError> {
+            let x = model.embed(&ids)?.f_view([rows, 1, d])?;
+            let pad = |t: &Tensor| -> std::result::Result<Tensor, TchError> {
+                let size = t.size();
+                let extra = longest as i64 - size[2];
+                if extra == 0 {
+                    return Ok(t.shallow_clone());
+                }
+                let z =
+                    Tensor::f_zeros([size[0], size[1], extra, size[3]], (t.kind(), t.device()))?;
+                Tensor::f_cat(&[t, &z], 2)
+            };
+            let mut packed: Vec<LayerCache> = Vec::with_capacity(model.num_layers());
+            for layer in 0..model.num_layers() {
+                let (mut ks, mut vs) = (Vec::new(), Vec::new());
+                for (id, _) in tokens {
+                    let (k, v) = seqs[id].0[layer]
+                        .as_ref()
+                        .expect("a prefilled sequence has a cache in every layer");
+                    ks.push(pad(k)?);
+                    vs.push(pad(v)?);
+                }
+                packed.push(Some((Tensor::f_cat(&ks, 0)?, Tensor::f_cat(&vs, 0)?)));
+            }
+            // row r sees its own `starts[r]` cached keys, not the padding, and its new token
+            let width = longest + 1;
+            let mut bias = vec![0f32; tokens.len() * width];
+            for (r, start) in starts.iter().enumerate() {
+                bias[r * width + start..r * width + longest].fill(MASKED_BIAS);
+            }
+            let bias = Tensor::f_from_slice(&bias)?
+                .f_view([rows, 1, 1, width as i64])?
+                .f_to_kind(b.kind)?
+                .f_to_device(b.device)?;
+            let h = model.forward_at(
+                &x,
+                Positions::PerRow(&starts),
+                Some(&bias),
+                Some(&mut packed),
+            )?;
+            let logits = model.head(&h.f_view([rows, d])?)?;
+            let fresh: Vec<(Tensor, Tensor)> = packed
+                .into_iter()
+                .map(|slot| {
+                    let (k, v) = slot.expect("forward fills the cache");
+                    Ok((
+                        k.f_narrow(2, longest as i64, 1)?,
+                        v.f_narrow(2, longest as i64, 1)?,
+                    ))
+                })
+                .collect::<std::result::Result<_, TchError>>()?;
+            let updated = tokens
+                .iter()
+                .enumerate()
+                .map(|(r, (id, _))| {
+                    seqs[id]
+                        .0
+                        .iter()
+                        .zip(&fresh)
+                        .map(|(slot, (k, v))| {
+                            let (pk, pv) = slot.as_ref().expect("prefilled");
+                            Ok(Some((
+                                Tensor::f_cat(&[pk, &k.f_narrow(0, r as i64, 1)?], 2)?,
+                                Tensor::f_cat(&[pv, &v.f_narrow(0, r as i64, 1)?], 2)?,
+                            )))
+                        })
+                        .collect()
+                })
+                .collect::<std::result::Result<_, TchError>>()?;
+            Ok((logits, updated))
+        };
+        let (logits, updated) = run().map_err(to_core)?;
+        let logits = to_f32(&logits)?;
+        drop(model);
+        for ((id, _), cache) in tokens.iter().zip(updated) {
+            let seq = self.seqs.get_mut(id).expect("checked above");
+            *seq = (cache, seq.1 + 1);
+        }
+        Ok(logits
+            .chunks(b.spec.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+
+    fn remove(&mut self, id: SeqId) {
+        self.seqs.remove(&id);
+    }
+
+    fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn position(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(|(_, len)| *len)
     }
 }
 

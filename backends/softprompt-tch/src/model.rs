@@ -16,6 +16,34 @@ type TResult<T> = std::result::Result<T, TchError>;
 /// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]` (after RoPE).
 pub type LayerCache = Option<(Tensor, Tensor)>;
 
+/// Where the `s` positions of a forward pass start.
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    /// Every row at `start..start + s`.
+    From(usize),
+    /// Row `r` at `starts[r]..starts[r] + s` (continuous batching: each sequence at its own
+    /// length).
+    PerRow(&'a [usize]),
+}
+
+impl Positions<'_> {
+    /// The positions of every row, row-major (`[s]` for `From`, `[b·s]` for `PerRow`).
+    fn ids(&self, s: usize) -> Vec<usize> {
+        match self {
+            Positions::From(start) => (*start..start + s).collect(),
+            Positions::PerRow(starts) => starts.iter().flat_map(|p| *p..p + s).collect(),
+        }
+    }
+
+    /// One past the last position.
+    fn end(&self, s: usize) -> usize {
+        match self {
+            Positions::From(start) => start + s,
+            Positions::PerRow(starts) => starts.iter().max().copied().unwrap_or(0) + s,
+        }
+    }
+}
+
 fn extend_cache(slot: &mut LayerCache, k: Tensor, v: Tensor) -> TResult<(Tensor, Tensor)> {
     let (k, v) = match slot.take() {
         Some((pk, pv)) => (Tensor::f_cat(&[&pk, &k], 2)?, Tensor::f_cat(&[&pv, &v], 2)?),
@@ -111,20 +139,20 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> TResult<Tensor> {
     x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)
 }
 
-/// RoPE tables for positions `start..start + len`, computed as transformers does (inverse
+/// RoPE tables `[positions.len(), hd]` for `positions`, computed as transformers does (inverse
 /// frequencies and angles in f32).
 fn rope_tables(
-    start: usize,
-    len: usize,
+    positions: &[usize],
     head_dim: usize,
     theta: f64,
     kind: Kind,
     device: Device,
 ) -> TResult<(Tensor, Tensor)> {
     let half = head_dim / 2;
+    let len = positions.len();
     let mut cos = Vec::with_capacity(len * head_dim);
     let mut sin = Vec::with_capacity(len * head_dim);
-    for p in start..start + len {
+    for &p in positions {
         let row: Vec<f64> = (0..half)
             .map(|i| {
                 let inv = 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32);
@@ -250,9 +278,20 @@ impl Model {
         mask: Option<&Tensor>,
         cache: Option<&mut Vec<LayerCache>>,
     ) -> TResult<Tensor> {
+        self.forward_at(x, Positions::From(start), mask, cache)
+    }
+
+    /// [`Model::forward`] with each row at its own positions.
+    pub fn forward_at(
+        &self,
+        x: &Tensor,
+        pos: Positions<'_>,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Vec<LayerCache>>,
+    ) -> TResult<Tensor> {
         match self {
-            Model::Llama(m) => m.forward(x, start, mask, cache),
-            Model::Gpt2(m) => m.forward(x, start, mask, cache),
+            Model::Llama(m) => m.forward(x, pos, mask, cache),
+            Model::Gpt2(m) => m.forward(x, pos, mask, cache),
         }
     }
 
@@ -312,7 +351,7 @@ impl Llama {
     fn forward(
         &self,
         x: &Tensor,
-        start: usize,
+        pos: Positions<'_>,
         mask: Option<&Tensor>,
         mut cache: Option<&mut Vec<LayerCache>>,
     ) -> TResult<Tensor> {
@@ -325,13 +364,17 @@ impl Llama {
             c.head_dim as i64,
         );
         let (cos, sin) = rope_tables(
-            start,
-            s as usize,
+            &pos.ids(s as usize),
             c.head_dim,
             c.rope_theta,
             x.kind(),
             x.device(),
         )?;
+        // `[s, hd]` broadcasts over rows and heads; per-row tables are `[b, 1, s, hd]`
+        let (cos, sin) = match pos {
+            Positions::From(_) => (cos, sin),
+            Positions::PerRow(_) => (cos.f_view([b, 1, s, hd])?, sin.f_view([b, 1, s, hd])?),
+        };
         let mut x = x.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
@@ -416,17 +459,17 @@ impl Gpt2 {
     fn forward(
         &self,
         x: &Tensor,
-        start: usize,
+        pos: Positions<'_>,
         mask: Option<&Tensor>,
         mut cache: Option<&mut Vec<LayerCache>>,
     ) -> TResult<Tensor> {
         let c = &self.cfg;
         let size = x.size();
         let (b, s, d) = (size[0], size[1], size[2]);
-        if start + s as usize > c.n_positions {
+        let end = pos.end(s as usize);
+        if end > c.n_positions {
             return Err(TchError::Shape(format!(
-                "sequence of {} positions exceeds GPT-2's n_positions {}",
-                start + s as usize,
+                "sequence of {end} positions exceeds GPT-2's n_positions {}",
                 c.n_positions
             )));
         }
@@ -436,7 +479,15 @@ impl Gpt2 {
         let ln = |x: &Tensor, p: &(Tensor, Tensor)| {
             x.f_layer_norm([d], Some(&p.0), Some(&p.1), eps, false)
         };
-        let mut x = x.f_add(&self.wpe.f_narrow(0, start as i64, s)?)?;
+        let wpe = match pos {
+            Positions::From(start) => self.wpe.f_narrow(0, start as i64, s)?,
+            Positions::PerRow(_) => {
+                let ids: Vec<i64> = pos.ids(s as usize).iter().map(|p| *p as i64).collect();
+                let ids = Tensor::f_from_slice(&ids)?.f_to_device(x.device())?;
+                self.wpe.f_index_select(0, &ids)?.f_view([b, s, d])?
+            }
+        };
+        let mut x = x.f_add(&wpe)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = ln(&x, &layer.ln_1)?;
             let qkv = layer.c_attn.forward(&hn)?;
