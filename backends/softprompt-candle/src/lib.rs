@@ -17,10 +17,10 @@ use softprompt_core::decode::check_step;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
     causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, Capabilities, DecodeSession, Error,
-    LossAndGrad, ModelConfig, RowScores, SeqId, SoftPrompt, MASKED_BIAS,
+    LossAndGrad, ModelConfig, Positions, RowScores, SeqId, SoftPrompt, MASKED_BIAS,
 };
 
-use crate::model::{HostCache, LayerCache, Model, Positions};
+use crate::model::{HostCache, LayerCache, Model};
 
 /// Result with softprompt's error type.
 pub type Result<T> = softprompt_core::Result<T>;

@@ -5,35 +5,10 @@ use softprompt_core::model::{
     gpt2_names, llama_names, Gpt2Activation, Gpt2Config, LlamaConfig, ModelConfig, ModelWeights,
     GPT2_LN_F, GPT2_WPE, GPT2_WTE, LLAMA_EMBED, LLAMA_FINAL_NORM, LM_HEAD,
 };
+use softprompt_core::Positions;
 
 use crate::ops::{attention, layer_norm, rms_norm, rope_tables, split_heads, swiglu, Linear};
 use crate::{fused, to_core, Result};
-
-/// Where the rows of a forward pass sit in their sequences.
-#[derive(Debug, Clone, Copy)]
-pub enum Positions<'a> {
-    /// Every row's first input is at this position.
-    From(usize),
-    /// Row `r`'s first input is at `starts[r]` (continuous batching: rows of different lengths).
-    PerRow(&'a [usize]),
-}
-
-impl Positions<'_> {
-    /// Positions of `b` rows of `s` inputs, row-major (one row when they are shared).
-    fn ids(&self, s: usize) -> Vec<usize> {
-        match self {
-            Positions::From(start) => (*start..start + s).collect(),
-            Positions::PerRow(starts) => starts.iter().flat_map(|p| *p..p + s).collect(),
-        }
-    }
-
-    fn end(&self, s: usize) -> usize {
-        match self {
-            Positions::From(start) => start + s,
-            Positions::PerRow(starts) => starts.iter().max().copied().unwrap_or(0) + s,
-        }
-    }
-}
 
 /// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]` (after RoPE).
 pub type LayerCache = Option<(Tensor, Tensor)>;

@@ -21,12 +21,13 @@ use softprompt_core::decode::check_step;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
     causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, BatchRow, Capabilities,
-    DecodeSession, Error, LossAndGrad, ModelConfig, RowScores, SeqId, SoftPrompt, MASKED_BIAS,
+    DecodeSession, Error, LossAndGrad, ModelConfig, Positions, RowScores, SeqId, SoftPrompt,
+    MASKED_BIAS,
 };
 pub use tch::{Device, Kind};
 use tch::{TchError, Tensor};
 
-use crate::model::{LayerCache, Model, Positions};
+use crate::model::{LayerCache, Model};
 
 /// Result with softprompt's error type.
 pub type Result<T> = softprompt_core::Result<T>;

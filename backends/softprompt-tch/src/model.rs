@@ -7,6 +7,7 @@ use softprompt_core::model::{
     gpt2_names, llama_names, Gpt2Activation, Gpt2Config, LlamaConfig, ModelConfig, ModelWeights,
     GPT2_LN_F, GPT2_WPE, GPT2_WTE, LLAMA_EMBED, LLAMA_FINAL_NORM, LM_HEAD,
 };
+use softprompt_core::Positions;
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::{to_core, Result};
@@ -15,34 +16,6 @@ type TResult<T> = std::result::Result<T, TchError>;
 
 /// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]` (after RoPE).
 pub type LayerCache = Option<(Tensor, Tensor)>;
-
-/// Where the `s` positions of a forward pass start.
-#[derive(Debug, Clone, Copy)]
-pub enum Positions<'a> {
-    /// Every row at `start..start + s`.
-    From(usize),
-    /// Row `r` at `starts[r]..starts[r] + s` (continuous batching: each sequence at its own
-    /// length).
-    PerRow(&'a [usize]),
-}
-
-impl Positions<'_> {
-    /// The positions of every row, row-major (`[s]` for `From`, `[b·s]` for `PerRow`).
-    fn ids(&self, s: usize) -> Vec<usize> {
-        match self {
-            Positions::From(start) => (*start..start + s).collect(),
-            Positions::PerRow(starts) => starts.iter().flat_map(|p| *p..p + s).collect(),
-        }
-    }
-
-    /// One past the last position.
-    fn end(&self, s: usize) -> usize {
-        match self {
-            Positions::From(start) => start + s,
-            Positions::PerRow(starts) => starts.iter().max().copied().unwrap_or(0) + s,
-        }
-    }
-}
 
 fn extend_cache(slot: &mut LayerCache, k: Tensor, v: Tensor) -> TResult<(Tensor, Tensor)> {
     let (k, v) = match slot.take() {

@@ -212,9 +212,49 @@ pub fn causal_bias(len: usize, total: usize) -> Vec<f32> {
     bias
 }
 
+/// Where the rows of a forward pass sit in their sequences (the positions RoPE or position
+/// embeddings see).
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    /// Every row's first input is at this position.
+    From(usize),
+    /// Row `r`'s first input is at `starts[r]` (continuous batching: each sequence at its own
+    /// length).
+    PerRow(&'a [usize]),
+}
+
+impl Positions<'_> {
+    /// Positions of the rows' `s` inputs, row-major: `s` of them for `From` (shared by every
+    /// row), `rows · s` for `PerRow`.
+    pub fn ids(&self, s: usize) -> Vec<usize> {
+        match self {
+            Positions::From(start) => (*start..start + s).collect(),
+            Positions::PerRow(starts) => starts.iter().flat_map(|p| *p..p + s).collect(),
+        }
+    }
+
+    /// One past the last position of any row.
+    pub fn end(&self, s: usize) -> usize {
+        match self {
+            Positions::From(start) => start + s,
+            Positions::PerRow(starts) => starts.iter().max().copied().unwrap_or(0) + s,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_shared_and_per_row() {
+        assert_eq!(Positions::From(3).ids(2), vec![3, 4]);
+        assert_eq!(Positions::From(3).end(2), 5);
+        let starts = [1, 5, 0];
+        assert_eq!(Positions::PerRow(&starts).ids(2), vec![1, 2, 5, 6, 0, 1]);
+        assert_eq!(Positions::PerRow(&starts).end(1), 6);
+        assert_eq!(Positions::PerRow(&[]).end(2), 2);
+    }
 
     #[test]
     fn pads_right_and_tracks_targets() {
