@@ -276,6 +276,17 @@ impl TchBackbone {
         batch: &Batch,
         n: usize,
     ) -> Result<Tensor> {
+        Ok(self.token_hidden_cached(model, prompts, batch, n)?.0)
+    }
+
+    /// [`Self::token_hidden`] and the cache it leaves (`[rows, kv, N + T, hd]` per layer).
+    fn token_hidden_cached(
+        &self,
+        model: &Model,
+        prompts: &Tensor,
+        batch: &Batch,
+        n: usize,
+    ) -> Result<(Tensor, Vec<LayerCache>)> {
         let (rows, t) = (batch.rows(), batch.seq_len());
         let s = n + t;
         let d = self.spec.hidden_size as i64;
@@ -283,7 +294,7 @@ impl TchBackbone {
         let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
         let bias = batch.token_attention_bias(n);
         let causal = causal_bias(n, n);
-        let run = || -> std::result::Result<Tensor, TchError> {
+        let run = || -> std::result::Result<(Tensor, Vec<LayerCache>), TchError> {
             let host = |v: &[f32], shape: [i64; 4]| -> std::result::Result<Tensor, TchError> {
                 Tensor::f_from_slice(v)?
                     .f_view(shape)?
@@ -307,7 +318,8 @@ impl TchBackbone {
             }
             let tok = model.embed(&ids)?.f_view([rows as i64, t as i64, d])?;
             let bias = host(&bias, [rows as i64, 1, t as i64, s as i64])?;
-            model.forward(&tok, n, Some(&bias), Some(&mut cache))
+            let hidden = model.forward(&tok, n, Some(&bias), Some(&mut cache))?;
+            Ok((hidden, cache))
         };
         run().map_err(to_core)
     }
@@ -574,11 +586,13 @@ impl TchBackbone {
     }
 }
 
+/// Most sequences prefilled in one forward pass by [`TchBatchDecoder`].
+const PREFILL_ROWS: usize = 16;
+
 /// Continuous batching on libtorch: every sequence keeps its own cache (`[1, kv, len, hd]` per
 /// layer); a step packs the caches of the listed sequences into one right-padded batch (the
 /// padding masked out, each row at its own RoPE / position-embedding position), runs one forward
-/// pass and appends each row's new keys and values to its sequence. Prefill runs one sequence at
-/// a time (the default `add_many`).
+/// pass and appends each row's new keys and values to its sequence.
 struct TchBatchDecoder<'a> {
     backbone: &'a TchBackbone,
     next_id: SeqId,
@@ -593,6 +607,106 @@ impl BatchDecoder for TchBatchDecoder<'_> {
         self.next_id += 1;
         self.seqs.insert(id, (s.cache, s.position));
         Ok((id, s.logits))
+    }
+
+    /// Prefills sequences with equal prompt lengths together, up to [`PREFILL_ROWS`] per pass:
+    /// each distinct prompt's keys and values are computed once, the right-padded inputs run in
+    /// one forward pass and each sequence keeps its own slice of the cache. A sequence without
+    /// input tokens (its prompt alone), or alone in its group, is prefilled by itself.
+    fn add_many(&mut self, seqs: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqId, Vec<f32>)>> {
+        let b = self.backbone;
+        for (prompt, ids) in seqs {
+            prompt.check_hidden_size(b.spec.hidden_size)?;
+            b.check_length(prompt.num_virtual_tokens() + ids.len())?;
+            check_token_ids(ids.iter().copied(), b.spec.vocab_size)?;
+        }
+        let mut done: Vec<Option<(Vec<LayerCache>, usize, Vec<f32>)>> =
+            (0..seqs.len()).map(|_| None).collect();
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, (prompt, ids)) in seqs.iter().enumerate() {
+            if ids.is_empty() {
+                let s = b.prefill(prompt, ids)?;
+                done[i] = Some((s.cache, s.position, s.logits));
+            } else {
+                groups
+                    .entry(prompt.num_virtual_tokens())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        let _guard = tch::no_grad_guard();
+        for (n, members) in groups {
+            for chunk in members.chunks(PREFILL_ROWS) {
+                if let [i] = chunk {
+                    // alone: one pass over prompt and tokens
+                    let s = b.prefill(seqs[*i].0, seqs[*i].1)?;
+                    done[*i] = Some((s.cache, s.position, s.logits));
+                    continue;
+                }
+                let mut prompts: Vec<SoftPrompt> = Vec::new();
+                let mut rows = Vec::with_capacity(chunk.len());
+                for &i in chunk {
+                    let (prompt, ids) = seqs[i];
+                    let slot = match prompts.iter().position(|p| p.values() == prompt.values()) {
+                        Some(s) => s,
+                        None => {
+                            prompts.push(prompt.clone());
+                            prompts.len() - 1
+                        }
+                    };
+                    rows.push(BatchRow {
+                        ids: ids.to_vec(),
+                        targets: vec![false; ids.len()],
+                        prompt: slot,
+                    });
+                }
+                let batch = Batch::from_rows(&rows, 0)?;
+                let p = b.prompts_tensor(&prompts, n)?;
+                let model = b.model();
+                let (hidden, cache) = b.token_hidden_cached(&model, &p, &batch, n)?;
+                let t = batch.seq_len();
+                let last =
+                    b.index_tensor((0..batch.rows()).map(|r| r * t + batch.row_len(r) - 1))?;
+                let d = b.spec.hidden_size as i64;
+                let logits = hidden
+                    .f_view([(batch.rows() * t) as i64, d])
+                    .and_then(|h| h.f_index_select(0, &last))
+                    .and_then(|h| model.head(&h))
+                    .map_err(to_core)?;
+                let logits = to_f32(&logits)?;
+                for (r, (&i, logits)) in chunk
+                    .iter()
+                    .zip(logits.chunks(b.spec.vocab_size))
+                    .enumerate()
+                {
+                    let len = n + batch.row_len(r);
+                    let own = cache
+                        .iter()
+                        .map(|slot| {
+                            let (k, v) = slot.as_ref().expect("forward fills the cache");
+                            let own = |t: &Tensor| {
+                                t.f_narrow(0, r as i64, 1)?
+                                    .f_narrow(2, 0, len as i64)?
+                                    .f_contiguous()
+                            };
+                            Ok(Some((own(k)?, own(v)?)))
+                        })
+                        .collect::<std::result::Result<Vec<LayerCache>, TchError>>()
+                        .map_err(to_core)?;
+                    done[i] = Some((own, len, logits.to_vec()));
+                }
+            }
+        }
+        Ok(done
+            .into_iter()
+            .map(|d| {
+                let (cache, len, logits) = d.expect("every sequence prefilled");
+                let id = self.next_id;
+                self.next_id += 1;
+                self.seqs.insert(id, (cache, len));
+                (id, logits)
+            })
+            .collect())
     }
 
     fn step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
