@@ -586,6 +586,9 @@ impl TchBackbone {
     }
 }
 
+/// A prefilled sequence: its cache, its length and the logits of its next token.
+type Prefilled = (Vec<LayerCache>, usize, Vec<f32>);
+
 /// Most sequences prefilled in one forward pass by [`TchBatchDecoder`].
 const PREFILL_ROWS: usize = 16;
 
@@ -620,8 +623,7 @@ impl BatchDecoder for TchBatchDecoder<'_> {
             b.check_length(prompt.num_virtual_tokens() + ids.len())?;
             check_token_ids(ids.iter().copied(), b.spec.vocab_size)?;
         }
-        let mut done: Vec<Option<(Vec<LayerCache>, usize, Vec<f32>)>> =
-            (0..seqs.len()).map(|_| None).collect();
+        let mut done: Vec<Option<Prefilled>> = (0..seqs.len()).map(|_| None).collect();
         let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, (prompt, ids)) in seqs.iter().enumerate() {
             if ids.is_empty() {
