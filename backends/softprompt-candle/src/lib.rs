@@ -16,8 +16,9 @@ use softprompt_core::backbone::{check_next_token, check_prompts};
 use softprompt_core::decode::check_step;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, Capabilities, DecodeSession, Error,
-    LossAndGrad, ModelConfig, Positions, RowScores, SeqId, SoftPrompt, MASKED_BIAS,
+    causal_bias, input_rows, Backbone, BackboneSpec, Batch, BatchDecoder, Capabilities,
+    DecodeSession, Error, LossAndGrad, ModelConfig, Positions, RowScores, SeqId, SoftPrompt,
+    MASKED_BIAS,
 };
 
 use crate::model::{HostCache, LayerCache, Model};
@@ -770,24 +771,8 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
         }
         for (n, members) in groups {
             for chunk in members.chunks(PREFILL_ROWS) {
-                let mut prompts: Vec<SoftPrompt> = Vec::new();
-                let mut rows = Vec::with_capacity(chunk.len());
-                for &i in chunk {
-                    let (prompt, ids) = seqs[i];
-                    let slot = match prompts.iter().position(|p| p.values() == prompt.values()) {
-                        Some(s) => s,
-                        None => {
-                            prompts.push(prompt.clone());
-                            prompts.len() - 1
-                        }
-                    };
-                    rows.push(softprompt_core::BatchRow {
-                        ids: ids.to_vec(),
-                        targets: vec![false; ids.len()],
-                        prompt: slot,
-                    });
-                }
-                let batch = Batch::from_rows(&rows, 0)?;
+                let members: Vec<(&SoftPrompt, &[u32])> = chunk.iter().map(|i| seqs[*i]).collect();
+                let (batch, prompts) = input_rows(&members)?;
                 let p = b.prompts_tensor(&prompts, n)?;
                 let run = || -> candle_core::Result<Vec<Prefilled>> {
                     let (hidden, cache) = b.token_hidden(&p, Some(&prompts), &batch, n)?;

@@ -20,7 +20,7 @@ use softprompt_core::backbone::{check_next_token, check_prompts, check_token_ids
 use softprompt_core::decode::check_step;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, BatchRow, Capabilities,
+    causal_bias, input_rows, Backbone, BackboneSpec, Batch, BatchDecoder, BatchRow, Capabilities,
     DecodeSession, Error, LossAndGrad, ModelConfig, Positions, RowScores, SeqId, SoftPrompt,
     MASKED_BIAS,
 };
@@ -645,24 +645,8 @@ impl BatchDecoder for TchBatchDecoder<'_> {
                     done[*i] = Some((s.cache, s.position, s.logits));
                     continue;
                 }
-                let mut prompts: Vec<SoftPrompt> = Vec::new();
-                let mut rows = Vec::with_capacity(chunk.len());
-                for &i in chunk {
-                    let (prompt, ids) = seqs[i];
-                    let slot = match prompts.iter().position(|p| p.values() == prompt.values()) {
-                        Some(s) => s,
-                        None => {
-                            prompts.push(prompt.clone());
-                            prompts.len() - 1
-                        }
-                    };
-                    rows.push(BatchRow {
-                        ids: ids.to_vec(),
-                        targets: vec![false; ids.len()],
-                        prompt: slot,
-                    });
-                }
-                let batch = Batch::from_rows(&rows, 0)?;
+                let members: Vec<(&SoftPrompt, &[u32])> = chunk.iter().map(|i| seqs[*i]).collect();
+                let (batch, prompts) = input_rows(&members)?;
                 let p = b.prompts_tensor(&prompts, n)?;
                 let model = b.model();
                 let (hidden, cache) = b.token_hidden_cached(&model, &p, &batch, n)?;

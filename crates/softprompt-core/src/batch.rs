@@ -1,6 +1,6 @@
 //! A batch of rows `[prompt][tokens]`, right padded, with per-row prompt selection.
 
-use crate::{Error, Result};
+use crate::{Error, Result, SoftPrompt};
 
 /// One row before padding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +212,29 @@ pub fn causal_bias(len: usize, total: usize) -> Vec<f32> {
     bias
 }
 
+/// Input rows `[prompt][ids]` of several sequences (nothing targeted), right padded, with one
+/// prompt slot per distinct prompt (equal values share a slot), and the prompts of those slots in
+/// order: what a batched prefill passes to the model.
+pub fn input_rows(seqs: &[(&SoftPrompt, &[u32])]) -> Result<(Batch, Vec<SoftPrompt>)> {
+    let mut prompts: Vec<SoftPrompt> = Vec::new();
+    let mut rows = Vec::with_capacity(seqs.len());
+    for (prompt, ids) in seqs {
+        let slot = match prompts.iter().position(|p| p.values() == prompt.values()) {
+            Some(s) => s,
+            None => {
+                prompts.push((*prompt).clone());
+                prompts.len() - 1
+            }
+        };
+        rows.push(BatchRow {
+            ids: ids.to_vec(),
+            targets: vec![false; ids.len()],
+            prompt: slot,
+        });
+    }
+    Ok((Batch::from_rows(&rows, 0)?, prompts))
+}
+
 /// Where the rows of a forward pass sit in their sequences (the positions RoPE or position
 /// embeddings see).
 #[derive(Debug, Clone, Copy)]
@@ -245,6 +268,25 @@ impl Positions<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn input_rows_share_a_slot_per_distinct_prompt() {
+        let a = SoftPrompt::new(1, 2, vec![0.5, 1.0]).unwrap();
+        let b = SoftPrompt::new(1, 2, vec![0.5, -1.0]).unwrap();
+        let a2 = a.clone();
+        let (batch, prompts) =
+            input_rows(&[(&a, &[3, 4][..]), (&b, &[5][..]), (&a2, &[6, 7, 8][..])]).unwrap();
+        assert_eq!(prompts.len(), 2);
+        assert_eq!(prompts[0].values(), a.values());
+        assert_eq!(prompts[1].values(), b.values());
+        assert_eq!(batch.prompt_index(), &[0, 1, 0]);
+        assert_eq!(batch.seq_len(), 3);
+        assert_eq!(batch.input_ids(), &[3, 4, 0, 5, 0, 0, 6, 7, 8]);
+        assert_eq!(
+            (0..3).map(|r| batch.row_len(r)).collect::<Vec<_>>(),
+            [2, 1, 3]
+        );
+    }
 
     #[test]
     fn positions_shared_and_per_row() {
