@@ -408,6 +408,48 @@ macro_rules! conformance_suite {
                 }
             }
 
+            /// Backends may keep prompts' keys/values between calls (a prefix cache): what an
+            /// inference call returns must not depend on which prompts earlier calls saw, in
+            /// which order or company.
+            #[test]
+            fn results_do_not_depend_on_earlier_calls() {
+                let r = load_reference("tiny-llama");
+                let d = r.prompts[0].values().len() / r.prompts[0].num_virtual_tokens();
+                // a third prompt of the same length, not seen before
+                let third = softprompt::SoftPrompt::new(
+                    r.prompts[1].num_virtual_tokens(),
+                    d,
+                    r.prompts[1].values().iter().map(|x| -0.5 * x).collect(),
+                )
+                .unwrap();
+                let later = vec![r.prompts[1].clone(), third, r.prompts[0].clone()];
+                let batch = r.batch(&[2, 0]);
+                let candidates = [3u32, 17, 200];
+                let fresh = load("tiny-llama");
+                let want_scores = fresh.score(&later, &batch).unwrap();
+                let want_next = fresh
+                    .next_token_logprobs(&later, &batch, &candidates)
+                    .unwrap();
+                let warm = load("tiny-llama");
+                // earlier calls with the prompts in another order and company
+                warm.score(&r.prompts, &r.batch(&[0, 1])).unwrap();
+                warm.next_token_logprobs(&r.prompts, &r.batch(&[1, 0]), &candidates)
+                    .unwrap();
+                let got_scores = warm.score(&later, &batch).unwrap();
+                let got_next = warm
+                    .next_token_logprobs(&later, &batch, &candidates)
+                    .unwrap();
+                for (g, w) in got_scores.logprob_sum.iter().zip(&want_scores.logprob_sum) {
+                    assert!((g - w).abs() < 1e-5, "score {g} vs {w}");
+                }
+                for (g, w) in got_next.iter().flatten().zip(want_next.iter().flatten()) {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "next-token log-probability {g} vs {w}"
+                    );
+                }
+            }
+
             #[test]
             fn kv_cached_decoding_matches_full_forward() {
                 for name in FIXTURE_MODELS {

@@ -128,7 +128,26 @@ pub struct TchBackbone {
     spec: BackboneSpec,
     device: Device,
     kind: Kind,
+    prefixes: Mutex<PrefixCache>,
 }
+
+/// Keys and values of recently computed prompts (inference only), so that a prompt seen before
+/// is not run through the model again: a server or an evaluation scoring the same prompts call
+/// after call pays only for the input tokens. Matched by value, bounded, oldest evicted first.
+#[derive(Default)]
+struct PrefixCache {
+    /// Per prompt: its values and each layer's `[1, kv, N, hd]` keys and values.
+    entries: std::collections::VecDeque<(Vec<f32>, Vec<(Tensor, Tensor)>)>,
+}
+
+impl std::fmt::Debug for PrefixCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PrefixCache({} prompts)", self.entries.len())
+    }
+}
+
+/// Prompts kept in the [`PrefixCache`] (about 0.9 MB each for SmolLM2-135M with 20 tokens, f32).
+const PREFIX_CACHE_ENTRIES: usize = 64;
 
 impl TchBackbone {
     /// Loads a Hugging Face model directory.
@@ -160,6 +179,7 @@ impl TchBackbone {
             spec,
             device: options.device,
             kind: options.kind,
+            prefixes: Mutex::new(PrefixCache::default()),
         })
     }
 
@@ -269,14 +289,17 @@ impl TchBackbone {
     /// keys and values once (one pass of `[P, N, d]`) and letting every row attend to its
     /// prompt's cache: the virtual tokens are not recomputed per row. Exact: the same attention
     /// over the same keys, only the work is shared.
+    /// With `host` (inference: the prompts' values, `prompts` not requiring a gradient) the
+    /// prompts' keys and values are looked up in, and added to, the prefix cache.
     fn token_hidden(
         &self,
         model: &Model,
         prompts: &Tensor,
+        host: Option<&[SoftPrompt]>,
         batch: &Batch,
         n: usize,
     ) -> Result<Tensor> {
-        Ok(self.token_hidden_cached(model, prompts, batch, n)?.0)
+        Ok(self.token_hidden_cached(model, prompts, host, batch, n)?.0)
     }
 
     /// [`Self::token_hidden`] and the cache it leaves (`[rows, kv, N + T, hd]` per layer).
@@ -284,6 +307,7 @@ impl TchBackbone {
         &self,
         model: &Model,
         prompts: &Tensor,
+        values: Option<&[SoftPrompt]>,
         batch: &Batch,
         n: usize,
     ) -> Result<(Tensor, Vec<LayerCache>)> {
@@ -303,17 +327,13 @@ impl TchBackbone {
             };
             let mut cache: Vec<LayerCache> = (0..model.num_layers()).map(|_| None).collect();
             if n > 0 {
-                let x = prompts.f_to_kind(self.kind)?;
                 let causal = host(&causal, [1, 1, n as i64, n as i64])?;
-                // only the keys and values it leaves in the cache are used
-                let _ = model.forward(&x, 0, Some(&causal), Some(&mut cache))?;
-                for slot in cache.iter_mut() {
-                    if let Some((k, v)) = slot.take() {
-                        *slot = Some((
-                            k.f_index_select(0, &prompt_rows)?,
-                            v.f_index_select(0, &prompt_rows)?,
-                        ));
-                    }
+                let per_layer = self.prompt_kv(model, prompts, values, &causal)?;
+                for (slot, (k, v)) in cache.iter_mut().zip(per_layer) {
+                    *slot = Some((
+                        k.f_index_select(0, &prompt_rows)?,
+                        v.f_index_select(0, &prompt_rows)?,
+                    ));
                 }
             }
             let tok = model.embed(&ids)?.f_view([rows as i64, t as i64, d])?;
@@ -324,11 +344,88 @@ impl TchBackbone {
         run().map_err(to_core)
     }
 
+    /// Each layer's keys and values of the `[P, N, d]` prompts, `[P, kv, N, hd]`, from one pass
+    /// with the causal mask `causal`. With `values` (inference) prompts are looked up in the
+    /// prefix cache by value and only the others run, then join it.
+    fn prompt_kv(
+        &self,
+        model: &Model,
+        prompts: &Tensor,
+        values: Option<&[SoftPrompt]>,
+        causal: &Tensor,
+    ) -> std::result::Result<Vec<(Tensor, Tensor)>, TchError> {
+        let layers = model.num_layers();
+        let pass = |x: &Tensor| -> std::result::Result<Vec<(Tensor, Tensor)>, TchError> {
+            let mut cache: Vec<LayerCache> = (0..layers).map(|_| None).collect();
+            // only the keys and values it leaves in the cache are used
+            let _ = model.forward(&x.f_to_kind(self.kind)?, 0, Some(causal), Some(&mut cache))?;
+            Ok(cache.into_iter().flatten().collect())
+        };
+        let Some(values) = values else {
+            return pass(prompts);
+        };
+        let mut found: Vec<Option<Vec<(Tensor, Tensor)>>> = {
+            let cache = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+            values
+                .iter()
+                .map(|p| {
+                    cache
+                        .entries
+                        .iter()
+                        .find(|(v, _)| v.as_slice() == p.values())
+                        .map(|(_, kv)| {
+                            kv.iter()
+                                .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+                                .collect()
+                        })
+                })
+                .collect()
+        };
+        let missing: Vec<usize> = (0..values.len()).filter(|i| found[*i].is_none()).collect();
+        if !missing.is_empty() {
+            let sel: Vec<i64> = missing.iter().map(|i| *i as i64).collect();
+            let sel = Tensor::f_from_slice(&sel)?.f_to_device(self.device)?;
+            let fresh = pass(&prompts.f_index_select(0, &sel)?)?;
+            let mut cache = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+            for (j, i) in missing.iter().enumerate() {
+                let own = fresh
+                    .iter()
+                    .map(|(k, v)| {
+                        Ok((
+                            k.f_narrow(0, j as i64, 1)?.f_contiguous()?,
+                            v.f_narrow(0, j as i64, 1)?.f_contiguous()?,
+                        ))
+                    })
+                    .collect::<std::result::Result<Vec<_>, TchError>>()?;
+                let kept = own
+                    .iter()
+                    .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+                    .collect();
+                cache
+                    .entries
+                    .push_back((values[*i].values().to_vec(), kept));
+                while cache.entries.len() > PREFIX_CACHE_ENTRIES {
+                    cache.entries.pop_front();
+                }
+                found[*i] = Some(own);
+            }
+        }
+        let found: Vec<Vec<(Tensor, Tensor)>> = found.into_iter().flatten().collect();
+        (0..layers)
+            .map(|l| {
+                let ks: Vec<&Tensor> = found.iter().map(|kv| &kv[l].0).collect();
+                let vs: Vec<&Tensor> = found.iter().map(|kv| &kv[l].1).collect();
+                Ok((Tensor::f_cat(&ks, 0)?, Tensor::f_cat(&vs, 0)?))
+            })
+            .collect()
+    }
+
     /// Log-probabilities of every target token, in `batch.targets()` order (differentiable
     /// with respect to `prompts` when it requires a gradient).
     fn target_logprobs(
         &self,
         prompts: &Tensor,
+        values: Option<&[SoftPrompt]>,
         batch: &Batch,
         n: usize,
     ) -> Result<(Tensor, Vec<usize>)> {
@@ -347,7 +444,7 @@ impl TchBackbone {
         // every target predicted from a token position: share the prompt pass across rows
         let shared = targets.iter().all(|(_, _, pos)| *pos >= n);
         let flat = if shared {
-            let hidden = self.token_hidden(&model, prompts, batch, n)?;
+            let hidden = self.token_hidden(&model, prompts, values, batch, n)?;
             let at = self.index_tensor(targets.iter().map(|(r, _, pos)| r * t + pos - n))?;
             hidden
                 .f_reshape([(batch.rows() * t) as i64, d])
@@ -421,7 +518,7 @@ impl Backbone for TchBackbone {
         self.check_length(n + batch.seq_len())?;
         let _guard = tch::no_grad_guard();
         let p = self.prompts_tensor(prompts, n)?;
-        let (logp, rows) = self.target_logprobs(&p, batch, n)?;
+        let (logp, rows) = self.target_logprobs(&p, Some(prompts), batch, n)?;
         let logp = to_f64(&logp)?;
         let mut scores = RowScores {
             logprob_sum: vec![0.0; batch.rows()],
@@ -450,7 +547,7 @@ impl Backbone for TchBackbone {
         let cand = self.ids_tensor(candidates)?;
         // only each row's last real position goes through the head
         let last = if (0..batch.rows()).all(|r| batch.row_len(r) > 0) {
-            let hidden = self.token_hidden(&model, &p, batch, n)?;
+            let hidden = self.token_hidden(&model, &p, Some(prompts), batch, n)?;
             let at = self.index_tensor((0..batch.rows()).map(|r| r * t + batch.row_len(r) - 1))?;
             hidden
                 .f_reshape([(batch.rows() * t) as i64, d])
@@ -492,7 +589,7 @@ impl Backbone for TchBackbone {
             .prompts_tensor(prompts, n)?
             .f_requires_grad_(true)
             .map_err(to_core)?;
-        let (logp, _) = self.target_logprobs(&leaf, batch, n)?;
+        let (logp, _) = self.target_logprobs(&leaf, None, batch, n)?;
         let count = batch.num_targets() as f64;
         let loss = logp
             .f_sum(None::<Kind>)
@@ -649,7 +746,8 @@ impl BatchDecoder for TchBatchDecoder<'_> {
                 let (batch, prompts) = input_rows(&members)?;
                 let p = b.prompts_tensor(&prompts, n)?;
                 let model = b.model();
-                let (hidden, cache) = b.token_hidden_cached(&model, &p, &batch, n)?;
+                let (hidden, cache) =
+                    b.token_hidden_cached(&model, &p, Some(&prompts), &batch, n)?;
                 let t = batch.seq_len();
                 let last =
                     b.index_tensor((0..batch.rows()).map(|r| r * t + batch.row_len(r) - 1))?;
