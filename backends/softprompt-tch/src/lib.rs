@@ -137,8 +137,11 @@ pub struct TchBackbone {
 #[derive(Default)]
 struct PrefixCache {
     /// Per prompt: its values and each layer's `[1, kv, N, hd]` keys and values.
-    entries: std::collections::VecDeque<(Vec<f32>, Vec<(Tensor, Tensor)>)>,
+    entries: std::collections::VecDeque<(Vec<f32>, KeyValues)>,
 }
+
+/// Each layer's keys and values.
+type KeyValues = Vec<(Tensor, Tensor)>;
 
 impl std::fmt::Debug for PrefixCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -353,9 +356,9 @@ impl TchBackbone {
         prompts: &Tensor,
         values: Option<&[SoftPrompt]>,
         causal: &Tensor,
-    ) -> std::result::Result<Vec<(Tensor, Tensor)>, TchError> {
+    ) -> std::result::Result<KeyValues, TchError> {
         let layers = model.num_layers();
-        let pass = |x: &Tensor| -> std::result::Result<Vec<(Tensor, Tensor)>, TchError> {
+        let pass = |x: &Tensor| -> std::result::Result<KeyValues, TchError> {
             let mut cache: Vec<LayerCache> = (0..layers).map(|_| None).collect();
             // only the keys and values it leaves in the cache are used
             let _ = model.forward(&x.f_to_kind(self.kind)?, 0, Some(causal), Some(&mut cache))?;
@@ -364,7 +367,7 @@ impl TchBackbone {
         let Some(values) = values else {
             return pass(prompts);
         };
-        let mut found: Vec<Option<Vec<(Tensor, Tensor)>>> = {
+        let mut found: Vec<Option<KeyValues>> = {
             let cache = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
             values
                 .iter()
@@ -410,7 +413,7 @@ impl TchBackbone {
                 found[*i] = Some(own);
             }
         }
-        let found: Vec<Vec<(Tensor, Tensor)>> = found.into_iter().flatten().collect();
+        let found: Vec<KeyValues> = found.into_iter().flatten().collect();
         (0..layers)
             .map(|l| {
                 let ks: Vec<&Tensor> = found.iter().map(|kv| &kv[l].0).collect();
