@@ -17,8 +17,8 @@ use softprompt_core::decode::check_step;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
     causal_bias, input_rows, Backbone, BackboneSpec, Batch, BatchDecoder, Capabilities,
-    DecodeSession, Error, LossAndGrad, ModelConfig, Positions, RowScores, SeqId, SoftPrompt,
-    MASKED_BIAS,
+    DecodeSession, Error, LossAndGrad, ModelConfig, Positions, PrefixCache, RowScores, SeqId,
+    SoftPrompt, MASKED_BIAS,
 };
 
 use crate::model::{HostCache, LayerCache, Model};
@@ -107,18 +107,12 @@ pub struct CandleBackbone {
     spec: BackboneSpec,
     device: Device,
     dtype: DType,
-    prefixes: std::sync::Mutex<PrefixCache>,
+    /// Keys and values of recently computed prompts (inference only): a prompt seen before is
+    /// not run through the model again.
+    prefixes: std::sync::Mutex<PrefixCache<Vec<KeyValue>>>,
 }
 
-/// Keys and values of recently computed prompts (inference only), so that a prompt seen before is
-/// not run through the model again: a server scoring or generating for the same prompts call
-/// after call pays only for the input tokens. Matched by value, bounded, oldest evicted first.
-#[derive(Debug, Default)]
-struct PrefixCache {
-    entries: std::collections::VecDeque<(Vec<f32>, Vec<KeyValue>)>,
-}
-
-/// Prompts kept in the [`PrefixCache`] (about 0.9 MB each for SmolLM2-135M with 20 tokens).
+/// Prompts kept in the prefix cache (about 0.9 MB each for SmolLM2-135M with 20 tokens).
 const PREFIX_CACHE_ENTRIES: usize = 64;
 
 /// Embedded inputs of a batch: `[rows, N + seq_len, d]` and the attention bias `[rows, 1, S, S]`.
@@ -148,7 +142,7 @@ impl CandleBackbone {
             spec,
             device: options.device,
             dtype: options.dtype,
-            prefixes: Default::default(),
+            prefixes: std::sync::Mutex::new(PrefixCache::new(PREFIX_CACHE_ENTRIES)),
         })
     }
 
@@ -235,11 +229,7 @@ impl CandleBackbone {
         if let Some(host) = host {
             let cache = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
             for (slot, p) in per_prompt.iter_mut().zip(host) {
-                *slot = cache
-                    .entries
-                    .iter()
-                    .find(|(v, _)| v.as_slice() == p.values())
-                    .map(|(_, kv)| kv.clone());
+                *slot = cache.get(p).cloned();
             }
         }
         let missing: Vec<usize> = (0..per_prompt.len())
@@ -272,10 +262,7 @@ impl CandleBackbone {
                         .iter()
                         .map(|(k, v)| Ok((k.contiguous()?, v.contiguous()?)))
                         .collect::<candle_core::Result<_>>()?;
-                    cache.entries.push_back((host[*i].values().to_vec(), kv));
-                    while cache.entries.len() > PREFIX_CACHE_ENTRIES {
-                        cache.entries.pop_front();
-                    }
+                    cache.insert(&host[*i], kv);
                 }
             }
         }

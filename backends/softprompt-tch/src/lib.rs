@@ -21,8 +21,8 @@ use softprompt_core::decode::check_step;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
     causal_bias, input_rows, Backbone, BackboneSpec, Batch, BatchDecoder, BatchRow, Capabilities,
-    DecodeSession, Error, LossAndGrad, ModelConfig, Positions, RowScores, SeqId, SoftPrompt,
-    MASKED_BIAS,
+    DecodeSession, Error, LossAndGrad, ModelConfig, Positions, PrefixCache, RowScores, SeqId,
+    SoftPrompt, MASKED_BIAS,
 };
 pub use tch::{Device, Kind};
 use tch::{TchError, Tensor};
@@ -128,28 +128,15 @@ pub struct TchBackbone {
     spec: BackboneSpec,
     device: Device,
     kind: Kind,
-    prefixes: Mutex<PrefixCache>,
+    /// Keys and values of recently computed prompts (inference only): a prompt seen before is
+    /// not run through the model again.
+    prefixes: Mutex<PrefixCache<KeyValues>>,
 }
 
-/// Keys and values of recently computed prompts (inference only), so that a prompt seen before
-/// is not run through the model again: a server or an evaluation scoring the same prompts call
-/// after call pays only for the input tokens. Matched by value, bounded, oldest evicted first.
-#[derive(Default)]
-struct PrefixCache {
-    /// Per prompt: its values and each layer's `[1, kv, N, hd]` keys and values.
-    entries: std::collections::VecDeque<(Vec<f32>, KeyValues)>,
-}
-
-/// Each layer's keys and values.
+/// Each layer's keys and values (`[1, kv, N, hd]` per prompt in the prefix cache).
 type KeyValues = Vec<(Tensor, Tensor)>;
 
-impl std::fmt::Debug for PrefixCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PrefixCache({} prompts)", self.entries.len())
-    }
-}
-
-/// Prompts kept in the [`PrefixCache`] (about 0.9 MB each for SmolLM2-135M with 20 tokens, f32).
+/// Prompts kept in the prefix cache (about 0.9 MB each for SmolLM2-135M with 20 tokens, f32).
 const PREFIX_CACHE_ENTRIES: usize = 64;
 
 impl TchBackbone {
@@ -182,7 +169,7 @@ impl TchBackbone {
             spec,
             device: options.device,
             kind: options.kind,
-            prefixes: Mutex::new(PrefixCache::default()),
+            prefixes: Mutex::new(PrefixCache::new(PREFIX_CACHE_ENTRIES)),
         })
     }
 
@@ -372,15 +359,11 @@ impl TchBackbone {
             values
                 .iter()
                 .map(|p| {
-                    cache
-                        .entries
-                        .iter()
-                        .find(|(v, _)| v.as_slice() == p.values())
-                        .map(|(_, kv)| {
-                            kv.iter()
-                                .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
-                                .collect()
-                        })
+                    cache.get(p).map(|kv| {
+                        kv.iter()
+                            .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+                            .collect()
+                    })
                 })
                 .collect()
         };
@@ -404,12 +387,7 @@ impl TchBackbone {
                     .iter()
                     .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
                     .collect();
-                cache
-                    .entries
-                    .push_back((values[*i].values().to_vec(), kept));
-                while cache.entries.len() > PREFIX_CACHE_ENTRIES {
-                    cache.entries.pop_front();
-                }
+                cache.insert(&values[*i], kept);
                 found[*i] = Some(own);
             }
         }

@@ -166,9 +166,87 @@ impl PromptInit {
     }
 }
 
+/// What a backend computed from a prompt and reuses while serving (the keys and values of its
+/// virtual tokens): looked up by the prompt's values, bounded, oldest entry evicted first. A
+/// server scoring or generating for the same prompts call after call then pays only for the
+/// input tokens.
+pub struct PrefixCache<V> {
+    entries: std::collections::VecDeque<(Vec<f32>, V)>,
+    capacity: usize,
+}
+
+impl<V> PrefixCache<V> {
+    /// Keeps up to `capacity` prompts (0 keeps none).
+    pub fn new(capacity: usize) -> Self {
+        PrefixCache {
+            entries: std::collections::VecDeque::new(),
+            capacity,
+        }
+    }
+
+    /// What was stored for a prompt with exactly these values.
+    pub fn get(&self, prompt: &SoftPrompt) -> Option<&V> {
+        self.entries
+            .iter()
+            .find(|(v, _)| v.as_slice() == prompt.values())
+            .map(|(_, x)| x)
+    }
+
+    /// Stores `value` for `prompt` (replacing an entry with the same values), evicting the oldest
+    /// entries beyond the capacity.
+    pub fn insert(&mut self, prompt: &SoftPrompt, value: V) {
+        self.entries
+            .retain(|(v, _)| v.as_slice() != prompt.values());
+        self.entries.push_back((prompt.values().to_vec(), value));
+        while self.entries.len() > self.capacity {
+            self.entries.pop_front();
+        }
+    }
+
+    /// Prompts stored.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is stored.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl<V> std::fmt::Debug for PrefixCache<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PrefixCache({} of {} prompts)",
+            self.entries.len(),
+            self.capacity
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_cache_matches_by_value_and_evicts_the_oldest() {
+        let p = |x: f32| SoftPrompt::new(1, 2, vec![x, 1.0]).unwrap();
+        let mut cache = PrefixCache::new(2);
+        cache.insert(&p(1.0), "one");
+        cache.insert(&p(2.0), "two");
+        assert_eq!(cache.get(&p(1.0)), Some(&"one"));
+        assert_eq!(cache.get(&p(3.0)), None);
+        cache.insert(&p(1.0), "one again"); // replaces, and becomes the newest
+        assert_eq!(cache.len(), 2);
+        cache.insert(&p(3.0), "three"); // evicts "two", the oldest
+        assert_eq!(cache.get(&p(2.0)), None);
+        assert_eq!(cache.get(&p(1.0)), Some(&"one again"));
+        assert_eq!(cache.get(&p(3.0)), Some(&"three"));
+        let mut none = PrefixCache::new(0);
+        none.insert(&p(1.0), 1);
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn new_checks_length() {
