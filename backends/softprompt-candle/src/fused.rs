@@ -221,15 +221,31 @@ impl<T> Mat<T> {
     }
 }
 
-/// `dst [m, n] (row stride dst_rs) = a [m, k] · b [k, n]`, or `+=` with `accumulate`.
+/// Where a product goes: a pointer and its row and column strides.
+struct Out<T> {
+    ptr: *mut T,
+    rs: usize,
+    cs: usize,
+}
+
+impl<T> Out<T> {
+    /// Row-major with row stride `rs`.
+    fn rows(ptr: *mut T, rs: usize) -> Self {
+        Out { ptr, rs, cs: 1 }
+    }
+    /// Column-major with column stride `cs` (the transpose lies row-major).
+    fn cols(ptr: *mut T, cs: usize) -> Self {
+        Out { ptr, rs: 1, cs }
+    }
+}
+
+/// `dst [m, n] = a [m, k] · b [k, n]`, or `+=` with `accumulate`.
 ///
 /// # Safety
 /// Every pointer must address a buffer that holds the described matrix.
-#[allow(clippy::too_many_arguments)]
 unsafe fn matmul<T: Elem>(
     (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    dst_rs: usize,
+    dst: Out<T>,
     accumulate: bool,
     a: Mat<T>,
     b: Mat<T>,
@@ -239,9 +255,9 @@ unsafe fn matmul<T: Elem>(
         m,
         n,
         k,
-        dst,
-        1,
-        dst_rs as isize,
+        dst.ptr,
+        dst.cs as isize,
+        dst.rs as isize,
         accumulate,
         a.ptr,
         a.cs as isize,
@@ -744,15 +760,7 @@ pub(crate) fn decode_attention_row(
                 p[r * t + tt] = dot(qh, k) * scale;
             }
         }
-        for pr in p.chunks_mut(t) {
-            let max = pr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            pr.iter_mut().for_each(|p| {
-                *p = (*p - max).exp();
-                sum += *p;
-            });
-            pr.iter_mut().for_each(|p| *p /= sum);
-        }
+        p.chunks_mut(t).for_each(softmax_in_place);
         o.fill(0.0);
         for tt in 0..t {
             let v = &vc[(tt * kv + kh) * hd..][..hd];
@@ -967,8 +975,7 @@ unsafe fn probabilities<T: Elem>(
     let (s, t, hd) = (d.s, d.t, d.hd);
     matmul(
         (s, t, hd),
-        p.as_mut_ptr(),
-        t,
+        Out::rows(p.as_mut_ptr(), t),
         false,
         Mat::rows(q, hd),
         Mat::t(k, hd),
@@ -983,15 +990,20 @@ unsafe fn probabilities<T: Elem>(
             }
             None => row.iter_mut().for_each(|x| *x *= scale),
         }
-        let max = row.iter().copied().fold(T::neg_infinity(), Float::max);
-        let mut sum = T::zero();
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = sum.recip();
-        row.iter_mut().for_each(|x| *x *= inv);
+        softmax_in_place(row);
     }
+}
+
+/// `row ← softmax(row)`, shifted by its maximum.
+fn softmax_in_place<T: Elem>(row: &mut [T]) {
+    let max = row.iter().copied().fold(T::neg_infinity(), Float::max);
+    let mut sum = T::zero();
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = sum.recip();
+    row.iter_mut().for_each(|x| *x *= inv);
 }
 
 impl Dims {
@@ -1049,8 +1061,7 @@ fn attention_rows<T: Elem>(
                 );
                 matmul(
                     (d.s, d.hd, d.t),
-                    dst.at(d.out_at(bi, hi)),
-                    d.h * d.hd,
+                    Out::rows(dst.at(d.out_at(bi, hi)), d.h * d.hd),
                     false,
                     Mat::rows(p.as_ptr(), d.t),
                     Mat::rows(v.as_ptr().add(kv_at), d.hd),
@@ -1173,8 +1184,7 @@ fn attention_grads<T: Elem>(
                     let no = Parallelism::None;
                     matmul(
                         (d.t, d.hd, d.s),
-                        dv,
-                        d.hd,
+                        Out::rows(dv, d.hd),
                         !first,
                         Mat::t(p.as_ptr(), d.t),
                         Mat::rows(go, d.h * d.hd),
@@ -1183,8 +1193,7 @@ fn attention_grads<T: Elem>(
                     // dP = dO · Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)), times scale
                     matmul(
                         (d.s, d.t, d.hd),
-                        dp.as_mut_ptr(),
-                        d.t,
+                        Out::rows(dp.as_mut_ptr(), d.t),
                         false,
                         Mat::rows(go, d.h * d.hd),
                         Mat::t(vp, d.hd),
@@ -1199,8 +1208,7 @@ fn attention_grads<T: Elem>(
                     // dQ = dS · K; dK += dSᵀ · Q
                     matmul(
                         (d.s, d.hd, d.t),
-                        dst.at(d.q_at(bi, hi)),
-                        d.hd,
+                        Out::rows(dst.at(d.q_at(bi, hi)), d.hd),
                         false,
                         Mat::rows(dp.as_ptr(), d.t),
                         Mat::rows(kp, d.hd),
@@ -1208,8 +1216,7 @@ fn attention_grads<T: Elem>(
                     );
                     matmul(
                         (d.t, d.hd, d.s),
-                        dk,
-                        d.hd,
+                        Out::rows(dk, d.hd),
                         !first,
                         Mat::t(dp.as_ptr(), d.t),
                         Mat::rows(qp, d.hd),
@@ -1315,59 +1322,40 @@ fn linear_rows<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, n: usize) -> Vec<T
     assert!(x.len() == m * k && w.len() == n * k, "linear: sizes");
     let mut y = match T::few_rows(x, w, n) {
         Some(y) => y,
-        None if m <= COLUMN_MAJOR_ROWS => {
+        None => {
             // gemm writing the product column-major (`yᵀ [n, m]`) is 1.2-1.45× faster than
             // row-major for 5 to 64 rows on this kind of CPU (equal at 128, slower at 456):
-            // compute it so and transpose the small result
-            let mut yt = vec![T::zero(); m * n];
-            // SAFETY: x is [m, k] (row stride k), w is [n, k] read as Wᵀ [k, n] (column
-            // stride k), yt is [n, m] written column-major for the [m, n] product (asserted)
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    yt.as_mut_ptr(),
-                    m as isize,
-                    1,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr(),
-                    k as isize,
-                    1,
-                    T::zero(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    threads(),
-                )
+            // up to COLUMN_MAJOR_ROWS rows, compute it so and transpose the small result
+            let column_major = m <= COLUMN_MAJOR_ROWS;
+            let mut buf = vec![T::zero(); m * n];
+            let out = if column_major {
+                Out::cols(buf.as_mut_ptr(), m)
+            } else {
+                Out::rows(buf.as_mut_ptr(), n)
             };
-            let mut y = vec![T::zero(); m * n];
-            y.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
-                row.iter_mut()
-                    .zip(yt[r..].iter().step_by(m))
-                    .for_each(|(y, v)| *y = *v);
-            });
-            y
-        }
-        None => {
-            let mut y = vec![T::zero(); m * n];
-            // SAFETY: x is [m, k], w is [n, k] (read transposed), y is [m, n] (asserted above)
+            // SAFETY: x is [m, k], w is [n, k] (read transposed), buf holds the [m, n] product
+            // in either layout (asserted above)
             unsafe {
                 matmul(
                     (m, n, k),
-                    y.as_mut_ptr(),
-                    n,
+                    out,
                     false,
                     Mat::rows(x.as_ptr(), k),
                     Mat::t(w.as_ptr(), k),
                     threads(),
                 )
             };
-            y
+            if !column_major {
+                buf
+            } else {
+                let mut y = vec![T::zero(); m * n];
+                y.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+                    row.iter_mut()
+                        .zip(buf[r..].iter().step_by(m))
+                        .for_each(|(y, v)| *y = *v);
+                });
+                y
+            }
         }
     };
     if let Some(bias) = bias {
@@ -1387,8 +1375,7 @@ fn linear_grad<T: Elem>(g: &[T], w: &[T], n: usize) -> Vec<T> {
     unsafe {
         matmul(
             (m, k, n),
-            dx.as_mut_ptr(),
-            k,
+            Out::rows(dx.as_mut_ptr(), k),
             false,
             Mat::rows(g.as_ptr(), n),
             Mat::rows(w.as_ptr(), k),

@@ -16,9 +16,9 @@ use softprompt_core::backbone::{check_next_token, check_prompts};
 use softprompt_core::decode::check_step;
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    causal_bias, input_rows, Backbone, BackboneSpec, Batch, BatchDecoder, Capabilities,
-    DecodeSession, Error, LossAndGrad, ModelConfig, Positions, PrefixCache, RowScores, SeqId,
-    SoftPrompt, MASKED_BIAS,
+    causal_bias, input_rows, prompt_slots, Backbone, BackboneSpec, Batch, BatchDecoder,
+    Capabilities, DecodeSession, Error, LossAndGrad, ModelConfig, Positions, PrefixCache,
+    RowScores, SeqId, SoftPrompt, MASKED_BIAS,
 };
 
 use crate::model::{HostCache, LayerCache, Model};
@@ -524,16 +524,15 @@ impl CandleBackbone {
             .collect();
         let mut own: Vec<&mut HostCache> = caches.iter_mut().collect();
         let logits = self.host_extend_last(&inputs, &mut own)?;
-        Ok(logits
-            .iter()
-            .map(|l| {
-                let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lse = max + l.iter().map(|x| (*x as f64 - max).exp()).sum::<f64>().ln();
-                candidates
-                    .iter()
-                    .map(|c| l[*c as usize] as f64 - lse)
-                    .collect()
-            })
+        // the same log-softmax and gather as the padded path
+        let cand =
+            Tensor::from_slice(candidates, candidates.len(), &self.device).map_err(to_core)?;
+        let lp: Vec<Vec<f32>> = ops::log_softmax_last(&logits)
+            .and_then(|lp| lp.index_select(&cand, 1)?.to_vec2())
+            .map_err(to_core)?;
+        Ok(lp
+            .into_iter()
+            .map(|row| row.into_iter().map(f64::from).collect())
             .collect())
     }
 
@@ -546,15 +545,7 @@ impl CandleBackbone {
     /// prefix cache, or one pass per prompt length over the distinct prompts not in it.
     fn host_prefixes(&self, prompts: &[&SoftPrompt]) -> Result<Vec<HostCache>> {
         let layers = self.model.num_layers();
-        let mut distinct: Vec<&SoftPrompt> = Vec::new();
-        let mut prompt_of = Vec::with_capacity(prompts.len());
-        for prompt in prompts {
-            let at = distinct.iter().position(|p| p.values() == prompt.values());
-            prompt_of.push(at.unwrap_or_else(|| {
-                distinct.push(prompt);
-                distinct.len() - 1
-            }));
-        }
+        let (distinct, prompt_of) = prompt_slots(prompts.iter().copied());
         let mut prefixes: Vec<HostCache> = vec![HostCache::empty(layers); distinct.len()];
         let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (j, p) in distinct.iter().enumerate() {
@@ -583,13 +574,10 @@ impl CandleBackbone {
     }
 
     /// Runs each sequence's `inputs` (non-empty) over its cache, packed (no padding), up to
-    /// [`PREFILL_TOKENS`] tokens per pass: the logits after each sequence's last input token.
-    fn host_extend_last(
-        &self,
-        inputs: &[&[u32]],
-        caches: &mut [&mut HostCache],
-    ) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(inputs.len());
+    /// [`PREFILL_TOKENS`] tokens per pass: the logits after each sequence's last input token,
+    /// `[sequences, vocab]` f32.
+    fn host_extend_last(&self, inputs: &[&[u32]], caches: &mut [&mut HostCache]) -> Result<Tensor> {
+        let mut out = Vec::new();
         let mut at = 0;
         while at < inputs.len() {
             // sequences up to the token budget (at least one)
@@ -601,7 +589,7 @@ impl CandleBackbone {
             }
             let ids: Vec<u32> = inputs[at..end].concat();
             let counts: Vec<usize> = inputs[at..end].iter().map(|i| i.len()).collect();
-            let run = |caches: &mut [&mut HostCache]| -> candle_core::Result<Vec<Vec<f32>>> {
+            let run = |caches: &mut [&mut HostCache]| -> candle_core::Result<Tensor> {
                 let total = ids.len();
                 let x = self
                     .model
@@ -621,13 +609,16 @@ impl CandleBackbone {
                         &h.reshape((total, self.spec.hidden_size))?
                             .index_select(&last, 0)?,
                     )?
-                    .to_dtype(DType::F32)?
-                    .to_vec2()
+                    .to_dtype(DType::F32)
             };
-            out.extend(run(&mut caches[at..end]).map_err(to_core)?);
+            out.push(run(&mut caches[at..end]).map_err(to_core)?);
             at = end;
         }
-        Ok(out)
+        if out.is_empty() {
+            let shape = (0, self.spec.vocab_size);
+            return Tensor::zeros(shape, DType::F32, &self.device).map_err(to_core);
+        }
+        Tensor::cat(&out, 0).map_err(to_core)
     }
 
     /// Runs `[prompt][ids]` through the model, keeping its keys and values.
@@ -946,7 +937,10 @@ impl CandleBatchDecoder<'_> {
             .filter(|(_, (_, ids))| !ids.is_empty())
             .map(|(c, _)| c)
             .collect();
-        let last = b.host_extend_last(&inputs, &mut own)?;
+        let last: Vec<Vec<f32>> = b
+            .host_extend_last(&inputs, &mut own)?
+            .to_vec2()
+            .map_err(to_core)?;
         for (i, l) in with_input.iter().zip(last) {
             logits[*i] = l;
         }

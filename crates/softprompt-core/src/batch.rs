@@ -216,23 +216,39 @@ pub fn causal_bias(len: usize, total: usize) -> Vec<f32> {
 /// prompt slot per distinct prompt (equal values share a slot), and the prompts of those slots in
 /// order: what a batched prefill passes to the model.
 pub fn input_rows(seqs: &[(&SoftPrompt, &[u32])]) -> Result<(Batch, Vec<SoftPrompt>)> {
-    let mut prompts: Vec<SoftPrompt> = Vec::new();
-    let mut rows = Vec::with_capacity(seqs.len());
-    for (prompt, ids) in seqs {
-        let slot = match prompts.iter().position(|p| p.values() == prompt.values()) {
-            Some(s) => s,
-            None => {
-                prompts.push((*prompt).clone());
-                prompts.len() - 1
-            }
-        };
-        rows.push(BatchRow {
+    let (distinct, slots) = prompt_slots(seqs.iter().map(|(p, _)| *p));
+    let rows: Vec<BatchRow> = seqs
+        .iter()
+        .zip(slots)
+        .map(|((_, ids), slot)| BatchRow {
             ids: ids.to_vec(),
             targets: vec![false; ids.len()],
             prompt: slot,
-        });
-    }
+        })
+        .collect();
+    let prompts = distinct.into_iter().cloned().collect();
     Ok((Batch::from_rows(&rows, 0)?, prompts))
+}
+
+/// One slot per distinct prompt (equal values share a slot), in order of first appearance: the
+/// distinct prompts, and the slot of each of `prompts`.
+pub fn prompt_slots<'a>(
+    prompts: impl IntoIterator<Item = &'a SoftPrompt>,
+) -> (Vec<&'a SoftPrompt>, Vec<usize>) {
+    let mut distinct: Vec<&SoftPrompt> = Vec::new();
+    let slots = prompts
+        .into_iter()
+        .map(
+            |prompt| match distinct.iter().position(|p| p.values() == prompt.values()) {
+                Some(s) => s,
+                None => {
+                    distinct.push(prompt);
+                    distinct.len() - 1
+                }
+            },
+        )
+        .collect();
+    (distinct, slots)
 }
 
 /// Where the rows of a forward pass sit in their sequences (the positions RoPE or position

@@ -20,7 +20,7 @@ pub mod store;
 pub mod tokenizer;
 
 pub use backbone::{Backbone, Capabilities, DecodeSession, LossAndGrad, RowScores};
-pub use batch::{causal_bias, input_rows, Batch, BatchRow, Positions, MASKED_BIAS};
+pub use batch::{causal_bias, input_rows, prompt_slots, Batch, BatchRow, Positions, MASKED_BIAS};
 pub use decode::{batch_decoder, BatchDecoder, SeqId, SessionDecoder};
 pub use error::{Error, Result};
 pub use generate::{generate, GenerationOutput, GenerationParams, StopReason};
