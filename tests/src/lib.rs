@@ -643,7 +643,7 @@ macro_rules! conformance_suite {
                 let batch = r.batch(&[0, 0]);
                 let wrong = SoftPrompt::new(3, 16, vec![0.0; 48]).unwrap();
                 assert!(matches!(
-                    b.loss(&[wrong], &batch),
+                    b.loss(std::slice::from_ref(&wrong), &batch),
                     Err(softprompt::Error::HiddenSizeMismatch {
                         prompt: 16,
                         backbone: 32
@@ -663,6 +663,23 @@ macro_rules! conformance_suite {
                     b.next_token_logprobs(&r.prompts, &r.batch(&[0, 1]), &[r.vocab as u32]),
                     Err(softprompt::Error::InvalidBatch(_))
                 ));
+                // the batch decoder: a prompt of another hidden size, or a token outside the
+                // vocabulary, in a batched prefill is a typed error and adds no sequence
+                let mut dec = softprompt::batch_decoder(b.as_ref());
+                let ids = &r.rows[0][..3];
+                assert!(matches!(
+                    dec.add_many(&[(&r.prompts[0], ids), (&wrong, ids)]),
+                    Err(softprompt::Error::HiddenSizeMismatch {
+                        prompt: 16,
+                        backbone: 32
+                    })
+                ));
+                let bad = [1, r.vocab as u32];
+                assert!(matches!(
+                    dec.add_many(&[(&r.prompts[0], ids), (&r.prompts[1], &bad[..])]),
+                    Err(softprompt::Error::InvalidBatch(_))
+                ));
+                assert!(dec.is_empty());
             }
         }
     };
