@@ -6,6 +6,7 @@
 mod fused;
 mod model;
 pub mod ops;
+mod runtime;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -28,8 +29,39 @@ pub type Result<T> = softprompt_core::Result<T>;
 
 const BACKEND: &str = "candle";
 
-pub(crate) fn to_core(e: candle_core::Error) -> Error {
-    Error::backend(BACKEND, e)
+/// A failure inside the backend: candle's own, or softprompt's from the shared model code.
+#[derive(Debug)]
+pub(crate) enum Fail {
+    Candle(candle_core::Error),
+    Core(Error),
+}
+
+impl From<candle_core::Error> for Fail {
+    fn from(e: candle_core::Error) -> Self {
+        Fail::Candle(e)
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::Core(e)
+    }
+}
+
+impl From<Fail> for Error {
+    fn from(e: Fail) -> Self {
+        match e {
+            Fail::Candle(e) => Error::backend(BACKEND, e),
+            Fail::Core(e) => e,
+        }
+    }
+}
+
+/// Result of code that mixes candle calls and the shared model code.
+pub(crate) type CResult<T> = std::result::Result<T, Fail>;
+
+pub(crate) fn to_core(e: impl Into<Fail>) -> Error {
+    e.into().into()
 }
 
 /// Parses `cpu` or `cuda:N` (`cuda` means `cuda:0`).
@@ -192,7 +224,7 @@ impl CandleBackbone {
     }
 
     /// `[prompt rows][token embeddings]` and the causal + padding bias.
-    fn inputs(&self, prompts: &Tensor, batch: &Batch, n: usize) -> candle_core::Result<Inputs> {
+    fn inputs(&self, prompts: &Tensor, batch: &Batch, n: usize) -> CResult<Inputs> {
         let (rows, t) = (batch.rows(), batch.seq_len());
         let s = n + t;
         let ids = Tensor::from_slice(batch.input_ids(), rows * t, &self.device)?;
@@ -221,7 +253,7 @@ impl CandleBackbone {
         host: Option<&[SoftPrompt]>,
         idx: &[u32],
         n: usize,
-    ) -> candle_core::Result<Vec<LayerCache>> {
+    ) -> CResult<Vec<LayerCache>> {
         let layers = self.model.num_layers();
         let causal = Tensor::from_vec(causal_bias(n, n), (1, 1, n, n), &self.device)?
             .to_dtype(self.dtype)?;
@@ -243,7 +275,7 @@ impl CandleBackbone {
                 &prompts.index_select(&sel, 0)?,
                 0,
                 Some(&causal),
-                Some(&mut fresh),
+                Some((&mut fresh, true)),
             )?;
             let fresh: Vec<KeyValue> = fresh.into_iter().flatten().collect();
             for (j, i) in missing.iter().enumerate() {
@@ -291,7 +323,8 @@ impl CandleBackbone {
         host: Option<&[SoftPrompt]>,
         batch: &Batch,
         n: usize,
-    ) -> candle_core::Result<(Tensor, Vec<LayerCache>)> {
+        extend: bool,
+    ) -> CResult<(Tensor, Vec<LayerCache>)> {
         let (rows, t) = (batch.rows(), batch.seq_len());
         let s = n + t;
         let mut cache: Vec<LayerCache> = if n > 0 {
@@ -307,7 +340,9 @@ impl CandleBackbone {
             .reshape((rows, t, self.spec.hidden_size))?;
         let bias = Tensor::from_vec(batch.token_attention_bias(n), (rows, 1, t, s), &self.device)?
             .to_dtype(self.dtype)?;
-        let hidden = self.model.forward(&tok, n, Some(&bias), Some(&mut cache))?;
+        let hidden = self
+            .model
+            .forward(&tok, n, Some(&bias), Some((&mut cache, extend)))?;
         Ok((hidden, cache))
     }
 
@@ -327,9 +362,9 @@ impl CandleBackbone {
         let d = self.spec.hidden_size;
         // every target predicted from a token position: share the prompt pass across rows
         let shared = targets.iter().all(|(_, _, pos)| *pos >= n);
-        let run = || -> candle_core::Result<Tensor> {
+        let run = || -> CResult<Tensor> {
             let (flat, at): (Tensor, Vec<u32>) = if shared {
-                let (hidden, _) = self.token_hidden(prompts, host, batch, n)?;
+                let (hidden, _) = self.token_hidden(prompts, host, batch, n, false)?;
                 let at = targets.iter().map(|(r, _, pos)| (r * t + pos - n) as u32);
                 (hidden.reshape((batch.rows() * t, d))?, at.collect())
             } else {
@@ -347,7 +382,7 @@ impl CandleBackbone {
                 .map(|(r, t, _)| batch.input_ids()[r * batch.seq_len() + t])
                 .collect();
             let ids = Tensor::from_vec(ids, (targets.len(), 1), &self.device)?;
-            logp.gather(&ids, 1)?.squeeze(1)
+            Ok(logp.gather(&ids, 1)?.squeeze(1)?)
         };
         let rows = targets.iter().map(|(r, _, _)| *r).collect();
         Ok((run().map_err(to_core)?, rows))
@@ -373,12 +408,15 @@ impl Backbone for CandleBackbone {
     fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids.iter().copied())?;
         let ids = Tensor::from_slice(ids, ids.len(), &self.device).map_err(to_core)?;
-        self.model
-            .embed(&ids)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(to_core)
+        let run = || -> CResult<Vec<f32>> {
+            Ok(self
+                .model
+                .embed(&ids)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        run().map_err(to_core)
     }
 
     fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<RowScores> {
@@ -415,11 +453,11 @@ impl Backbone for CandleBackbone {
         let p = self.prompts_tensor(prompts, n)?;
         let (t, s) = (batch.seq_len(), n + batch.seq_len());
         let d = self.spec.hidden_size;
-        let run = || -> candle_core::Result<Vec<f32>> {
+        let run = || -> CResult<Vec<f32>> {
             // only each row's last real position goes through the head
             let (flat, at): (Tensor, Vec<u32>) = if (0..batch.rows()).all(|r| batch.row_len(r) > 0)
             {
-                let (hidden, _) = self.token_hidden(&p, Some(prompts), batch, n)?;
+                let (hidden, _) = self.token_hidden(&p, Some(prompts), batch, n, false)?;
                 let at = (0..batch.rows()).map(|r| (r * t + batch.row_len(r) - 1) as u32);
                 (hidden.reshape((batch.rows() * t, d))?, at.collect())
             } else {
@@ -436,7 +474,7 @@ impl Backbone for CandleBackbone {
                 .to_dtype(DType::F32)?;
             let logp = ops::log_softmax_last(&logits)?;
             let cand = Tensor::from_slice(candidates, candidates.len(), &self.device)?;
-            logp.index_select(&cand, 1)?.flatten_all()?.to_vec1()
+            Ok(logp.index_select(&cand, 1)?.flatten_all()?.to_vec1()?)
         };
         let flat = run().map_err(to_core)?;
         Ok(flat
@@ -456,7 +494,7 @@ impl Backbone for CandleBackbone {
         let var = Var::from_tensor(&self.prompts_tensor(prompts, n)?).map_err(to_core)?;
         let (logp, _) = self.target_logprobs(var.as_tensor(), None, batch, n)?;
         let count = logp.dim(0).map_err(to_core)?;
-        let run = || -> candle_core::Result<(f32, Vec<f32>)> {
+        let run = || -> CResult<(f32, Vec<f32>)> {
             let loss = (logp.sum_all()?.neg()? / count as f64)?;
             let grads = loss.backward()?;
             let g = grads
@@ -478,12 +516,12 @@ impl Backbone for CandleBackbone {
         let n = check_prompts(prompts, &self.spec, batch)?;
         self.check_length(n + batch.seq_len())?;
         let p = self.prompts_tensor(prompts, n)?;
-        let run = || -> candle_core::Result<Vec<f32>> {
+        let run = || -> CResult<Vec<f32>> {
             let inputs = self.inputs(&p, batch, n)?;
             let hidden = self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?;
             let (b, s, d) = hidden.dims3()?;
             let logits = self.model.head(&hidden.reshape((b * s, d))?)?;
-            logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+            Ok(logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
         };
         run().map_err(to_core)
     }
@@ -589,7 +627,7 @@ impl CandleBackbone {
             }
             let ids: Vec<u32> = inputs[at..end].concat();
             let counts: Vec<usize> = inputs[at..end].iter().map(|i| i.len()).collect();
-            let run = |caches: &mut [&mut HostCache]| -> candle_core::Result<Tensor> {
+            let run = |caches: &mut [&mut HostCache]| -> CResult<Tensor> {
                 let total = ids.len();
                 let x = self
                     .model
@@ -604,12 +642,13 @@ impl CandleBackbone {
                     })
                     .collect();
                 let last = Tensor::from_vec(last, counts.len(), &self.device)?;
-                self.model
+                Ok(self
+                    .model
                     .head(
                         &h.reshape((total, self.spec.hidden_size))?
                             .index_select(&last, 0)?,
                     )?
-                    .to_dtype(DType::F32)
+                    .to_dtype(DType::F32)?)
             };
             out.push(run(&mut caches[at..end]).map_err(to_core)?);
             at = end;
@@ -752,8 +791,8 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
                 let members: Vec<(&SoftPrompt, &[u32])> = chunk.iter().map(|i| seqs[*i]).collect();
                 let (batch, prompts) = input_rows(&members)?;
                 let p = b.prompts_tensor(&prompts, n)?;
-                let run = || -> candle_core::Result<Vec<Prefilled>> {
-                    let (hidden, cache) = b.token_hidden(&p, Some(&prompts), &batch, n)?;
+                let run = || -> CResult<Vec<Prefilled>> {
+                    let (hidden, cache) = b.token_hidden(&p, Some(&prompts), &batch, n, true)?;
                     let t = batch.seq_len();
                     let last: Vec<u32> = (0..batch.rows())
                         .map(|r| (r * t + batch.row_len(r) - 1) as u32)
@@ -822,20 +861,20 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
         }
         let longest = starts.iter().copied().max().unwrap_or(0);
         let layers = b.model.num_layers();
-        let run = || -> candle_core::Result<(Vec<Vec<f32>>, Vec<KeyValue>)> {
+        let run = || -> CResult<(Vec<Vec<f32>>, Vec<KeyValue>)> {
             let ids: Vec<u32> = tokens.iter().map(|(_, t)| *t).collect();
             let ids = Tensor::from_vec(ids, rows, &b.device)?;
             let x = b
                 .model
                 .embed(&ids)?
                 .reshape((rows, 1, b.spec.hidden_size))?;
-            let pad = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let pad = |t: &Tensor| -> CResult<Tensor> {
                 let (one, heads, len, hd) = t.dims4()?;
                 if len == longest {
                     return Ok(t.clone());
                 }
                 let z = Tensor::zeros((one, heads, longest - len, hd), t.dtype(), t.device())?;
-                Tensor::cat(&[t, &z], 2)
+                Ok(Tensor::cat(&[t, &z], 2)?)
             };
             let mut packed: Vec<LayerCache> = Vec::with_capacity(layers);
             for layer in 0..layers {
@@ -860,7 +899,7 @@ impl BatchDecoder for CandleBatchDecoder<'_> {
                 &x,
                 Positions::PerRow(&starts),
                 Some(&bias),
-                Some(&mut packed),
+                Some((&mut packed, true)),
             )?;
             let logits = b
                 .model
@@ -973,7 +1012,7 @@ impl CandleBatchDecoder<'_> {
             .iter()
             .map(|(id, _)| by_id.remove(id).expect("checked above"))
             .collect();
-        let run = || -> candle_core::Result<Vec<Vec<f32>>> {
+        let run = || -> CResult<Vec<Vec<f32>>> {
             let rows = ids.len();
             let ids = Tensor::from_vec(ids, rows, &b.device)?;
             let x = b
@@ -981,10 +1020,10 @@ impl CandleBatchDecoder<'_> {
                 .embed(&ids)?
                 .reshape((rows, 1, b.spec.hidden_size))?;
             let h = b.model.decode_host(&x, &mut caches)?;
-            b.model
+            Ok(b.model
                 .head(&h.reshape((rows, b.spec.hidden_size))?)?
                 .to_dtype(DType::F32)?
-                .to_vec2()
+                .to_vec2()?)
         };
         run().map_err(to_core)
     }
@@ -1003,20 +1042,20 @@ impl CandleDecode<'_> {
         let b = self.backbone;
         let s = x.dim(1).map_err(to_core)?;
         b.check_length(self.position + s)?;
-        let mut step = || -> candle_core::Result<Vec<f32>> {
+        let mut step = || -> CResult<Vec<f32>> {
             // causal bias inside the new chunk; everything cached is visible
             let total = self.position + s;
             let bias = Tensor::from_vec(causal_bias(s, total), (1, 1, s, total), &b.device)?
                 .to_dtype(b.dtype)?;
-            let h = b
-                .model
-                .forward(x, self.position, Some(&bias), Some(&mut self.cache))?;
+            let h =
+                b.model
+                    .forward(x, self.position, Some(&bias), Some((&mut self.cache, true)))?;
             let last = h.narrow(1, s - 1, 1)?.reshape((1, b.spec.hidden_size))?;
-            b.model
+            Ok(b.model
                 .head(&last)?
                 .to_dtype(DType::F32)?
                 .flatten_all()?
-                .to_vec1()
+                .to_vec1()?)
         };
         let logits = step().map_err(to_core)?;
         self.logits = logits;
@@ -1047,7 +1086,7 @@ impl DecodeSession for CandleDecode<'_> {
 /// Achieved f32 FLOP/s of an `n × n` by `n × n` matrix product on `device`: the practical
 /// ceiling of the machine for this runtime (the fastest of `repeats` after one warm-up).
 pub fn matmul_flops(device: &Device, n: usize, repeats: usize) -> Result<f64> {
-    let run = || -> candle_core::Result<f64> {
+    let run = || -> CResult<f64> {
         let a = Tensor::randn(0f32, 1f32, (n, n), device)?;
         let b = Tensor::randn(0f32, 1f32, (n, n), device)?;
         let mut times = Vec::with_capacity(repeats);

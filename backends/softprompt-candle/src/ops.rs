@@ -39,39 +39,45 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fused::supported(x) {
-            // Training: the backward of a plain matmul would also compute the (unused) weight
-            // gradient, as costly as the forward; this op only propagates to the input.
-            // Inference: the input rows are read in place, and a product of a few rows (a decode
-            // step) takes the few-rows kernel.
-            let y = x
-                .contiguous()?
-                .apply_op1(fused::FrozenMatmul { w: self.w.clone() })?;
-            return match &self.b {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            };
-        }
-        let dims = x.dims().to_vec();
-        let (last, lead) = dims
-            .split_last()
-            .expect("linear input has at least one dim");
-        let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, *last))?;
-        let y = if x.track_op() && x.device().is_cpu() {
-            x2.contiguous()?
-                .apply_op1(FrozenMatmulAny { w: self.w.clone() })?
-        } else {
-            x2.matmul(&self.w.t()?)?
-        };
-        let y = match &self.b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out = lead.to_vec();
-        out.push(self.w.dim(0)?);
-        y.reshape(out)
+        linear(x, &self.w, self.b.as_ref())
     }
+}
+
+/// `x · Wᵀ + b` over the last dimension of `x`, `W` `[out, in]` frozen: only the gradient with
+/// respect to `x` is propagated.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if fused::supported(x) {
+        // Training: the backward of a plain matmul would also compute the (unused) weight
+        // gradient, as costly as the forward; this op only propagates to the input.
+        // Inference: the input rows are read in place, and a product of a few rows (a decode
+        // step) takes the few-rows kernel.
+        let y = x
+            .contiguous()?
+            .apply_op1(fused::FrozenMatmul { w: w.clone() })?;
+        return match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
+    let dims = x.dims().to_vec();
+    let (last, lead) = dims
+        .split_last()
+        .expect("linear input has at least one dim");
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, *last))?;
+    let y = if x.track_op() && x.device().is_cpu() {
+        x2.contiguous()?
+            .apply_op1(FrozenMatmulAny { w: w.clone() })?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
 }
 
 /// The frozen-weight matmul for the dtypes the fused kernels do not cover (bf16, f16): the input

@@ -8,6 +8,7 @@
 //! are trained on it with the gradient-free optimizers (SPSA, CMA-ES).
 
 pub mod export;
+mod graph;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@
 //! using libtorch's intra-op threads.
 
 mod model;
+mod runtime;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,8 +35,39 @@ pub type Result<T> = softprompt_core::Result<T>;
 
 const BACKEND: &str = "tch";
 
-pub(crate) fn to_core(e: TchError) -> Error {
-    Error::backend(BACKEND, e)
+/// A failure inside the backend: libtorch's own, or softprompt's from the shared model code.
+#[derive(Debug)]
+pub(crate) enum Fail {
+    Tch(TchError),
+    Core(Error),
+}
+
+impl From<TchError> for Fail {
+    fn from(e: TchError) -> Self {
+        Fail::Tch(e)
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::Core(e)
+    }
+}
+
+impl From<Fail> for Error {
+    fn from(e: Fail) -> Self {
+        match e {
+            Fail::Tch(e) => Error::backend(BACKEND, e),
+            Fail::Core(e) => e,
+        }
+    }
+}
+
+/// Result of code that mixes libtorch calls and the shared model code.
+pub(crate) type TResult<T> = std::result::Result<T, Fail>;
+
+pub(crate) fn to_core(e: impl Into<Fail>) -> Error {
+    e.into().into()
 }
 
 /// Parses `cpu` or `cuda:N` (`cuda` means `cuda:0`); a CUDA device libtorch cannot see is an
@@ -253,7 +285,7 @@ impl TchBackbone {
         let ids = self.ids_tensor(batch.input_ids())?;
         let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
         let bias = batch.attention_bias(n);
-        let run = || -> std::result::Result<(Tensor, Tensor), TchError> {
+        let run = || -> TResult<(Tensor, Tensor)> {
             let tok =
                 model
                     .embed(&ids)?
@@ -308,12 +340,12 @@ impl TchBackbone {
         let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
         let bias = batch.token_attention_bias(n);
         let causal = causal_bias(n, n);
-        let run = || -> std::result::Result<(Tensor, Vec<LayerCache>), TchError> {
-            let host = |v: &[f32], shape: [i64; 4]| -> std::result::Result<Tensor, TchError> {
-                Tensor::f_from_slice(v)?
+        let run = || -> TResult<(Tensor, Vec<LayerCache>)> {
+            let host = |v: &[f32], shape: [i64; 4]| -> TResult<Tensor> {
+                Ok(Tensor::f_from_slice(v)?
                     .f_view(shape)?
                     .f_to_kind(self.kind)?
-                    .f_to_device(self.device)
+                    .f_to_device(self.device)?)
             };
             let mut cache: Vec<LayerCache> = (0..model.num_layers()).map(|_| None).collect();
             if n > 0 {
@@ -343,9 +375,9 @@ impl TchBackbone {
         prompts: &Tensor,
         values: Option<&[SoftPrompt]>,
         causal: &Tensor,
-    ) -> std::result::Result<KeyValues, TchError> {
+    ) -> TResult<KeyValues> {
         let layers = model.num_layers();
-        let pass = |x: &Tensor| -> std::result::Result<KeyValues, TchError> {
+        let pass = |x: &Tensor| -> TResult<KeyValues> {
             let mut cache: Vec<LayerCache> = (0..layers).map(|_| None).collect();
             // only the keys and values it leaves in the cache are used
             let _ = model.forward(&x.f_to_kind(self.kind)?, 0, Some(causal), Some(&mut cache))?;
@@ -382,7 +414,7 @@ impl TchBackbone {
                             v.f_narrow(0, j as i64, 1)?.f_contiguous()?,
                         ))
                     })
-                    .collect::<std::result::Result<Vec<_>, TchError>>()?;
+                    .collect::<TResult<Vec<_>>>()?;
                 let kept = own
                     .iter()
                     .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
@@ -430,20 +462,23 @@ impl TchBackbone {
             hidden
                 .f_reshape([(batch.rows() * t) as i64, d])
                 .and_then(|h| h.f_index_select(0, &at))
+                .map_err(to_core)?
         } else {
             let (x, bias) = self.inputs(&model, prompts, batch, n)?;
             let at = self.index_tensor(targets.iter().map(|(r, _, pos)| r * s + pos))?;
-            model
-                .forward(&x, 0, Some(&bias), None)
-                .and_then(|h| h.f_reshape([(batch.rows() * s) as i64, d]))
-                .and_then(|h| h.f_index_select(0, &at))
-        }
-        .map_err(to_core)?;
-        let run = || -> std::result::Result<Tensor, TchError> {
+            let run = || -> TResult<Tensor> {
+                let h = model.forward(&x, 0, Some(&bias), None)?;
+                Ok(h.f_reshape([(batch.rows() * s) as i64, d])?
+                    .f_index_select(0, &at)?)
+            };
+            run().map_err(to_core)?
+        };
+        let run = || -> TResult<Tensor> {
             // the head runs only where a target is predicted
             let logp = model.head(&flat)?.f_log_softmax(-1, self.score_kind())?;
-            logp.f_gather(1, &ids.f_unsqueeze(1)?, false)?
-                .f_squeeze_dim(1)
+            Ok(logp
+                .f_gather(1, &ids.f_unsqueeze(1)?, false)?
+                .f_squeeze_dim(1)?)
         };
         let rows = targets.iter().map(|(r, _, _)| *r).collect();
         Ok((run().map_err(to_core)?, rows))
@@ -533,22 +568,24 @@ impl Backbone for TchBackbone {
             hidden
                 .f_reshape([(batch.rows() * t) as i64, d])
                 .and_then(|h| h.f_index_select(0, &at))
+                .map_err(to_core)?
         } else {
             // a row made of its prompt alone: the full pass
             let (x, bias) = self.inputs(&model, &p, batch, n)?;
             let at =
                 self.index_tensor((0..batch.rows()).map(|r| r * s + n + batch.row_len(r) - 1))?;
-            model
-                .forward(&x, 0, Some(&bias), None)
-                .and_then(|h| h.f_reshape([(batch.rows() * s) as i64, d]))
-                .and_then(|h| h.f_index_select(0, &at))
-        }
-        .map_err(to_core)?;
-        let run = || -> std::result::Result<Tensor, TchError> {
-            model
+            let run = || -> TResult<Tensor> {
+                let h = model.forward(&x, 0, Some(&bias), None)?;
+                Ok(h.f_reshape([(batch.rows() * s) as i64, d])?
+                    .f_index_select(0, &at)?)
+            };
+            run().map_err(to_core)?
+        };
+        let run = || -> TResult<Tensor> {
+            Ok(model
                 .head(&last)?
                 .f_log_softmax(-1, self.score_kind())?
-                .f_index_select(1, &cand)
+                .f_index_select(1, &cand)?)
         };
         let flat = to_f64(&run().map_err(to_core)?)?;
         Ok(flat
@@ -599,7 +636,7 @@ impl Backbone for TchBackbone {
         let model = self.model();
         let (x, bias) = self.inputs(&model, &p, batch, n)?;
         let s = n + batch.seq_len();
-        let run = || -> std::result::Result<Tensor, TchError> {
+        let run = || -> TResult<Tensor> {
             let hidden = model.forward(&x, 0, Some(&bias), None)?;
             let flat =
                 hidden.f_reshape([(batch.rows() * s) as i64, self.spec.hidden_size as i64])?;
@@ -733,11 +770,13 @@ impl BatchDecoder for TchBatchDecoder<'_> {
                 let last =
                     b.index_tensor((0..batch.rows()).map(|r| r * t + batch.row_len(r) - 1))?;
                 let d = b.spec.hidden_size as i64;
-                let logits = hidden
-                    .f_view([(batch.rows() * t) as i64, d])
-                    .and_then(|h| h.f_index_select(0, &last))
-                    .and_then(|h| model.head(&h))
-                    .map_err(to_core)?;
+                let run = || -> TResult<Tensor> {
+                    let h = hidden
+                        .f_view([(batch.rows() * t) as i64, d])?
+                        .f_index_select(0, &last)?;
+                    model.head(&h)
+                };
+                let logits = run().map_err(to_core)?;
                 let logits = to_f32(&logits)?;
                 for (r, (&i, logits)) in chunk
                     .iter()
@@ -756,7 +795,7 @@ impl BatchDecoder for TchBatchDecoder<'_> {
                             };
                             Ok(Some((own(k)?, own(v)?)))
                         })
-                        .collect::<std::result::Result<Vec<LayerCache>, TchError>>()
+                        .collect::<TResult<Vec<LayerCache>>>()
                         .map_err(to_core)?;
                     done[i] = Some((own, len, logits.to_vec()));
                 }
@@ -793,9 +832,9 @@ impl BatchDecoder for TchBatchDecoder<'_> {
         let model = b.model();
         let seqs = &self.seqs;
         // every fallible step first; the caches change only once all succeeded
-        let run = || -> std::result::Result<(Tensor, Vec<Vec<LayerCache>>), TchError> {
+        let run = || -> TResult<(Tensor, Vec<Vec<LayerCache>>)> {
             let x = model.embed(&ids)?.f_view([rows, 1, d])?;
-            let pad = |t: &Tensor| -> std::result::Result<Tensor, TchError> {
+            let pad = |t: &Tensor| -> TResult<Tensor> {
                 let size = t.size();
                 let extra = longest as i64 - size[2];
                 if extra == 0 {
@@ -803,7 +842,7 @@ impl BatchDecoder for TchBatchDecoder<'_> {
                 }
                 let z =
                     Tensor::f_zeros([size[0], size[1], extra, size[3]], (t.kind(), t.device()))?;
-                Tensor::f_cat(&[t, &z], 2)
+                Ok(Tensor::f_cat(&[t, &z], 2)?)
             };
             let mut packed: Vec<LayerCache> = Vec::with_capacity(model.num_layers());
             for layer in 0..model.num_layers() {
@@ -843,7 +882,7 @@ impl BatchDecoder for TchBatchDecoder<'_> {
                         v.f_narrow(2, longest as i64, 1)?,
                     ))
                 })
-                .collect::<std::result::Result<_, TchError>>()?;
+                .collect::<TResult<_>>()?;
             let updated = tokens
                 .iter()
                 .enumerate()
@@ -861,7 +900,7 @@ impl BatchDecoder for TchBatchDecoder<'_> {
                         })
                         .collect()
                 })
-                .collect::<std::result::Result<_, TchError>>()?;
+                .collect::<TResult<_>>()?;
             Ok((logits, updated))
         };
         let (logits, updated) = run().map_err(to_core)?;
@@ -908,7 +947,7 @@ impl TchDecode<'_> {
         let total = self.position + s;
         let bias = causal_bias(s, total);
         let model = b.model();
-        let mut step = || -> std::result::Result<Tensor, TchError> {
+        let mut step = || -> TResult<Tensor> {
             let bias = Tensor::f_from_slice(&bias)?
                 .f_view([1, 1, s as i64, total as i64])?
                 .f_to_kind(b.kind)?
@@ -937,10 +976,12 @@ impl DecodeSession for TchDecode<'_> {
         let ids = b.ids_tensor(&[token])?;
         let x = {
             let _guard = tch::no_grad_guard();
-            b.model()
-                .embed(&ids)
-                .and_then(|e| e.f_view([1, 1, b.spec.hidden_size as i64]))
-                .map_err(to_core)?
+            let run = || -> TResult<Tensor> {
+                Ok(b.model()
+                    .embed(&ids)?
+                    .f_view([1, 1, b.spec.hidden_size as i64])?)
+            };
+            run().map_err(to_core)?
         };
         self.run(&x)
     }

@@ -1,0 +1,111 @@
+//! One weight loader for every runtime: Hugging Face tensor names in, the runtime's frozen
+//! tensors out.
+
+use softprompt_core::{HostTensor, ModelWeights, Result};
+
+use crate::ops::{Linear, Ops};
+
+/// Takes weights out of a [`ModelWeights`] by Hugging Face name, checks their shapes and hands
+/// them to the runtime ([`Ops::constant`], [`Ops::linear_weight`]).
+#[derive(Debug)]
+pub struct Loader<'a, O> {
+    ops: &'a O,
+    weights: &'a mut ModelWeights,
+}
+
+impl<'a, O: Ops> Loader<'a, O> {
+    /// Loads from `weights` into `ops`' runtime.
+    pub fn new(ops: &'a O, weights: &'a mut ModelWeights) -> Self {
+        Loader { ops, weights }
+    }
+
+    /// Whether the checkpoint has `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.contains(name)
+    }
+
+    /// The tensor `name` of shape `shape`.
+    pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<O::Tensor> {
+        let t = self.weights.take(name, shape)?;
+        self.ops.constant(name, t)
+    }
+
+    /// A Hugging Face `nn.Linear` under `prefix` (`weight [out, in]`, `bias [out]` if `bias`).
+    pub fn linear(
+        &mut self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear<O::Tensor>> {
+        self.linear_cat(prefix, &[(prefix, out)], inp, bias)
+    }
+
+    /// Several linear layers over the same input as one (their outputs side by side): q, k and
+    /// v, or gate and up, become one wider product. `name` names the fused weight.
+    pub fn linear_cat(
+        &mut self,
+        name: &str,
+        parts: &[(&str, usize)],
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear<O::Tensor>> {
+        let mut w = Vec::new();
+        let mut b = Vec::new();
+        for (prefix, out) in parts {
+            w.extend(
+                self.weights
+                    .take(&format!("{prefix}.weight"), &[*out, inp])?
+                    .data,
+            );
+            if bias {
+                b.extend(self.weights.take(&format!("{prefix}.bias"), &[*out])?.data);
+            }
+        }
+        let out: usize = parts.iter().map(|(_, o)| o).sum();
+        let w = self.ops.linear_weight(
+            &format!("{name}.weight"),
+            HostTensor::new(vec![out, inp], w)?,
+        )?;
+        let b = if bias {
+            let b = HostTensor::new(vec![out], b)?;
+            Some(self.ops.constant(&format!("{name}.bias"), b)?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b })
+    }
+
+    /// GPT-2's `Conv1D` under `prefix`: `weight [in, out]` (transposed here to a linear layer's
+    /// `[out, in]`) and `bias [out]`.
+    pub fn conv1d(&mut self, prefix: &str, inp: usize, out: usize) -> Result<Linear<O::Tensor>> {
+        let name = format!("{prefix}.weight");
+        let w = self.weights.take(&name, &[inp, out])?;
+        let mut t = vec![0f32; inp * out];
+        for i in 0..inp {
+            for o in 0..out {
+                t[o * inp + i] = w.data[i * out + o];
+            }
+        }
+        let w = self
+            .ops
+            .linear_weight(&name, HostTensor::new(vec![out, inp], t)?)?;
+        let b = self.tensor(&format!("{prefix}.bias"), &[out])?;
+        Ok(Linear { w, b: Some(b) })
+    }
+
+    /// The output head `[vocab, width]`: `lm_head.weight` unless the embeddings are tied (or the
+    /// checkpoint has no separate head), in which case `embedding` itself.
+    pub fn head(
+        &mut self,
+        name: &str,
+        tied: bool,
+        embedding: &O::Tensor,
+        shape: &[usize],
+    ) -> Result<O::Tensor> {
+        if tied || !self.contains(name) {
+            return Ok(embedding.clone());
+        }
+        self.tensor(name, shape)
+    }
+}

@@ -1,0 +1,84 @@
+//! Model families, each written once against [`crate::Ops`]: one file per family, one struct per
+//! Hugging Face module, loaded by Hugging Face tensor names.
+//!
+//! Adding a family is a file here, a variant of [`softprompt_core::ModelConfig`] (its
+//! `config.json` / GGUF mapping) and an arm in [`Model`]'s dispatch.
+
+pub mod gpt2;
+pub mod llama;
+
+use softprompt_core::{ModelConfig, ModelWeights, Result};
+
+use crate::loader::Loader;
+use crate::ops::{Heads, Ops, Pass};
+
+pub use gpt2::Gpt2;
+pub use llama::Llama;
+
+/// A decoder of any supported family, its weights held as the runtime's tensors `T`.
+#[derive(Debug, Clone)]
+pub enum Model<T> {
+    /// Llama family.
+    Llama(Box<Llama<T>>),
+    /// GPT-2.
+    Gpt2(Box<Gpt2<T>>),
+}
+
+/// Runs the same expression on whichever family `$m` holds.
+macro_rules! each {
+    ($m:expr, $x:ident => $e:expr) => {
+        match $m {
+            Model::Llama($x) => $e,
+            Model::Gpt2($x) => $e,
+        }
+    };
+}
+
+impl<T: Clone> Model<T> {
+    /// Loads the family `config` names from `weights` into `ops`' runtime (consuming the weights
+    /// it takes).
+    pub fn load<O: Ops<Tensor = T>>(
+        ops: &O,
+        config: &ModelConfig,
+        weights: &mut ModelWeights,
+    ) -> Result<Self> {
+        let mut l = Loader::new(ops, weights);
+        Ok(match config {
+            ModelConfig::Llama(c) => Model::Llama(Box::new(Llama::load(c, &mut l)?)),
+            ModelConfig::Gpt2(c) => Model::Gpt2(Box::new(Gpt2::load(c, &mut l)?)),
+        })
+    }
+
+    /// The token-embedding table `[vocab, d]`.
+    pub fn embedding_table(&self) -> &T {
+        match self {
+            Model::Llama(m) => &m.embed,
+            Model::Gpt2(m) => &m.wte,
+        }
+    }
+
+    /// Input embeddings of integer `ids` (any shape): `ids.shape ++ [d]`.
+    pub fn embed<O: Ops<Tensor = T>>(&self, ops: &O, ids: &T) -> Result<T> {
+        ops.embedding(self.embedding_table(), ids)
+    }
+
+    /// The residual stream after every block for input embeddings `x [rows, tokens, d]`.
+    pub fn forward<O: Ops<Tensor = T>>(&self, ops: &O, x: &T, pass: &mut Pass<'_, T>) -> Result<T> {
+        each!(self, m => m.forward(ops, x, pass))
+    }
+
+    /// Logits of residual-stream rows (final norm and head), `[.., vocab]`.
+    pub fn logits<O: Ops<Tensor = T>>(&self, ops: &O, h: &T) -> Result<T> {
+        each!(self, m => m.logits(ops, h))
+    }
+
+    /// Number of blocks (of key/value cache slots).
+    pub fn num_layers(&self) -> usize {
+        each!(self, m => m.blocks.len())
+    }
+
+    /// Attention geometry of every block.
+    pub fn heads(&self) -> Heads {
+        each!(self, m => m.heads())
+    }
+}
