@@ -36,7 +36,7 @@ impl MeanPoolLm {
         let mut rng = Rng::seed_from_u64(seed);
         let embeddings = (0..vocab * d).map(|_| rng.normal() as f32).collect();
         let spec = BackboneSpec {
-            architecture: Architecture::Llama, // the closest family; only used for provenance
+            architecture: Architecture::new("mean-pool-lm"),
             hidden_size: d,
             vocab_size: vocab,
             num_layers: 0,

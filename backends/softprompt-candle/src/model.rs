@@ -31,7 +31,7 @@ impl HostCache {
 
     /// Drops whatever a failed pass appended past `len` (each layer's buffers hold
     /// `len · width` values).
-    fn truncate(&mut self, width: usize) {
+    pub(crate) fn truncate(&mut self, width: usize) {
         let keep = self.len * width;
         for (k, v) in &mut self.layers {
             k.truncate(keep);
@@ -208,5 +208,10 @@ impl Model {
 
     pub fn num_layers(&self) -> usize {
         self.nn.num_layers()
+    }
+
+    /// Attention geometry of every block.
+    pub fn heads(&self) -> softprompt_nn::Heads {
+        self.nn.heads()
     }
 }

@@ -7,10 +7,10 @@
 //! forward only: scoring, rank classification, full logits and KV-cached generation; prompts
 //! are trained on it with the gradient-free optimizers (SPSA, CMA-ES).
 
+mod decoding;
 pub mod export;
 mod graph;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -19,11 +19,12 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, Tensor};
 use softprompt_core::backbone::{check_next_token, check_prompts, check_token_ids};
-use softprompt_core::decode::check_step;
 use softprompt_core::model::{ModelConfig, ModelSource};
+
+use crate::decoding::OrtKernels;
 use softprompt_core::{
-    causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, BatchRow, Capabilities,
-    DecodeSession, Error, Result, RowScores, SeqId, SoftPrompt,
+    causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error, Result,
+    RowScores, SoftPrompt,
 };
 
 /// Name of this runtime in messages.
@@ -417,26 +418,6 @@ impl OrtBackbone {
             .collect()
     }
 
-    /// Prefill of one sequence `[prompt][ids]`: a decoding session holding its cache.
-    fn decode(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<OrtDecode<'_>> {
-        prompt.check_hidden_size(self.spec.hidden_size)?;
-        let n = prompt.num_virtual_tokens();
-        if n + ids.len() == 0 {
-            return Err(Error::InvalidArgument(
-                "generation needs a prompt or at least one input token".into(),
-            ));
-        }
-        check_token_ids(ids.iter().copied(), self.spec.vocab_size)?;
-        let mut session = OrtDecode {
-            backbone: self,
-            past: Vec::new(),
-            position: 0,
-            logits: Vec::new(),
-        };
-        session.run(prompt.values().to_vec(), n, ids)?;
-        Ok(session)
-    }
-
     /// Runs the graph for decoding: the picked logits, then every layer's present key and value.
     fn run_decode(&self, inputs: Inputs) -> Result<Vec<HostOut>> {
         let names: Vec<&str> = self.decode_outputs.iter().map(String::as_str).collect();
@@ -603,314 +584,7 @@ impl Backbone for OrtBackbone {
         Ok(self.run(inputs, &["logits"])?.remove(0).1)
     }
 
-    fn start_decode<'a>(
-        &'a self,
-        prompt: &SoftPrompt,
-        ids: &[u32],
-    ) -> Result<Box<dyn DecodeSession + 'a>> {
-        Ok(Box::new(self.decode(prompt, ids)?))
-    }
-
     fn batch_decoder(&self) -> Option<Box<dyn BatchDecoder + '_>> {
-        Some(Box::new(OrtBatchDecoder {
-            backbone: self,
-            seqs: BTreeMap::new(),
-            next_id: 0,
-        }))
-    }
-}
-
-/// The cache of one sequence: per layer `(keys, values)`, each `[kv_heads, len, head_dim]`.
-#[derive(Debug)]
-struct SeqCache {
-    past: Vec<(Vec<f32>, Vec<f32>)>,
-    len: usize,
-}
-
-/// Continuous batching on ONNX Runtime: every step is one graph call over all listed
-/// sequences, their caches packed into `[rows, kv_heads, longest, head_dim]` with the padding
-/// masked in `attention_bias` and each row at its own position; prefills of sequences whose
-/// prompts have the same length share one call.
-#[derive(Debug)]
-struct OrtBatchDecoder<'a> {
-    backbone: &'a OrtBackbone,
-    seqs: BTreeMap<SeqId, SeqCache>,
-    next_id: SeqId,
-}
-
-impl OrtBatchDecoder<'_> {
-    /// Copies row `r`'s first `keep` positions (and, if given, position `extra`) of a present
-    /// output `[rows, kv_heads, total, head_dim]`.
-    fn slice_row(
-        &self,
-        present: &[f32],
-        r: usize,
-        total: usize,
-        keep: usize,
-        extra: Option<usize>,
-    ) -> Vec<f32> {
-        let (kv, hd) = (self.backbone.kv_heads, self.backbone.head_dim);
-        let len = keep + usize::from(extra.is_some());
-        let mut out = Vec::with_capacity(kv * len * hd);
-        for h in 0..kv {
-            let base = (r * kv + h) * total * hd;
-            out.extend_from_slice(&present[base..base + keep * hd]);
-            if let Some(e) = extra {
-                out.extend_from_slice(&present[base + e * hd..base + (e + 1) * hd]);
-            }
-        }
-        out
-    }
-
-    /// One prefill call for sequences whose prompts have `n` virtual tokens and at least one
-    /// input token each.
-    fn prefill(
-        &self,
-        n: usize,
-        group: &[(&SoftPrompt, &[u32])],
-    ) -> Result<Vec<(SeqCache, Vec<f32>)>> {
-        let b = self.backbone;
-        let rows: Vec<BatchRow> = group
-            .iter()
-            .enumerate()
-            .map(|(i, (_, ids))| BatchRow {
-                ids: ids.to_vec(),
-                targets: vec![false; ids.len()],
-                prompt: i,
-            })
-            .collect();
-        let batch = Batch::from_rows(&rows, 0)?;
-        let prompts: Vec<SoftPrompt> = group.iter().map(|(p, _)| (*p).clone()).collect();
-        check_prompts(&prompts, &b.spec, &batch)?;
-        b.check_length(n + batch.seq_len())?;
-        let s = n + batch.seq_len();
-        let mut inputs = b.full_inputs(&prompts, &batch, n);
-        inputs.gather_index = (0..rows.len())
-            .map(|r| (n + batch.row_len(r) - 1) as i64)
-            .collect();
-        inputs.picks = 1;
-        inputs.candidate_ids = vec![0; rows.len()];
-        inputs.candidates = 1;
-        let out = b.run_decode(inputs)?;
-        let vocab = b.spec.vocab_size;
-        Ok((0..rows.len())
-            .map(|r| {
-                let keep = n + batch.row_len(r);
-                let past = out[1..]
-                    .chunks(2)
-                    .map(|kv| {
-                        (
-                            self.slice_row(&kv[0].1, r, s, keep, None),
-                            self.slice_row(&kv[1].1, r, s, keep, None),
-                        )
-                    })
-                    .collect();
-                let logits = out[0].1[r * vocab..(r + 1) * vocab].to_vec();
-                (SeqCache { past, len: keep }, logits)
-            })
-            .collect())
-    }
-
-    fn insert(&mut self, cache: SeqCache) -> SeqId {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.seqs.insert(id, cache);
-        id
-    }
-}
-
-impl BatchDecoder for OrtBatchDecoder<'_> {
-    fn add(&mut self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqId, Vec<f32>)> {
-        // the single-sequence session holds exactly this cache layout
-        let session = self.backbone.decode(prompt, ids)?;
-        let id = self.insert(SeqCache {
-            past: session.past,
-            len: session.position,
-        });
-        Ok((id, session.logits))
-    }
-
-    fn add_many(&mut self, seqs: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqId, Vec<f32>)>> {
-        for (p, ids) in seqs {
-            p.check_hidden_size(self.backbone.spec.hidden_size)?;
-            // prompt-only sequences get their own call below (a batch needs a token per row)
-            if ids.is_empty() && p.num_virtual_tokens() == 0 {
-                return Err(Error::InvalidArgument(
-                    "generation needs a prompt or at least one input token".into(),
-                ));
-            }
-        }
-        // group by prompt length (one graph call per group), keep the caller's order
-        let mut results: Vec<Option<(SeqCache, Vec<f32>)>> =
-            (0..seqs.len()).map(|_| None).collect();
-        let mut lengths: Vec<usize> = seqs.iter().map(|(p, _)| p.num_virtual_tokens()).collect();
-        lengths.sort_unstable();
-        lengths.dedup();
-        for n in lengths {
-            let members: Vec<usize> = (0..seqs.len())
-                .filter(|i| seqs[*i].0.num_virtual_tokens() == n && !seqs[*i].1.is_empty())
-                .collect();
-            for chunk in members.chunks(16) {
-                let group: Vec<(&SoftPrompt, &[u32])> = chunk.iter().map(|i| seqs[*i]).collect();
-                for (i, r) in chunk.iter().zip(self.prefill(n, &group)?) {
-                    results[*i] = Some(r);
-                }
-            }
-        }
-        let mut out = Vec::with_capacity(seqs.len());
-        for (i, r) in results.into_iter().enumerate() {
-            match r {
-                Some((cache, logits)) => out.push((self.insert(cache), logits)),
-                None => match self.add(seqs[i].0, seqs[i].1) {
-                    Ok(x) => out.push(x),
-                    Err(e) => {
-                        for (id, _) in out {
-                            self.remove(id);
-                        }
-                        return Err(e);
-                    }
-                },
-            }
-        }
-        Ok(out)
-    }
-
-    fn step(&mut self, tokens: &[(SeqId, u32)]) -> Result<Vec<Vec<f32>>> {
-        check_step(tokens, &self.seqs)?;
-        let b = self.backbone;
-        check_token_ids(tokens.iter().map(|(_, t)| *t), b.spec.vocab_size)?;
-        if tokens.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = tokens.len();
-        let lens: Vec<usize> = tokens.iter().map(|(id, _)| self.seqs[id].len).collect();
-        let p = lens.iter().copied().max().unwrap_or(0);
-        b.check_length(p + 1)?;
-        let (kv, hd) = (b.kv_heads, b.head_dim);
-        // caches packed left-aligned, zero padded to the longest
-        let mut past = Vec::with_capacity(b.layers);
-        for l in 0..b.layers {
-            let mut k = vec![0f32; rows * kv * p * hd];
-            let mut v = vec![0f32; rows * kv * p * hd];
-            for (r, (id, _)) in tokens.iter().enumerate() {
-                let seq = &self.seqs[id];
-                let n = seq.len * hd;
-                for h in 0..kv {
-                    let dst = (r * kv + h) * p * hd;
-                    k[dst..dst + n].copy_from_slice(&seq.past[l].0[h * n..(h + 1) * n]);
-                    v[dst..dst + n].copy_from_slice(&seq.past[l].1[h * n..(h + 1) * n]);
-                }
-            }
-            past.push((k, v));
-        }
-        let total = p + 1;
-        let mut bias = vec![0f32; rows * total];
-        for (r, len) in lens.iter().enumerate() {
-            bias[r * total + len..r * total + p].fill(softprompt_core::MASKED_BIAS);
-        }
-        let inputs = Inputs {
-            rows,
-            input_ids: tokens.iter().map(|(_, t)| *t as i64).collect(),
-            tokens: 1,
-            prompt_embeds: Vec::new(),
-            virtual_tokens: 0,
-            position_ids: lens.iter().map(|l| *l as i64).collect(),
-            attention_bias: bias,
-            gather_index: vec![0; rows],
-            picks: 1,
-            candidate_ids: vec![0; rows],
-            candidates: 1,
-            past,
-            past_len: p,
-        };
-        let out = b.run_decode(inputs)?;
-        let vocab = b.spec.vocab_size;
-        let mut logits = Vec::with_capacity(rows);
-        for (r, (id, _)) in tokens.iter().enumerate() {
-            let len = lens[r];
-            let layers: Vec<(Vec<f32>, Vec<f32>)> = out[1..]
-                .chunks(2)
-                .map(|pair| {
-                    (
-                        self.slice_row(&pair[0].1, r, total, len, Some(p)),
-                        self.slice_row(&pair[1].1, r, total, len, Some(p)),
-                    )
-                })
-                .collect();
-            let seq = self.seqs.get_mut(id).expect("checked above");
-            seq.past = layers;
-            seq.len = len + 1;
-            logits.push(out[0].1[r * vocab..(r + 1) * vocab].to_vec());
-        }
-        Ok(logits)
-    }
-
-    fn remove(&mut self, id: SeqId) {
-        self.seqs.remove(&id);
-    }
-
-    fn len(&self) -> usize {
-        self.seqs.len()
-    }
-
-    fn position(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(|s| s.len)
-    }
-}
-
-/// KV-cached decoding of one sequence; the cache lives on the host between steps.
-struct OrtDecode<'a> {
-    backbone: &'a OrtBackbone,
-    past: Vec<(Vec<f32>, Vec<f32>)>,
-    position: usize,
-    logits: Vec<f32>,
-}
-
-impl OrtDecode<'_> {
-    fn run(&mut self, prompt: Vec<f32>, n: usize, ids: &[u32]) -> Result<()> {
-        let b = self.backbone;
-        let s = n + ids.len();
-        let total = self.position + s;
-        b.check_length(total)?;
-        let inputs = Inputs {
-            rows: 1,
-            input_ids: ids.iter().map(|i| *i as i64).collect(),
-            tokens: ids.len(),
-            prompt_embeds: prompt,
-            virtual_tokens: n,
-            position_ids: (self.position as i64..total as i64).collect(),
-            attention_bias: causal_bias(s, total),
-            gather_index: vec![(s - 1) as i64],
-            picks: 1,
-            candidate_ids: vec![0],
-            candidates: 1,
-            past: std::mem::take(&mut self.past),
-            past_len: self.position,
-        };
-        let mut out = b.run_decode(inputs)?.into_iter();
-        self.logits = out.next().map(|o| o.1).unwrap_or_default();
-        let mut past = Vec::with_capacity(b.layers);
-        while let (Some(k), Some(v)) = (out.next(), out.next()) {
-            past.push((k.1, v.1));
-        }
-        self.past = past;
-        self.position = total;
-        Ok(())
-    }
-}
-
-impl DecodeSession for OrtDecode<'_> {
-    fn logits(&self) -> &[f32] {
-        &self.logits
-    }
-
-    fn advance(&mut self, token: u32) -> Result<()> {
-        let b = self.backbone;
-        check_token_ids([token], b.spec.vocab_size)?;
-        self.run(Vec::new(), 0, &[token])
-    }
-
-    fn position(&self) -> usize {
-        self.position
+        Some(Box::new(Batcher::new(OrtKernels { backbone: self })))
     }
 }

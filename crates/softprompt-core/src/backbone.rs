@@ -121,13 +121,19 @@ pub trait Backbone: Send + Sync {
         Err(Error::unsupported(self.backend_name(), "full logits", None))
     }
 
-    /// Starts KV-cached decoding after `[prompt][ids]`.
+    /// Starts KV-cached decoding after `[prompt][ids]`. The provided method decodes one
+    /// sequence through [`Backbone::batch_decoder`] (unsupported without one).
     fn start_decode<'a>(
         &'a self,
-        _prompt: &SoftPrompt,
-        _ids: &[u32],
+        prompt: &SoftPrompt,
+        ids: &[u32],
     ) -> Result<Box<dyn DecodeSession + 'a>> {
-        Err(Error::unsupported(self.backend_name(), "generation", None))
+        match self.batch_decoder() {
+            Some(decoder) => Ok(Box::new(crate::decode::OneSequence::start(
+                decoder, prompt, ids,
+            )?)),
+            None => Err(Error::unsupported(self.backend_name(), "generation", None)),
+        }
     }
 
     /// A decoder that advances many sequences (each with its own prompt) in one forward pass

@@ -21,7 +21,10 @@ pub mod tokenizer;
 
 pub use backbone::{Backbone, Capabilities, DecodeSession, LossAndGrad, RowScores};
 pub use batch::{causal_bias, input_rows, prompt_slots, Batch, BatchRow, Positions, MASKED_BIAS};
-pub use decode::{batch_decoder, BatchDecoder, SeqId, SessionDecoder};
+pub use decode::{
+    batch_decoder, BatchDecoder, Batcher, DecodeKernels, OneSequence, PrefillPlan, SeqId,
+    SessionDecoder,
+};
 pub use error::{Error, Result};
 pub use generate::{generate, GenerationOutput, GenerationParams, StopReason};
 pub use model::{

@@ -9,7 +9,7 @@ use softprompt_store::{read_prompt_dir, DirectoryStore, ADAPTER_CONFIG, ADAPTER_
 
 fn spec(fingerprint: &str, d: usize) -> BackboneSpec {
     BackboneSpec {
-        architecture: Architecture::Llama,
+        architecture: Architecture::llama(),
         hidden_size: d,
         vocab_size: 320,
         num_layers: 2,

@@ -7,23 +7,38 @@ use serde_json::Value;
 
 use crate::{Error, Result};
 
-/// Model family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Architecture {
-    /// Llama family: Llama, SmolLM, Mistral, Qwen2.
-    Llama,
-    /// GPT-2.
-    Gpt2,
-}
+/// Model family, by name: `llama` (Llama, SmolLM, Mistral, Qwen2), `gpt2`, or whatever a
+/// plugin backend names its own. Open on purpose: a third-party backend states its family
+/// instead of pretending to be one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Architecture(String);
 
 impl Architecture {
+    /// A family named `name` (stored lower-case).
+    pub fn new(name: impl Into<String>) -> Self {
+        Architecture(name.into().to_lowercase())
+    }
+
+    /// The Llama family.
+    pub fn llama() -> Self {
+        Architecture::new("llama")
+    }
+
+    /// GPT-2.
+    pub fn gpt2() -> Self {
+        Architecture::new("gpt2")
+    }
+
     /// Lower-case name.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Architecture::Llama => "llama",
-            Architecture::Gpt2 => "gpt2",
-        }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -279,8 +294,8 @@ impl ModelConfig {
     /// Model family.
     pub fn architecture(&self) -> Architecture {
         match self {
-            ModelConfig::Llama(_) => Architecture::Llama,
-            ModelConfig::Gpt2(_) => Architecture::Gpt2,
+            ModelConfig::Llama(_) => Architecture::llama(),
+            ModelConfig::Gpt2(_) => Architecture::gpt2(),
         }
     }
 

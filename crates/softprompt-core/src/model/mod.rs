@@ -42,7 +42,7 @@ impl ModelSource {
         }
         let config = ModelConfig::from_file(dir.join("config.json"))?;
         let mut weights = ModelWeights::load_dir(dir)?;
-        if config.architecture() == Architecture::Gpt2 {
+        if config.architecture() == Architecture::gpt2() {
             weights.strip_prefix("transformer.");
         }
         let name = dir

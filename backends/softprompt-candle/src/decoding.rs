@@ -1,0 +1,348 @@
+//! candle's kernels for continuous batching ([`softprompt_core::Batcher`] does the planning and
+//! bookkeeping): prefill of a group of sequences and one decode step.
+//!
+//! Off the host path every sequence keeps its own tensor cache; a step packs the caches of the
+//! listed sequences into one padded batch (padding masked out, each row at its own RoPE /
+//! position-embedding position), runs one forward pass and appends each row's new keys and
+//! values. On the CPU in f32 (Llama family) each sequence's keys and values live in host buffers
+//! instead ([`HostCache`]): a step appends in place and attends over each row's own buffer, with
+//! no per-step packing, padding or copying of the caches, and prefills are packed without
+//! padding.
+
+use candle_core::{DType, Tensor};
+use softprompt_core::{
+    causal_bias, input_rows, Batch, BatchRow, DecodeKernels, Error, Positions, PrefillPlan,
+    SoftPrompt, MASKED_BIAS,
+};
+
+use crate::model::{HostCache, LayerCache};
+use crate::{to_core, CResult, CandleBackbone, Result};
+
+/// Most sequences prefilled in one padded forward pass.
+const PREFILL_ROWS: usize = 16;
+
+/// Most input tokens prefilled in one packed pass on the host path (more sequences if short).
+pub(crate) const PREFILL_TOKENS: usize = 1024;
+
+/// One layer's keys and values.
+type KeyValue = (Tensor, Tensor);
+
+/// A live sequence's keys and values.
+pub(crate) enum SeqCache {
+    /// Cache of every layer (`[1, heads, len, head_dim]`) and the length.
+    Tensors(Vec<LayerCache>, usize),
+    Host(HostCache),
+}
+
+/// The kernels of one backbone; `host` is decided once, from the model, device and dtype.
+pub(crate) struct CandleKernels<'a> {
+    pub backbone: &'a CandleBackbone,
+    pub host: bool,
+}
+
+impl CandleKernels<'_> {
+    /// `[prompt][ids]` in one pass (a sequence alone, possibly without input tokens): its
+    /// cache and next-token logits.
+    fn prefill_one(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqCache, Vec<f32>)> {
+        let b = self.backbone;
+        let n = prompt.num_virtual_tokens();
+        let p = b.prompts_tensor(std::slice::from_ref(prompt), n)?;
+        let run = || -> CResult<(Vec<LayerCache>, Vec<f32>)> {
+            let x = if ids.is_empty() {
+                p
+            } else {
+                let row = BatchRow {
+                    ids: ids.to_vec(),
+                    targets: vec![false; ids.len()],
+                    prompt: 0,
+                };
+                b.inputs(&p, &Batch::from_rows(&[row], 0)?, n)?.x
+            };
+            let s = x.dim(1)?;
+            let bias =
+                Tensor::from_vec(causal_bias(s, s), (1, 1, s, s), &b.device)?.to_dtype(b.dtype)?;
+            let mut cache: Vec<LayerCache> = vec![None; b.model.num_layers()];
+            let h = b
+                .model
+                .forward(&x, 0, Some(&bias), Some((&mut cache, true)))?;
+            let last = h.narrow(1, s - 1, 1)?.reshape((1, b.spec.hidden_size))?;
+            let logits = b
+                .model
+                .head(&last)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            Ok((cache, logits))
+        };
+        let (cache, logits) = run().map_err(to_core)?;
+        let len = n + ids.len();
+        let cache = if self.host {
+            SeqCache::Host(HostCache::from_tensors(&cache, len).map_err(to_core)?)
+        } else {
+            SeqCache::Tensors(cache, len)
+        };
+        Ok((cache, logits))
+    }
+
+    /// Sequences of one prompt length, right padded in one pass: each distinct prompt's keys
+    /// and values come from the prefix cache (or one pass), and each sequence keeps its own
+    /// slice of the cache.
+    fn prefill_padded(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
+        let b = self.backbone;
+        let n = group[0].0.num_virtual_tokens();
+        let (batch, prompts) = input_rows(group)?;
+        let p = b.prompts_tensor(&prompts, n)?;
+        let run = || -> CResult<Vec<(SeqCache, Vec<f32>)>> {
+            let (hidden, cache) = b.token_hidden(&p, Some(&prompts), &batch, n, true)?;
+            let t = batch.seq_len();
+            let last: Vec<u32> = (0..batch.rows())
+                .map(|r| (r * t + batch.row_len(r) - 1) as u32)
+                .collect();
+            let last = Tensor::from_vec(last, batch.rows(), &b.device)?;
+            let hidden = hidden.reshape((batch.rows() * t, b.spec.hidden_size))?;
+            let logits = b
+                .model
+                .head(&hidden.index_select(&last, 0)?)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            logits
+                .into_iter()
+                .enumerate()
+                .map(|(r, logits)| {
+                    let len = n + batch.row_len(r);
+                    let own = cache
+                        .iter()
+                        .map(|slot| {
+                            let (k, v) = slot.as_ref().expect("forward fills the cache");
+                            Ok(Some((
+                                k.narrow(0, r, 1)?.narrow(2, 0, len)?.contiguous()?,
+                                v.narrow(0, r, 1)?.narrow(2, 0, len)?.contiguous()?,
+                            )))
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Ok((SeqCache::Tensors(own, len), logits))
+                })
+                .collect()
+        };
+        run().map_err(to_core)
+    }
+
+    /// Sequences of any prompts packed (no padding) over copies of their prompts' keys and
+    /// values ([`crate::model::Model::extend_host`]).
+    fn prefill_host(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
+        let b = self.backbone;
+        let prompts: Vec<&SoftPrompt> = group.iter().map(|(p, _)| *p).collect();
+        let mut caches = b.host_prefixes(&prompts)?;
+        let inputs: Vec<&[u32]> = group.iter().map(|(_, ids)| *ids).collect();
+        let mut own: Vec<&mut HostCache> = caches.iter_mut().collect();
+        let logits: Vec<Vec<f32>> = b
+            .host_extend_last(&inputs, &mut own)?
+            .to_vec2()
+            .map_err(to_core)?;
+        Ok(caches.into_iter().map(SeqCache::Host).zip(logits).collect())
+    }
+
+    /// A padded step over tensor caches (appended to only once the pass succeeded).
+    fn step_padded(&self, caches: &mut [&mut SeqCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let b = self.backbone;
+        let rows = tokens.len();
+        let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let longest = starts.iter().copied().max().unwrap_or(0);
+        let layers = b.model.num_layers();
+        let run = || -> CResult<(Vec<Vec<f32>>, Vec<KeyValue>)> {
+            let ids = Tensor::from_slice(tokens, rows, &b.device)?;
+            let x = b
+                .model
+                .embed(&ids)?
+                .reshape((rows, 1, b.spec.hidden_size))?;
+            let pad = |t: &Tensor| -> CResult<Tensor> {
+                let (one, heads, len, hd) = t.dims4()?;
+                if len == longest {
+                    return Ok(t.clone());
+                }
+                let z = Tensor::zeros((one, heads, longest - len, hd), t.dtype(), t.device())?;
+                Ok(Tensor::cat(&[t, &z], 2)?)
+            };
+            let mut packed: Vec<LayerCache> = Vec::with_capacity(layers);
+            for layer in 0..layers {
+                let (mut ks, mut vs) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+                for cache in caches.iter() {
+                    let SeqCache::Tensors(cache, _) = &**cache else {
+                        return Err(
+                            Error::backend(crate::BACKEND, "host cache off the host path").into(),
+                        );
+                    };
+                    let (k, v) = cache[layer]
+                        .as_ref()
+                        .expect("a prefilled sequence has a cache in every layer");
+                    ks.push(pad(k)?);
+                    vs.push(pad(v)?);
+                }
+                packed.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+            }
+            // row r sees its own `starts[r]` cached keys, not the padding, and its new token
+            let mut bias = vec![0f32; rows * (longest + 1)];
+            for (r, start) in starts.iter().enumerate() {
+                bias[r * (longest + 1) + start..r * (longest + 1) + longest].fill(MASKED_BIAS);
+            }
+            let bias =
+                Tensor::from_vec(bias, (rows, 1, 1, longest + 1), &b.device)?.to_dtype(b.dtype)?;
+            let h = b.model.forward_at(
+                &x,
+                Positions::PerRow(&starts),
+                Some(&bias),
+                Some((&mut packed, true)),
+            )?;
+            let logits = b
+                .model
+                .head(&h.reshape((rows, b.spec.hidden_size))?)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+            let fresh = packed
+                .into_iter()
+                .map(|slot| {
+                    let (k, v) = slot.expect("forward fills the cache");
+                    Ok((k.narrow(2, longest, 1)?, v.narrow(2, longest, 1)?))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok((logits, fresh))
+        };
+        let (logits, fresh) = run().map_err(to_core)?;
+        let append = || -> candle_core::Result<Vec<Vec<LayerCache>>> {
+            caches
+                .iter()
+                .enumerate()
+                .map(|(r, cache)| {
+                    let SeqCache::Tensors(cache, _) = &**cache else {
+                        unreachable!("checked above")
+                    };
+                    cache
+                        .iter()
+                        .zip(&fresh)
+                        .map(|(slot, (k, v))| {
+                            let (pk, pv) = slot.as_ref().expect("prefilled");
+                            Ok(Some((
+                                Tensor::cat(&[pk, &k.narrow(0, r, 1)?], 2)?,
+                                Tensor::cat(&[pv, &v.narrow(0, r, 1)?], 2)?,
+                            )))
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let updated = append().map_err(to_core)?;
+        for (cache, layers) in caches.iter_mut().zip(updated) {
+            if let SeqCache::Tensors(c, len) = &mut **cache {
+                *c = layers;
+                *len += 1;
+            }
+        }
+        Ok(logits)
+    }
+
+    /// A step over host caches: appends in place ([`crate::model::Model::decode_host`], which
+    /// leaves the caches as they were on error).
+    fn step_host(&self, caches: &mut [&mut SeqCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let b = self.backbone;
+        let mut host: Vec<&mut HostCache> = Vec::with_capacity(caches.len());
+        for cache in caches.iter_mut() {
+            match &mut **cache {
+                SeqCache::Host(h) => host.push(h),
+                SeqCache::Tensors(..) => {
+                    return Err(Error::backend(
+                        crate::BACKEND,
+                        "tensor cache on the host path",
+                    ))
+                }
+            }
+        }
+        let mut run = || -> CResult<Vec<Vec<f32>>> {
+            let rows = tokens.len();
+            let ids = Tensor::from_slice(tokens, rows, &b.device)?;
+            let x = b
+                .model
+                .embed(&ids)?
+                .reshape((rows, 1, b.spec.hidden_size))?;
+            let h = b.model.decode_host(&x, &mut host)?;
+            Ok(b.model
+                .head(&h.reshape((rows, b.spec.hidden_size))?)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?)
+        };
+        run().map_err(to_core)
+    }
+}
+
+impl SeqCache {
+    fn len(&self) -> usize {
+        match self {
+            SeqCache::Tensors(_, len) => *len,
+            SeqCache::Host(h) => h.len,
+        }
+    }
+}
+
+impl DecodeKernels for CandleKernels<'_> {
+    type Cache = SeqCache;
+
+    fn spec(&self) -> &softprompt_core::BackboneSpec {
+        &self.backbone.spec
+    }
+
+    fn max_positions(&self) -> usize {
+        self.backbone.config.max_positions()
+    }
+
+    fn plan(&self) -> PrefillPlan {
+        if self.host {
+            PrefillPlan::Packed {
+                tokens: PREFILL_TOKENS,
+            }
+        } else {
+            PrefillPlan::EqualPromptLength { rows: PREFILL_ROWS }
+        }
+    }
+
+    fn prefill(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
+        match group {
+            [(prompt, ids)] if ids.is_empty() => Ok(vec![self.prefill_one(prompt, ids)?]),
+            _ if self.host => self.prefill_host(group),
+            _ => self.prefill_padded(group),
+        }
+    }
+
+    fn step(&self, caches: &mut [&mut SeqCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        if self.host {
+            self.step_host(caches, tokens)
+        } else {
+            self.step_padded(caches, tokens)
+        }
+    }
+
+    fn cache_len(&self, cache: &SeqCache) -> usize {
+        cache.len()
+    }
+
+    fn truncate(&self, cache: &mut SeqCache, len: usize) -> Result<()> {
+        match cache {
+            SeqCache::Host(h) => {
+                let heads = self.backbone.model.heads();
+                h.len = h.len.min(len);
+                h.truncate(heads.kv * heads.dim);
+                Ok(())
+            }
+            SeqCache::Tensors(layers, l) => {
+                for slot in layers.iter_mut().flatten() {
+                    if slot.0.dim(2).map_err(to_core)? > len {
+                        *slot = (
+                            slot.0.narrow(2, 0, len).map_err(to_core)?,
+                            slot.1.narrow(2, 0, len).map_err(to_core)?,
+                        );
+                    }
+                }
+                *l = (*l).min(len);
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! ONNX Runtime's kernels for continuous batching ([`softprompt_core::Batcher`] does the
+//! planning and bookkeeping): every call is one run of the exported graph. A prefill runs
+//! sequences whose prompts have the same length together; a step runs all listed sequences,
+//! their caches packed into `[rows, kv_heads, longest, head_dim]` with the padding masked in
+//! `attention_bias` and each row at its own position.
+
+use softprompt_core::backbone::check_prompts;
+use softprompt_core::{
+    causal_bias, Batch, BatchRow, DecodeKernels, PrefillPlan, SoftPrompt, MASKED_BIAS,
+};
+
+use crate::{Inputs, OrtBackbone, Result};
+
+/// Most sequences prefilled in one graph call.
+const PREFILL_ROWS: usize = 16;
+
+/// The cache of one sequence: per layer `(keys, values)`, each `[kv_heads, len, head_dim]`.
+#[derive(Debug)]
+pub(crate) struct SeqCache {
+    past: Vec<(Vec<f32>, Vec<f32>)>,
+    len: usize,
+}
+
+/// The kernels of one backbone.
+pub(crate) struct OrtKernels<'a> {
+    pub backbone: &'a OrtBackbone,
+}
+
+impl OrtKernels<'_> {
+    /// Copies row `r`'s first `keep` positions (and, if given, position `extra`) of a present
+    /// output `[rows, kv_heads, total, head_dim]`.
+    fn slice_row(
+        &self,
+        present: &[f32],
+        r: usize,
+        total: usize,
+        keep: usize,
+        extra: Option<usize>,
+    ) -> Vec<f32> {
+        let (kv, hd) = (self.backbone.kv_heads, self.backbone.head_dim);
+        let len = keep + usize::from(extra.is_some());
+        let mut out = Vec::with_capacity(kv * len * hd);
+        for h in 0..kv {
+            let base = (r * kv + h) * total * hd;
+            out.extend_from_slice(&present[base..base + keep * hd]);
+            if let Some(e) = extra {
+                out.extend_from_slice(&present[base + e * hd..base + (e + 1) * hd]);
+            }
+        }
+        out
+    }
+
+    /// `[prompt][ids]` of one sequence in one call (no input tokens allowed).
+    fn prefill_one(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqCache, Vec<f32>)> {
+        let b = self.backbone;
+        let n = prompt.num_virtual_tokens();
+        let s = n + ids.len();
+        let inputs = Inputs {
+            rows: 1,
+            input_ids: ids.iter().map(|i| *i as i64).collect(),
+            tokens: ids.len(),
+            prompt_embeds: prompt.values().to_vec(),
+            virtual_tokens: n,
+            position_ids: (0..s as i64).collect(),
+            attention_bias: causal_bias(s, s),
+            gather_index: vec![(s - 1) as i64],
+            picks: 1,
+            candidate_ids: vec![0],
+            candidates: 1,
+            past: Vec::new(),
+            past_len: 0,
+        };
+        let mut out = b.run_decode(inputs)?.into_iter();
+        let logits = out.next().map(|o| o.1).unwrap_or_default();
+        let mut past = Vec::with_capacity(b.layers);
+        while let (Some(k), Some(v)) = (out.next(), out.next()) {
+            past.push((k.1, v.1));
+        }
+        Ok((SeqCache { past, len: s }, logits))
+    }
+
+    /// One call for sequences whose prompts have the same length and at least one input token
+    /// each.
+    fn prefill_group(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
+        let b = self.backbone;
+        let n = group[0].0.num_virtual_tokens();
+        let rows: Vec<BatchRow> = group
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ids))| BatchRow {
+                ids: ids.to_vec(),
+                targets: vec![false; ids.len()],
+                prompt: i,
+            })
+            .collect();
+        let batch = Batch::from_rows(&rows, 0)?;
+        let prompts: Vec<SoftPrompt> = group.iter().map(|(p, _)| (*p).clone()).collect();
+        check_prompts(&prompts, &b.spec, &batch)?;
+        let s = n + batch.seq_len();
+        let mut inputs = b.full_inputs(&prompts, &batch, n);
+        inputs.gather_index = (0..rows.len())
+            .map(|r| (n + batch.row_len(r) - 1) as i64)
+            .collect();
+        inputs.picks = 1;
+        inputs.candidate_ids = vec![0; rows.len()];
+        inputs.candidates = 1;
+        let out = b.run_decode(inputs)?;
+        let vocab = b.spec.vocab_size;
+        Ok((0..rows.len())
+            .map(|r| {
+                let keep = n + batch.row_len(r);
+                let past = out[1..]
+                    .chunks(2)
+                    .map(|kv| {
+                        (
+                            self.slice_row(&kv[0].1, r, s, keep, None),
+                            self.slice_row(&kv[1].1, r, s, keep, None),
+                        )
+                    })
+                    .collect();
+                let logits = out[0].1[r * vocab..(r + 1) * vocab].to_vec();
+                (SeqCache { past, len: keep }, logits)
+            })
+            .collect())
+    }
+}
+
+impl DecodeKernels for OrtKernels<'_> {
+    type Cache = SeqCache;
+
+    fn spec(&self) -> &softprompt_core::BackboneSpec {
+        &self.backbone.spec
+    }
+
+    fn max_positions(&self) -> usize {
+        self.backbone.config.max_positions()
+    }
+
+    fn plan(&self) -> PrefillPlan {
+        PrefillPlan::EqualPromptLength { rows: PREFILL_ROWS }
+    }
+
+    fn prefill(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
+        match group {
+            [(prompt, ids)] => Ok(vec![self.prefill_one(prompt, ids)?]),
+            _ => self.prefill_group(group),
+        }
+    }
+
+    /// Every cache is replaced only after the call succeeded.
+    fn step(&self, caches: &mut [&mut SeqCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let b = self.backbone;
+        let rows = tokens.len();
+        let lens: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        let p = lens.iter().copied().max().unwrap_or(0);
+        let (kv, hd) = (b.kv_heads, b.head_dim);
+        // caches packed left-aligned, zero padded to the longest
+        let mut past = Vec::with_capacity(b.layers);
+        for l in 0..b.layers {
+            let mut k = vec![0f32; rows * kv * p * hd];
+            let mut v = vec![0f32; rows * kv * p * hd];
+            for (r, seq) in caches.iter().enumerate() {
+                let n = seq.len * hd;
+                for h in 0..kv {
+                    let dst = (r * kv + h) * p * hd;
+                    k[dst..dst + n].copy_from_slice(&seq.past[l].0[h * n..(h + 1) * n]);
+                    v[dst..dst + n].copy_from_slice(&seq.past[l].1[h * n..(h + 1) * n]);
+                }
+            }
+            past.push((k, v));
+        }
+        let total = p + 1;
+        let mut bias = vec![0f32; rows * total];
+        for (r, len) in lens.iter().enumerate() {
+            bias[r * total + len..r * total + p].fill(MASKED_BIAS);
+        }
+        let inputs = Inputs {
+            rows,
+            input_ids: tokens.iter().map(|t| *t as i64).collect(),
+            tokens: 1,
+            prompt_embeds: Vec::new(),
+            virtual_tokens: 0,
+            position_ids: lens.iter().map(|l| *l as i64).collect(),
+            attention_bias: bias,
+            gather_index: vec![0; rows],
+            picks: 1,
+            candidate_ids: vec![0; rows],
+            candidates: 1,
+            past,
+            past_len: p,
+        };
+        let out = b.run_decode(inputs)?;
+        let vocab = b.spec.vocab_size;
+        let mut logits = Vec::with_capacity(rows);
+        for (r, seq) in caches.iter_mut().enumerate() {
+            let len = lens[r];
+            seq.past = out[1..]
+                .chunks(2)
+                .map(|pair| {
+                    (
+                        self.slice_row(&pair[0].1, r, total, len, Some(p)),
+                        self.slice_row(&pair[1].1, r, total, len, Some(p)),
+                    )
+                })
+                .collect();
+            seq.len = len + 1;
+            logits.push(out[0].1[r * vocab..(r + 1) * vocab].to_vec());
+        }
+        Ok(logits)
+    }
+
+    fn cache_len(&self, cache: &SeqCache) -> usize {
+        cache.len
+    }
+
+    fn truncate(&self, cache: &mut SeqCache, len: usize) -> Result<()> {
+        if len < cache.len {
+            let (kv, hd) = (self.backbone.kv_heads, self.backbone.head_dim);
+            let (old, new) = (cache.len * hd, len * hd);
+            let cut = |x: &Vec<f32>| -> Vec<f32> {
+                (0..kv)
+                    .flat_map(|h| x[h * old..h * old + new].iter().copied())
+                    .collect()
+            };
+            for (k, v) in &mut cache.past {
+                *k = cut(k);
+                *v = cut(v);
+            }
+            cache.len = len;
+        }
+        Ok(())
+    }
+}

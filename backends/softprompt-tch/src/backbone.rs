@@ -1,0 +1,519 @@
+//! The libtorch [`Backbone`]: scoring, gradients with respect to the prompts, rank
+//! classification, full logits; prompts' keys and values shared across rows and cached.
+//!
+//! `tch::Tensor` is `Send` but not `Sync`; the model sits behind a mutex so that a
+//! `TchBackbone` is `Sync` without unsafe code. Calls on one backbone run one at a time, each
+//! using libtorch's intra-op threads.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use softprompt_core::backbone::{check_next_token, check_prompts, check_token_ids};
+use softprompt_core::model::ModelSource;
+use softprompt_core::{
+    causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error,
+    LossAndGrad, ModelConfig, PrefixCache, RowScores, SoftPrompt,
+};
+use tch::{Device, Kind, Tensor};
+
+use crate::decoding::TchKernels;
+use crate::model::{LayerCache, Model};
+use crate::{to_core, Result, TResult, TchOptions, BACKEND};
+
+/// A frozen Llama-family or GPT-2 model on libtorch.
+#[derive(Debug)]
+pub struct TchBackbone {
+    model: Mutex<Model>,
+    pub(crate) config: ModelConfig,
+    pub(crate) spec: BackboneSpec,
+    pub(crate) device: Device,
+    pub(crate) kind: Kind,
+    /// Keys and values of recently computed prompts (inference only): a prompt seen before is
+    /// not run through the model again.
+    prefixes: Mutex<PrefixCache<KeyValues>>,
+}
+
+/// Each layer's keys and values (`[1, kv, N, hd]` per prompt in the prefix cache).
+type KeyValues = Vec<(Tensor, Tensor)>;
+
+/// Prompts kept in the prefix cache (about 0.9 MB each for SmolLM2-135M with 20 tokens, f32).
+const PREFIX_CACHE_ENTRIES: usize = 64;
+
+impl TchBackbone {
+    /// Loads a Hugging Face model directory.
+    pub fn load(path: impl AsRef<Path>, options: TchOptions) -> Result<Self> {
+        Self::from_source(ModelSource::load(path)?, options)
+    }
+
+    /// Builds the backbone from an already read model description (HF directory or GGUF).
+    pub fn from_source(source: ModelSource, options: TchOptions) -> Result<Self> {
+        if !matches!(
+            options.kind,
+            Kind::Float | Kind::Double | Kind::BFloat16 | Kind::Half
+        ) {
+            return Err(Error::InvalidArgument(format!(
+                "weights kind {:?} is not a floating-point kind",
+                options.kind
+            )));
+        }
+        let ModelSource {
+            config,
+            weights,
+            spec,
+            ..
+        } = source;
+        let model = Model::load(&config, weights, options.device, options.kind)?;
+        Ok(TchBackbone {
+            model: Mutex::new(model),
+            config,
+            spec,
+            device: options.device,
+            kind: options.kind,
+            prefixes: Mutex::new(PrefixCache::new(PREFIX_CACHE_ENTRIES)),
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Kind of the frozen weights.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub(crate) fn model(&self) -> MutexGuard<'_, Model> {
+        // the model is never mutated: a panic elsewhere cannot leave it half-updated
+        self.model.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Log-softmax runs in f32, or f64 when the weights are f64.
+    fn score_kind(&self) -> Kind {
+        if self.kind == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        }
+    }
+
+    pub(crate) fn check_length(&self, positions: usize) -> Result<()> {
+        let max = self.config.max_positions();
+        if positions > max {
+            return Err(Error::InvalidBatch(format!(
+                "{positions} positions (virtual tokens included) exceed the model's maximum of {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The prompts as one f32 tensor `[P, N, d]` on the device.
+    pub(crate) fn prompts_tensor(&self, prompts: &[SoftPrompt], n: usize) -> Result<Tensor> {
+        let d = self.spec.hidden_size;
+        let values: Vec<f32> = prompts
+            .iter()
+            .flat_map(|p| p.values().iter().copied())
+            .collect();
+        Tensor::f_from_slice(&values)
+            .and_then(|t| t.f_view([prompts.len() as i64, n as i64, d as i64]))
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(to_core)
+    }
+
+    pub(crate) fn ids_tensor(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids: Vec<i64> = ids.iter().map(|i| *i as i64).collect();
+        Tensor::f_from_slice(&ids)
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(to_core)
+    }
+
+    pub(crate) fn index_tensor(&self, idx: impl IntoIterator<Item = usize>) -> Result<Tensor> {
+        let idx: Vec<i64> = idx.into_iter().map(|i| i as i64).collect();
+        Tensor::f_from_slice(&idx)
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(to_core)
+    }
+
+    /// `[prompt rows][token embeddings]` in the weights' kind, and the causal + padding mask
+    /// `[rows, 1, S, S]`.
+    pub(crate) fn inputs(
+        &self,
+        model: &Model,
+        prompts: &Tensor,
+        batch: &Batch,
+        n: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (rows, t) = (batch.rows(), batch.seq_len());
+        let s = n + t;
+        let ids = self.ids_tensor(batch.input_ids())?;
+        let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
+        let bias = batch.attention_bias(n);
+        let run = || -> TResult<(Tensor, Tensor)> {
+            let tok =
+                model
+                    .embed(&ids)?
+                    .f_view([rows as i64, t as i64, self.spec.hidden_size as i64])?;
+            let x = if n == 0 {
+                tok
+            } else {
+                let p = prompts
+                    .f_index_select(0, &prompt_rows)?
+                    .f_to_kind(self.kind)?;
+                Tensor::f_cat(&[&p, &tok], 1)?
+            };
+            let bias = Tensor::f_from_slice(&bias)?
+                .f_view([rows as i64, 1, s as i64, s as i64])?
+                .f_to_kind(self.kind)?
+                .f_to_device(self.device)?;
+            Ok((x, bias))
+        };
+        run().map_err(to_core)
+    }
+
+    /// Hidden states at the token positions, `[rows, T, d]`, computing each distinct prompt's
+    /// keys and values once (one pass of `[P, N, d]`) and letting every row attend to its
+    /// prompt's cache: the virtual tokens are not recomputed per row. Exact: the same attention
+    /// over the same keys, only the work is shared.
+    /// With `host` (inference: the prompts' values, `prompts` not requiring a gradient) the
+    /// prompts' keys and values are looked up in, and added to, the prefix cache.
+    fn token_hidden(
+        &self,
+        model: &Model,
+        prompts: &Tensor,
+        host: Option<&[SoftPrompt]>,
+        batch: &Batch,
+        n: usize,
+    ) -> Result<Tensor> {
+        Ok(self.token_hidden_cached(model, prompts, host, batch, n)?.0)
+    }
+
+    /// [`Self::token_hidden`] and the cache it leaves (`[rows, kv, N + T, hd]` per layer).
+    pub(crate) fn token_hidden_cached(
+        &self,
+        model: &Model,
+        prompts: &Tensor,
+        values: Option<&[SoftPrompt]>,
+        batch: &Batch,
+        n: usize,
+    ) -> Result<(Tensor, Vec<LayerCache>)> {
+        let (rows, t) = (batch.rows(), batch.seq_len());
+        let s = n + t;
+        let d = self.spec.hidden_size as i64;
+        let ids = self.ids_tensor(batch.input_ids())?;
+        let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
+        let bias = batch.token_attention_bias(n);
+        let causal = causal_bias(n, n);
+        let run = || -> TResult<(Tensor, Vec<LayerCache>)> {
+            let host = |v: &[f32], shape: [i64; 4]| -> TResult<Tensor> {
+                Ok(Tensor::f_from_slice(v)?
+                    .f_view(shape)?
+                    .f_to_kind(self.kind)?
+                    .f_to_device(self.device)?)
+            };
+            let mut cache: Vec<LayerCache> = (0..model.num_layers()).map(|_| None).collect();
+            if n > 0 {
+                let causal = host(&causal, [1, 1, n as i64, n as i64])?;
+                let per_layer = self.prompt_kv(model, prompts, values, &causal)?;
+                for (slot, (k, v)) in cache.iter_mut().zip(per_layer) {
+                    *slot = Some((
+                        k.f_index_select(0, &prompt_rows)?,
+                        v.f_index_select(0, &prompt_rows)?,
+                    ));
+                }
+            }
+            let tok = model.embed(&ids)?.f_view([rows as i64, t as i64, d])?;
+            let bias = host(&bias, [rows as i64, 1, t as i64, s as i64])?;
+            let hidden = model.forward(&tok, n, Some(&bias), Some(&mut cache))?;
+            Ok((hidden, cache))
+        };
+        run().map_err(to_core)
+    }
+
+    /// Each layer's keys and values of the `[P, N, d]` prompts, `[P, kv, N, hd]`, from one pass
+    /// with the causal mask `causal`. With `values` (inference) prompts are looked up in the
+    /// prefix cache by value and only the others run, then join it.
+    fn prompt_kv(
+        &self,
+        model: &Model,
+        prompts: &Tensor,
+        values: Option<&[SoftPrompt]>,
+        causal: &Tensor,
+    ) -> TResult<KeyValues> {
+        let layers = model.num_layers();
+        let pass = |x: &Tensor| -> TResult<KeyValues> {
+            let mut cache: Vec<LayerCache> = (0..layers).map(|_| None).collect();
+            // only the keys and values it leaves in the cache are used
+            let _ = model.forward(&x.f_to_kind(self.kind)?, 0, Some(causal), Some(&mut cache))?;
+            Ok(cache.into_iter().flatten().collect())
+        };
+        let Some(values) = values else {
+            return pass(prompts);
+        };
+        let mut found: Vec<Option<KeyValues>> = {
+            let cache = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+            values
+                .iter()
+                .map(|p| {
+                    cache.get(p).map(|kv| {
+                        kv.iter()
+                            .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+                            .collect()
+                    })
+                })
+                .collect()
+        };
+        let missing: Vec<usize> = (0..values.len()).filter(|i| found[*i].is_none()).collect();
+        if !missing.is_empty() {
+            let sel: Vec<i64> = missing.iter().map(|i| *i as i64).collect();
+            let sel = Tensor::f_from_slice(&sel)?.f_to_device(self.device)?;
+            let fresh = pass(&prompts.f_index_select(0, &sel)?)?;
+            let mut cache = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+            for (j, i) in missing.iter().enumerate() {
+                let own = fresh
+                    .iter()
+                    .map(|(k, v)| {
+                        Ok((
+                            k.f_narrow(0, j as i64, 1)?.f_contiguous()?,
+                            v.f_narrow(0, j as i64, 1)?.f_contiguous()?,
+                        ))
+                    })
+                    .collect::<TResult<Vec<_>>>()?;
+                let kept = own
+                    .iter()
+                    .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+                    .collect();
+                cache.insert(&values[*i], kept);
+                found[*i] = Some(own);
+            }
+        }
+        let found: Vec<KeyValues> = found.into_iter().flatten().collect();
+        (0..layers)
+            .map(|l| {
+                let ks: Vec<&Tensor> = found.iter().map(|kv| &kv[l].0).collect();
+                let vs: Vec<&Tensor> = found.iter().map(|kv| &kv[l].1).collect();
+                Ok((Tensor::f_cat(&ks, 0)?, Tensor::f_cat(&vs, 0)?))
+            })
+            .collect()
+    }
+
+    /// Log-probabilities of every target token, in `batch.targets()` order (differentiable
+    /// with respect to `prompts` when it requires a gradient).
+    fn target_logprobs(
+        &self,
+        prompts: &Tensor,
+        values: Option<&[SoftPrompt]>,
+        batch: &Batch,
+        n: usize,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let targets = batch.targets(n)?;
+        if targets.is_empty() {
+            return Err(Error::InvalidBatch("the batch has no target tokens".into()));
+        }
+        let (t, s) = (batch.seq_len(), n + batch.seq_len());
+        let d = self.spec.hidden_size as i64;
+        let model = self.model();
+        let ids = self.index_tensor(
+            targets
+                .iter()
+                .map(|(r, t, _)| batch.input_ids()[r * batch.seq_len() + t] as usize),
+        )?;
+        // every target predicted from a token position: share the prompt pass across rows
+        let shared = targets.iter().all(|(_, _, pos)| *pos >= n);
+        let flat = if shared {
+            let hidden = self.token_hidden(&model, prompts, values, batch, n)?;
+            let at = self.index_tensor(targets.iter().map(|(r, _, pos)| r * t + pos - n))?;
+            hidden
+                .f_reshape([(batch.rows() * t) as i64, d])
+                .and_then(|h| h.f_index_select(0, &at))
+                .map_err(to_core)?
+        } else {
+            let (x, bias) = self.inputs(&model, prompts, batch, n)?;
+            let at = self.index_tensor(targets.iter().map(|(r, _, pos)| r * s + pos))?;
+            let run = || -> TResult<Tensor> {
+                let h = model.forward(&x, 0, Some(&bias), None)?;
+                Ok(h.f_reshape([(batch.rows() * s) as i64, d])?
+                    .f_index_select(0, &at)?)
+            };
+            run().map_err(to_core)?
+        };
+        let run = || -> TResult<Tensor> {
+            // the head runs only where a target is predicted
+            let logp = model.head(&flat)?.f_log_softmax(-1, self.score_kind())?;
+            Ok(logp
+                .f_gather(1, &ids.f_unsqueeze(1)?, false)?
+                .f_squeeze_dim(1)?)
+        };
+        let rows = targets.iter().map(|(r, _, _)| *r).collect();
+        Ok((run().map_err(to_core)?, rows))
+    }
+}
+
+/// Copies any tensor to host f64 values.
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    t.f_to_kind(Kind::Double)
+        .and_then(|t| t.f_to_device(Device::Cpu))
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_view(-1))
+        .and_then(|t| Vec::<f64>::try_from(&t))
+        .map_err(to_core)
+}
+
+/// Copies any tensor to host f32 values.
+pub(crate) fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.f_to_kind(Kind::Float)
+        .and_then(|t| t.f_to_device(Device::Cpu))
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_view(-1))
+        .and_then(|t| Vec::<f32>::try_from(&t))
+        .map_err(to_core)
+}
+
+impl Backbone for TchBackbone {
+    fn backend_name(&self) -> &str {
+        BACKEND
+    }
+
+    fn spec(&self) -> &BackboneSpec {
+        &self.spec
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            gradients: true,
+            generation: true,
+        }
+    }
+
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        check_token_ids(ids.iter().copied(), self.spec.vocab_size)?;
+        let ids = self.ids_tensor(ids)?;
+        let _guard = tch::no_grad_guard();
+        let e = self.model().embed(&ids).map_err(to_core)?;
+        to_f32(&e)
+    }
+
+    fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<RowScores> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        let _guard = tch::no_grad_guard();
+        let p = self.prompts_tensor(prompts, n)?;
+        let (logp, rows) = self.target_logprobs(&p, Some(prompts), batch, n)?;
+        let logp = to_f64(&logp)?;
+        let mut scores = RowScores {
+            logprob_sum: vec![0.0; batch.rows()],
+            num_targets: vec![0; batch.rows()],
+        };
+        for (lp, r) in logp.iter().zip(rows) {
+            scores.logprob_sum[r] += lp;
+            scores.num_targets[r] += 1;
+        }
+        Ok(scores)
+    }
+
+    fn next_token_logprobs(
+        &self,
+        prompts: &[SoftPrompt],
+        batch: &Batch,
+        candidates: &[u32],
+    ) -> Result<Vec<Vec<f64>>> {
+        let n = check_next_token(prompts, &self.spec, batch, candidates)?;
+        self.check_length(n + batch.seq_len())?;
+        let _guard = tch::no_grad_guard();
+        let p = self.prompts_tensor(prompts, n)?;
+        let (t, s) = (batch.seq_len(), n + batch.seq_len());
+        let d = self.spec.hidden_size as i64;
+        let model = self.model();
+        let cand = self.ids_tensor(candidates)?;
+        // only each row's last real position goes through the head
+        let last = if (0..batch.rows()).all(|r| batch.row_len(r) > 0) {
+            let hidden = self.token_hidden(&model, &p, Some(prompts), batch, n)?;
+            let at = self.index_tensor((0..batch.rows()).map(|r| r * t + batch.row_len(r) - 1))?;
+            hidden
+                .f_reshape([(batch.rows() * t) as i64, d])
+                .and_then(|h| h.f_index_select(0, &at))
+                .map_err(to_core)?
+        } else {
+            // a row made of its prompt alone: the full pass
+            let (x, bias) = self.inputs(&model, &p, batch, n)?;
+            let at =
+                self.index_tensor((0..batch.rows()).map(|r| r * s + n + batch.row_len(r) - 1))?;
+            let run = || -> TResult<Tensor> {
+                let h = model.forward(&x, 0, Some(&bias), None)?;
+                Ok(h.f_reshape([(batch.rows() * s) as i64, d])?
+                    .f_index_select(0, &at)?)
+            };
+            run().map_err(to_core)?
+        };
+        let run = || -> TResult<Tensor> {
+            Ok(model
+                .head(&last)?
+                .f_log_softmax(-1, self.score_kind())?
+                .f_index_select(1, &cand)?)
+        };
+        let flat = to_f64(&run().map_err(to_core)?)?;
+        Ok(flat
+            .chunks(candidates.len().max(1))
+            .map(<[f64]>::to_vec)
+            .collect())
+    }
+
+    fn loss_and_grad(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<LossAndGrad> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        if n == 0 {
+            return Err(Error::InvalidArgument(
+                "a prompt of zero virtual tokens has no gradient".into(),
+            ));
+        }
+        // the only tensor of the graph that requires a gradient
+        let leaf = self
+            .prompts_tensor(prompts, n)?
+            .f_requires_grad_(true)
+            .map_err(to_core)?;
+        let (logp, _) = self.target_logprobs(&leaf, None, batch, n)?;
+        let count = batch.num_targets() as f64;
+        let loss = logp
+            .f_sum(None::<Kind>)
+            .and_then(|s| s.f_neg())
+            .and_then(|s| s.f_div_scalar(count))
+            .map_err(to_core)?;
+        loss.f_backward().map_err(to_core)?;
+        let grad = leaf.grad();
+        if !grad.defined() {
+            return Err(Error::backend(BACKEND, "no gradient reached the prompt"));
+        }
+        let loss = to_f32(&loss.detach())?[0];
+        let flat = to_f32(&grad)?;
+        let per = n * self.spec.hidden_size;
+        Ok(LossAndGrad {
+            loss,
+            grads: flat.chunks(per).map(<[f32]>::to_vec).collect(),
+        })
+    }
+
+    fn logits(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<Vec<f32>> {
+        let n = check_prompts(prompts, &self.spec, batch)?;
+        self.check_length(n + batch.seq_len())?;
+        let _guard = tch::no_grad_guard();
+        let p = self.prompts_tensor(prompts, n)?;
+        let model = self.model();
+        let (x, bias) = self.inputs(&model, &p, batch, n)?;
+        let s = n + batch.seq_len();
+        let run = || -> TResult<Tensor> {
+            let hidden = model.forward(&x, 0, Some(&bias), None)?;
+            let flat =
+                hidden.f_reshape([(batch.rows() * s) as i64, self.spec.hidden_size as i64])?;
+            model.head(&flat)
+        };
+        to_f32(&run().map_err(to_core)?)
+    }
+
+    fn batch_decoder(&self) -> Option<Box<dyn BatchDecoder + '_>> {
+        Some(Box::new(Batcher::new(TchKernels { backbone: self })))
+    }
+}
