@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use softprompt_core::backbone::{check_next_token, check_prompts};
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    causal_bias, prompt_slots, Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities,
-    Error, LossAndGrad, ModelConfig, PrefixCache, RowScores, SoftPrompt,
+    prompt_slots, Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error,
+    LossAndGrad, ModelConfig, PrefixCache, RowScores, SoftPrompt,
 };
 
 use crate::decoding::{CandleKernels, PREFILL_TOKENS};
@@ -84,6 +84,11 @@ impl CandleBackbone {
             .map_err(to_core)
     }
 
+    /// Which keys a query sees (the model's mask).
+    pub(crate) fn mask(&self) -> softprompt_core::AttentionMask {
+        self.config.attention_mask()
+    }
+
     /// Log-softmax runs in f32, or f64 when the weights are f64 (bf16/f16 logits are upcast).
     fn score_dtype(&self) -> DType {
         if self.dtype == DType::F64 {
@@ -124,7 +129,7 @@ impl CandleBackbone {
             let idx = Tensor::from_vec(idx, rows, &self.device)?;
             Tensor::cat(&[&prompts.index_select(&idx, 0)?, &tok], 1)?
         };
-        let bias = Tensor::from_vec(batch.attention_bias(n), (rows, 1, s, s), &self.device)?
+        let bias = Tensor::from_vec(self.mask().bias(batch, n), (rows, 1, s, s), &self.device)?
             .to_dtype(self.dtype)?;
         Ok(Inputs { x, bias })
     }
@@ -140,7 +145,7 @@ impl CandleBackbone {
         n: usize,
     ) -> CResult<Vec<LayerCache>> {
         let layers = self.model.num_layers();
-        let causal = Tensor::from_vec(causal_bias(n, n), (1, 1, n, n), &self.device)?
+        let causal = Tensor::from_vec(self.mask().chunk_bias(n, n), (1, 1, n, n), &self.device)?
             .to_dtype(self.dtype)?;
         let mut per_prompt: Vec<Option<Vec<KeyValue>>> = vec![None; prompts.dim(0)?];
         if let Some(host) = host {
@@ -223,8 +228,12 @@ impl CandleBackbone {
             .model
             .embed(&ids)?
             .reshape((rows, t, self.spec.hidden_size))?;
-        let bias = Tensor::from_vec(batch.token_attention_bias(n), (rows, 1, t, s), &self.device)?
-            .to_dtype(self.dtype)?;
+        let bias = Tensor::from_vec(
+            self.mask().token_bias(batch, n),
+            (rows, 1, t, s),
+            &self.device,
+        )?
+        .to_dtype(self.dtype)?;
         let hidden = self
             .model
             .forward(&tok, n, Some(&bias), Some((&mut cache, extend)))?;

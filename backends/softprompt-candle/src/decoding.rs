@@ -11,8 +11,8 @@
 
 use candle_core::{DType, Tensor};
 use softprompt_core::{
-    causal_bias, input_rows, Batch, BatchRow, DecodeKernels, Error, Positions, PrefillPlan,
-    SoftPrompt, MASKED_BIAS,
+    input_rows, Batch, BatchRow, DecodeKernels, Error, Positions, PrefillPlan, SoftPrompt,
+    MASKED_BIAS,
 };
 
 use crate::model::{HostCache, LayerCache};
@@ -59,8 +59,8 @@ impl CandleKernels<'_> {
                 b.inputs(&p, &Batch::from_rows(&[row], 0)?, n)?.x
             };
             let s = x.dim(1)?;
-            let bias =
-                Tensor::from_vec(causal_bias(s, s), (1, 1, s, s), &b.device)?.to_dtype(b.dtype)?;
+            let bias = Tensor::from_vec(b.mask().chunk_bias(s, s), (1, 1, s, s), &b.device)?
+                .to_dtype(b.dtype)?;
             let mut cache: Vec<LayerCache> = vec![None; b.model.num_layers()];
             let h = b
                 .model

@@ -5,9 +5,7 @@
 //! `attention_bias` and each row at its own position.
 
 use softprompt_core::backbone::check_prompts;
-use softprompt_core::{
-    causal_bias, Batch, BatchRow, DecodeKernels, PrefillPlan, SoftPrompt, MASKED_BIAS,
-};
+use softprompt_core::{Batch, BatchRow, DecodeKernels, PrefillPlan, SoftPrompt, MASKED_BIAS};
 
 use crate::{Inputs, OrtBackbone, Result};
 
@@ -62,7 +60,7 @@ impl OrtKernels<'_> {
             prompt_embeds: prompt.values().to_vec(),
             virtual_tokens: n,
             position_ids: (0..s as i64).collect(),
-            attention_bias: causal_bias(s, s),
+            attention_bias: b.config.attention_mask().chunk_bias(s, s),
             gather_index: vec![(s - 1) as i64],
             picks: 1,
             candidate_ids: vec![0],

@@ -125,10 +125,10 @@ fn build(model: &Model<String>, g: &GraphOps, widths: (usize, usize)) -> Result<
     declare_io(g, layers, (heads.kv, heads.dim), widths);
     // `[prompt_embeds][embed(input_ids)]` along the sequence
     let tokens = model.embed(g, &"input_ids".to_string())?;
-    g.op_into("Identity", &[&tokens], vec![], &["token_embeds"]);
+    g.rename(&tokens, "token_embeds");
     let x = g.op(
         "Concat",
-        &["prompt_embeds", &tokens],
+        &["prompt_embeds", "token_embeds"],
         vec![attr_int("axis", 1)],
     );
     let mut cache: Vec<Option<(String, String)>> = (0..layers)
@@ -144,8 +144,8 @@ fn build(model: &Model<String>, g: &GraphOps, widths: (usize, usize)) -> Result<
         let (k, v) = slot
             .as_ref()
             .ok_or_else(|| Error::backend(crate::BACKEND, "a layer left no keys and values"))?;
-        g.op_into("Identity", &[k], vec![], &[&format!("present_key.{i}")]);
-        g.op_into("Identity", &[v], vec![], &[&format!("present_value.{i}")]);
+        g.rename(k, &format!("present_key.{i}"));
+        g.rename(v, &format!("present_value.{i}"));
     }
     // only the picked positions go through the final norm and the head
     let picked = g.op(
@@ -154,7 +154,7 @@ fn build(model: &Model<String>, g: &GraphOps, widths: (usize, usize)) -> Result<
         vec![attr_int("batch_dims", 1)],
     );
     let logits = model.logits(g, &picked)?;
-    g.op_into("Identity", &[&logits], vec![], &["logits"]);
+    g.rename(&logits, "logits");
     let logp = g.op("LogSoftmax", &["logits"], vec![attr_int("axis", -1)]);
     g.op_into(
         "GatherElements",

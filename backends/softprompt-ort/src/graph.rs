@@ -134,6 +134,28 @@ impl GraphOps {
         s.graph.node.push(n);
     }
 
+    /// Renames value `from` to `to` everywhere (its producer and its consumers), so that a graph
+    /// output is the value itself rather than an `Identity` of it.
+    pub fn rename(&self, from: &str, to: &str) {
+        let mut s = self.state.borrow_mut();
+        for node in &mut s.graph.node {
+            for name in node.output.iter_mut().chain(node.input.iter_mut()) {
+                if name == from {
+                    *name = to.to_string();
+                }
+            }
+        }
+    }
+
+    /// `Split` of `x` along `axis` into parts of `sizes`.
+    fn split(&self, x: &str, axis: i64, sizes: &[i64]) -> Vec<String> {
+        let sizes_name = self.ints(sizes);
+        let outs: Vec<String> = sizes.iter().map(|_| self.fresh("Split")).collect();
+        let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+        self.op_into("Split", &[x, &sizes_name], vec![attr_int("axis", axis)], &refs);
+        outs
+    }
+
     /// A float initializer holding `data` of shape `dims`.
     fn weight(&self, name: &str, dims: &[usize], data: &[f32]) -> String {
         let mut t = TensorProto::new();
@@ -450,5 +472,31 @@ impl Ops for GraphOps {
     fn permute(&self, x: &String, perm: &[usize]) -> Result<String> {
         let perm: Vec<i64> = perm.iter().map(|p| *p as i64).collect();
         Ok(self.op("Transpose", &[x], vec![attr_ints("perm", &perm)]))
+    }
+
+    /// One `Split` node for the three parts (fewer nodes per decode step than three slices).
+    fn split_heads(
+        &self,
+        qkv: &String,
+        heads: Heads,
+        rope: Option<&Rope<String>>,
+    ) -> Result<(String, String, String)> {
+        let hd = heads.dim as i64;
+        let (q, kv) = (heads.q as i64, heads.kv as i64);
+        let parts = self.split(qkv, 2, &[q * hd, kv * hd, kv * hd]);
+        let head = |x: &String, n: i64| -> Result<String> {
+            let x = self.reshape(x, &[0, 0, n, hd])?;
+            self.permute(&x, &[0, 2, 1, 3])
+        };
+        let (q, k, v) = (head(&parts[0], q)?, head(&parts[1], kv)?, head(&parts[2], kv)?);
+        match rope {
+            None => Ok((q, k, v)),
+            Some(r) => Ok((self.rope(&q, r)?, self.rope(&k, r)?, v)),
+        }
+    }
+
+    fn swiglu(&self, gate_up: &String, inner: usize) -> Result<String> {
+        let parts = self.split(gate_up, 2, &[inner as i64, inner as i64]);
+        self.mul(&self.silu(&parts[0])?, &parts[1])
     }
 }

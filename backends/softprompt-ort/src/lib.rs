@@ -23,8 +23,8 @@ use softprompt_core::model::{ModelConfig, ModelSource};
 
 use crate::decoding::OrtKernels;
 use softprompt_core::{
-    causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error, Result,
-    RowScores, SoftPrompt,
+    Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error, Result, RowScores,
+    SoftPrompt,
 };
 
 /// Name of this runtime in messages.
@@ -327,7 +327,7 @@ impl OrtBackbone {
             prompt_embeds,
             virtual_tokens: n,
             position_ids: (0..rows).flat_map(|_| 0..s as i64).collect(),
-            attention_bias: batch.attention_bias(n),
+            attention_bias: self.config.attention_mask().bias(batch, n),
             gather_index: Vec::new(),
             picks: 0,
             candidate_ids: Vec::new(),
@@ -492,7 +492,7 @@ impl Backbone for OrtBackbone {
             prompt_embeds: Vec::new(),
             virtual_tokens: 0,
             position_ids: (0..t as i64).collect(),
-            attention_bias: causal_bias(t, t),
+            attention_bias: self.config.attention_mask().chunk_bias(t, t),
             gather_index: vec![0],
             picks: 1,
             candidate_ids: vec![0],

@@ -11,8 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 use softprompt_core::backbone::{check_next_token, check_prompts, check_token_ids};
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    causal_bias, Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error,
-    LossAndGrad, ModelConfig, PrefixCache, RowScores, SoftPrompt,
+    Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error, LossAndGrad,
+    ModelConfig, PrefixCache, RowScores, SoftPrompt,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -152,7 +152,7 @@ impl TchBackbone {
         let s = n + t;
         let ids = self.ids_tensor(batch.input_ids())?;
         let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
-        let bias = batch.attention_bias(n);
+        let bias = self.config.attention_mask().bias(batch, n);
         let run = || -> TResult<(Tensor, Tensor)> {
             let tok =
                 model
@@ -206,8 +206,8 @@ impl TchBackbone {
         let d = self.spec.hidden_size as i64;
         let ids = self.ids_tensor(batch.input_ids())?;
         let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
-        let bias = batch.token_attention_bias(n);
-        let causal = causal_bias(n, n);
+        let bias = self.config.attention_mask().token_bias(batch, n);
+        let causal = self.config.attention_mask().chunk_bias(n, n);
         let run = || -> TResult<(Tensor, Vec<LayerCache>)> {
             let host = |v: &[f32], shape: [i64; 4]| -> TResult<Tensor> {
                 Ok(Tensor::f_from_slice(v)?

@@ -6,8 +6,7 @@
 //! forward pass and appends each row's new keys and values.
 
 use softprompt_core::{
-    causal_bias, input_rows, Batch, BatchRow, DecodeKernels, Positions, PrefillPlan, SoftPrompt,
-    MASKED_BIAS,
+    input_rows, Batch, BatchRow, DecodeKernels, Positions, PrefillPlan, SoftPrompt, MASKED_BIAS,
 };
 use tch::Tensor;
 
@@ -44,7 +43,7 @@ impl TchKernels<'_> {
             b.inputs(&model, &p, &Batch::from_rows(&[row], 0)?, n)?.0
         };
         let s = n + ids.len();
-        let bias = causal_bias(s, s);
+        let bias = b.config.attention_mask().chunk_bias(s, s);
         let mut cache: Vec<LayerCache> = (0..model.num_layers()).map(|_| None).collect();
         let mut run = || -> TResult<Tensor> {
             let bias = Tensor::f_from_slice(&bias)?

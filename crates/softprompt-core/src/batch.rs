@@ -160,58 +160,6 @@ impl Batch {
     }
 }
 
-/// Additive attention bias for a key a query may not see: finite, so that f16/bf16 stay NaN-free.
-pub const MASKED_BIAS: f32 = -1e9;
-
-impl Batch {
-    /// Additive bias `[rows, N + T, N + T]` over `[prompt][tokens]`: causal, and padding keys
-    /// hidden; the `N` virtual tokens are always visible.
-    pub fn attention_bias(&self, n: usize) -> Vec<f32> {
-        let (t, s) = (self.seq_len, n + self.seq_len);
-        let mut bias = vec![0f32; self.rows * s * s];
-        for r in 0..self.rows {
-            for q in 0..s {
-                for k in 0..s {
-                    if k > q || (k >= n && !self.attention_mask[r * t + k - n]) {
-                        bias[(r * s + q) * s + k] = MASKED_BIAS;
-                    }
-                }
-            }
-        }
-        bias
-    }
-
-    /// Additive bias `[rows, T, N + T]` of the token positions only, over the `N` virtual tokens
-    /// (always visible, e.g. from a KV cache) and the row's own real tokens up to each query.
-    pub fn token_attention_bias(&self, n: usize) -> Vec<f32> {
-        let (t, s) = (self.seq_len, n + self.seq_len);
-        let mut bias = vec![0f32; self.rows * t * s];
-        for r in 0..self.rows {
-            for q in 0..t {
-                for j in 0..t {
-                    if j > q || !self.attention_mask[r * t + j] {
-                        bias[(r * t + q) * s + n + j] = MASKED_BIAS;
-                    }
-                }
-            }
-        }
-        bias
-    }
-}
-
-/// Additive causal bias `[len, total]` for `len` queries at the last positions of a sequence of
-/// `total` (the earlier `total - len` positions, e.g. a KV cache, are visible to all of them).
-pub fn causal_bias(len: usize, total: usize) -> Vec<f32> {
-    let start = total - len;
-    let mut bias = vec![0f32; len * total];
-    for q in 0..len {
-        for k in start + q + 1..total {
-            bias[q * total + k] = MASKED_BIAS;
-        }
-    }
-    bias
-}
-
 /// Input rows `[prompt][ids]` of several sequences (nothing targeted), right padded, with one
 /// prompt slot per distinct prompt (equal values share a slot), and the prompts of those slots in
 /// order: what a batched prefill passes to the model.
@@ -332,29 +280,6 @@ mod tests {
         assert!(b.validate(2, 8).is_ok());
         assert!(b.validate(1, 8).is_err());
         assert!(b.validate(2, 7).is_err());
-    }
-
-    #[test]
-    fn attention_biases_hide_future_and_padding_keys() {
-        let b = Batch::from_rows(
-            &[
-                BatchRow::with_continuation(&[1], &[2], 0),
-                BatchRow::with_continuation(&[3, 4], &[5], 0),
-            ],
-            0,
-        )
-        .unwrap();
-        let m = MASKED_BIAS;
-        // row 0: one virtual token, tokens [1, 2, pad]
-        let full = b.attention_bias(1);
-        assert_eq!(
-            &full[..16],
-            &[0., m, m, m, 0., 0., m, m, 0., 0., 0., m, 0., 0., 0., m]
-        );
-        let tokens = b.token_attention_bias(1);
-        assert_eq!(&tokens[..12], &full[4..16]);
-        assert_eq!(causal_bias(2, 3), vec![0., 0., m, 0., 0., 0.]);
-        assert_eq!(causal_bias(1, 4), vec![0.; 4]);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod batch;
 pub mod decode;
 pub mod error;
 pub mod generate;
+pub mod mask;
 pub mod model;
 pub mod optimizer;
 pub mod prompt;
@@ -20,13 +21,14 @@ pub mod store;
 pub mod tokenizer;
 
 pub use backbone::{Backbone, Capabilities, DecodeSession, LossAndGrad, RowScores};
-pub use batch::{causal_bias, input_rows, prompt_slots, Batch, BatchRow, Positions, MASKED_BIAS};
+pub use batch::{input_rows, prompt_slots, Batch, BatchRow, Positions};
 pub use decode::{
     batch_decoder, BatchDecoder, Batcher, DecodeKernels, OneSequence, PrefillPlan, SeqId,
     SessionDecoder,
 };
 pub use error::{Error, Result};
 pub use generate::{generate, GenerationOutput, GenerationParams, StopReason};
+pub use mask::{causal_bias, AttentionMask, MASKED_BIAS};
 pub use model::{
     Architecture, Gpt2Config, HostTensor, LlamaConfig, ModelConfig, ModelSource, ModelWeights,
 };

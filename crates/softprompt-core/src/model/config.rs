@@ -331,6 +331,27 @@ impl ModelConfig {
         }
     }
 
+    /// Which keys a query sees: both families are decoders.
+    pub fn attention_mask(&self) -> crate::AttentionMask {
+        crate::AttentionMask::Causal
+    }
+
+    /// Key/value heads of every block.
+    pub fn num_key_value_heads(&self) -> usize {
+        match self {
+            ModelConfig::Llama(c) => c.num_key_value_heads,
+            ModelConfig::Gpt2(c) => c.n_head,
+        }
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        match self {
+            ModelConfig::Llama(c) => c.head_dim,
+            ModelConfig::Gpt2(c) => c.n_embd / c.n_head,
+        }
+    }
+
     /// Longest sequence (virtual tokens included) the model supports.
     pub fn max_positions(&self) -> usize {
         match self {
