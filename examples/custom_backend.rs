@@ -41,6 +41,8 @@ impl MeanPoolLm {
             vocab_size: vocab,
             num_layers: 0,
             num_attention_heads: 0,
+            num_key_value_heads: 0,
+            head_dim: 0,
             fingerprint: format!("mean-pool-lm-{vocab}x{d}-seed{seed}"),
             name: "mean-pool-lm".into(),
         };
@@ -54,7 +56,7 @@ impl MeanPoolLm {
 
     /// For every target: (row, log p(target), dloss/dstate), with states as running means.
     fn targets(&self, prompts: &[SoftPrompt], batch: &Batch) -> softprompt::Result<Vec<Target>> {
-        let n = softprompt::backbone::check_prompts(prompts, &self.spec, batch)?;
+        let n = softprompt::backbone::check_prompts(self, prompts, batch)?;
         let (d, t, v) = (self.spec.hidden_size, batch.seq_len(), self.spec.vocab_size);
         let mut out = Vec::new();
         for (r, _, pos) in batch.targets(n)? {
@@ -115,6 +117,7 @@ impl Backbone for MeanPoolLm {
         Capabilities {
             gradients: true,
             generation: false,
+            placements: Capabilities::INPUT_EMBEDDINGS,
         }
     }
 

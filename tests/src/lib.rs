@@ -680,6 +680,27 @@ macro_rules! conformance_suite {
                     Err(softprompt::Error::InvalidBatch(_))
                 ));
                 assert!(dec.is_empty());
+                // a placement the backend does not take is refused by name, never misread as
+                // input embeddings of the same width
+                for placement in [
+                    softprompt::Placement::KeyValuePrefix,
+                    softprompt::Placement::AfterClassToken,
+                ] {
+                    if b.capabilities().placements.contains(&placement) {
+                        continue;
+                    }
+                    let placed = r.prompts[0].clone().with_placement(placement);
+                    let err = b.loss(std::slice::from_ref(&placed), &batch).unwrap_err();
+                    assert!(
+                        matches!(err, softprompt::Error::Unsupported { .. }),
+                        "{placement:?}: {err}"
+                    );
+                    assert!(matches!(
+                        dec.add(&placed, ids),
+                        Err(softprompt::Error::Unsupported { .. })
+                    ));
+                }
+                assert!(dec.is_empty());
             }
         }
     };

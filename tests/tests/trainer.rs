@@ -214,6 +214,7 @@ impl Backbone for ForwardOnly<'_> {
         Capabilities {
             gradients: false,
             generation: false,
+            placements: Capabilities::INPUT_EMBEDDINGS,
         }
     }
     fn embed(&self, ids: &[u32]) -> softprompt::Result<Vec<f32>> {

@@ -296,6 +296,7 @@ impl Backbone for CandleBackbone {
         Capabilities {
             gradients: true,
             generation: true,
+            placements: Capabilities::INPUT_EMBEDDINGS,
         }
     }
 
@@ -314,7 +315,7 @@ impl Backbone for CandleBackbone {
     }
 
     fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<RowScores> {
-        let n = check_prompts(prompts, &self.spec, batch)?;
+        let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
         let p = self.prompts_tensor(prompts, n)?;
         let (logp, rows) = self.target_logprobs(&p, Some(prompts), batch, n)?;
@@ -339,7 +340,7 @@ impl Backbone for CandleBackbone {
         batch: &Batch,
         candidates: &[u32],
     ) -> Result<Vec<Vec<f64>>> {
-        let n = check_next_token(prompts, &self.spec, batch, candidates)?;
+        let n = check_next_token(self, prompts, batch, candidates)?;
         self.check_length(n + batch.seq_len())?;
         if self.host_path() && (0..batch.rows()).all(|r| batch.row_len(r) > 0) {
             return self.next_token_logprobs_host(prompts, batch, candidates);
@@ -378,7 +379,7 @@ impl Backbone for CandleBackbone {
     }
 
     fn loss_and_grad(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<LossAndGrad> {
-        let n = check_prompts(prompts, &self.spec, batch)?;
+        let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
         if n == 0 {
             return Err(Error::InvalidArgument(
@@ -407,7 +408,7 @@ impl Backbone for CandleBackbone {
     }
 
     fn logits(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<Vec<f32>> {
-        let n = check_prompts(prompts, &self.spec, batch)?;
+        let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
         let p = self.prompts_tensor(prompts, n)?;
         let run = || -> CResult<Vec<f32>> {

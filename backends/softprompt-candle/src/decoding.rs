@@ -289,6 +289,10 @@ impl DecodeKernels for CandleKernels<'_> {
         &self.backbone.spec
     }
 
+    fn backend_name(&self) -> &str {
+        crate::BACKEND
+    }
+
     fn max_positions(&self) -> usize {
         self.backbone.config.max_positions()
     }

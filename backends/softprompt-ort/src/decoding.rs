@@ -93,7 +93,7 @@ impl OrtKernels<'_> {
             .collect();
         let batch = Batch::from_rows(&rows, 0)?;
         let prompts: Vec<SoftPrompt> = group.iter().map(|(p, _)| (*p).clone()).collect();
-        check_prompts(&prompts, &b.spec, &batch)?;
+        check_prompts(b, &prompts, &batch)?;
         let s = n + batch.seq_len();
         let mut inputs = b.full_inputs(&prompts, &batch, n);
         inputs.gather_index = (0..rows.len())
@@ -128,6 +128,10 @@ impl DecodeKernels for OrtKernels<'_> {
 
     fn spec(&self) -> &softprompt_core::BackboneSpec {
         &self.backbone.spec
+    }
+
+    fn backend_name(&self) -> &str {
+        crate::BACKEND
     }
 
     fn max_positions(&self) -> usize {

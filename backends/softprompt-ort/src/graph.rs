@@ -152,7 +152,12 @@ impl GraphOps {
         let sizes_name = self.ints(sizes);
         let outs: Vec<String> = sizes.iter().map(|_| self.fresh("Split")).collect();
         let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
-        self.op_into("Split", &[x, &sizes_name], vec![attr_int("axis", axis)], &refs);
+        self.op_into(
+            "Split",
+            &[x, &sizes_name],
+            vec![attr_int("axis", axis)],
+            &refs,
+        );
         outs
     }
 
@@ -488,7 +493,11 @@ impl Ops for GraphOps {
             let x = self.reshape(x, &[0, 0, n, hd])?;
             self.permute(&x, &[0, 2, 1, 3])
         };
-        let (q, k, v) = (head(&parts[0], q)?, head(&parts[1], kv)?, head(&parts[2], kv)?);
+        let (q, k, v) = (
+            head(&parts[0], q)?,
+            head(&parts[1], kv)?,
+            head(&parts[2], kv)?,
+        );
         match rope {
             None => Ok((q, k, v)),
             Some(r) => Ok((self.rope(&q, r)?, self.rope(&k, r)?, v)),

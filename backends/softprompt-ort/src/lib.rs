@@ -230,10 +230,11 @@ impl OrtBackbone {
                 Self::open(&path, &spec, &options)?
             }
         };
-        let (layers, kv_heads, head_dim) = match &config {
-            ModelConfig::Llama(c) => (c.num_hidden_layers, c.num_key_value_heads, c.head_dim),
-            ModelConfig::Gpt2(c) => (c.n_layer, c.n_head, c.n_embd / c.n_head),
-        };
+        let (layers, kv_heads, head_dim) = (
+            config.num_layers(),
+            config.num_key_value_heads(),
+            config.head_dim(),
+        );
         Ok(OrtBackbone {
             session: Mutex::new(session),
             config,
@@ -476,6 +477,7 @@ impl Backbone for OrtBackbone {
         Capabilities {
             gradients: false,
             generation: true,
+            placements: Capabilities::INPUT_EMBEDDINGS,
         }
     }
 
@@ -504,7 +506,7 @@ impl Backbone for OrtBackbone {
     }
 
     fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<RowScores> {
-        let n = check_prompts(prompts, &self.spec, batch)?;
+        let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
         let targets = batch.targets(n)?;
         let rows = batch.rows();
@@ -548,7 +550,7 @@ impl Backbone for OrtBackbone {
         batch: &Batch,
         candidates: &[u32],
     ) -> Result<Vec<Vec<f64>>> {
-        let n = check_next_token(prompts, &self.spec, batch, candidates)?;
+        let n = check_next_token(self, prompts, batch, candidates)?;
         self.check_length(n + batch.seq_len())?;
         if candidates.is_empty() {
             return Ok(vec![Vec::new(); batch.rows()]);
@@ -572,7 +574,7 @@ impl Backbone for OrtBackbone {
     }
 
     fn logits(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<Vec<f32>> {
-        let n = check_prompts(prompts, &self.spec, batch)?;
+        let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
         let rows = batch.rows();
         let s = n + batch.seq_len();

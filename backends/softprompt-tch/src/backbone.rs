@@ -386,6 +386,7 @@ impl Backbone for TchBackbone {
         Capabilities {
             gradients: true,
             generation: true,
+            placements: Capabilities::INPUT_EMBEDDINGS,
         }
     }
 
@@ -398,7 +399,7 @@ impl Backbone for TchBackbone {
     }
 
     fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<RowScores> {
-        let n = check_prompts(prompts, &self.spec, batch)?;
+        let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
         let _guard = tch::no_grad_guard();
         let p = self.prompts_tensor(prompts, n)?;
@@ -421,7 +422,7 @@ impl Backbone for TchBackbone {
         batch: &Batch,
         candidates: &[u32],
     ) -> Result<Vec<Vec<f64>>> {
-        let n = check_next_token(prompts, &self.spec, batch, candidates)?;
+        let n = check_next_token(self, prompts, batch, candidates)?;
         self.check_length(n + batch.seq_len())?;
         let _guard = tch::no_grad_guard();
         let p = self.prompts_tensor(prompts, n)?;
@@ -463,7 +464,7 @@ impl Backbone for TchBackbone {
     }
 
     fn loss_and_grad(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<LossAndGrad> {
-        let n = check_prompts(prompts, &self.spec, batch)?;
+        let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
         if n == 0 {
             return Err(Error::InvalidArgument(
@@ -497,7 +498,7 @@ impl Backbone for TchBackbone {
     }
 
     fn logits(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<Vec<f32>> {
-        let n = check_prompts(prompts, &self.spec, batch)?;
+        let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
         let _guard = tch::no_grad_guard();
         let p = self.prompts_tensor(prompts, n)?;

@@ -111,6 +111,10 @@ impl DecodeKernels for TchKernels<'_> {
         &self.backbone.spec
     }
 
+    fn backend_name(&self) -> &str {
+        crate::BACKEND
+    }
+
     fn max_positions(&self) -> usize {
         self.backbone.config.max_positions()
     }

@@ -1,6 +1,6 @@
 //! The frozen model behind every runtime.
 
-use crate::{BackboneSpec, Batch, Error, Result, SoftPrompt};
+use crate::{BackboneSpec, Batch, Error, Placement, Result, SoftPrompt};
 
 /// What a backend can do beyond scoring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -9,6 +9,13 @@ pub struct Capabilities {
     pub gradients: bool,
     /// `start_decode` returns a KV-cached decoding session.
     pub generation: bool,
+    /// Where prompts may enter the backbone ([`SoftPrompt::placement`]).
+    pub placements: &'static [Placement],
+}
+
+impl Capabilities {
+    /// Prompts prepended to the input embeddings, the placement every backbone takes.
+    pub const INPUT_EMBEDDINGS: &'static [Placement] = &[Placement::InputEmbeddings];
 }
 
 /// Per-row log-likelihood of the target tokens of a batch.
@@ -154,15 +161,27 @@ pub fn check_token_ids(ids: impl IntoIterator<Item = u32>, vocab_size: usize) ->
     }
 }
 
-/// Checks that `prompts` fit a backbone of `spec` and share one length; returns that length.
-pub fn check_prompts(prompts: &[SoftPrompt], spec: &BackboneSpec, batch: &Batch) -> Result<usize> {
+/// Checks that `prompts` fit `backbone` (a placement it takes, the width that placement needs on
+/// it) and share one length and placement, and that `batch` is valid for them; returns the
+/// length.
+pub fn check_prompts<B: Backbone + ?Sized>(
+    backbone: &B,
+    prompts: &[SoftPrompt],
+    batch: &Batch,
+) -> Result<usize> {
     if prompts.is_empty() {
         return Err(Error::InvalidBatch(
             "no prompts given (use SoftPrompt::empty for none)".into(),
         ));
     }
+    let spec = backbone.spec();
+    check_placements(
+        prompts,
+        backbone.backend_name(),
+        backbone.capabilities().placements,
+    )?;
     for p in prompts {
-        p.check_hidden_size(spec.hidden_size)?;
+        p.check_fits(spec)?;
     }
     let n = prompts[0].num_virtual_tokens();
     if let Some(p) = prompts.iter().find(|p| p.num_virtual_tokens() != n) {
@@ -175,15 +194,40 @@ pub fn check_prompts(prompts: &[SoftPrompt], spec: &BackboneSpec, batch: &Batch)
     Ok(n)
 }
 
+/// Errors unless every prompt's placement is one of `supported` (a typed
+/// [`Error::Unsupported`] naming the backend) and all prompts share one placement.
+pub fn check_placements(
+    prompts: &[SoftPrompt],
+    backend: &str,
+    supported: &[Placement],
+) -> Result<()> {
+    if let Some(p) = prompts.iter().find(|p| !supported.contains(&p.placement())) {
+        return Err(Error::unsupported(
+            backend,
+            &format!("prompts placed at `{}`", p.placement().as_str()),
+            None,
+        ));
+    }
+    if let Some(p) = prompts.first() {
+        if prompts.iter().any(|q| q.placement() != p.placement()) {
+            return Err(Error::InvalidBatch(
+                "prompts of one batch must share one placement".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// [`check_prompts`] for [`Backbone::next_token_logprobs`]: also every candidate must be in the
 /// vocabulary and every row must have a last position (a real token or a prompt).
-pub fn check_next_token(
+pub fn check_next_token<B: Backbone + ?Sized>(
+    backbone: &B,
     prompts: &[SoftPrompt],
-    spec: &BackboneSpec,
     batch: &Batch,
     candidates: &[u32],
 ) -> Result<usize> {
-    let n = check_prompts(prompts, spec, batch)?;
+    let n = check_prompts(backbone, prompts, batch)?;
+    let spec = backbone.spec();
     if let Some(c) = candidates.iter().find(|c| **c as usize >= spec.vocab_size) {
         return Err(Error::InvalidBatch(format!(
             "candidate {c} is outside the vocabulary"

@@ -173,6 +173,14 @@ pub trait DecodeKernels {
     /// Longest sequence (virtual tokens included) the model supports.
     fn max_positions(&self) -> usize;
 
+    /// Where prompts may enter (input embeddings unless the kernels say more).
+    fn placements(&self) -> &'static [crate::Placement] {
+        crate::Capabilities::INPUT_EMBEDDINGS
+    }
+
+    /// Name of the runtime, in messages.
+    fn backend_name(&self) -> &str;
+
     /// How prefills are grouped.
     fn plan(&self) -> PrefillPlan;
 
@@ -281,7 +289,12 @@ impl<K: DecodeKernels> BatchDecoder for Batcher<K> {
     fn add_many(&mut self, seqs: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqId, Vec<f32>)>> {
         let spec = self.kernels.spec();
         for (prompt, ids) in seqs {
-            prompt.check_hidden_size(spec.hidden_size)?;
+            crate::backbone::check_placements(
+                std::slice::from_ref(*prompt),
+                self.kernels.backend_name(),
+                self.kernels.placements(),
+            )?;
+            prompt.check_fits(spec)?;
             if prompt.num_virtual_tokens() + ids.len() == 0 {
                 return Err(Error::InvalidArgument(
                     "generation needs a prompt or at least one input token".into(),
@@ -443,6 +456,8 @@ mod tests {
                 vocab_size: 100,
                 num_layers: 1,
                 num_attention_heads: 1,
+                num_key_value_heads: 1,
+                head_dim: 1,
                 fingerprint: "toy".into(),
                 name: "toy".into(),
             },
@@ -458,6 +473,9 @@ mod tests {
         }
         fn max_positions(&self) -> usize {
             8
+        }
+        fn backend_name(&self) -> &str {
+            "toy"
         }
         fn plan(&self) -> PrefillPlan {
             self.plan

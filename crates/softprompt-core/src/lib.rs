@@ -33,7 +33,7 @@ pub use model::{
     Architecture, Gpt2Config, HostTensor, LlamaConfig, ModelConfig, ModelSource, ModelWeights,
 };
 pub use optimizer::{Optimizer, OptimizerKind};
-pub use prompt::{PrefixCache, PromptInit, SoftPrompt};
+pub use prompt::{Placement, PrefixCache, PromptInit, SoftPrompt};
 pub use rng::Rng;
 pub use spec::BackboneSpec;
 pub use store::{PromptConfig, PromptInfo, PromptStore, StoredPrompt};

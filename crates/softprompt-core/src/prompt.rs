@@ -2,14 +2,55 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Backbone, Error, Result, Rng, TextTokenizer};
+use crate::{Backbone, BackboneSpec, Error, Result, Rng, TextTokenizer};
 
-/// Host-side soft prompt, row-major `[num_virtual_tokens, hidden_size]` f32.
+/// Where a prompt's values enter the backbone. The values are always one tensor
+/// `[num_virtual_tokens, width]` (PEFT stores every prompt-learning method that way); the
+/// placement says what a row means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// Prepended to the embedded input (prompt tuning; P-tuning's encoder output): a row is an
+    /// input embedding, `width = hidden_size`.
+    #[default]
+    InputEmbeddings,
+    /// Keys and values prepended at every layer (prefix tuning, P-tuning v2), PEFT's
+    /// `past_key_values` layout: `width = layers · 2 · kv_heads · head_dim`.
+    KeyValuePrefix,
+    /// Tokens inserted after a vision transformer's class token (visual prompt tuning):
+    /// `width = hidden_size`.
+    AfterClassToken,
+}
+
+impl Placement {
+    /// Width of one virtual token for a backbone of `spec`.
+    pub fn width(&self, spec: &BackboneSpec) -> usize {
+        match self {
+            Placement::InputEmbeddings | Placement::AfterClassToken => spec.hidden_size,
+            Placement::KeyValuePrefix => {
+                spec.num_layers * 2 * spec.num_key_value_heads * spec.head_dim
+            }
+        }
+    }
+
+    /// Lower-case name, as in messages and configs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Placement::InputEmbeddings => "input_embeddings",
+            Placement::KeyValuePrefix => "key_value_prefix",
+            Placement::AfterClassToken => "after_class_token",
+        }
+    }
+}
+
+/// Host-side soft prompt, row-major `[num_virtual_tokens, width]` f32, and where it enters
+/// the backbone ([`Placement`]; the width is the hidden size for input embeddings).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SoftPrompt {
     num_virtual_tokens: usize,
     hidden_size: usize,
     values: Vec<f32>,
+    placement: Placement,
 }
 
 impl SoftPrompt {
@@ -26,7 +67,19 @@ impl SoftPrompt {
             num_virtual_tokens,
             hidden_size,
             values,
+            placement: Placement::InputEmbeddings,
         })
+    }
+
+    /// The same values placed at `placement`.
+    pub fn with_placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// Where the values enter the backbone.
+    pub fn placement(&self) -> Placement {
+        self.placement
     }
 
     /// A prompt of zero virtual tokens: the plain (zero-shot) model.
@@ -35,6 +88,7 @@ impl SoftPrompt {
             num_virtual_tokens: 0,
             hidden_size,
             values: Vec::new(),
+            placement: Placement::InputEmbeddings,
         }
     }
 
@@ -43,7 +97,7 @@ impl SoftPrompt {
         self.num_virtual_tokens
     }
 
-    /// Width `d` of each virtual token.
+    /// Width of each virtual token (`d` for input embeddings; see [`Placement::width`]).
     pub fn hidden_size(&self) -> usize {
         self.hidden_size
     }
@@ -61,6 +115,11 @@ impl SoftPrompt {
     /// Consumes the prompt, returning its values.
     pub fn into_values(self) -> Vec<f32> {
         self.values
+    }
+
+    /// Errors unless this prompt's width is what its placement needs on a backbone of `spec`.
+    pub fn check_fits(&self, spec: &BackboneSpec) -> Result<()> {
+        self.check_hidden_size(self.placement.width(spec))
     }
 
     /// Errors unless this prompt fits a backbone of `hidden_size`.
@@ -171,7 +230,7 @@ impl PromptInit {
 /// server scoring or generating for the same prompts call after call then pays only for the
 /// input tokens.
 pub struct PrefixCache<V> {
-    entries: std::collections::VecDeque<(Vec<f32>, V)>,
+    entries: std::collections::VecDeque<(Placement, Vec<f32>, V)>,
     capacity: usize,
 }
 
@@ -184,20 +243,21 @@ impl<V> PrefixCache<V> {
         }
     }
 
-    /// What was stored for a prompt with exactly these values.
+    /// What was stored for a prompt with exactly these values (and placement).
     pub fn get(&self, prompt: &SoftPrompt) -> Option<&V> {
         self.entries
             .iter()
-            .find(|(v, _)| v.as_slice() == prompt.values())
-            .map(|(_, x)| x)
+            .find(|(p, v, _)| *p == prompt.placement() && v.as_slice() == prompt.values())
+            .map(|(_, _, x)| x)
     }
 
     /// Stores `value` for `prompt` (replacing an entry with the same values), evicting the oldest
     /// entries beyond the capacity.
     pub fn insert(&mut self, prompt: &SoftPrompt, value: V) {
         self.entries
-            .retain(|(v, _)| v.as_slice() != prompt.values());
-        self.entries.push_back((prompt.values().to_vec(), value));
+            .retain(|(p, v, _)| *p != prompt.placement() || v.as_slice() != prompt.values());
+        self.entries
+            .push_back((prompt.placement(), prompt.values().to_vec(), value));
         while self.entries.len() > self.capacity {
             self.entries.pop_front();
         }
@@ -263,6 +323,41 @@ mod tests {
         );
         assert_eq!(tile_to(&[1, 2, 3], 2, "t").unwrap(), vec![1, 2]);
         assert!(tile_to(&[], 2, "t").is_err());
+    }
+
+    #[test]
+    fn placement_widths_and_cache_keys() {
+        let spec = BackboneSpec {
+            architecture: crate::Architecture::llama(),
+            hidden_size: 8,
+            vocab_size: 10,
+            num_layers: 3,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 2,
+            fingerprint: "f".into(),
+            name: "n".into(),
+        };
+        assert_eq!(Placement::InputEmbeddings.width(&spec), 8);
+        assert_eq!(Placement::AfterClassToken.width(&spec), 8);
+        assert_eq!(Placement::KeyValuePrefix.width(&spec), 3 * 2 * 2 * 2);
+        let p = SoftPrompt::new(1, 8, vec![0.5; 8]).unwrap();
+        assert!(p.check_fits(&spec).is_ok());
+        let kv = SoftPrompt::new(1, 8, vec![0.5; 8])
+            .unwrap()
+            .with_placement(Placement::KeyValuePrefix);
+        assert!(matches!(
+            kv.check_fits(&spec),
+            Err(Error::HiddenSizeMismatch {
+                prompt: 8,
+                backbone: 24
+            })
+        ));
+        // equal values at another placement are another prompt
+        let mut cache = PrefixCache::new(4);
+        cache.insert(&p, 1);
+        assert_eq!(cache.get(&kv), None);
+        assert_eq!(cache.get(&p), Some(&1));
     }
 
     #[test]

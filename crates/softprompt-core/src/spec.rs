@@ -17,6 +17,12 @@ pub struct BackboneSpec {
     pub num_layers: usize,
     /// Attention (query) heads per block.
     pub num_attention_heads: usize,
+    /// Key/value heads per block (the width of a key/value prefix; 0 when not applicable).
+    #[serde(default)]
+    pub num_key_value_heads: usize,
+    /// Width of one attention head (0 when not applicable).
+    #[serde(default)]
+    pub head_dim: usize,
     /// Hex SHA-256 over the tensor names, shapes and f32 values of the weights.
     pub fingerprint: String,
     /// Human-readable name (the model directory or file name).

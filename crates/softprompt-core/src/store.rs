@@ -105,10 +105,10 @@ pub struct StoredPrompt {
 }
 
 impl StoredPrompt {
-    /// Errors unless this prompt was made for `spec`: hidden size always, fingerprint when the
+    /// Errors unless this prompt was made for `spec`: width always, fingerprint when the
     /// prompt records one (prompts saved by PEFT do not).
     pub fn check_backbone(&self, spec: &BackboneSpec) -> Result<()> {
-        self.prompt.check_hidden_size(spec.hidden_size)?;
+        self.prompt.check_fits(spec)?;
         if let Some(p) = &self.config.softprompt {
             if !p.backbone_fingerprint.is_empty() && p.backbone_fingerprint != spec.fingerprint {
                 return Err(Error::FingerprintMismatch {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use softprompt_core::{Error, PromptConfig, Result, SoftPrompt, StoredPrompt};
+use softprompt_core::{Error, Placement, PromptConfig, Result, SoftPrompt, StoredPrompt};
 
 /// PEFT's config file name.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -64,6 +64,16 @@ pub fn prompt_safetensors(stored: &StoredPrompt) -> Result<Vec<u8>> {
 
 /// Writes `stored` into `dir` (created if needed): weights first, then the config, each atomically.
 pub async fn write_prompt_dir(dir: &Path, stored: &StoredPrompt) -> Result<()> {
+    if stored.prompt.placement() != Placement::InputEmbeddings {
+        return Err(Error::unsupported(
+            "directory store",
+            &format!(
+                "saving prompts placed at `{}` (PEFT's layout for them is not written yet)",
+                stored.prompt.placement().as_str()
+            ),
+            None,
+        ));
+    }
     let mut config = stored.config.clone();
     config.num_virtual_tokens = stored.prompt.num_virtual_tokens();
     config.token_dim = stored.prompt.hidden_size();

@@ -14,6 +14,8 @@ fn spec(fingerprint: &str, d: usize) -> BackboneSpec {
         vocab_size: 320,
         num_layers: 2,
         num_attention_heads: 4,
+        num_key_value_heads: 0,
+        head_dim: 0,
         fingerprint: fingerprint.into(),
         name: "tiny-llama".into(),
     }
@@ -192,4 +194,17 @@ async fn etag_changes_when_a_prompt_is_replaced() {
         store.etag("sentiment").await,
         Err(Error::PromptNotFound(_))
     ));
+}
+
+#[tokio::test]
+async fn prompts_of_other_placements_are_not_written_as_prompt_tuning() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirectoryStore::new(dir.path());
+    let mut s = stored(vec![0.5; 64], 32);
+    s.prompt = s
+        .prompt
+        .with_placement(softprompt_core::Placement::KeyValuePrefix);
+    let err = store.save("prefix", &s).await.unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(!dir.path().join("prefix").exists());
 }

@@ -65,6 +65,8 @@ impl ModelSource {
             vocab_size: config.vocab_size(),
             num_layers: config.num_layers(),
             num_attention_heads: config.num_attention_heads(),
+            num_key_value_heads: config.num_key_value_heads(),
+            head_dim: config.head_dim(),
             fingerprint: weights.fingerprint(),
             name,
         };
