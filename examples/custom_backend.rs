@@ -3,9 +3,10 @@
 //!
 //! `MeanPoolLm` is a deliberately small causal language model in plain Rust: the state at
 //! position `i` is the mean of every input vector up to `i` (virtual tokens included), and the
-//! next-token logits are `E · state`. Its gradient with respect to the prompt is derived by hand,
-//! checked against finite differences below, and the shared [`Trainer`] then tunes a prompt on
-//! it without knowing anything about it.
+//! next-token logits are `E · state`. Its gradient with respect to the prompt is derived by hand
+//! and checked against finite differences below; the conformance contract
+//! (`softprompt::conformance`) is run on it, as on every built-in backend; and the shared
+//! [`Trainer`] then tunes a prompt on it without knowing anything about it.
 //!
 //! Run: `cargo run -p softprompt --example custom_backend`
 
@@ -226,7 +227,19 @@ fn main() -> Result<()> {
     }
     println!("gradient matches finite differences");
 
-    // 2. the shared trainer tunes the prompt without knowing the backend
+    // 2. the conformance contract every backbone meets (it has no generation: those checks are
+    //    skipped, after checking that it answers with a typed Unsupported error)
+    let load =
+        || -> softprompt::Result<Box<dyn Backbone>> { Ok(Box::new(MeanPoolLm::new(32, 16, 1))) };
+    let report = softprompt::conformance::run(&load, 3)?;
+    println!("{report}");
+    ensure!(report.passed(), "the plugin breaks the contract");
+    ensure!(
+        report.count("skipped") == 2,
+        "only the two generation checks should be skipped"
+    );
+
+    // 3. the shared trainer tunes the prompt without knowing the backend
     let before = softprompt::train::eval::mean_loss(&lm, &prompt, &dev, 64)?;
     let config = TrainConfig {
         max_steps: 150,
