@@ -7,6 +7,9 @@
 //! RAYON_NUM_THREADS=2 cargo bench -p softprompt-candle --bench kernels
 //! ```
 
+// `criterion_main!` generates an undocumented `main`
+#![allow(missing_docs)]
+
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use softprompt_candle::ops::{

@@ -1,6 +1,6 @@
 //! The candle backend of softprompt: pure Rust, CPU by default, CUDA behind the `cuda` feature.
 //!
-//! Implements [`Backbone`] with gradients with respect to the prompt (candle autograd over
+//! Implements [`softprompt_core::Backbone`] with gradients with respect to the prompt (candle autograd over
 //! differentiable ops only), per-row prompts, rank-classification scores and KV-cached decoding.
 
 mod backbone;

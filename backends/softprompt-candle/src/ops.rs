@@ -13,6 +13,7 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A layer with weight `w [out, in]` and bias `b [out]`.
     pub fn new(w: Tensor, b: Option<Tensor>) -> Self {
         Linear { w, b }
     }
@@ -38,6 +39,7 @@ impl Linear {
         Ok(Linear { w, b })
     }
 
+    /// `x · Wᵀ + b` (see [`linear`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear(x, &self.w, self.b.as_ref())
     }

@@ -1,6 +1,7 @@
 //! The ONNX exporter: a model description plus its weights become one ONNX graph that takes
 //! soft prompts. The graph is the shared model code ([`softprompt_nn::Model`]) run once over the
-//! graph builder ([`crate::graph::GraphOps`]), between the inputs and outputs declared here.
+//! graph builder (`GraphOps`, an implementation of [`softprompt_nn::Ops`]), between the inputs
+//! and outputs declared here.
 //!
 //! Inputs (all dimensions dynamic):
 //!

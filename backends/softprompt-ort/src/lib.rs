@@ -82,7 +82,7 @@ pub fn environment() -> Result<&'static Environment> {
             .build()
             .map_err(|e| format!("creating the ONNX Runtime environment: {e}"))
     });
-    env.as_ref().map_err(|m| Error::backend(BACKEND, m))
+    env.as_ref().map_err(|m| Error::backend(BACKEND, m.clone()))
 }
 
 /// Where the graph runs.

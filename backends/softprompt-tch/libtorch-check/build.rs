@@ -1,7 +1,8 @@
 //! Fails early, with the command to run, when no libtorch 2.13.0 is set up for `tch`.
-//! `softprompt-tch` turns on this crate's `check` feature. `softprompt-core` depends on this
-//! crate (without code) so that cargo, which schedules first what most crates wait for, runs
-//! this check before `torch-sys`'s build script.
+//! `softprompt-tch` depends on this crate with its `check` feature on. Cargo does not promise
+//! to run it before `torch-sys`'s build script (measured: in a clean `cargo build -p
+//! softprompt-tch` without libtorch, `torch-sys` fails first), so when libtorch is missing
+//! entirely the message may be `torch-sys`'s; when one is found, this checks its version.
 //!
 //! `torch-sys` (built by `tch`) finds libtorch through `LIBTORCH_USE_PYTORCH=1` and the Python
 //! on `PATH`, or through `LIBTORCH`. Without either its own error names neither this project's

@@ -1,7 +1,7 @@
 //! The libtorch backend of softprompt, through `tch`: CPU and CUDA (`cuda:N`, chosen at run
 //! time), f32 / f64 / bf16 / f16 frozen weights with the prompt and its gradient in f32.
 //!
-//! Implements [`Backbone`] with gradients with respect to the prompt only (weights never require
+//! Implements [`softprompt_core::Backbone`] with gradients with respect to the prompt only (weights never require
 //! a gradient), per-row prompts, rank-classification scores from one pass, full logits and
 //! KV-cached decoding. libtorch comes from the pinned `torch==2.13.0` wheel: build with
 //! `bash tools/setup-python.sh && source tools/libtorch-env.sh`.

@@ -14,7 +14,7 @@ use softprompt::{
 };
 
 use crate::args::BenchArgs;
-use crate::commands::task_of;
+use crate::task::task_of;
 
 /// Median of `xs` (sorted copy).
 fn median(xs: &[f64]) -> f64 {

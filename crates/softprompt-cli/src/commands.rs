@@ -7,7 +7,6 @@ use softprompt::store::{read_prompt_dir, write_prompt_dir, DirectoryStore, ADAPT
 use softprompt::train::data::Template;
 use softprompt::train::{
     eval, read_checkpoint, Metric, OptimizerChoice, Schedule, Task, TrainConfig, Trainer,
-    Verbalizer,
 };
 use softprompt::{
     generate, load_backbone_with, Backbone, BackendOptions, GenerationParams, HfTokenizer,
@@ -15,24 +14,10 @@ use softprompt::{
 };
 
 use crate::args::{
-    BackendArgs, BatchingKind, Cli, Command, EvalArgs, ExportArgs, GenerateArgs, InitKind,
-    InspectArgs, ScheduleKind, ServeArgs, TaskArgs, TaskKind, TrainArgs,
+    BackendArgs, BatchingKind, EvalArgs, ExportArgs, GenerateArgs, InitKind, InspectArgs,
+    ScheduleKind, ServeArgs, TrainArgs,
 };
-
-const DEFAULT_TEMPLATE: &str = "Review: {text}\nSentiment:";
-const DEFAULT_LABELS: &str = "negative= negative,positive= positive";
-
-pub async fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Train(a) => train(*a).await,
-        Command::Eval(a) => evaluate(a).await,
-        Command::Generate(a) => generate_text(a).await,
-        Command::Inspect(a) => inspect(a).await,
-        Command::Bench(a) => crate::bench::bench(a).await,
-        Command::Serve(a) => serve(a).await,
-        Command::Export(a) => export(a),
-    }
-}
+use crate::task::task_of;
 
 fn load(b: &BackendArgs) -> Result<(Box<dyn Backbone>, HfTokenizer)> {
     let opts = BackendOptions {
@@ -44,31 +29,6 @@ fn load(b: &BackendArgs) -> Result<(Box<dyn Backbone>, HfTokenizer)> {
         .with_context(|| format!("loading {} on {}", b.model.display(), b.backend))?;
     let tok = softprompt::load_tokenizer(&b.model)?;
     Ok((backbone, tok))
-}
-
-/// The task from the flags, falling back to what a stored prompt recorded, then to defaults.
-pub(crate) fn task_of(t: &TaskArgs, stored: Option<&StoredPrompt>) -> Result<Task> {
-    let prov = stored.and_then(|s| s.config.softprompt.as_ref());
-    let template = t
-        .template
-        .clone()
-        .or_else(|| prov.and_then(|p| p.template.clone()))
-        .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
-    let template = Template::new(template)?;
-    Ok(match t.task {
-        TaskKind::Generation => Task::Generation { template },
-        TaskKind::Classification => {
-            let verbalizer = match (&t.labels, prov.filter(|p| !p.labels.is_empty())) {
-                (Some(spec), _) => Verbalizer::parse(spec)?,
-                (None, Some(p)) => Verbalizer::new(p.labels.clone())?,
-                (None, None) => Verbalizer::parse(DEFAULT_LABELS)?,
-            };
-            Task::Classification {
-                template,
-                verbalizer,
-            }
-        }
-    })
 }
 
 fn metric_name(task: &Task) -> (&'static str, Metric) {
@@ -92,7 +52,7 @@ fn score(
     })
 }
 
-async fn train(a: TrainArgs) -> Result<()> {
+pub(crate) async fn train(a: TrainArgs) -> Result<()> {
     let (backbone, tok) = load(&a.backend)?;
     let b = backbone.as_ref();
     let task = task_of(&a.task, None)?;
@@ -287,7 +247,7 @@ async fn load_prompt(path: &Path, backbone: &dyn Backbone) -> Result<StoredPromp
     Ok(stored)
 }
 
-async fn evaluate(a: EvalArgs) -> Result<()> {
+pub(crate) async fn evaluate(a: EvalArgs) -> Result<()> {
     let (backbone, tok) = load(&a.backend)?;
     let b = backbone.as_ref();
     let stored = match &a.prompt {
@@ -317,7 +277,7 @@ async fn evaluate(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-async fn generate_text(a: GenerateArgs) -> Result<()> {
+pub(crate) async fn generate_text(a: GenerateArgs) -> Result<()> {
     let (backbone, tok) = load(&a.backend)?;
     let b = backbone.as_ref();
     let stored = match &a.prompt {
@@ -365,7 +325,7 @@ fn summary(name: &str, s: &StoredPrompt) -> serde_json::Value {
     })
 }
 
-fn export(a: ExportArgs) -> Result<()> {
+pub(crate) fn export(a: ExportArgs) -> Result<()> {
     let start = std::time::Instant::now();
     let bytes = softprompt::export_onnx(&a.model, &a.out)
         .with_context(|| format!("exporting {} to ONNX", a.model.display()))?;
@@ -378,7 +338,7 @@ fn export(a: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-async fn inspect(a: InspectArgs) -> Result<()> {
+pub(crate) async fn inspect(a: InspectArgs) -> Result<()> {
     let mut items = Vec::new();
     if a.path.join(ADAPTER_CONFIG).is_file() {
         let s = read_prompt_dir(&a.path).await?;
@@ -463,7 +423,7 @@ fn print_summary(v: &serde_json::Value) {
     }
 }
 
-async fn serve(a: ServeArgs) -> Result<()> {
+pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
     use std::sync::Arc;
 
     let api_key = match &a.api_key_file {

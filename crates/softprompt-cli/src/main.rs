@@ -3,8 +3,12 @@
 mod args;
 mod bench;
 mod commands;
+mod task;
 
+use anyhow::Result;
 use clap::Parser;
+
+use crate::args::{Cli, Command};
 
 /// candle allocates a fresh buffer for every tensor op; glibc's malloc hands big buffers back to
 /// the kernel and page-faults them in again on the next op (a fifth of a candle train step's CPU
@@ -30,11 +34,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs one subcommand.
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => commands::train(*a).await,
+        Command::Eval(a) => commands::evaluate(a).await,
+        Command::Generate(a) => commands::generate_text(a).await,
+        Command::Inspect(a) => commands::inspect(a).await,
+        Command::Bench(a) => bench::bench(a).await,
+        Command::Serve(a) => commands::serve(a).await,
+        Command::Export(a) => commands::export(a),
     }
 }

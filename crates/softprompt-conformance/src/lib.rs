@@ -12,7 +12,7 @@
 //!
 //! A check of a capability the backbone lacks (gradients, generation) is
 //! [`Outcome::Skipped`] — after checking that the backbone answers such a call with a typed
-//! [`Error::Unsupported`] — never silently passed.
+//! [`softprompt_core::Error::Unsupported`] — never silently passed.
 
 mod checks;
 

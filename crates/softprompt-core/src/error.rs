@@ -6,8 +6,10 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every way softprompt can fail. Variants name the file, tensor or field involved so that a
-/// user can act on the message without a debugger.
+/// user can act on the message without a debugger. New variants may be added: match with a
+/// wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An operating-system I/O failure on `path`.
     #[error("I/O error on {path}: {source}")]
@@ -151,13 +153,14 @@ pub enum Error {
     /// An optimizer or trainer setting that cannot work.
     #[error("invalid configuration: {0}")]
     InvalidArgument(String),
-    /// A runtime failure inside a backend.
-    #[error("{backend} backend error: {message}")]
+    /// A runtime failure inside a backend; the runtime's own error is the source.
+    #[error("{backend} backend error: {source}")]
     Backend {
         /// Backend name.
         backend: String,
-        /// The runtime's message.
-        message: String,
+        /// The runtime's error (candle's, libtorch's, ONNX Runtime's, or a message).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -179,11 +182,14 @@ impl Error {
         }
     }
 
-    /// A backend runtime error.
-    pub fn backend(backend: &str, message: impl std::fmt::Display) -> Self {
+    /// A backend runtime error caused by `source` (a runtime's error, or a message).
+    pub fn backend(
+        backend: &str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         Error::Backend {
             backend: backend.to_string(),
-            message: message.to_string(),
+            source: source.into(),
         }
     }
 }

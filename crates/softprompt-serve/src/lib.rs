@@ -13,7 +13,10 @@
 //! runs. The server never writes to the store.
 
 mod api;
+mod classify;
+mod completions;
 mod engine;
+mod error;
 mod metrics;
 mod registry;
 
@@ -26,8 +29,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use softprompt_core::{Backbone, PromptStore, TextTokenizer};
 
-pub use api::ApiError;
 pub use engine::Batching;
+pub use error::ApiError;
 pub use metrics::Metrics;
 
 /// Server limits and behaviour.
@@ -102,8 +105,8 @@ pub(crate) struct AppState {
 fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(api::models))
-        .route("/v1/completions", post(api::completions))
-        .route("/v1/classify", post(api::classify))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/classify", post(classify::classify))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::auth,

@@ -10,7 +10,7 @@ use softprompt_core::{BackboneSpec, Error, PromptStore, SoftPrompt, StoredPrompt
 
 use softprompt_train::Template;
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 
 /// One loaded prompt version.
 #[derive(Debug)]

@@ -19,6 +19,7 @@ pub use backends::{
 pub use softprompt_conformance as conformance;
 pub use softprompt_core::*;
 pub use softprompt_gguf as gguf;
+#[cfg(feature = "serve")]
 pub use softprompt_serve as serve;
 pub use softprompt_store as store;
 pub use softprompt_train as train;

@@ -2,5 +2,5 @@
 //! script of this crate checks that the pinned torch 2.13.0 is reachable and otherwise stops the
 //! build with the command that sets it up (`bash tools/setup-python.sh && source
 //! tools/libtorch-env.sh`). `torch-sys`'s own message names neither the script nor the version,
-//! so this check must run first: `softprompt-core` depends on this crate, which puts it ahead of
-//! `torch-sys` in cargo's scheduling (cargo builds first what most crates wait for).
+//! so this check says what to run instead; cargo does not promise to run it before `torch-sys`'s
+//! build script, so with no libtorch at all `torch-sys`'s message may come first.

@@ -1,0 +1,357 @@
+//! Every fused op against the candle composition it replaces (f64, values and gradients) and
+//! against central finite differences.
+
+use candle_core::{Device, Tensor, Var};
+
+use candle_core::DType;
+
+use crate::ops::{
+    attention, attention_composed, rms_norm, rms_norm_composed, split_heads, split_heads_composed,
+    swiglu, swiglu_composed,
+};
+
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    // a small LCG: deterministic inputs without a random-number dependency
+    let n: usize = shape.iter().product();
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Gradients of `sum(f(inputs) ⊙ weights)` with respect to every input.
+fn grads(
+    inputs: &[Tensor],
+    weights: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts);
+    let g = (&y * weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gs = ts.iter().map(|t| g.get(t).unwrap().clone()).collect();
+    (y, gs)
+}
+
+/// Central finite differences of `sum(f(inputs) ⊙ weights)` at a few coordinates of input
+/// `which`, against `grad`.
+fn check_fd(
+    inputs: &[Tensor],
+    which: usize,
+    weights: &Tensor,
+    grad: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+) {
+    let base: Vec<f64> = inputs[which].flatten_all().unwrap().to_vec1().unwrap();
+    let g: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+    let eps = 1e-6;
+    let loss = |v: Vec<f64>| {
+        let mut ins = inputs.to_vec();
+        ins[which] = Tensor::from_vec(v, inputs[which].shape(), &Device::Cpu).unwrap();
+        (f(&ins) * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let step = (base.len() / 7).max(1);
+    for i in (0..base.len()).step_by(step) {
+        let (mut p, mut m) = (base.clone(), base.clone());
+        p[i] += eps;
+        m[i] -= eps;
+        let fd = (loss(p) - loss(m)) / (2.0 * eps);
+        assert!(
+            (fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "input {which} coordinate {i}: finite difference {fd} vs gradient {}",
+            g[i]
+        );
+    }
+}
+
+#[test]
+fn rms_norm_matches_composition_and_finite_differences() {
+    let (x, w) = (rand(&[3, 5, 16], 1), rand(&[16], 2));
+    let wts = rand(&[3, 5, 16], 3);
+    let fused = |t: &[Tensor]| rms_norm(&t[0], &w, 1e-5).unwrap();
+    let composed = |t: &[Tensor]| rms_norm_composed(&t[0], &w, 1e-5).unwrap();
+    let (y1, g1) = grads(std::slice::from_ref(&x), &wts, &fused);
+    let (y2, g2) = grads(std::slice::from_ref(&x), &wts, &composed);
+    assert!(max_diff(&y1, &y2) < 1e-12);
+    assert!(max_diff(&g1[0], &g2[0]) < 1e-12);
+    check_fd(&[x], 0, &wts, &g1[0], &fused);
+}
+
+#[test]
+fn swiglu_matches_composition_and_finite_differences() {
+    let x = Tensor::cat(&[(rand(&[4, 9], 4) * 4.0).unwrap(), rand(&[4, 9], 5)], 1).unwrap();
+    let wts = rand(&[4, 9], 6);
+    let fused = |t: &[Tensor]| swiglu(&t[0]).unwrap();
+    let composed = |t: &[Tensor]| swiglu_composed(&t[0]).unwrap();
+    let (y1, g1) = grads(std::slice::from_ref(&x), &wts, &fused);
+    let (y2, g2) = grads(std::slice::from_ref(&x), &wts, &composed);
+    assert!(max_diff(&y1, &y2) < 1e-12);
+    assert!(max_diff(&g1[0], &g2[0]) < 1e-12);
+    check_fd(std::slice::from_ref(&x), 0, &wts, &g1[0], &fused);
+}
+
+/// Grouped queries (6 heads over 2 key/value heads), more keys than queries (a cached
+/// prefix), a bias per row, shared by all rows, and none.
+#[test]
+fn attention_matches_composition_and_finite_differences() {
+    let (b, h, kv, s, t, hd) = (2, 6, 2, 3, 5, 4);
+    let q = rand(&[b, h, s, hd], 7);
+    let k = rand(&[b, kv, t, hd], 8);
+    let v = rand(&[b, kv, t, hd], 9);
+    let mut per_row = vec![0f64; b * s * t];
+    per_row[2] = -1e9; // row 0 query 0 does not see key 2
+    per_row[s * t + t - 1] = -1e9; // row 1 query 0 does not see the last key
+    let per_row = Tensor::from_vec(per_row, (b, 1, s, t), &Device::Cpu).unwrap();
+    let shared = (rand(&[1, 1, s, t], 10) * 0.5).unwrap();
+    let wts = rand(&[b, s, h * hd], 11);
+    for bias in [Some(per_row), Some(shared), None] {
+        let fused = |x: &[Tensor]| attention(&x[0], &x[1], &x[2], bias.as_ref()).unwrap();
+        let composed = |x: &[Tensor]| {
+            attention_composed(&x[0], &x[1], &x[2], bias.as_ref())
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, s, h * hd))
+                .unwrap()
+        };
+        let ins = [q.clone(), k.clone(), v.clone()];
+        let (y1, g1) = grads(&ins, &wts, &fused);
+        let (y2, g2) = grads(&ins, &wts, &composed);
+        assert!(max_diff(&y1, &y2) < 1e-12, "{}", max_diff(&y1, &y2));
+        for (i, (g1, g2)) in g1.iter().zip(&g2).enumerate() {
+            assert!(max_diff(g1, g2) < 1e-12, "input {i}: {}", max_diff(g1, g2));
+            check_fd(&ins, i, &wts, g1, &fused);
+        }
+    }
+}
+
+#[test]
+fn frozen_linear_matches_matmul_and_finite_differences() {
+    // 6 rows: gemm writes column-major; 120 rows: row-major (see `COLUMN_MAJOR_ROWS`)
+    for (lead, seed) in [([2, 3], 15), ([4, 30], 25)] {
+        let x = rand(&[lead[0], lead[1], 5], seed);
+        let w = rand(&[7, 5], seed + 1);
+        let wts = rand(&[lead[0], lead[1], 7], seed + 2);
+        let lin = crate::ops::Linear::new(w.clone(), None);
+        let fused = |t: &[Tensor]| lin.forward(&t[0]).unwrap();
+        let plain = |t: &[Tensor]| t[0].broadcast_matmul(&w.t().unwrap()).unwrap();
+        let (y1, g1) = grads(std::slice::from_ref(&x), &wts, &fused);
+        let (y2, g2) = grads(std::slice::from_ref(&x), &wts, &plain);
+        assert!(max_diff(&y1, &y2) < 1e-12);
+        assert!(max_diff(&g1[0], &g2[0]) < 1e-12);
+        check_fd(&[x], 0, &wts, &g1[0], &fused);
+    }
+}
+
+/// q, k, v heads with RoPE (shared and per-row position tables) and without (GPT-2).
+#[test]
+fn split_heads_matches_composition_and_finite_differences() {
+    let (b, s, h, kv, hd) = (2, 3, 4, 2, 6);
+    let qkv = rand(&[b, s, (h + 2 * kv) * hd], 18);
+    let positions: Vec<usize> = (0..s).map(|i| i + 2).collect();
+    let per_row: Vec<usize> = vec![5, 6, 7, 0, 1, 2];
+    let dev = Device::Cpu;
+    let shared = crate::ops::rope_tables(&positions, hd, 10000.0, DType::F64, &dev).unwrap();
+    let rows = crate::ops::rope_tables(&per_row, hd, 10000.0, DType::F64, &dev).unwrap();
+    let rows = (
+        rows.0.reshape((b, s, hd)).unwrap(),
+        rows.1.reshape((b, s, hd)).unwrap(),
+    );
+    let wts = rand(&[b * (h + 2 * kv) * s * hd], 19);
+    for tables in [Some(&shared), Some(&rows), None] {
+        let flat = |parts: (Tensor, Tensor, Tensor)| {
+            Tensor::cat(
+                &[
+                    parts.0.flatten_all().unwrap(),
+                    parts.1.flatten_all().unwrap(),
+                    parts.2.flatten_all().unwrap(),
+                ],
+                0,
+            )
+            .unwrap()
+        };
+        let rope = tables.map(|(c, s)| (c, s));
+        let fused = |t: &[Tensor]| flat(split_heads(&t[0], (h, kv, hd), rope).unwrap());
+        let composed = |t: &[Tensor]| flat(split_heads_composed(&t[0], (h, kv, hd), rope).unwrap());
+        let (y1, g1) = grads(std::slice::from_ref(&qkv), &wts, &fused);
+        let (y2, g2) = grads(std::slice::from_ref(&qkv), &wts, &composed);
+        assert!(max_diff(&y1, &y2) < 1e-12);
+        assert!(max_diff(&g1[0], &g2[0]) < 1e-12);
+        check_fd(std::slice::from_ref(&qkv), 0, &wts, &g1[0], &fused);
+    }
+}
+
+/// The whole-layer op against the layer composed from candle primitives: output and the
+/// gradients to the token rows and to the prompt's keys/values, and finite differences.
+#[test]
+fn token_layer_matches_composition_and_finite_differences() {
+    use super::{LayerWeights, TokenLayer};
+    let (b, s, n, d, h, kv, hd, i) = (2, 3, 2, 8, 4, 2, 2, 6);
+    let w = LayerWeights {
+        input_norm: (rand(&[d], 20) + 1.0).unwrap(),
+        qkv: (
+            (rand(&[(h + 2 * kv) * hd, d], 21) * 0.5).unwrap(),
+            Some(rand(&[(h + 2 * kv) * hd], 26)),
+        ),
+        o: ((rand(&[d, h * hd], 22) * 0.5).unwrap(), None),
+        post_norm: (rand(&[d], 23) + 1.0).unwrap(),
+        gate_up: ((rand(&[2 * i, d], 24) * 0.5).unwrap(), None),
+        down: ((rand(&[d, i], 25) * 0.5).unwrap(), Some(rand(&[d], 27))),
+        eps: 1e-6,
+        heads: (h, kv, hd),
+    };
+    let positions: Vec<usize> = (n..n + s).collect();
+    let rope = crate::ops::rope_tables(&positions, hd, 10000.0, DType::F64, &Device::Cpu).unwrap();
+    let mut bias = vec![0f64; b * s * (n + s)];
+    for r in 0..b {
+        for q in 0..s {
+            for j in q + 1..s {
+                bias[(r * s + q) * (n + s) + n + j] = -1e9;
+            }
+        }
+    }
+    bias[(s + 1) * (n + s)] = -1e9; // row 1 query 1 does not see the first prompt key
+    let bias = Tensor::from_vec(bias, (b, 1, s, n + s), &Device::Cpu).unwrap();
+    let lin = |x: &Tensor, (w, bb): &(Tensor, Option<Tensor>)| {
+        let y = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        match bb {
+            Some(bb) => y.broadcast_add(bb).unwrap(),
+            None => y,
+        }
+    };
+    let composed = |t: &[Tensor]| {
+        let (x, pk, pv) = (&t[0], &t[1], &t[2]);
+        let hn = rms_norm_composed(x, &w.input_norm, w.eps).unwrap();
+        let (q, k, v) =
+            split_heads_composed(&lin(&hn, &w.qkv), (h, kv, hd), Some((&rope.0, &rope.1))).unwrap();
+        let k = Tensor::cat(&[pk, &k], 2).unwrap();
+        let v = Tensor::cat(&[pv, &v], 2).unwrap();
+        let att = attention_composed(&q, &k, &v, Some(&bias))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, s, h * hd))
+            .unwrap();
+        let x2 = (x + lin(&att, &w.o)).unwrap();
+        let hn2 = rms_norm_composed(&x2, &w.post_norm, w.eps).unwrap();
+        let m = swiglu_composed(&lin(&hn2, &w.gate_up)).unwrap();
+        (&x2 + lin(&m, &w.down)).unwrap()
+    };
+    let fused = |t: &[Tensor]| {
+        let op = TokenLayer {
+            w: w.clone(),
+            rope: rope.clone(),
+            bias: bias.clone(),
+            saved: Default::default(),
+        };
+        t[0].apply_op3(&t[1], &t[2], op).unwrap()
+    };
+    let ins = [
+        rand(&[b, s, d], 28),
+        rand(&[b, kv, n, hd], 29),
+        rand(&[b, kv, n, hd], 30),
+    ];
+    let wts = rand(&[b, s, d], 31);
+    let (y1, g1) = grads(&ins, &wts, &fused);
+    let (y2, g2) = grads(&ins, &wts, &composed);
+    assert!(max_diff(&y1, &y2) < 1e-12, "{}", max_diff(&y1, &y2));
+    for (k, (g1, g2)) in g1.iter().zip(&g2).enumerate() {
+        assert!(max_diff(g1, g2) < 1e-11, "input {k}: {}", max_diff(g1, g2));
+        check_fd(&ins, k, &wts, g1, &fused);
+    }
+}
+
+#[test]
+fn f32_agrees_with_f64() {
+    let (b, h, kv, s, t, hd) = (1, 4, 1, 2, 4, 8);
+    let q = rand(&[b, h, s, hd], 12);
+    let k = rand(&[b, kv, t, hd], 13);
+    let v = rand(&[b, kv, t, hd], 14);
+    let y64 = attention(&q, &k, &v, None).unwrap();
+    let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    let y32 = attention(&f(&q), &f(&k), &f(&v), None).unwrap();
+    assert!(max_diff(&y64, &y32.to_dtype(candle_core::DType::F64).unwrap()) < 1e-6);
+}
+
+#[test]
+fn few_rows_kernel_matches_a_sum_in_f64() {
+    let (k, n) = (40, 13); // an odd number of columns: the last weight row is alone
+    let w: Vec<f32> = rand(&[n, k], 21)
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+        .concat();
+    for m in 1..=super::few_rows::MAX_ROWS + 1 {
+        let x: Vec<f32> = rand(&[m, k], 22 + m as u64)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .concat();
+        let got = super::few_rows::linear(&x, &w, n);
+        if m > super::few_rows::MAX_ROWS {
+            assert!(got.is_none(), "{m} rows are gemm's");
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        let expected = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let expected = false;
+        let Some(y) = got else {
+            assert!(!expected, "AVX2 and FMA are here: the kernel should run");
+            continue;
+        };
+        assert_eq!(y.len(), m * n);
+        for r in 0..m {
+            for o in 0..n {
+                let want: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
+                    .sum();
+                let d = (y[r * n + o] as f64 - want).abs();
+                assert!(d < 1e-5, "row {r} column {o}: {} vs {want}", y[r * n + o]);
+            }
+        }
+        // linear_rows takes the kernel for these rows
+        let via = super::linear_rows(&x, &w, None, n);
+        assert_eq!(via, y);
+    }
+    // a depth that is not a multiple of 8 stays with gemm
+    assert!(super::few_rows::linear(&[0.0; 12], &[0.0; 36], 3).is_none());
+}
