@@ -6,6 +6,7 @@
 #   CLIENTS=32 REQUESTS=256 SECONDS_MAX=150 bash tools/serve-bench.sh
 #   KINDS=complete MAX_TOKENS=64 GEN_REQUESTS=64 bash tools/serve-bench.sh   # longer generations
 #   BACKEND=ort KINDS=complete bash tools/serve-bench.sh                     # on ONNX Runtime
+#   SOFTPROMPT_BIN=/path/to/softprompt bash tools/serve-bench.sh             # another build's server
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets="$(python3 tools/fetch_assets.py)"
@@ -28,17 +29,22 @@ if [ "$backend" != candle ]; then
   export SOFTPROMPT_CACHE_DIR="${SOFTPROMPT_CACHE_DIR:-$PWD/.cache}"
 fi
 
-cargo build --release -q -p softprompt-cli "${features[@]}"
+bin="${SOFTPROMPT_BIN:-}"
+if [ -z "$bin" ]; then
+  cargo build --release -q -p softprompt-cli "${features[@]}"
+  bin=./target/release/softprompt
+fi
 cargo build --release -q -p softprompt-serve --example loadtest
 work="$(mktemp -d)"
-trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+# `kill 0` would signal the whole process group (the caller's shell too): only a live server
+trap 'if [ -n "${server:-}" ]; then kill "$server" 2>/dev/null || true; fi; rm -rf "$work"' EXIT
 from=()
 [ -d runs/rotten-tomatoes ] && from=(--from runs/rotten-tomatoes)
 ./target/release/examples/loadtest prepare --model "$model" --store "$work/store" --count 16 "${from[@]}"
 
 results="$work/results.jsonl"
 for mode in mixed per-prompt; do
-  ./target/release/softprompt serve --model "$model" --backend "$backend" --store "$work/store" --threads "$threads" \
+  "$bin" serve --model "$model" --backend "$backend" --store "$work/store" --threads "$threads" \
     --addr "127.0.0.1:$port" --batching "$mode" --queue-capacity 512 2>"$work/serve-$mode.log" &
   server=$!
   for _ in $(seq 1 120); do

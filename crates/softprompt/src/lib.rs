@@ -1,7 +1,8 @@
 //! softprompt: prompt tuning of frozen language models in Rust.
 //!
-//! This facade re-exports the core traits and types, the prompt store, the trainer, and each
-//! backend compiled in through its Cargo feature (`candle` by default).
+//! This facade re-exports the core traits and types, the op seam and model families (`nn`), the
+//! conformance contract, the prompt store, the trainer, each backend compiled in through its
+//! Cargo feature (`candle` by default), and the HTTP server behind the `serve` feature.
 //!
 //! ```no_run
 //! use softprompt::{load_backbone, Backbone};
@@ -19,6 +20,7 @@ pub use backends::{
 pub use softprompt_conformance as conformance;
 pub use softprompt_core::*;
 pub use softprompt_gguf as gguf;
+pub use softprompt_nn as nn;
 #[cfg(feature = "serve")]
 pub use softprompt_serve as serve;
 pub use softprompt_store as store;
