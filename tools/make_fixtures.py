@@ -2,11 +2,13 @@
 """Generates the small test fixtures of softprompt with Hugging Face transformers + PEFT as oracles.
 
 For each tiny random model (Llama with tied head and GQA, Qwen2 with q/k/v bias and an untied
-head, GPT-2) it writes, under tests/fixtures/<name>/:
+head, GPT-2, Gemma 3 with sliding-window layers narrower than a fixture row) it writes, under
+tests/fixtures/<name>/:
   config.json, model.safetensors, tokenizer.json   the model in Hugging Face layout
   reference.safetensors                              ids, masks, prompts, logits, loss, gradient
   peft-prompt/                                       the same prompt saved by PEFT's save_pretrained
-Run through tools/setup-python.sh's environment:  .venv/bin/python tools/make_fixtures.py
+Run through tools/setup-python.sh's environment:  .venv/bin/python tools/make_fixtures.py [NAME ...]
+(names limit the run to those models; the shared tokenizer is rebuilt identically either way).
 Everything is seeded; rerunning reproduces the files (up to safetensors metadata ordering).
 """
 import json
@@ -17,7 +19,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 from peft import PromptTuningConfig, TaskType, get_peft_model
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
@@ -68,6 +71,18 @@ def build(name, vocab):
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2,
                          **{k: v for k, v in common.items() if k != "pad_token_id"})
         return GPT2LMHeadModel(cfg)
+    if name == "tiny-gemma3":
+        # a window of 4 positions: the fixture rows (3 virtual tokens + up to ~10 tokens) cross it;
+        # the query scale differs from 1/sqrt(head_dim); two RoPE bases
+        cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, sliding_window=4,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                            "sliding_attention"],
+                               rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
+                               max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                               initializer_range=0.2, **common)
+        return Gemma3ForCausalLM(cfg)
     raise ValueError(name)
 
 
@@ -89,7 +104,8 @@ def main():
     with open(os.path.join(ROOT, "tokenizer_reference.json"), "w") as f:
         json.dump(tok_ref, f, indent=1)
 
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]:
+    names = sys.argv[1:] or ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3"]
+    for name in names:
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(1)
         model = build(name, vocab)

@@ -8,12 +8,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use softprompt_core::backbone::{check_next_token, check_prompts};
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
-    prompt_slots, Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error,
-    LossAndGrad, ModelConfig, PrefixCache, RowScores, SoftPrompt,
+    prompt_slots, AttentionMask, Backbone, BackboneSpec, Batch, BatchDecoder, Batcher,
+    Capabilities, Error, LossAndGrad, ModelConfig, PrefixCache, RowScores, SoftPrompt,
 };
 
 use crate::decoding::{CandleKernels, PREFILL_TOKENS};
-use crate::model::{HostCache, LayerCache, Model};
+use crate::model::{Bias, HostCache, LayerCache, Model};
 use crate::{ops, to_core, CResult, CandleOptions, Result, BACKEND};
 
 /// A frozen Llama-family or GPT-2 model on candle.
@@ -32,10 +32,11 @@ pub struct CandleBackbone {
 /// Prompts kept in the prefix cache (about 0.9 MB each for SmolLM2-135M with 20 tokens).
 const PREFIX_CACHE_ENTRIES: usize = 64;
 
-/// Embedded inputs of a batch: `[rows, N + seq_len, d]` and the attention bias `[rows, 1, S, S]`.
+/// Embedded inputs of a batch: `[rows, N + seq_len, d]` and the attention biases
+/// `[rows, 1, S, S]`.
 pub(crate) struct Inputs {
     pub x: Tensor,
-    pub bias: Tensor,
+    pub bias: Bias,
 }
 
 impl CandleBackbone {
@@ -84,9 +85,19 @@ impl CandleBackbone {
             .map_err(to_core)
     }
 
-    /// Which keys a query sees (the model's mask).
-    pub(crate) fn mask(&self) -> softprompt_core::AttentionMask {
-        self.config.attention_mask()
+    /// The biases of a pass, `shape`, from the model's masks: `make(mask)` lays one out.
+    pub(crate) fn bias(
+        &self,
+        shape: &[usize],
+        make: impl Fn(AttentionMask) -> Vec<f32>,
+    ) -> CResult<Bias> {
+        let tensor = |mask: AttentionMask| -> CResult<Tensor> {
+            Ok(Tensor::from_vec(make(mask), shape, &self.device)?.to_dtype(self.dtype)?)
+        };
+        Ok(Bias {
+            global: tensor(self.config.attention_mask())?,
+            window: self.config.sliding_window_mask().map(tensor).transpose()?,
+        })
     }
 
     /// Log-softmax runs in f32, or f64 when the weights are f64 (bf16/f16 logits are upcast).
@@ -129,8 +140,7 @@ impl CandleBackbone {
             let idx = Tensor::from_vec(idx, rows, &self.device)?;
             Tensor::cat(&[&prompts.index_select(&idx, 0)?, &tok], 1)?
         };
-        let bias = Tensor::from_vec(self.mask().bias(batch, n), (rows, 1, s, s), &self.device)?
-            .to_dtype(self.dtype)?;
+        let bias = self.bias(&[rows, 1, s, s], |m| m.bias(batch, n))?;
         Ok(Inputs { x, bias })
     }
 
@@ -145,8 +155,7 @@ impl CandleBackbone {
         n: usize,
     ) -> CResult<Vec<LayerCache>> {
         let layers = self.model.num_layers();
-        let causal = Tensor::from_vec(self.mask().chunk_bias(n, n), (1, 1, n, n), &self.device)?
-            .to_dtype(self.dtype)?;
+        let causal = self.bias(&[1, 1, n, n], |m| m.chunk_bias(n, n))?;
         let mut per_prompt: Vec<Option<Vec<KeyValue>>> = vec![None; prompts.dim(0)?];
         if let Some(host) = host {
             let cache = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
@@ -228,12 +237,7 @@ impl CandleBackbone {
             .model
             .embed(&ids)?
             .reshape((rows, t, self.spec.hidden_size))?;
-        let bias = Tensor::from_vec(
-            self.mask().token_bias(batch, n),
-            (rows, 1, t, s),
-            &self.device,
-        )?
-        .to_dtype(self.dtype)?;
+        let bias = self.bias(&[rows, 1, t, s], |m| m.token_bias(batch, n))?;
         let hidden = self
             .model
             .forward(&tok, n, Some(&bias), Some((&mut cache, extend)))?;

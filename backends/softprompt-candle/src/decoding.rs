@@ -12,7 +12,6 @@
 use candle_core::{DType, Tensor};
 use softprompt_core::{
     input_rows, Batch, BatchRow, DecodeKernels, Error, Positions, PrefillPlan, SoftPrompt,
-    MASKED_BIAS,
 };
 
 use crate::model::{HostCache, LayerCache};
@@ -59,8 +58,7 @@ impl CandleKernels<'_> {
                 b.inputs(&p, &Batch::from_rows(&[row], 0)?, n)?.x
             };
             let s = x.dim(1)?;
-            let bias = Tensor::from_vec(b.mask().chunk_bias(s, s), (1, 1, s, s), &b.device)?
-                .to_dtype(b.dtype)?;
+            let bias = b.bias(&[1, 1, s, s], |m| m.chunk_bias(s, s))?;
             let mut cache: Vec<LayerCache> = vec![None; b.model.num_layers()];
             let h = b
                 .model
@@ -181,12 +179,7 @@ impl CandleKernels<'_> {
                 packed.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
             }
             // row r sees its own `starts[r]` cached keys, not the padding, and its new token
-            let mut bias = vec![0f32; rows * (longest + 1)];
-            for (r, start) in starts.iter().enumerate() {
-                bias[r * (longest + 1) + start..r * (longest + 1) + longest].fill(MASKED_BIAS);
-            }
-            let bias =
-                Tensor::from_vec(bias, (rows, 1, 1, longest + 1), &b.device)?.to_dtype(b.dtype)?;
+            let bias = b.bias(&[rows, 1, 1, longest + 1], |m| m.step_bias(&starts))?;
             let h = b.model.forward_at(
                 &x,
                 Positions::PerRow(&starts),

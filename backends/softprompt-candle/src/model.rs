@@ -62,6 +62,14 @@ impl HostCache {
     }
 }
 
+/// The additive attention biases of a pass: the full-attention layers', and the sliding-window
+/// layers' when the model has them.
+#[derive(Debug, Clone)]
+pub struct Bias {
+    pub global: Tensor,
+    pub window: Option<Tensor>,
+}
+
 /// A frozen decoder of any family on one device in one dtype.
 pub struct Model {
     nn: softprompt_nn::Model<Tensor>,
@@ -105,7 +113,7 @@ impl Model {
         &self,
         x: &Tensor,
         start: usize,
-        bias: Option<&Tensor>,
+        bias: Option<&Bias>,
         cache: Option<(&mut [LayerCache], bool)>,
     ) -> CResult<Tensor> {
         self.forward_at(x, Positions::From(start), bias, cache)
@@ -116,12 +124,13 @@ impl Model {
         &self,
         x: &Tensor,
         positions: Positions<'_>,
-        bias: Option<&Tensor>,
+        bias: Option<&Bias>,
         cache: Option<(&mut [LayerCache], bool)>,
     ) -> CResult<Tensor> {
         let tokens = x.dim(1)?;
         let mut pass = Pass::new(PositionIds::Host { positions, tokens });
-        pass.bias = bias;
+        pass.bias = bias.map(|b| &b.global);
+        pass.window_bias = bias.and_then(|b| b.window.as_ref());
         if let Some((cache, extend)) = cache {
             pass = pass.with_cache(cache, extend);
         }

@@ -5,7 +5,7 @@
 //! `attention_bias` and each row at its own position.
 
 use softprompt_core::backbone::check_prompts;
-use softprompt_core::{Batch, BatchRow, DecodeKernels, PrefillPlan, SoftPrompt, MASKED_BIAS};
+use softprompt_core::{Batch, BatchRow, DecodeKernels, PrefillPlan, SoftPrompt};
 
 use crate::{Inputs, OrtBackbone, Result};
 
@@ -60,7 +60,7 @@ impl OrtKernels<'_> {
             prompt_embeds: prompt.values().to_vec(),
             virtual_tokens: n,
             position_ids: (0..s as i64).collect(),
-            attention_bias: b.config.attention_mask().chunk_bias(s, s),
+            attention_bias: b.bias(|m| m.chunk_bias(s, s)),
             gather_index: vec![(s - 1) as i64],
             picks: 1,
             candidate_ids: vec![0],
@@ -172,10 +172,7 @@ impl DecodeKernels for OrtKernels<'_> {
             past.push((k, v));
         }
         let total = p + 1;
-        let mut bias = vec![0f32; rows * total];
-        for (r, len) in lens.iter().enumerate() {
-            bias[r * total + len..r * total + p].fill(MASKED_BIAS);
-        }
+        let bias = b.bias(|m| m.step_bias(&lens));
         let inputs = Inputs {
             rows,
             input_ids: tokens.iter().map(|t| *t as i64).collect(),

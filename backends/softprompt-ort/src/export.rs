@@ -11,6 +11,7 @@
 //! | `prompt_embeds` | float | `[batch, virtual, hidden]` | each row's soft prompt (`virtual` may be 0) |
 //! | `position_ids` | int64 | `[batch, virtual + tokens]` | position of every new input |
 //! | `attention_bias` | float | `[batch, 1, virtual + tokens, past + virtual + tokens]` | additive mask: 0 visible, -1e9 hidden (causality and padding) |
+//! | `attention_bias_local` | float | the same | the sliding-window layers' mask (only for models that have them) |
 //! | `gather_index` | int64 | `[batch, picks, 1]` | positions whose hidden state goes through the head |
 //! | `candidate_ids` | int64 | `[batch, picks, candidates]` | tokens whose log-probability is returned |
 //! | `past_key.{i}`, `past_value.{i}` | float | `[batch, kv_heads, past, head_dim]` | KV cache (`past` may be 0) |
@@ -49,12 +50,14 @@ pub const META_CONFIG: &str = "softprompt.config";
 /// Metadata key holding [`EXPORT_VERSION`].
 pub const META_VERSION: &str = "softprompt.export_version";
 
-/// Declares the graph's inputs and outputs.
+/// Declares the graph's inputs and outputs (`attention_bias_local` for a model with
+/// sliding-window layers).
 fn declare_io(
     g: &GraphOps,
     layers: usize,
     (kv_heads, head_dim): (usize, usize),
     (hidden, vocab): (usize, usize),
+    local: bool,
 ) {
     use Dim::{Fixed, Named};
     let mut inputs = vec![
@@ -81,6 +84,13 @@ fn declare_io(
             &[Named("batch"), Named("picks"), Named("candidates")],
         ),
     ];
+    if local {
+        inputs.push(value_info(
+            "attention_bias_local",
+            FLOAT,
+            &[Named("batch"), Fixed(1), Named("seq"), Named("total")],
+        ));
+    }
     let past = [
         Named("batch"),
         Fixed(kv_heads),
@@ -120,10 +130,10 @@ fn declare_io(
 }
 
 /// Records the model between the declared inputs and outputs.
-fn build(model: &Model<String>, g: &GraphOps, widths: (usize, usize)) -> Result<()> {
+fn build(model: &Model<String>, g: &GraphOps, widths: (usize, usize), local: bool) -> Result<()> {
     let layers = model.num_layers();
     let heads = model.heads();
-    declare_io(g, layers, (heads.kv, heads.dim), widths);
+    declare_io(g, layers, (heads.kv, heads.dim), widths, local);
     // `[prompt_embeds][embed(input_ids)]` along the sequence
     let tokens = model.embed(g, &"input_ids".to_string())?;
     g.rename(&tokens, "token_embeds");
@@ -137,9 +147,13 @@ fn build(model: &Model<String>, g: &GraphOps, widths: (usize, usize)) -> Result<
         .collect();
     let positions = "position_ids".to_string();
     let bias = "attention_bias".to_string();
+    let local_bias = "attention_bias_local".to_string();
     let mut pass = Pass::new(PositionIds::Tensor(&positions))
         .with_bias(&bias)
         .with_cache(&mut cache, true);
+    if local {
+        pass = pass.with_window_bias(&local_bias);
+    }
     let hidden_states = model.forward(g, &x, &mut pass)?;
     for (i, slot) in cache.iter().enumerate() {
         let (k, v) = slot
@@ -184,7 +198,13 @@ pub fn export(source: ModelSource) -> Result<Vec<u8>> {
     let g = GraphOps::default();
     let model = Model::load(&g, &config, &mut weights)?;
     drop(weights);
-    build(&model, &g, (config.hidden_size(), config.vocab_size()))?;
+    let local = config.sliding_window_mask().is_some();
+    build(
+        &model,
+        &g,
+        (config.hidden_size(), config.vocab_size()),
+        local,
+    )?;
     let mut graph = g.into_graph();
     graph.name = format!("softprompt-{}", spec.name);
     let mut model = ModelProto::new();

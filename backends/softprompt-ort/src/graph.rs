@@ -74,7 +74,7 @@ pub(crate) fn value_info(name: &str, elem: i32, dims: &[Dim]) -> ValueInfoProto 
 struct State {
     graph: GraphProto,
     next: usize,
-    /// RoPE tables already in the graph, by base θ and head width.
+    /// RoPE `cos`/`sin` already computed in the graph, by base θ and head width.
     rope: BTreeMap<(u64, usize), (String, String)>,
     /// 5-D forms of attention biases already unsqueezed, by the bias's name.
     bias5: BTreeMap<String, String>,
@@ -226,23 +226,11 @@ impl GraphOps {
     }
 }
 
-/// RoPE tables `[positions, head_dim]`, computed as Hugging Face does (inverse frequencies and
-/// angles in f32).
-fn rope_tables(positions: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half)
+/// RoPE inverse frequencies `[head_dim / 2]`, computed as Hugging Face does (in f32).
+fn inverse_frequencies(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2)
         .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(positions * head_dim);
-    let mut sin = Vec::with_capacity(positions * head_dim);
-    for p in 0..positions {
-        let angles: Vec<f64> = inv.iter().map(|f| (p as f32 * f) as f64).collect();
-        for _ in 0..2 {
-            cos.extend(angles.iter().map(|a| a.cos() as f32));
-            sin.extend(angles.iter().map(|a| a.sin() as f32));
-        }
-    }
-    (cos, sin)
+        .collect()
 }
 
 fn graph_positions<'a>(positions: &PositionIds<'a, String>) -> Result<&'a str> {
@@ -329,43 +317,44 @@ impl Ops for GraphOps {
         ))
     }
 
-    /// Tables for every position the model supports, gathered at the `position_ids` input:
-    /// `[rows, 1, tokens, hd]`.
+    /// The tables computed in the graph from the `position_ids` input (angles `position ·
+    /// inv_freq` in f32, as Hugging Face computes them), `[rows, 1, tokens, hd]`; one set per RoPE
+    /// base. Nothing of size `max_positions` is stored.
     fn rope_tables(
         &self,
         positions: &PositionIds<'_, String>,
         head_dim: usize,
         theta: f64,
-        max_positions: usize,
+        _max_positions: usize,
     ) -> Result<Rope<String>> {
         let pos = graph_positions(positions)?;
         let key = (theta.to_bits(), head_dim);
         let existing = self.state.borrow().rope.get(&key).cloned();
-        let (cos_t, sin_t) = match existing {
+        let (cos, sin) = match existing {
             Some(t) => t,
             None => {
-                let suffix = if self.state.borrow().rope.is_empty() {
-                    String::new()
-                } else {
-                    format!(".{theta}.{head_dim}")
-                };
-                let (cos, sin) = rope_tables(max_positions, head_dim, theta);
-                let shape = [max_positions, head_dim];
+                let n = self.state.borrow().rope.len();
+                let inv = self.weight(
+                    &format!("rope.inv_freq.{n}"),
+                    &[head_dim / 2],
+                    &inverse_frequencies(head_dim, theta),
+                );
+                let p = self.op("Cast", &[pos], vec![attr_int("to", FLOAT as i64)]);
+                let p = self.unsqueeze(&p, &[-1]);
+                let angles = self.op("Mul", &[&p, &inv], vec![]);
+                let both = self.op("Concat", &[&angles, &angles], vec![attr_int("axis", -1)]);
+                let both = self.unsqueeze(&both, &[1]);
                 let t = (
-                    self.weight(&format!("rope.cos{suffix}"), &shape, &cos),
-                    self.weight(&format!("rope.sin{suffix}"), &shape, &sin),
+                    self.op("Cos", &[&both], vec![]),
+                    self.op("Sin", &[&both], vec![]),
                 );
                 self.state.borrow_mut().rope.insert(key, t.clone());
                 t
             }
         };
-        let gather = |table: &str| {
-            let g = self.op("Gather", &[table, pos], vec![attr_int("axis", 0)]);
-            self.unsqueeze(&g, &[1])
-        };
         Ok(Rope {
-            cos: gather(&cos_t),
-            sin: gather(&sin_t),
+            cos,
+            sin,
             theta,
             per_row: true,
         })

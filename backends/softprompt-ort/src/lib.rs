@@ -184,7 +184,7 @@ struct Inputs {
     prompt_embeds: Vec<f32>,
     virtual_tokens: usize,
     position_ids: Vec<i64>,
-    attention_bias: Vec<f32>,
+    attention_bias: Bias,
     gather_index: Vec<i64>,
     picks: usize,
     candidate_ids: Vec<i64>,
@@ -192,6 +192,13 @@ struct Inputs {
     /// Per layer `(keys, values)`, each `[rows, kv_heads, past, head_dim]`.
     past: Vec<(Vec<f32>, Vec<f32>)>,
     past_len: usize,
+}
+
+/// The additive attention biases of a call: the full-attention layers' (`attention_bias`) and,
+/// for a model with sliding-window layers, theirs (`attention_bias_local`).
+struct Bias {
+    global: Vec<f32>,
+    window: Option<Vec<f32>>,
 }
 
 /// One output: shape and values.
@@ -311,6 +318,14 @@ impl OrtBackbone {
         Ok(())
     }
 
+    /// The biases of a call from the model's masks: `make(mask)` lays one out.
+    fn bias(&self, make: impl Fn(softprompt_core::AttentionMask) -> Vec<f32>) -> Bias {
+        Bias {
+            global: make(self.config.attention_mask()),
+            window: self.config.sliding_window_mask().map(&make),
+        }
+    }
+
     /// Inputs of a full (uncached) pass over `[prompt][tokens]` of `batch`; the picks are left
     /// for the caller.
     fn full_inputs(&self, prompts: &[SoftPrompt], batch: &Batch, n: usize) -> Inputs {
@@ -328,7 +343,7 @@ impl OrtBackbone {
             prompt_embeds,
             virtual_tokens: n,
             position_ids: (0..rows).flat_map(|_| 0..s as i64).collect(),
-            attention_bias: self.config.attention_mask().bias(batch, n),
+            attention_bias: self.bias(|m| m.bias(batch, n)),
             gather_index: Vec::new(),
             picks: 0,
             candidate_ids: Vec::new(),
@@ -376,7 +391,7 @@ impl OrtBackbone {
             ("position_ids".into(), i(vec![rows, s], position_ids)?),
             (
                 "attention_bias".into(),
-                f(vec![rows, 1, s, past_len + s], attention_bias)?,
+                f(vec![rows, 1, s, past_len + s], attention_bias.global)?,
             ),
             (
                 "gather_index".into(),
@@ -387,6 +402,12 @@ impl OrtBackbone {
                 i(vec![rows, picks, candidates], candidate_ids)?,
             ),
         ];
+        if let Some(local) = attention_bias.window {
+            values.push((
+                "attention_bias_local".into(),
+                f(vec![rows, 1, s, past_len + s], local)?,
+            ));
+        }
         let cache_shape = vec![rows, self.kv_heads, past_len, self.head_dim];
         let mut past = past.into_iter();
         for l in 0..self.layers {
@@ -494,7 +515,7 @@ impl Backbone for OrtBackbone {
             prompt_embeds: Vec::new(),
             virtual_tokens: 0,
             position_ids: (0..t as i64).collect(),
-            attention_bias: self.config.attention_mask().chunk_bias(t, t),
+            attention_bias: self.bias(|m| m.chunk_bias(t, t)),
             gather_index: vec![0],
             picks: 1,
             candidate_ids: vec![0],

@@ -17,7 +17,7 @@ use softprompt_core::{
 use tch::{Device, Kind, Tensor};
 
 use crate::decoding::TchKernels;
-use crate::model::{LayerCache, Model};
+use crate::model::{Bias, LayerCache, Model};
 use crate::{to_core, Result, TResult, TchOptions, BACKEND};
 
 /// A frozen Llama-family or GPT-2 model on libtorch.
@@ -93,6 +93,24 @@ impl TchBackbone {
         self.model.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The biases of a pass, `shape`, from the model's masks: `make(mask)` lays one out.
+    pub(crate) fn bias(
+        &self,
+        shape: &[i64],
+        make: impl Fn(softprompt_core::AttentionMask) -> Vec<f32>,
+    ) -> TResult<Bias> {
+        let tensor = |mask| -> TResult<Tensor> {
+            Ok(Tensor::f_from_slice(&make(mask))?
+                .f_view(shape)?
+                .f_to_kind(self.kind)?
+                .f_to_device(self.device)?)
+        };
+        Ok(Bias {
+            global: tensor(self.config.attention_mask())?,
+            window: self.config.sliding_window_mask().map(tensor).transpose()?,
+        })
+    }
+
     /// Log-softmax runs in f32, or f64 when the weights are f64.
     fn score_kind(&self) -> Kind {
         if self.kind == Kind::Double {
@@ -147,13 +165,12 @@ impl TchBackbone {
         prompts: &Tensor,
         batch: &Batch,
         n: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Bias)> {
         let (rows, t) = (batch.rows(), batch.seq_len());
         let s = n + t;
         let ids = self.ids_tensor(batch.input_ids())?;
         let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
-        let bias = self.config.attention_mask().bias(batch, n);
-        let run = || -> TResult<(Tensor, Tensor)> {
+        let run = || -> TResult<(Tensor, Bias)> {
             let tok =
                 model
                     .embed(&ids)?
@@ -166,10 +183,7 @@ impl TchBackbone {
                     .f_to_kind(self.kind)?;
                 Tensor::f_cat(&[&p, &tok], 1)?
             };
-            let bias = Tensor::f_from_slice(&bias)?
-                .f_view([rows as i64, 1, s as i64, s as i64])?
-                .f_to_kind(self.kind)?
-                .f_to_device(self.device)?;
+            let bias = self.bias(&[rows as i64, 1, s as i64, s as i64], |m| m.bias(batch, n))?;
             Ok((x, bias))
         };
         run().map_err(to_core)
@@ -206,18 +220,10 @@ impl TchBackbone {
         let d = self.spec.hidden_size as i64;
         let ids = self.ids_tensor(batch.input_ids())?;
         let prompt_rows = self.index_tensor(batch.prompt_index().iter().copied())?;
-        let bias = self.config.attention_mask().token_bias(batch, n);
-        let causal = self.config.attention_mask().chunk_bias(n, n);
         let run = || -> TResult<(Tensor, Vec<LayerCache>)> {
-            let host = |v: &[f32], shape: [i64; 4]| -> TResult<Tensor> {
-                Ok(Tensor::f_from_slice(v)?
-                    .f_view(shape)?
-                    .f_to_kind(self.kind)?
-                    .f_to_device(self.device)?)
-            };
             let mut cache: Vec<LayerCache> = (0..model.num_layers()).map(|_| None).collect();
             if n > 0 {
-                let causal = host(&causal, [1, 1, n as i64, n as i64])?;
+                let causal = self.bias(&[1, 1, n as i64, n as i64], |m| m.chunk_bias(n, n))?;
                 let per_layer = self.prompt_kv(model, prompts, values, &causal)?;
                 for (slot, (k, v)) in cache.iter_mut().zip(per_layer) {
                     *slot = Some((
@@ -227,7 +233,9 @@ impl TchBackbone {
                 }
             }
             let tok = model.embed(&ids)?.f_view([rows as i64, t as i64, d])?;
-            let bias = host(&bias, [rows as i64, 1, t as i64, s as i64])?;
+            let bias = self.bias(&[rows as i64, 1, t as i64, s as i64], |m| {
+                m.token_bias(batch, n)
+            })?;
             let hidden = model.forward(&tok, n, Some(&bias), Some(&mut cache))?;
             Ok((hidden, cache))
         };
@@ -242,7 +250,7 @@ impl TchBackbone {
         model: &Model,
         prompts: &Tensor,
         values: Option<&[SoftPrompt]>,
-        causal: &Tensor,
+        causal: &Bias,
     ) -> TResult<KeyValues> {
         let layers = model.num_layers();
         let pass = |x: &Tensor| -> TResult<KeyValues> {

@@ -6,7 +6,7 @@
 //! forward pass and appends each row's new keys and values.
 
 use softprompt_core::{
-    input_rows, Batch, BatchRow, DecodeKernels, Positions, PrefillPlan, SoftPrompt, MASKED_BIAS,
+    input_rows, Batch, BatchRow, DecodeKernels, Positions, PrefillPlan, SoftPrompt,
 };
 use tch::Tensor;
 
@@ -43,13 +43,9 @@ impl TchKernels<'_> {
             b.inputs(&model, &p, &Batch::from_rows(&[row], 0)?, n)?.0
         };
         let s = n + ids.len();
-        let bias = b.config.attention_mask().chunk_bias(s, s);
         let mut cache: Vec<LayerCache> = (0..model.num_layers()).map(|_| None).collect();
         let mut run = || -> TResult<Tensor> {
-            let bias = Tensor::f_from_slice(&bias)?
-                .f_view([1, 1, s as i64, s as i64])?
-                .f_to_kind(b.kind)?
-                .f_to_device(b.device)?;
+            let bias = b.bias(&[1, 1, s as i64, s as i64], |m| m.chunk_bias(s, s))?;
             let h = model.forward(&x, 0, Some(&bias), Some(&mut cache))?;
             let last = h
                 .f_narrow(1, s as i64 - 1, 1)?
@@ -165,15 +161,8 @@ impl DecodeKernels for TchKernels<'_> {
                 packed.push(Some((Tensor::f_cat(&ks, 0)?, Tensor::f_cat(&vs, 0)?)));
             }
             // row r sees its own `starts[r]` cached keys, not the padding, and its new token
-            let width = longest + 1;
-            let mut bias = vec![0f32; tokens.len() * width];
-            for (r, start) in starts.iter().enumerate() {
-                bias[r * width + start..r * width + longest].fill(MASKED_BIAS);
-            }
-            let bias = Tensor::f_from_slice(&bias)?
-                .f_view([rows, 1, 1, width as i64])?
-                .f_to_kind(b.kind)?
-                .f_to_device(b.device)?;
+            let width = (longest + 1) as i64;
+            let bias = b.bias(&[rows, 1, 1, width], |m| m.step_bias(&starts))?;
             let h = model.forward_at(
                 &x,
                 Positions::PerRow(&starts),

@@ -13,6 +13,14 @@ use crate::{Result, TResult};
 /// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]` (after RoPE).
 pub type LayerCache = Option<(Tensor, Tensor)>;
 
+/// The additive attention biases of a pass: the full-attention layers', and the sliding-window
+/// layers' when the model has them.
+#[derive(Debug)]
+pub struct Bias {
+    pub global: Tensor,
+    pub window: Option<Tensor>,
+}
+
 /// A frozen decoder of any family on one device in one kind.
 pub struct Model {
     nn: softprompt_nn::Model<Handle>,
@@ -50,7 +58,7 @@ impl Model {
         &self,
         x: &Tensor,
         start: usize,
-        mask: Option<&Tensor>,
+        mask: Option<&Bias>,
         cache: Option<&mut Vec<LayerCache>>,
     ) -> TResult<Tensor> {
         self.forward_at(x, Positions::From(start), mask, cache)
@@ -61,11 +69,12 @@ impl Model {
         &self,
         x: &Tensor,
         positions: Positions<'_>,
-        mask: Option<&Tensor>,
+        mask: Option<&Bias>,
         cache: Option<&mut Vec<LayerCache>>,
     ) -> TResult<Tensor> {
         let tokens = x.size()[1] as usize;
-        let mask = mask.map(|m| Handle(m.shallow_clone()));
+        let window = mask.and_then(|m| m.window.as_ref().map(|w| Handle(w.shallow_clone())));
+        let mask = mask.map(|m| Handle(m.global.shallow_clone()));
         let mut own: Option<Vec<Option<(Handle, Handle)>>> = cache.as_ref().map(|c| {
             c.iter()
                 .map(|s| {
@@ -76,6 +85,7 @@ impl Model {
         });
         let mut pass = Pass::new(PositionIds::Host { positions, tokens });
         pass.bias = mask.as_ref();
+        pass.window_bias = window.as_ref();
         if let Some(own) = own.as_mut() {
             pass = pass.with_cache(own, true);
         }

@@ -87,6 +87,22 @@ fn train_step_flops(config: &ModelConfig, train: &Batch, n: usize) -> f64 {
             let per_layer = 4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_inner;
             (c.n_embd, c.n_layer, per_layer, c.n_embd, c.vocab_size)
         }
+        ModelConfig::Gemma3(c) => {
+            let (q, kv) = (
+                c.num_attention_heads * c.head_dim,
+                c.num_key_value_heads * c.head_dim,
+            );
+            let per_layer = c.hidden_size * (q + 2 * kv)
+                + q * c.hidden_size
+                + 3 * c.hidden_size * c.intermediate_size;
+            (
+                c.hidden_size,
+                c.num_hidden_layers,
+                per_layer,
+                q,
+                c.vocab_size,
+            )
+        }
     };
     let (n, t, rows) = (n as f64, train.seq_len() as f64, train.rows() as f64);
     let positions = n + rows * t;

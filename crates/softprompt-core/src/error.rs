@@ -37,7 +37,7 @@ pub enum Error {
         reason: String,
     },
     /// A model configuration that names an architecture softprompt does not implement.
-    #[error("unsupported architecture `{model_type}` in {path} (supported: llama, mistral, qwen2, gpt2)")]
+    #[error("unsupported architecture `{model_type}` in {path} (supported: llama, mistral, qwen2, gpt2, gemma3_text)")]
     UnsupportedArchitecture {
         /// `model_type` read from config.json.
         model_type: String,

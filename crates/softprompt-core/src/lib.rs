@@ -30,7 +30,8 @@ pub use error::{Error, Result};
 pub use generate::{generate, GenerationOutput, GenerationParams, StopReason};
 pub use mask::{causal_bias, AttentionMask, MASKED_BIAS};
 pub use model::{
-    Architecture, Gpt2Config, HostTensor, LlamaConfig, ModelConfig, ModelSource, ModelWeights,
+    Architecture, Gemma3Config, Gpt2Config, HostTensor, LlamaConfig, ModelConfig, ModelSource,
+    ModelWeights,
 };
 pub use optimizer::{Optimizer, OptimizerKind};
 pub use prompt::{Placement, PrefixCache, PromptInit, SoftPrompt};

@@ -16,11 +16,18 @@ pub enum AttentionMask {
     Causal,
     /// A query sees every position (encoders, vision transformers).
     Bidirectional,
+    /// A query sees its own position and the `window - 1` before it (a decoder's local layers).
+    SlidingWindow(usize),
 }
 
 impl AttentionMask {
-    fn hides(self, query: usize, key: usize) -> bool {
-        self == AttentionMask::Causal && key > query
+    /// Whether a query at `query` may not see the key at `key` (absolute positions).
+    pub fn hides(self, query: usize, key: usize) -> bool {
+        match self {
+            AttentionMask::Causal => key > query,
+            AttentionMask::Bidirectional => false,
+            AttentionMask::SlidingWindow(w) => key > query || query - key >= w,
+        }
     }
 
     /// Bias `[rows, N + T, N + T]` over `[prompt][tokens]` of `batch`: padding keys hidden, the
@@ -52,10 +59,27 @@ impl AttentionMask {
         let mut bias = vec![0f32; rows * t * s];
         for r in 0..rows {
             for q in 0..t {
-                for j in 0..t {
-                    if self.hides(q, j) || !mask[r * t + j] {
-                        bias[(r * t + q) * s + n + j] = MASKED_BIAS;
+                for k in 0..s {
+                    if self.hides(n + q, k) || (k >= n && !mask[r * t + k - n]) {
+                        bias[(r * t + q) * s + k] = MASKED_BIAS;
                     }
+                }
+            }
+        }
+        bias
+    }
+
+    /// Bias `[rows, past + 1]` of one decode step over caches packed left-aligned to the
+    /// longest, `past = max(lens)`: row `r` holds `lens[r]` cached positions (the rest is
+    /// padding, hidden) and its new token at position `lens[r]`, stored last.
+    pub fn step_bias(self, lens: &[usize]) -> Vec<f32> {
+        let past = lens.iter().copied().max().unwrap_or(0);
+        let width = past + 1;
+        let mut bias = vec![0f32; lens.len() * width];
+        for (r, &len) in lens.iter().enumerate() {
+            for k in 0..past {
+                if k >= len || self.hides(len, k) {
+                    bias[r * width + k] = MASKED_BIAS;
                 }
             }
         }
@@ -116,5 +140,17 @@ mod tests {
             &[0., 0., 0., m, 0., 0., 0., m, 0., 0., 0., m, 0., 0., 0., m]
         );
         assert_eq!(AttentionMask::Bidirectional.chunk_bias(2, 3), vec![0.; 6]);
+        // a window of 2: a query sees itself and the one position before it
+        let w = AttentionMask::SlidingWindow(2);
+        assert_eq!(w.chunk_bias(3, 3), vec![0., m, m, 0., 0., m, m, 0., 0.]);
+        // tokens after one virtual token: token 1 (position 2) no longer sees the prompt
+        let tw = w.token_bias(&b, 1);
+        assert_eq!(&tw[..12], &[0., 0., m, m, m, 0., 0., m, m, m, 0., m]);
+        // a step: row 0 has 3 cached positions, row 1 one (then padding)
+        assert_eq!(
+            AttentionMask::Causal.step_bias(&[3, 1]),
+            vec![0., 0., 0., 0., 0., m, m, 0.]
+        );
+        assert_eq!(w.step_bias(&[3, 1]), vec![m, m, 0., 0., 0., m, m, 0.]);
     }
 }

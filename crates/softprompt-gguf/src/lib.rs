@@ -13,7 +13,9 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device};
-use softprompt_core::model::{HostTensor, LlamaConfig, ModelConfig, ModelSource, ModelWeights};
+use softprompt_core::model::{
+    Gemma3Config, Gpt2Activation, HostTensor, LlamaConfig, ModelConfig, ModelSource, ModelWeights,
+};
 use softprompt_core::{Error, Result};
 
 pub use tokenizer::{load_tokenizer, tokenizer_from_metadata};
@@ -70,46 +72,156 @@ impl Meta<'_> {
     }
 }
 
-/// The Llama-family configuration a GGUF's metadata describes.
-fn config_of(content: &Content, path: &Path) -> Result<LlamaConfig> {
-    let arch = match content.metadata.get("general.architecture") {
-        Some(Value::String(s)) => s.clone(),
-        _ => return Err(bad(path, "missing `general.architecture`")),
-    };
-    if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
-        return Err(Error::UnsupportedArchitecture {
+/// The architecture a GGUF file names.
+fn arch_of(content: &Content, path: &Path) -> Result<String> {
+    match content.metadata.get("general.architecture") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        _ => Err(bad(path, "missing `general.architecture`")),
+    }
+}
+
+/// The configuration a GGUF's metadata describes.
+fn config_of(content: &Content, path: &Path) -> Result<ModelConfig> {
+    let arch = arch_of(content, path)?;
+    match arch.as_str() {
+        "llama" | "qwen2" | "mistral" => Ok(ModelConfig::Llama(llama_config_of(content, path)?)),
+        "gemma3" => Ok(ModelConfig::Gemma3(gemma3_config_of(content, path)?)),
+        _ => Err(Error::UnsupportedArchitecture {
             model_type: arch,
             path: path.to_path_buf(),
-        });
+        }),
     }
+}
+
+/// The counts every family has, each checked: a zero head count or layer count is an error
+/// naming the key, never a division by zero or an empty model.
+struct Counts {
+    hidden_size: usize,
+    heads: usize,
+    kv: usize,
+    layers: usize,
+    vocab_size: usize,
+}
+
+fn counts(content: &Content, m: &Meta<'_>) -> Result<Counts> {
+    let positive = |key: &str| -> Result<usize> {
+        let n = m.usize(key)?;
+        if n == 0 {
+            return Err(bad(m.path, format!("`{}.{key}` is 0", m.arch)));
+        }
+        Ok(n)
+    };
+    let hidden_size = positive("embedding_length")?;
+    let heads = positive("attention.head_count")?;
+    let layers = positive("block_count")?;
+    let kv = match m.get("attention.head_count_kv") {
+        Some(_) => positive("attention.head_count_kv")?,
+        None => heads,
+    };
+    if heads % kv != 0 {
+        return Err(bad(
+            m.path,
+            format!(
+                "`{0}.attention.head_count` ({heads}) is not a multiple of `{0}.attention.head_count_kv` ({kv})",
+                m.arch
+            ),
+        ));
+    }
+    let vocab_size = match m.get("vocab_size") {
+        Some(_) => positive("vocab_size")?,
+        None => match content.metadata.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(t)) if !t.is_empty() => t.len(),
+            _ => content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad(m.path, "cannot tell the vocabulary size"))?,
+        },
+    };
+    Ok(Counts {
+        hidden_size,
+        heads,
+        kv,
+        layers,
+        vocab_size,
+    })
+}
+
+/// A head width: `key` when present (and positive and even, for RoPE), else `hidden / heads`.
+fn head_dim(m: &Meta<'_>, key: &str, c: &Counts) -> Result<usize> {
+    let hd = match m.get(key) {
+        Some(_) => m.usize(key)?,
+        None if c.hidden_size % c.heads == 0 => c.hidden_size / c.heads,
+        None => {
+            return Err(bad(
+                m.path,
+                format!(
+                    "`{}.embedding_length` is not a multiple of the head count",
+                    m.arch
+                ),
+            ))
+        }
+    };
+    if hd == 0 || hd % 2 != 0 {
+        return Err(bad(
+            m.path,
+            format!("head width {hd} must be positive and even"),
+        ));
+    }
+    Ok(hd)
+}
+
+/// Gemma 3's configuration from a GGUF's metadata, with the defaults llama.cpp and transformers
+/// share for what the file does not state: local RoPE base 10000, every sixth layer global,
+/// attention scaled by the head width.
+fn gemma3_config_of(content: &Content, path: &Path) -> Result<Gemma3Config> {
+    let m = Meta {
+        map: &content.metadata,
+        arch: "gemma3".into(),
+        path,
+    };
+    let c = counts(content, &m)?;
+    let head_dim = head_dim(&m, "attention.key_length", &c)?;
+    let sliding_window = m.usize("attention.sliding_window")?;
+    if sliding_window == 0 {
+        return Err(bad(path, "`gemma3.attention.sliding_window` is 0"));
+    }
+    Ok(Gemma3Config {
+        hidden_size: c.hidden_size,
+        intermediate_size: m.usize("feed_forward_length")?,
+        num_hidden_layers: c.layers,
+        num_attention_heads: c.heads,
+        num_key_value_heads: c.kv,
+        head_dim,
+        vocab_size: c.vocab_size,
+        rms_norm_eps: m.f64_or("attention.layer_norm_rms_epsilon", 1e-6)?,
+        rope_theta: m.f64_or("rope.freq_base", 1_000_000.0)?,
+        rope_local_theta: 10_000.0,
+        query_pre_attn_scalar: head_dim as f64,
+        sliding_window,
+        sliding_layers: (0..c.layers).map(|i| (i + 1) % 6 != 0).collect(),
+        max_position_embeddings: m
+            .get("context_length")
+            .map(|_| m.usize("context_length"))
+            .transpose()?
+            .unwrap_or(32_768),
+        activation: Gpt2Activation::GeluTanh,
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+    })
+}
+
+/// The Llama-family configuration a GGUF's metadata describes.
+fn llama_config_of(content: &Content, path: &Path) -> Result<LlamaConfig> {
+    let arch = arch_of(content, path)?;
     let m = Meta {
         map: &content.metadata,
         arch: arch.clone(),
         path,
     };
-    let hidden_size = m.usize("embedding_length")?;
-    let heads = m.usize("attention.head_count")?;
-    let kv = m
-        .get("attention.head_count_kv")
-        .map(|_| m.usize("attention.head_count_kv"))
-        .transpose()?
-        .unwrap_or(heads);
-    let head_dim = m
-        .get("rope.dimension_count")
-        .map(|_| m.usize("rope.dimension_count"))
-        .transpose()?
-        .unwrap_or(hidden_size / heads);
-    let vocab_size = match m.get("vocab_size") {
-        Some(_) => m.usize("vocab_size")?,
-        None => match content.metadata.get("tokenizer.ggml.tokens") {
-            Some(Value::Array(t)) => t.len(),
-            _ => content
-                .tensor_infos
-                .get("token_embd.weight")
-                .map(|t| t.shape.dims()[0])
-                .ok_or_else(|| bad(path, "cannot tell the vocabulary size"))?,
-        },
-    };
+    let c = counts(content, &m)?;
+    let (hidden_size, heads, kv, vocab_size) = (c.hidden_size, c.heads, c.kv, c.vocab_size);
+    let head_dim = head_dim(&m, "rope.dimension_count", &c)?;
     if content
         .metadata
         .contains_key(&format!("{arch}.rope.scaling.type"))
@@ -124,7 +236,7 @@ fn config_of(content: &Content, path: &Path) -> Result<LlamaConfig> {
         model_type: arch.clone(),
         hidden_size,
         intermediate_size: m.usize("feed_forward_length")?,
-        num_hidden_layers: m.usize("block_count")?,
+        num_hidden_layers: c.layers,
         num_attention_heads: heads,
         num_key_value_heads: kv,
         head_dim,
@@ -143,8 +255,8 @@ fn config_of(content: &Content, path: &Path) -> Result<LlamaConfig> {
     })
 }
 
-/// llama.cpp name → Hugging Face name.
-fn hf_name(gguf: &str) -> Option<String> {
+/// llama.cpp name → Hugging Face name, for architecture `arch`.
+fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -158,9 +270,15 @@ fn hf_name(gguf: &str) -> Option<String> {
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = tail.rsplit_once('.')?;
+    let gemma = arch == "gemma3";
     let hf = match module {
         "attn_norm" => "input_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if gemma => "post_attention_layernorm",
+        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
+        "attn_q_norm" if gemma => "self_attn.q_norm",
+        "attn_k_norm" if gemma => "self_attn.k_norm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
@@ -195,7 +313,7 @@ fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f
 pub fn load_config(path: impl AsRef<Path>) -> Result<ModelConfig> {
     let path = path.as_ref();
     let (content, _) = read_content(path)?;
-    Ok(ModelConfig::Llama(config_of(&content, path)?))
+    config_of(&content, path)
 }
 
 /// Reads a GGUF file into a model description with Hugging Face tensor names.
@@ -203,12 +321,16 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<ModelSource> {
     let path = path.as_ref();
     let (content, mut file) = read_content(path)?;
     let config = config_of(&content, path)?;
-    let permuted = config.model_type == "llama" || config.model_type == "mistral";
+    let arch = arch_of(&content, path)?;
+    // llama.cpp permutes Q/K rows of Llama and Mistral for its interleaved RoPE
+    let permuted = arch == "llama" || arch == "mistral";
+    // and stores Gemma's norms as `1 + w` (its RMSNorm's scale); Hugging Face stores `w`
+    let norms_plus_one = arch == "gemma3";
     let mut weights = ModelWeights::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let Some(hf) = hf_name(name) else {
+        let Some(hf) = hf_name(&arch, name) else {
             // rope_freqs and other derived tables are recomputed, not loaded
             continue;
         };
@@ -229,10 +351,13 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<ModelSource> {
             .map_err(|e| Error::backend("gguf", format!("reading `{name}`: {e}")))?;
         if permuted && shape.len() == 2 {
             if name.ends_with("attn_q.weight") {
-                data = unpermute_rows(&data, shape[0], shape[1], config.num_attention_heads);
+                data = unpermute_rows(&data, shape[0], shape[1], config.num_attention_heads());
             } else if name.ends_with("attn_k.weight") {
-                data = unpermute_rows(&data, shape[0], shape[1], config.num_key_value_heads);
+                data = unpermute_rows(&data, shape[0], shape[1], config.num_key_value_heads());
             }
+        }
+        if norms_plus_one && name.ends_with("norm.weight") {
+            data.iter_mut().for_each(|x| *x -= 1.0);
         }
         weights.insert(hf, HostTensor::new(shape, data)?);
     }
@@ -240,12 +365,7 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<ModelSource> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    ModelSource::from_parts(
-        ModelConfig::Llama(config),
-        weights,
-        name,
-        path.to_path_buf(),
-    )
+    ModelSource::from_parts(config, weights, name, path.to_path_buf())
 }
 
 #[cfg(test)]
@@ -255,22 +375,35 @@ mod tests {
     #[test]
     fn names_map_to_hugging_face() {
         assert_eq!(
-            hf_name("blk.3.attn_q.weight").unwrap(),
+            hf_name("llama", "blk.3.attn_q.weight").unwrap(),
             "model.layers.3.self_attn.q_proj.weight"
         );
         assert_eq!(
-            hf_name("blk.0.attn_q.bias").unwrap(),
+            hf_name("llama", "blk.0.attn_q.bias").unwrap(),
             "model.layers.0.self_attn.q_proj.bias"
         );
         assert_eq!(
-            hf_name("blk.12.ffn_norm.weight").unwrap(),
+            hf_name("llama", "blk.12.ffn_norm.weight").unwrap(),
             "model.layers.12.post_attention_layernorm.weight"
         );
         assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
+            hf_name("llama", "token_embd.weight").unwrap(),
             "model.embed_tokens.weight"
         );
-        assert!(hf_name("rope_freqs.weight").is_none());
+        assert!(hf_name("llama", "rope_freqs.weight").is_none());
+        assert_eq!(
+            hf_name("gemma3", "blk.2.ffn_norm.weight").unwrap(),
+            "model.layers.2.pre_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("gemma3", "blk.2.post_ffw_norm.weight").unwrap(),
+            "model.layers.2.post_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("gemma3", "blk.0.attn_k_norm.weight").unwrap(),
+            "model.layers.0.self_attn.k_norm.weight"
+        );
+        assert!(hf_name("llama", "blk.0.attn_k_norm.weight").is_none());
     }
 
     #[test]

@@ -73,27 +73,22 @@ fn id(meta: &HashMap<String, Value>, key: &str) -> Option<u32> {
     })
 }
 
-/// Builds the tokenizer from GGUF metadata; `path` is used in messages.
+/// Builds the tokenizer from GGUF metadata; `path` is used in messages. Byte-level BPE
+/// (`tokenizer.ggml.model = gpt2`) and, for Gemma files, SentencePiece-style BPE (`llama`).
 pub fn tokenizer_from_metadata(meta: &HashMap<String, Value>, path: &Path) -> Result<HfTokenizer> {
     let model = meta
         .get("tokenizer.ggml.model")
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_default();
-    if model != "gpt2" {
-        return Err(Error::Tokenizer(format!(
-            "{}: tokenizer model `{model}` is not supported yet (only byte-level BPE, `gpt2`)",
-            path.display()
-        )));
-    }
+    let arch = meta
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
     let tokens = strings(
         meta.get("tokenizer.ggml.tokens"),
         "tokenizer.ggml.tokens",
-        path,
-    )?;
-    let merges = strings(
-        meta.get("tokenizer.ggml.merges"),
-        "tokenizer.ggml.merges",
         path,
     )?;
     let types: Vec<i64> = match meta.get("tokenizer.ggml.token_type") {
@@ -103,6 +98,79 @@ pub fn tokenizer_from_metadata(meta: &HashMap<String, Value>, path: &Path) -> Re
             .collect(),
         _ => vec![1; tokens.len()],
     };
+    let spec = match model.as_str() {
+        "gpt2" => byte_level(meta, &tokens, &types, path)?,
+        "llama" if matches!(arch.as_str(), "gemma" | "gemma2" | "gemma3") => {
+            gemma_sentencepiece(meta, &tokens, &types)
+        }
+        other => {
+            return Err(Error::Tokenizer(format!(
+                "{}: tokenizer model `{other}` of architecture `{arch}` is not supported yet \
+                 (byte-level BPE `gpt2`, and Gemma's SentencePiece-style `llama`)",
+                path.display()
+            )))
+        }
+    };
+    let inner = tokenizers::Tokenizer::from_str(&spec.to_string()).map_err(|e| {
+        Error::Tokenizer(format!("{}: building the tokenizer: {e}", path.display()))
+    })?;
+    Ok(HfTokenizer::from_tokenizer(inner)
+        .with_eos(id(meta, "tokenizer.ggml.eos_token_id"))
+        .with_pad(id(meta, "tokenizer.ggml.padding_token_id")))
+}
+
+/// transformers' post-processor: the BOS token first when the file says to add it.
+fn post_processor(meta: &HashMap<String, Value>, tokens: &[String], default_add: bool) -> Json {
+    let bos = id(meta, "tokenizer.ggml.bos_token_id");
+    let add_bos = meta
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(default_add);
+    let (single, specials) = match (add_bos, bos) {
+        (true, Some(b)) => {
+            let name = tokens.get(b as usize).cloned().unwrap_or_default();
+            (
+                json!([{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]),
+                json!({ name.clone(): {"id": name, "ids": [b], "tokens": [name]} }),
+            )
+        }
+        _ => (json!([{"Sequence": {"id": "A", "type_id": 0}}]), json!({})),
+    };
+    json!({"type": "TemplateProcessing", "single": single,
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": specials})
+}
+
+/// Control tokens as special added tokens, user-defined ones as plain added tokens (llama.cpp
+/// matches both whole in the text); `keep` filters both (a token the vocabulary spells another
+/// way is not added, as in transformers).
+fn added_tokens(tokens: &[String], types: &[i64], keep: impl Fn(usize, &str) -> bool) -> Vec<Json> {
+    tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter_map(|(i, (t, ty))| {
+            let is_control = *ty == CONTROL && keep(i, t);
+            (is_control || (*ty == USER_DEFINED && keep(i, t))).then(|| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": is_control})
+            })
+        })
+        .collect()
+}
+
+/// Byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM): the file's vocabulary and merges.
+fn byte_level(
+    meta: &HashMap<String, Value>,
+    tokens: &[String],
+    types: &[i64],
+    path: &Path,
+) -> Result<Json> {
+    let merges = strings(
+        meta.get("tokenizer.ggml.merges"),
+        "tokenizer.ggml.merges",
+        path,
+    )?;
     let alphabet = byte_alphabet();
     let spelled: std::collections::HashSet<char> = alphabet.values().copied().collect();
     let respell = |t: &str| -> String {
@@ -126,14 +194,10 @@ pub fn tokenizer_from_metadata(meta: &HashMap<String, Value>, path: &Path) -> Re
             Ok(json!([a, b]))
         })
         .collect::<Result<_>>()?;
-    let mut added = Vec::new();
-    for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
-        let is_control = *ty == CONTROL && t.chars().all(|c| spelled.contains(&c));
-        if is_control || *ty == USER_DEFINED {
-            added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                              "normalized": false, "special": is_control}));
-        }
-    }
+    // a control token outside the byte alphabet is a llama.cpp mislabel (transformers skips it)
+    let added = added_tokens(tokens, types, |_, t| {
+        t.chars().all(|c| spelled.contains(&c))
+    });
     let pre = meta
         .get("tokenizer.ggml.pre")
         .and_then(|v| v.to_string().ok())
@@ -147,38 +211,95 @@ pub fn tokenizer_from_metadata(meta: &HashMap<String, Value>, path: &Path) -> Re
             json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
         }
     };
-    let bos = id(meta, "tokenizer.ggml.bos_token_id");
-    let add_bos = meta
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.to_bool().ok())
-        .unwrap_or(false);
-    let (single, specials) = match (add_bos, bos) {
-        (true, Some(b)) => {
-            let name = tokens.get(b as usize).cloned().unwrap_or_default();
-            (
-                json!([{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]),
-                json!({ name.clone(): {"id": name, "ids": [b], "tokens": [name]} }),
-            )
-        }
-        _ => (json!([{"Sequence": {"id": "A", "type_id": 0}}]), json!({})),
-    };
-    let spec = json!({
+    Ok(json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": {"type": "TemplateProcessing", "single": single,
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": specials},
+        "post_processor": post_processor(meta, tokens, false),
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
             "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merges},
-    });
-    let inner = tokenizers::Tokenizer::from_str(&spec.to_string()).map_err(|e| {
-        Error::Tokenizer(format!("{}: building the tokenizer: {e}", path.display()))
-    })?;
-    Ok(HfTokenizer::from_tokenizer(inner)
-        .with_eos(id(meta, "tokenizer.ggml.eos_token_id"))
-        .with_pad(id(meta, "tokenizer.ggml.padding_token_id")))
+    }))
+}
+
+/// Gemma's SentencePiece-style BPE as transformers builds it from the file: spaces become `▁`
+/// (no prefix space), byte fallback for characters outside the vocabulary, and merges recovered
+/// from the vocabulary (the file lists none) — every split of a token into two tokens of the
+/// vocabulary, best first by the token's position in the file, since Gemma's scores do not
+/// follow its merge order. Tokens of whitespace with a space are stored as real spaces and
+/// respelled with `▁` first.
+fn gemma_sentencepiece(meta: &HashMap<String, Value>, tokens: &[String], types: &[i64]) -> Json {
+    let respelled: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.chars().all(char::is_whitespace) {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    let vocab: HashMap<&str, usize> = respelled
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let vocab_json: serde_json::Map<String, Json> = respelled
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let merges: Vec<Json> = recovered_merges(&respelled, &vocab)
+        .into_iter()
+        .map(|(a, b)| json!([a, b]))
+        .collect();
+    let added = added_tokens(tokens, types, |i, t| respelled[i] == t);
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "post_processor": post_processor(meta, tokens, true),
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": tokens.get(id(meta, "tokenizer.ggml.unknown_token_id").unwrap_or(3) as usize),
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": vocab_json, "merges": merges},
+    })
+}
+
+/// transformers' `generate_merges` with each token's score its (negated) position: for every
+/// token in file order, its splits into two vocabulary tokens (ordered by the pieces' ids);
+/// then all of them, best first by score, then longer left piece, then longer right piece.
+fn recovered_merges<'a>(
+    tokens: &'a [String],
+    vocab: &HashMap<&str, usize>,
+) -> Vec<(&'a str, &'a str)> {
+    // (score, left length, right length, left, right); the score of a repeated token is its last
+    // position, its place in the order its first (a Python dict's behaviour)
+    let mut merges: Vec<(i64, usize, usize, &str, &str)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for token in tokens {
+        if !seen.insert(token.as_str()) {
+            continue;
+        }
+        let score = -(vocab[token.as_str()] as i64);
+        let mut local: Vec<(&str, &str)> = token
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| token.split_at(at))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .collect();
+        local.sort_by_key(|(l, r)| (vocab[l], vocab[r]));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(l, r)| (score, l.chars().count(), r.chars().count(), l, r)),
+        );
+    }
+    // a stable sort, descending on (score, left length, right length), as Python's
+    merges.sort_by_key(|m| std::cmp::Reverse((m.0, m.1, m.2)));
+    merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect()
 }
 
 /// Reads only the metadata of a GGUF file and builds its tokenizer.
@@ -234,7 +355,7 @@ mod tests {
             vec![4, 5, 0]
         );
         assert_eq!(tok.eos_id(), Some(0));
-        meta.insert("tokenizer.ggml.model".into(), s("llama"));
+        meta.insert("tokenizer.ggml.model".into(), s("bert"));
         assert!(tokenizer_from_metadata(&meta, Path::new("t.gguf"))
             .unwrap_err()
             .to_string()

@@ -30,6 +30,19 @@ impl<'a, O: Ops> Loader<'a, O> {
         self.ops.constant(name, t)
     }
 
+    /// A host tensor of the model's own making (a scale, a table) as a frozen constant.
+    pub fn constant(&mut self, name: &str, value: HostTensor) -> Result<O::Tensor> {
+        self.ops.constant(name, value)
+    }
+
+    /// A norm weight `[len]` stored as `w` for a norm that scales by `1 + w` (Gemma): loaded as
+    /// `1 + w`, so that the plain RMSNorm computes it.
+    pub fn norm_plus_one(&mut self, name: &str, len: usize) -> Result<O::Tensor> {
+        let mut t = self.weights.take(name, &[len])?;
+        t.data.iter_mut().for_each(|x| *x += 1.0);
+        self.ops.constant(name, t)
+    }
+
     /// A Hugging Face `nn.Linear` under `prefix` (`weight [out, in]`, `bias [out]` if `bias`).
     pub fn linear(
         &mut self,

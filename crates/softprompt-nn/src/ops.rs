@@ -121,6 +121,9 @@ pub struct Pass<'a, T> {
     /// Additive attention bias broadcastable to `[rows, 1, tokens, past + tokens]` (0 visible,
     /// [`softprompt_core::MASKED_BIAS`] hidden); `None`: every key is visible.
     pub bias: Option<&'a T>,
+    /// The bias of sliding-window layers, for models that have them
+    /// ([`softprompt_core::ModelConfig::sliding_window_mask`]); `None`: `bias`.
+    pub window_bias: Option<&'a T>,
     /// Per-layer keys and values of earlier positions (`None` in a slot: nothing cached yet).
     pub cache: Option<&'a mut [Option<KeyValue<T>>]>,
     /// Whether the pass appends its keys and values to `cache` (inference) or only reads it
@@ -134,6 +137,7 @@ impl<'a, T> Pass<'a, T> {
         Pass {
             positions,
             bias: None,
+            window_bias: None,
             cache: None,
             extend_cache: true,
         }
@@ -150,6 +154,21 @@ impl<'a, T> Pass<'a, T> {
         self.cache = Some(cache);
         self.extend_cache = extend;
         self
+    }
+
+    /// With the bias of sliding-window layers.
+    pub fn with_window_bias(mut self, bias: &'a T) -> Self {
+        self.window_bias = Some(bias);
+        self
+    }
+
+    /// The bias of a layer: the sliding-window one for a local layer (when given).
+    pub fn layer_bias(&self, sliding: bool) -> Option<&'a T> {
+        if sliding {
+            self.window_bias.or(self.bias)
+        } else {
+            self.bias
+        }
     }
 
     /// The keys and values cached for `layer`, if any.
@@ -322,8 +341,8 @@ pub trait Ops {
     }
 }
 
-/// [`Ops::self_attention`] as the composition of [`Ops::split_heads`], [`Ops::cat`] and
-/// [`Ops::attention`] (for overrides that fall back to it).
+/// [`Ops::self_attention`] as the composition of [`Ops::split_heads`] and [`attend_cached`] (for
+/// overrides that fall back to it).
 pub fn self_attention_composed<O: Ops + ?Sized>(
     ops: &O,
     qkv: &O::Tensor,
@@ -333,6 +352,23 @@ pub fn self_attention_composed<O: Ops + ?Sized>(
     pass: &mut Pass<'_, O::Tensor>,
 ) -> Result<O::Tensor> {
     let (q, k, v) = ops.split_heads(qkv, heads, rope)?;
+    let bias = pass.bias;
+    attend_cached(ops, &q, k, v, heads, layer, pass, bias)
+}
+
+/// Attention of `q` over layer `layer`'s cached keys and values followed by `k`, `v` (appended
+/// to the cache when the pass extends it), under `bias`. Returns `[rows, s, h·hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_cached<O: Ops + ?Sized>(
+    ops: &O,
+    q: &O::Tensor,
+    k: O::Tensor,
+    v: O::Tensor,
+    heads: Heads,
+    layer: usize,
+    pass: &mut Pass<'_, O::Tensor>,
+    bias: Option<&O::Tensor>,
+) -> Result<O::Tensor> {
     let (k, v) = match pass.past(layer) {
         Some((pk, pv)) => (ops.cat(&[pk, &k], 2)?, ops.cat(&[pv, &v], 2)?),
         None => (k, v),
@@ -342,5 +378,5 @@ pub fn self_attention_composed<O: Ops + ?Sized>(
             *slot = Some((k.clone(), v.clone()));
         }
     }
-    ops.attention(&q, &k, &v, pass.bias, heads)
+    ops.attention(q, &k, &v, bias, heads)
 }

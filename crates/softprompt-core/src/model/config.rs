@@ -109,6 +109,46 @@ pub struct Gpt2Config {
     pub tie_word_embeddings: bool,
 }
 
+/// Gemma 3 text hyper-parameters (RMSNorm with `1 + w`, pre- and post-norms around attention and
+/// MLP, query/key norms, GeGLU, sliding-window layers among global ones, embeddings scaled by
+/// `√hidden`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gemma3Config {
+    /// Width `d`.
+    pub hidden_size: usize,
+    /// GeGLU inner width.
+    pub intermediate_size: usize,
+    /// Number of blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base of the global (full-attention) layers.
+    pub rope_theta: f64,
+    /// RoPE base of the sliding-window layers.
+    pub rope_local_theta: f64,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2`.
+    pub query_pre_attn_scalar: f64,
+    /// Keys a sliding-window layer's query sees: its own position and the `sliding_window - 1`
+    /// before it.
+    pub sliding_window: usize,
+    /// Per layer: whether it attends over the sliding window (otherwise over everything).
+    pub sliding_layers: Vec<bool>,
+    /// Longest supported sequence.
+    pub max_position_embeddings: usize,
+    /// The MLP's gate activation.
+    pub activation: Gpt2Activation,
+    /// Output head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+}
+
 /// A supported model configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ModelConfig {
@@ -116,6 +156,8 @@ pub enum ModelConfig {
     Llama(LlamaConfig),
     /// GPT-2.
     Gpt2(Gpt2Config),
+    /// Gemma 3 (text).
+    Gemma3(Gemma3Config),
 }
 
 struct Fields<'a> {
@@ -185,6 +227,7 @@ impl ModelConfig {
         match model_type.as_str() {
             "llama" | "mistral" | "qwen2" => Self::llama(&f, model_type),
             "gpt2" => Self::gpt2(&f),
+            "gemma3_text" => Self::gemma3(&f),
             _ => Err(Error::UnsupportedArchitecture {
                 model_type,
                 path: PathBuf::from(path),
@@ -291,11 +334,118 @@ impl ModelConfig {
         }))
     }
 
+    fn gemma3(f: &Fields<'_>) -> Result<Self> {
+        let layers = f.usize("num_hidden_layers")?;
+        let heads = f.usize("num_attention_heads")?;
+        let kv = f.usize_opt("num_key_value_heads")?.unwrap_or(heads);
+        if heads % kv != 0 {
+            return Err(f.err(format!(
+                "num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})"
+            )));
+        }
+        let head_dim = f.usize_opt("head_dim")?.unwrap_or(256);
+        if head_dim % 2 != 0 {
+            return Err(f.err(format!("head_dim {head_dim} must be even for RoPE")));
+        }
+        for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+            if f.v.get(key).is_some_and(|v| !v.is_null()) {
+                return Err(f.err(format!("`{key}` is not supported (Gemma 3 has none)")));
+            }
+        }
+        if f.bool_or("use_bidirectional_attention", false)? {
+            return Err(f.err("use_bidirectional_attention is not supported".into()));
+        }
+        // transformers < 5: rope_theta + rope_local_base_freq (+ rope_scaling); transformers 5:
+        // rope_parameters per layer type
+        let mut theta = f.f64_or("rope_theta", 1_000_000.0)?;
+        let mut local = f.f64_or("rope_local_base_freq", 10_000.0)?;
+        let check_default = |r: &Value| -> Result<()> {
+            let kind = r
+                .get("rope_type")
+                .or_else(|| r.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(f.err(format!(
+                    "RoPE scaling `{kind}` is not supported (only the default RoPE)"
+                )));
+            }
+            Ok(())
+        };
+        if let Some(r) = f.v.get("rope_scaling").filter(|r| !r.is_null()) {
+            check_default(r)?;
+        }
+        if let Some(p) = f.v.get("rope_parameters").filter(|r| !r.is_null()) {
+            for (kind, slot) in [
+                ("full_attention", &mut theta),
+                ("sliding_attention", &mut local),
+            ] {
+                if let Some(r) = p.get(kind) {
+                    check_default(r)?;
+                    if let Some(t) = r.get("rope_theta").and_then(Value::as_f64) {
+                        *slot = t;
+                    }
+                }
+            }
+        }
+        let sliding_layers = match f.v.get("layer_types").filter(|v| !v.is_null()) {
+            Some(Value::Array(types)) => types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(f.err(format!("unknown layer type {t}"))),
+                })
+                .collect::<Result<Vec<bool>>>()?,
+            Some(other) => {
+                return Err(f.err(format!("`layer_types` must be a list, found {other}")))
+            }
+            None => {
+                let pattern = f.usize_opt("sliding_window_pattern")?.unwrap_or(6);
+                (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+            }
+        };
+        if sliding_layers.len() != layers {
+            return Err(f.err(format!(
+                "{} layer types for {layers} layers",
+                sliding_layers.len()
+            )));
+        }
+        let act =
+            f.v.get("hidden_activation")
+                .and_then(Value::as_str)
+                .unwrap_or("gelu_pytorch_tanh");
+        let activation = match act {
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Gpt2Activation::GeluTanh,
+            "gelu" => Gpt2Activation::GeluErf,
+            other => return Err(f.err(format!("hidden_activation `{other}` is not supported"))),
+        };
+        Ok(ModelConfig::Gemma3(Gemma3Config {
+            hidden_size: f.usize("hidden_size")?,
+            intermediate_size: f.usize("intermediate_size")?,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            vocab_size: f.usize("vocab_size")?,
+            rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta: theta,
+            rope_local_theta: local,
+            query_pre_attn_scalar: f.f64_or("query_pre_attn_scalar", 256.0)?,
+            sliding_window: f.usize_opt("sliding_window")?.unwrap_or(4096),
+            sliding_layers,
+            max_position_embeddings: f.usize_opt("max_position_embeddings")?.unwrap_or(131_072),
+            activation,
+            tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
+        }))
+    }
+
     /// Model family.
     pub fn architecture(&self) -> Architecture {
         match self {
             ModelConfig::Llama(_) => Architecture::llama(),
             ModelConfig::Gpt2(_) => Architecture::gpt2(),
+            ModelConfig::Gemma3(_) => Architecture::new("gemma3"),
         }
     }
 
@@ -304,6 +454,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.hidden_size,
             ModelConfig::Gpt2(c) => c.n_embd,
+            ModelConfig::Gemma3(c) => c.hidden_size,
         }
     }
 
@@ -312,6 +463,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.vocab_size,
             ModelConfig::Gpt2(c) => c.vocab_size,
+            ModelConfig::Gemma3(c) => c.vocab_size,
         }
     }
 
@@ -320,6 +472,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.num_hidden_layers,
             ModelConfig::Gpt2(c) => c.n_layer,
+            ModelConfig::Gemma3(c) => c.num_hidden_layers,
         }
     }
 
@@ -328,12 +481,23 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.num_attention_heads,
             ModelConfig::Gpt2(c) => c.n_head,
+            ModelConfig::Gemma3(c) => c.num_attention_heads,
         }
     }
 
-    /// Which keys a query sees: both families are decoders.
+    /// Which keys a query sees in full-attention layers: every family here is a decoder.
     pub fn attention_mask(&self) -> crate::AttentionMask {
         crate::AttentionMask::Causal
+    }
+
+    /// The mask of the sliding-window layers, when the model has any.
+    pub fn sliding_window_mask(&self) -> Option<crate::AttentionMask> {
+        match self {
+            ModelConfig::Gemma3(c) if c.sliding_layers.iter().any(|s| *s) => {
+                Some(crate::AttentionMask::SlidingWindow(c.sliding_window))
+            }
+            _ => None,
+        }
     }
 
     /// Key/value heads of every block.
@@ -341,6 +505,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.num_key_value_heads,
             ModelConfig::Gpt2(c) => c.n_head,
+            ModelConfig::Gemma3(c) => c.num_key_value_heads,
         }
     }
 
@@ -349,6 +514,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.head_dim,
             ModelConfig::Gpt2(c) => c.n_embd / c.n_head,
+            ModelConfig::Gemma3(c) => c.head_dim,
         }
     }
 
@@ -357,6 +523,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.max_position_embeddings,
             ModelConfig::Gpt2(c) => c.n_positions,
+            ModelConfig::Gemma3(c) => c.max_position_embeddings,
         }
     }
 }

@@ -5,7 +5,9 @@ mod config;
 mod names;
 mod weights;
 
-pub use config::{Architecture, Gpt2Activation, Gpt2Config, LlamaConfig, ModelConfig};
+pub use config::{
+    Architecture, Gemma3Config, Gpt2Activation, Gpt2Config, LlamaConfig, ModelConfig,
+};
 pub use names::{
     gpt2_names, llama_names, Gpt2LayerNames, LlamaLayerNames, GPT2_LN_F, GPT2_WPE, GPT2_WTE,
     LLAMA_EMBED, LLAMA_FINAL_NORM, LM_HEAD,

@@ -4,6 +4,7 @@
 //! Adding a family is a file here, a variant of [`softprompt_core::ModelConfig`] (its
 //! `config.json` / GGUF mapping) and an arm in [`Model`]'s dispatch.
 
+pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
 
@@ -12,6 +13,7 @@ use softprompt_core::{ModelConfig, ModelWeights, Result};
 use crate::loader::Loader;
 use crate::ops::{Heads, Ops, Pass};
 
+pub use gemma3::Gemma3;
 pub use gpt2::Gpt2;
 pub use llama::Llama;
 
@@ -22,6 +24,8 @@ pub enum Model<T> {
     Llama(Box<Llama<T>>),
     /// GPT-2.
     Gpt2(Box<Gpt2<T>>),
+    /// Gemma 3 (text).
+    Gemma3(Box<Gemma3<T>>),
 }
 
 /// Runs the same expression on whichever family `$m` holds.
@@ -30,6 +34,7 @@ macro_rules! each {
         match $m {
             Model::Llama($x) => $e,
             Model::Gpt2($x) => $e,
+            Model::Gemma3($x) => $e,
         }
     };
 }
@@ -46,20 +51,26 @@ impl<T: Clone> Model<T> {
         Ok(match config {
             ModelConfig::Llama(c) => Model::Llama(Box::new(Llama::load(c, &mut l)?)),
             ModelConfig::Gpt2(c) => Model::Gpt2(Box::new(Gpt2::load(c, &mut l)?)),
+            ModelConfig::Gemma3(c) => Model::Gemma3(Box::new(Gemma3::load(c, &mut l)?)),
         })
     }
 
-    /// The token-embedding table `[vocab, d]`.
+    /// The token-embedding table `[vocab, d]`, as stored.
     pub fn embedding_table(&self) -> &T {
         match self {
             Model::Llama(m) => &m.embed,
             Model::Gpt2(m) => &m.wte,
+            Model::Gemma3(m) => &m.embed,
         }
     }
 
-    /// Input embeddings of integer `ids` (any shape): `ids.shape ++ [d]`.
+    /// Input embeddings of integer `ids` (any shape): `ids.shape ++ [d]`, as the model's own
+    /// embedding module computes them (Gemma scales them by `√hidden`).
     pub fn embed<O: Ops<Tensor = T>>(&self, ops: &O, ids: &T) -> Result<T> {
-        ops.embedding(self.embedding_table(), ids)
+        match self {
+            Model::Gemma3(m) => m.embed(ops, ids),
+            _ => ops.embedding(self.embedding_table(), ids),
+        }
     }
 
     /// The residual stream after every block for input embeddings `x [rows, tokens, d]`.
