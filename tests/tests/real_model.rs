@@ -14,12 +14,16 @@ use softprompt::{
 };
 
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
 
 fn assets() -> Option<PathBuf> {
     let dir = std::env::var_os("SOFTPROMPT_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/assets"));
-    let ready = dir.join(GGUF).is_file() && dir.join("reference/logits.safetensors").is_file();
+    let ready = dir.join(GGUF).is_file()
+        && dir.join("reference/logits.safetensors").is_file()
+        && dir.join(GEMMA).is_file()
+        && dir.join("reference-gemma3/logits.safetensors").is_file();
     if ready {
         return Some(dir);
     }
@@ -37,10 +41,25 @@ fn assets() -> Option<PathBuf> {
 #[test]
 fn tokenizer_matches_transformers_gguf_tokenizer_on_every_text() {
     let Some(dir) = assets() else { return };
-    let tok = load_tokenizer(dir.join(GGUF)).unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference/tokens.json")).unwrap())
-            .unwrap();
+    let tok = tokenizer_matches_on(&dir, GGUF, "reference");
+    assert_eq!(tok.eos_id(), Some(2));
+}
+
+/// Gemma 3's SentencePiece-style vocabulary, rebuilt from the GGUF metadata.
+#[test]
+fn gemma3_tokenizer_matches_transformers_on_every_text() {
+    let Some(dir) = assets() else { return };
+    let tok = tokenizer_matches_on(&dir, GEMMA, "reference-gemma3");
+    assert_eq!(tok.eos_id(), Some(1));
+    assert_eq!(tok.encode("Hello world", true).unwrap(), vec![2, 9259, 1902]);
+}
+
+fn tokenizer_matches_on(dir: &std::path::Path, gguf: &str, folder: &str) -> softprompt::HfTokenizer {
+    let tok = load_tokenizer(dir.join(gguf)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(folder).join("tokens.json")).unwrap(),
+    )
+    .unwrap();
     let texts = v["texts"].as_array().unwrap();
     let ids = v["ids"].as_array().unwrap();
     assert!(
@@ -68,19 +87,35 @@ fn tokenizer_matches_transformers_gguf_tokenizer_on_every_text() {
         texts.len(),
         &mismatches[..mismatches.len().min(3)]
     );
-    assert_eq!(tok.eos_id(), Some(2));
+    tok
 }
 
 #[test]
 fn logits_match_transformers_on_the_real_model() {
     let Some(dir) = assets() else { return };
     for backend in softprompt::available_backends() {
-        logits_match_transformers_on(backend, &dir);
+        logits_match_on(backend, &dir, GGUF, "reference", (576, 49152, 30, 9));
     }
 }
 
-fn logits_match_transformers_on(backend: &str, dir: &std::path::Path) {
-    let b = load_backbone(backend, dir.join(GGUF), "cpu").unwrap();
+/// Gemma 3 270M against transformers' Gemma 3 on the same GGUF, at chosen positions of four
+/// texts, one of 655 tokens: past the 512-position window of the sliding layers.
+#[test]
+fn gemma3_logits_match_transformers() {
+    let Some(dir) = assets() else { return };
+    for backend in softprompt::available_backends() {
+        logits_match_on(backend, &dir, GEMMA, "reference-gemma3", (640, 262_144, 18, 4));
+    }
+}
+
+fn logits_match_on(
+    backend: &str,
+    dir: &std::path::Path,
+    gguf: &str,
+    folder: &str,
+    dims: (usize, usize, usize, usize),
+) {
+    let b = load_backbone(backend, dir.join(gguf), "cpu").unwrap();
     let spec = b.spec();
     assert_eq!(
         (
@@ -89,18 +124,24 @@ fn logits_match_transformers_on(backend: &str, dir: &std::path::Path) {
             spec.num_layers,
             spec.num_attention_heads
         ),
-        (576, 49152, 30, 9)
+        dims
     );
-    let bytes = std::fs::read(dir.join("reference/logits.safetensors")).unwrap();
+    let vocab = spec.vocab_size;
+    let bytes = std::fs::read(dir.join(folder).join("logits.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let tok = load_tokenizer(dir.join(GGUF)).unwrap();
-    let mut i = 0;
-    while let Ok(ids) = st.tensor(&format!("ids_{i}")) {
-        let ids: Vec<u32> = ids
+    let tok = load_tokenizer(dir.join(gguf)).unwrap();
+    let ints = |name: &str| -> Vec<usize> {
+        st.tensor(name)
+            .unwrap()
             .data()
             .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-            .collect();
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize)
+            .collect()
+    };
+    let mut i = 0;
+    while st.tensor(&format!("ids_{i}")).is_ok() {
+        let ids: Vec<u32> = ints(&format!("ids_{i}")).iter().map(|x| *x as u32).collect();
+        let positions = ints(&format!("positions_{i}"));
         let reference: Vec<f32> = st
             .tensor(&format!("logits_{i}"))
             .unwrap()
@@ -117,24 +158,28 @@ fn logits_match_transformers_on(backend: &str, dir: &std::path::Path) {
             0,
         )
         .unwrap();
-        let ours = b.logits(&[SoftPrompt::empty(576)], &batch).unwrap();
-        let diff = ours
+        let ours = b
+            .logits(&[SoftPrompt::empty(spec.hidden_size)], &batch)
+            .unwrap();
+        let diff = positions
             .iter()
-            .zip(&reference)
+            .zip(reference.chunks(vocab))
+            .flat_map(|(p, r)| ours[p * vocab..(p + 1) * vocab].iter().zip(r))
             .map(|(a, r)| (a - r).abs())
             .fold(0f32, f32::max);
         eprintln!(
-            "{backend}: sentence {i}: {} tokens, max |Δlogit| = {diff:e}",
-            ids.len()
+            "{backend} {gguf}: text {i}: {} tokens, {} positions, max |Δlogit| = {diff:e}",
+            ids.len(),
+            positions.len()
         );
         assert!(
             diff <= 1e-3,
-            "{backend}: sentence {i} ({:?}): max |Δlogit| = {diff:e}",
-            tok.decode(&ids).unwrap()
+            "{backend} {gguf}: text {i} ({:?}): max |Δlogit| = {diff:e}",
+            tok.decode(&ids[..ids.len().min(40)]).unwrap()
         );
         i += 1;
     }
-    assert!(i >= 3, "expected at least three reference sentences");
+    assert!(i >= 3, "expected at least three reference texts");
 }
 
 fn rotten_tomatoes(
