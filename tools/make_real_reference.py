@@ -5,6 +5,8 @@
   reference-gemma3/tokens.json         the same texts through Gemma 3's tokenizer
   reference-gemma3/logits.safetensors  logits of a few texts at chosen positions, one text longer
                                        than the model's 512-position sliding window
+  reference-gemma3/dequant.safetensors the first 4096 values of every tensor of the Gemma file as
+                                       gguf-py dequantizes it (F32, Q8_0, Q5_0, Q4_K, Q6_K)
 written into the assets folder (.cache/assets or $SOFTPROMPT_ASSETS). Run after fetch_assets.py:
   .venv/bin/python tools/make_real_reference.py
 A reference newer than its GGUF file and this script is kept (nothing to redo).
@@ -80,12 +82,29 @@ def reference(gguf, folder, every_position, all_texts):
           f"({', '.join(str(len(tensors[f'ids_{i}'])) for i in range(len(sentences)))} tokens)")
 
 
+def dequant_reference(gguf, folder):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    out = os.path.join(ASSETS, folder, "dequant.safetensors")
+    if up_to_date([out], [os.path.join(ASSETS, gguf), os.path.abspath(__file__)]):
+        return
+    reader = GGUFReader(os.path.join(ASSETS, gguf))
+    tensors = {}
+    for t in reader.tensors:
+        values = dequantize(t.data, t.tensor_type).reshape(-1)
+        tensors[t.name] = torch.from_numpy(values[:4096].astype("float32").copy())
+        tensors[t.name + ".count"] = torch.tensor([values.size], dtype=torch.int64)
+    save_file(tensors, out)
+    print(f"{out}: {len(reader.tensors)} tensors")
+
+
 def main():
     all_texts = texts(os.path.join(ASSETS, "rotten-tomatoes", "test.jsonl"))
     for split in ["train", "dev", "test"]:
         all_texts += texts(os.path.join(ASSETS, "sms-spam", f"{split}.jsonl"))
     for gguf, folder, every_position in MODELS:
         reference(gguf, folder, every_position, all_texts)
+    dequant_reference(*MODELS[1][:2])
 
 
 if __name__ == "__main__":

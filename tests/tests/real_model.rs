@@ -45,16 +45,62 @@ fn tokenizer_matches_transformers_gguf_tokenizer_on_every_text() {
     assert_eq!(tok.eos_id(), Some(2));
 }
 
+/// Every tensor of the Gemma file (F32, Q8_0, Q5_0, Q4_K, Q6_K) dequantized as gguf-py does it.
+#[test]
+fn gemma3_dequantization_matches_gguf_py_tensor_by_tensor() {
+    let Some(dir) = assets() else { return };
+    let bytes = std::fs::read(dir.join("reference-gemma3/dequant.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut worst = (0f32, String::new());
+    let mut seen = 0;
+    softprompt::gguf::for_each_tensor(dir.join(GEMMA), |name, ours| {
+        seen += 1;
+        let count = i64::from_le_bytes(
+            st.tensor(&format!("{name}.count")).unwrap().data()[..8]
+                .try_into()
+                .unwrap(),
+        ) as usize;
+        assert_eq!(ours.data.len(), count, "{name}: element count");
+        let reference: Vec<f32> = st
+            .tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        for (a, r) in ours.data.iter().zip(&reference) {
+            let d = (a - r).abs() / r.abs().max(1e-3);
+            if d > worst.0 {
+                worst = (d, name.to_string());
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, 236);
+    let first = softprompt::gguf::read_tensor(dir.join(GEMMA), "output_norm.weight").unwrap();
+    assert_eq!(first.shape, vec![640]);
+    eprintln!("largest relative difference {:e} in {}", worst.0, worst.1);
+    assert!(worst.0 <= 1e-6, "{worst:?}");
+}
+
 /// Gemma 3's SentencePiece-style vocabulary, rebuilt from the GGUF metadata.
 #[test]
 fn gemma3_tokenizer_matches_transformers_on_every_text() {
     let Some(dir) = assets() else { return };
     let tok = tokenizer_matches_on(&dir, GEMMA, "reference-gemma3");
     assert_eq!(tok.eos_id(), Some(1));
-    assert_eq!(tok.encode("Hello world", true).unwrap(), vec![2, 9259, 1902]);
+    assert_eq!(
+        tok.encode("Hello world", true).unwrap(),
+        vec![2, 9259, 1902]
+    );
 }
 
-fn tokenizer_matches_on(dir: &std::path::Path, gguf: &str, folder: &str) -> softprompt::HfTokenizer {
+fn tokenizer_matches_on(
+    dir: &std::path::Path,
+    gguf: &str,
+    folder: &str,
+) -> softprompt::HfTokenizer {
     let tok = load_tokenizer(dir.join(gguf)).unwrap();
     let v: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join(folder).join("tokens.json")).unwrap(),
@@ -104,7 +150,13 @@ fn logits_match_transformers_on_the_real_model() {
 fn gemma3_logits_match_transformers() {
     let Some(dir) = assets() else { return };
     for backend in softprompt::available_backends() {
-        logits_match_on(backend, &dir, GEMMA, "reference-gemma3", (640, 262_144, 18, 4));
+        logits_match_on(
+            backend,
+            &dir,
+            GEMMA,
+            "reference-gemma3",
+            (640, 262_144, 18, 4),
+        );
     }
 }
 
@@ -140,7 +192,10 @@ fn logits_match_on(
     };
     let mut i = 0;
     while st.tensor(&format!("ids_{i}")).is_ok() {
-        let ids: Vec<u32> = ints(&format!("ids_{i}")).iter().map(|x| *x as u32).collect();
+        let ids: Vec<u32> = ints(&format!("ids_{i}"))
+            .iter()
+            .map(|x| *x as u32)
+            .collect();
         let positions = ints(&format!("positions_{i}"));
         let reference: Vec<f32> = st
             .tensor(&format!("logits_{i}"))

@@ -316,6 +316,60 @@ pub fn load_config(path: impl AsRef<Path>) -> Result<ModelConfig> {
     config_of(&content, path)
 }
 
+/// Dequantizes one tensor of an open GGUF file to f32 (candle's kernels), shape as stored.
+fn dequantize(
+    content: &Content,
+    file: &mut std::fs::File,
+    name: &str,
+    path: &Path,
+) -> Result<HostTensor> {
+    let q = content
+        .tensor(file, name, &Device::Cpu)
+        .map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason: format!("tensor `{name}`: {e}"),
+        })?;
+    let t = q
+        .dequantize(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .map_err(|e| Error::backend("gguf", format!("dequantizing `{name}`: {e}")))?;
+    let shape = t.dims().to_vec();
+    let data = t
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| Error::backend("gguf", format!("reading `{name}`: {e}")))?;
+    HostTensor::new(shape, data)
+}
+
+/// One tensor of a GGUF file by its llama.cpp name, dequantized to f32 as stored (no renaming,
+/// no undoing of llama.cpp's conventions): what [`load_model`] starts from.
+pub fn read_tensor(path: impl AsRef<Path>, name: &str) -> Result<HostTensor> {
+    let path = path.as_ref();
+    let (content, mut file) = read_content(path)?;
+    if !content.tensor_infos.contains_key(name) {
+        return Err(Error::MissingTensor {
+            name: name.to_string(),
+        });
+    }
+    dequantize(&content, &mut file, name, path)
+}
+
+/// Every tensor of a GGUF file, in name order, dequantized to f32 as stored (see
+/// [`read_tensor`]) and handed to `f` one at a time.
+pub fn for_each_tensor(
+    path: impl AsRef<Path>,
+    mut f: impl FnMut(&str, HostTensor) -> Result<()>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let (content, mut file) = read_content(path)?;
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        f(name, dequantize(&content, &mut file, name, path)?)?;
+    }
+    Ok(())
+}
+
 /// Reads a GGUF file into a model description with Hugging Face tensor names.
 pub fn load_model(path: impl AsRef<Path>) -> Result<ModelSource> {
     let path = path.as_ref();
@@ -334,21 +388,7 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<ModelSource> {
             // rope_freqs and other derived tables are recomputed, not loaded
             continue;
         };
-        let q = content
-            .tensor(&mut file, name, &Device::Cpu)
-            .map_err(|e| Error::Safetensors {
-                path: path.to_path_buf(),
-                reason: format!("tensor `{name}`: {e}"),
-            })?;
-        let t = q
-            .dequantize(&Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|e| Error::backend("gguf", format!("dequantizing `{name}`: {e}")))?;
-        let shape = t.dims().to_vec();
-        let mut data = t
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| Error::backend("gguf", format!("reading `{name}`: {e}")))?;
+        let HostTensor { shape, mut data } = dequantize(&content, &mut file, name, path)?;
         if permuted && shape.len() == 2 {
             if name.ends_with("attn_q.weight") {
                 data = unpermute_rows(&data, shape[0], shape[1], config.num_attention_heads());
