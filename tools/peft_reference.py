@@ -2,7 +2,7 @@
 """Reference run of Hugging Face PEFT prompt tuning on the same model, data, template, split,
 steps, batch, optimizer and virtual-token count as softprompt's main job, for docs/results.md.
 
-Usage: .venv/bin/python tools/peft_reference.py [--data rotten-tomatoes|sms-spam] [--steps 60] ...
+Usage: .venv/bin/python tools/peft_reference.py [--model FILE.gguf] [--data rotten-tomatoes|sms-spam] [--steps 60] ...
 Prints one JSON object: zero-shot and tuned test accuracy and seconds per train step.
 """
 import argparse
@@ -63,6 +63,7 @@ def accuracy(model, tok, template, labels, data, batch, max_context, pad):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=GGUF, help="a GGUF file in the assets folder")
     ap.add_argument("--data", default="rotten-tomatoes", choices=list(TASKS))
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -76,15 +77,15 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     template, labels, init_text = TASKS[a.data]
-    tok = AutoTokenizer.from_pretrained(ASSETS, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(ASSETS, gguf_file=GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(ASSETS, gguf_file=a.model)
+    model = AutoModelForCausalLM.from_pretrained(ASSETS, gguf_file=a.model, dtype=torch.float32)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train = rows(os.path.join(ASSETS, a.data, "train.jsonl"))
     test = rows(os.path.join(ASSETS, a.data, "test.jsonl"))[: a.test_limit]
     zero = accuracy(model, tok, template, labels, test, 16, a.max_context, pad)
     cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a.num_virtual_tokens,
                              prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=init_text,
-                             tokenizer_name_or_path=ASSETS, tokenizer_kwargs={"gguf_file": GGUF})
+                             tokenizer_name_or_path=ASSETS, tokenizer_kwargs={"gguf_file": a.model})
     peft_model = get_peft_model(model, cfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
@@ -118,7 +119,7 @@ def main():
         losses.append(loss.item())
     tuned = accuracy(peft_model, tok, template, labels, test, 16, a.max_context, pad)
     times.sort()
-    print(json.dumps({"task": a.data, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+    print(json.dumps({"model": a.model, "seed": a.seed, "task": a.data, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
                       "num_virtual_tokens": a.num_virtual_tokens, "test_examples": len(test),
                       "zero_shot_accuracy": zero, "tuned_accuracy": tuned,
                       "median_step_seconds": times[len(times) // 2], "final_loss": losses[-1]}))

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The main job's prompt tuning over several seeds, in softprompt and in Hugging Face PEFT on the
+# same model, data, template, steps, batch, learning rate and virtual tokens: test accuracy mean
+# and spread per task (the seed changes the initialisation's sampling and the data order).
+#   MODEL=gemma3-270m bash tools/seeds.sh                # both tasks, seeds 0 1 2
+#   SEEDS="0 1" TASKS=sms-spam MODEL=smollm2 bash tools/seeds.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+assets="$(python3 tools/fetch_assets.py)"
+bash tools/setup-python.sh
+case "${MODEL:-gemma3-270m}" in
+  smollm2) gguf="SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+  gemma3-270m) gguf="gemma-3-270m-q4_k_m.gguf" ;;
+  *) echo "unknown MODEL=$MODEL (smollm2, gemma3-270m)" >&2; exit 2 ;;
+esac
+seeds="${SEEDS:-0 1 2}"
+tasks="${TASKS:-rotten-tomatoes sms-spam}"
+threads="${THREADS:-2}"
+cargo build --release -q -p softprompt-cli
+out="runs/seeds/${MODEL:-gemma3-270m}"
+mkdir -p "$out"
+results="$out/results.jsonl"
+: > "$results"
+for task in $tasks; do
+  case "$task" in
+    rotten-tomatoes)
+      template=$'Review: {text}\nIs this movie review positive or negative? Answer:'
+      labels="negative= negative,positive= positive"
+      init="Classify if the movie review is positive or negative" ;;
+    sms-spam)
+      template=$'Message: {text}\nIs this message spam or ham? Answer:'
+      labels="ham= ham,spam= spam"
+      init="Classify if the text message is spam or ham" ;;
+  esac
+  for seed in $seeds; do
+    line="$(./target/release/softprompt train --model "$assets/$gguf" --train "$assets/$task/train.jsonl" \
+      --test "$assets/$task/test.jsonl" --template "$template" --labels "$labels" \
+      --num-virtual-tokens 20 --init text --init-text "$init" --optimizer adamw --lr 0.03 --steps 60 \
+      --batch-size 8 --seed "$seed" --threads "$threads" --output "$out/$task-$seed" --quiet | tail -n 1)"
+    echo "{\"runner\":\"softprompt\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
+    line="$(.venv/bin/python tools/peft_reference.py --model "$gguf" --data "$task" --seed "$seed" \
+      --threads "$threads" 2>/dev/null | tail -n 1)"
+    echo "{\"runner\":\"peft\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
+  done
+done
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def acc(r, which):
+    res = r["result"]
+    if r["runner"] == "softprompt":
+        return res["zero_shot_test" if which == "zero" else "tuned_test"]
+    return res["zero_shot_accuracy" if which == "zero" else "tuned_accuracy"]
+print("| task | runner | seeds | zero-shot | tuned (mean ± sd) | per seed |")
+print("|---|---|---|---|---|---|")
+for task in dict.fromkeys(r["task"] for r in rows):
+    for runner in ("softprompt", "peft"):
+        rs = [r for r in rows if r["task"] == task and r["runner"] == runner]
+        tuned = [100 * acc(r, "tuned") for r in rs]
+        zero = 100 * acc(rs[0], "zero")
+        sd = statistics.stdev(tuned) if len(tuned) > 1 else 0.0
+        print(f"| {task} | {runner} | {len(rs)} | {zero:.1f}% | {statistics.mean(tuned):.1f}% ± {sd:.1f} | "
+              + ", ".join(f"{t:.1f}" for t in tuned) + " |")
+PY
