@@ -2,7 +2,8 @@
 """Generates the small test fixtures of softprompt with Hugging Face transformers + PEFT as oracles.
 
 For each tiny random model (Llama with tied head and GQA, Qwen2 with q/k/v bias and an untied
-head, GPT-2, Gemma 3 with sliding-window layers narrower than a fixture row) it writes, under
+head, GPT-2, Gemma 3 with sliding-window layers narrower than a fixture row, Mistral with its
+window) it writes, under
 tests/fixtures/<name>/:
   config.json, model.safetensors, tokenizer.json   the model in Hugging Face layout
   reference.safetensors                              ids, masks, prompts, logits, loss, gradient
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 from peft import PromptTuningConfig, TaskType, get_peft_model
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
@@ -71,6 +72,12 @@ def build(name, vocab):
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2,
                          **{k: v for k, v in common.items() if k != "pad_token_id"})
         return GPT2LMHeadModel(cfg)
+    if name == "tiny-mistral":
+        # Mistral's sliding window (every layer), narrower than a fixture row
+        cfg = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, sliding_window=12,
+                            tie_word_embeddings=False, initializer_range=0.2, **common)
+        return MistralForCausalLM(cfg)
     if name == "tiny-gemma3":
         # a window of 4 positions: the fixture rows (3 virtual tokens + up to ~10 tokens) cross it;
         # the query scale differs from 1/sqrt(head_dim); two RoPE bases
@@ -104,7 +111,7 @@ def main():
     with open(os.path.join(ROOT, "tokenizer_reference.json"), "w") as f:
         json.dump(tok_ref, f, indent=1)
 
-    names = sys.argv[1:] or ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3"]
+    names = sys.argv[1:] or ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3", "tiny-mistral"]
     for name in names:
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(1)

@@ -52,7 +52,7 @@ def main():
     data = os.path.join(FIX, "data", "sentiment-dev.jsonl")
     train = os.path.join(FIX, "data", "sentiment-train.jsonl")
     failures = 0
-    names = ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3"]
+    names = ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3", "tiny-mistral"]
     for name in names:
         model = os.path.join(FIX, name)
         with tempfile.TemporaryDirectory() as out:

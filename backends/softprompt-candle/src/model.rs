@@ -144,7 +144,10 @@ impl Model {
 
     /// Whether [`Model::extend_host`] runs this model on `device` in `dtype`.
     pub fn supports_host_decode(&self, device: &Device, dtype: DType) -> bool {
-        matches!(self.nn, softprompt_nn::Model::Llama(_)) && device.is_cpu() && dtype == DType::F32
+        // the host caches' attention has no sliding window
+        matches!(&self.nn, softprompt_nn::Model::Llama(m) if m.cfg.sliding_window.is_none())
+            && device.is_cpu()
+            && dtype == DType::F32
     }
 
     /// One decode step of `rows` sequences, `x [rows, 1, d]` (each row's next input embedding,

@@ -252,6 +252,11 @@ fn llama_config_of(content: &Content, path: &Path) -> Result<LlamaConfig> {
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
+        sliding_window: m
+            .get("attention.sliding_window")
+            .map(|_| m.usize("attention.sliding_window"))
+            .transpose()?
+            .filter(|w| *w > 0),
     })
 }
 

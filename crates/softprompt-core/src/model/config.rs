@@ -75,6 +75,10 @@ pub struct LlamaConfig {
     pub o_bias: bool,
     /// MLP projections carry biases (Llama's `mlp_bias`).
     pub mlp_bias: bool,
+    /// Every layer attends over this many positions only (Mistral's `sliding_window`; Qwen2's
+    /// with `use_sliding_window`); `None`: over everything.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
 }
 
 /// GPT-2 activation in the MLP.
@@ -279,6 +283,25 @@ impl ModelConfig {
         }
         let qwen = model_type == "qwen2";
         let attention_bias = f.bool_or("attention_bias", false)?;
+        // Mistral's window applies when set; Qwen2's only with `use_sliding_window` (and then
+        // from `max_window_layers` on, which softprompt does not split: refused unless it covers
+        // every layer)
+        let sliding_window = match model_type.as_str() {
+            "mistral" => f.usize_opt("sliding_window")?,
+            "qwen2" if f.bool_or("use_sliding_window", false)? => {
+                let layers = f.usize("num_hidden_layers")?;
+                if f.usize_opt("max_window_layers")?
+                    .is_some_and(|m| m > 0 && m < layers)
+                {
+                    return Err(f.err(
+                        "a sliding window on only some layers (max_window_layers) is not supported"
+                            .into(),
+                    ));
+                }
+                f.usize_opt("sliding_window")?
+            }
+            _ => None,
+        };
         Ok(ModelConfig::Llama(LlamaConfig {
             hidden_size,
             intermediate_size: f.usize("intermediate_size")?,
@@ -294,6 +317,7 @@ impl ModelConfig {
             qkv_bias: qwen || attention_bias,
             o_bias: !qwen && attention_bias,
             mlp_bias: f.bool_or("mlp_bias", false)?,
+            sliding_window,
             model_type,
         }))
     }
@@ -496,6 +520,7 @@ impl ModelConfig {
             ModelConfig::Gemma3(c) if c.sliding_layers.iter().any(|s| *s) => {
                 Some(crate::AttentionMask::SlidingWindow(c.sliding_window))
             }
+            ModelConfig::Llama(c) => c.sliding_window.map(crate::AttentionMask::SlidingWindow),
             _ => None,
         }
     }

@@ -5,7 +5,7 @@ use softprompt_core::model::{llama_names, LLAMA_EMBED, LLAMA_FINAL_NORM, LM_HEAD
 use softprompt_core::{LlamaConfig, Result};
 
 use crate::loader::Loader;
-use crate::ops::{Heads, Linear, Ops, Pass, PreNormBlock};
+use crate::ops::{attend_cached, Heads, Linear, Ops, Pass, PreNormBlock};
 
 /// One decoder block, q/k/v and gate/up each fused into one projection at load.
 #[derive(Debug, Clone)]
@@ -115,13 +115,23 @@ impl<T: Clone> Llama<T> {
                 eps: c.rms_norm_eps,
                 heads,
             };
-            if let Some(y) = ops.fused_block(&view, &x, &rope, layer, pass)? {
-                x = y;
-                continue;
+            // a whole-block kernel knows the full-attention bias only
+            if c.sliding_window.is_none() {
+                if let Some(y) = ops.fused_block(&view, &x, &rope, layer, pass)? {
+                    x = y;
+                    continue;
+                }
             }
             let h = ops.rms_norm(&x, &b.input_norm, c.rms_norm_eps)?;
             let qkv = ops.linear(&h, &b.qkv)?;
-            let att = ops.self_attention(&qkv, heads, Some(&rope), layer, pass)?;
+            let att = if c.sliding_window.is_some() {
+                // every layer over the window (Mistral)
+                let (q, k, v) = ops.split_heads(&qkv, heads, Some(&rope))?;
+                let bias = pass.layer_bias(true);
+                attend_cached(ops, &q, k, v, heads, layer, pass, bias)?
+            } else {
+                ops.self_attention(&qkv, heads, Some(&rope), layer, pass)?
+            };
             x = ops.add(&x, &ops.linear(&att, &b.o)?)?;
             let h = ops.rms_norm(&x, &b.post_norm, c.rms_norm_eps)?;
             let mlp = ops.swiglu(&ops.linear(&h, &b.gate_up)?, c.intermediate_size)?;
