@@ -6,6 +6,7 @@
 # and ratios (ours / PEFT); the raw JSON stays in runs/bench/.
 #   bash tools/bench.sh                 # candle, tch and ort, 2 threads, batch 8, 20 virtual tokens
 #   THREADS=1 BACKENDS=tch bash tools/bench.sh --repeats 9
+#   MODEL=gemma3-270m bash tools/bench.sh       # Gemma 3 270M (Q4_K_M) instead of SmolLM2-135M
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup-python.sh
@@ -17,11 +18,16 @@ threads="${THREADS:-2}"
 backends="${BACKENDS:-candle,tch,ort}"
 assets=".cache/assets"
 out="runs/bench"
+case "${MODEL:-smollm2}" in
+  smollm2) gguf="SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+  gemma3-270m) gguf="gemma-3-270m-q4_k_m.gguf"; out="runs/bench-gemma3" ;;
+  *) echo "unknown MODEL=$MODEL (smollm2, gemma3-270m)" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 rm -f "$out"/ours-*.json
 cargo build --release -p softprompt-cli --features tch,ort
 for b in ${backends//,/ }; do
-  target/release/softprompt bench --model "$assets/SmolLM2-135M-Instruct.Q4_1.gguf" \
+  target/release/softprompt bench --model "$assets/$gguf" \
     --data "$assets/rotten-tomatoes/train.jsonl" \
     --template $'Review: {text}\nIs this movie review positive or negative? Answer:' \
     --labels "negative= negative,positive= positive" \

@@ -192,6 +192,40 @@ pub fn swiglu_composed(gate_up: &Tensor) -> Result<Tensor> {
     a.silu()? * u
 }
 
+/// `gelu_tanh(a) ⊙ u` of the packed gate/up projection `[.., 2·i]` (Gemma's GeGLU); one fused
+/// op on the CPU in f32/f64.
+pub fn geglu(gate_up: &Tensor) -> Result<Tensor> {
+    if fused::supported(gate_up) {
+        return gate_up.contiguous()?.apply_op1(fused::GeGlu);
+    }
+    geglu_composed(gate_up)
+}
+
+/// [`geglu`] from candle primitives.
+pub fn geglu_composed(gate_up: &Tensor) -> Result<Tensor> {
+    let i = gate_up.dim(D::Minus1)? / 2;
+    let a = gate_up.narrow(D::Minus1, 0, i)?;
+    let u = gate_up.narrow(D::Minus1, i, i)?;
+    a.gelu()? * u
+}
+
+/// [`rope`] on `[b, h, s, hd]` with tables `[s, hd]` or `[b, s, hd]` (per row); one fused op on
+/// the CPU in f32/f64, the composition elsewhere.
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused::supported(x) && cos.dtype() == x.dtype() {
+        let op = fused::Rope {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+            inverse: false,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    match cos.rank() {
+        3 => rope(x, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?),
+        _ => rope(x, cos, sin),
+    }
+}
+
 /// Softmax over the last dimension from differentiable primitives (max is a detached shift).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();

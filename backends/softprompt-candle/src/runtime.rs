@@ -242,13 +242,7 @@ impl Ops for CandleOps<'_> {
     }
 
     fn rope(&self, x: &Tensor, rope: &Rope<Tensor>) -> Result<Tensor> {
-        c((|| {
-            if rope.per_row {
-                ops::rope(x, &rope.cos.unsqueeze(1)?, &rope.sin.unsqueeze(1)?)
-            } else {
-                ops::rope(x, &rope.cos, &rope.sin)
-            }
-        })())
+        c(ops::rope_heads(x, &rope.cos, &rope.sin))
     }
 
     fn position_rows(&self, table: &Tensor, positions: &PositionIds<'_, Tensor>) -> Result<Tensor> {
@@ -338,6 +332,13 @@ impl Ops for CandleOps<'_> {
 
     fn swiglu(&self, gate_up: &Tensor, _inner: usize) -> Result<Tensor> {
         c(ops::swiglu(gate_up))
+    }
+
+    fn geglu(&self, gate_up: &Tensor, inner: usize, form: Gelu) -> Result<Tensor> {
+        match form {
+            Gelu::Tanh => c(ops::geglu(gate_up)),
+            Gelu::Erf => softprompt_nn::ops::geglu_composed(self, gate_up, inner, form),
+        }
     }
 
     fn self_attention(

@@ -312,6 +312,11 @@ pub trait Ops {
         self.mul(&self.silu(&a)?, &u)
     }
 
+    /// `gelu(a) ⊙ u` of a fused gate/up projection `[.., 2·i]` (`a` the first half): GeGLU.
+    fn geglu(&self, gate_up: &Self::Tensor, inner: usize, form: Gelu) -> Result<Self::Tensor> {
+        geglu_composed(self, gate_up, inner, form)
+    }
+
     /// Self-attention of block `layer` from its fused projection: heads, rotary positions,
     /// the layer's cached keys and values (appended to when the pass extends its cache), and
     /// attention under the pass's bias. Returns `[rows, s, h·hd]`.
@@ -339,6 +344,18 @@ pub trait Ops {
     ) -> Result<Option<Self::Tensor>> {
         Ok(None)
     }
+}
+
+/// [`Ops::geglu`] as the composition of [`Ops::narrow`], [`Ops::gelu`] and [`Ops::mul`].
+pub fn geglu_composed<O: Ops + ?Sized>(
+    ops: &O,
+    gate_up: &O::Tensor,
+    inner: usize,
+    form: Gelu,
+) -> Result<O::Tensor> {
+    let a = ops.narrow(gate_up, 2, 0, inner)?;
+    let u = ops.narrow(gate_up, 2, inner, inner)?;
+    ops.mul(&ops.gelu(&a, form)?, &u)
 }
 
 /// [`Ops::self_attention`] as the composition of [`Ops::split_heads`] and [`attend_cached`] (for

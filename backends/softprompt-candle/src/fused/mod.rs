@@ -33,19 +33,23 @@ macro_rules! dispatch {
 
 mod attention;
 mod few_rows;
+mod geglu;
 mod heads;
 mod layer;
 mod matmul;
 mod norm;
+mod rope;
 mod swiglu;
 #[cfg(test)]
 mod tests;
 
 pub(crate) use attention::{decode_attention_row, Attention};
+pub(crate) use geglu::GeGlu;
 pub(crate) use heads::SplitHeads;
 pub(crate) use layer::{LayerWeights, TokenLayer};
 pub(crate) use matmul::FrozenMatmul;
 pub(crate) use norm::RmsNorm;
+pub(crate) use rope::Rope;
 pub(crate) use swiglu::SwiGlu;
 // what the ops share with each other (the whole layer reuses every slice kernel)
 #[allow(unused_imports)]

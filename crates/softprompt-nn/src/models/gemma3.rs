@@ -168,10 +168,8 @@ impl<T: Clone> Gemma3<T> {
             let o = ops.rms_norm(&ops.linear(&att, &b.o)?, &b.post_attention_norm, eps)?;
             x = ops.add(&x, &o)?;
             let h = ops.rms_norm(&x, &b.pre_feedforward_norm, eps)?;
-            let gu = ops.linear(&h, &b.gate_up)?;
-            let gate = ops.gelu(&ops.narrow(&gu, 2, 0, c.intermediate_size)?, act)?;
-            let up = ops.narrow(&gu, 2, c.intermediate_size, c.intermediate_size)?;
-            let mlp = ops.linear(&ops.mul(&gate, &up)?, &b.down)?;
+            let act = ops.geglu(&ops.linear(&h, &b.gate_up)?, c.intermediate_size, act)?;
+            let mlp = ops.linear(&act, &b.down)?;
             x = ops.add(&x, &ops.rms_norm(&mlp, &b.post_feedforward_norm, eps)?)?;
         }
         Ok(x)
