@@ -16,11 +16,17 @@ esac
 seeds="${SEEDS:-0 1 2}"
 tasks="${TASKS:-rotten-tomatoes sms-spam}"
 threads="${THREADS:-2}"
-cargo build --release -q -p softprompt-cli
 out="runs/seeds/${MODEL:-gemma3-270m}"
 mkdir -p "$out"
+# A copy of the binary, so that rebuilding the workspace during a long run changes nothing.
+cargo build --release -q -p softprompt-cli
+bin="$out/softprompt"
+cp target/release/softprompt "$bin"
 results="$out/results.jsonl"
-: > "$results"
+# Runs already in results.jsonl are kept and skipped (RESET=1 starts over).
+if [ "${RESET:-0}" = 1 ]; then : > "$results"; fi
+touch "$results"
+done_run() { grep -q "\"runner\":\"$1\",\"task\":\"$2\",\"seed\":$3," "$results"; }
 for task in $tasks; do
   case "$task" in
     rotten-tomatoes)
@@ -33,14 +39,18 @@ for task in $tasks; do
       init="Classify if the text message is spam or ham" ;;
   esac
   for seed in $seeds; do
-    line="$(./target/release/softprompt train --model "$assets/$gguf" --train "$assets/$task/train.jsonl" \
+    if ! done_run softprompt "$task" "$seed"; then
+    line="$("$bin" train --model "$assets/$gguf" --train "$assets/$task/train.jsonl" \
       --test "$assets/$task/test.jsonl" --template "$template" --labels "$labels" \
       --num-virtual-tokens 20 --init text --init-text "$init" --optimizer adamw --lr 0.03 --steps 60 \
       --batch-size 8 --seed "$seed" --threads "$threads" --output "$out/$task-$seed" --quiet | tail -n 1)"
     echo "{\"runner\":\"softprompt\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
+    fi
+    if ! done_run peft "$task" "$seed"; then
     line="$(.venv/bin/python tools/peft_reference.py --model "$gguf" --data "$task" --seed "$seed" \
       --threads "$threads" 2>/dev/null | tail -n 1)"
     echo "{\"runner\":\"peft\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
+    fi
   done
 done
 python3 - "$results" <<'PY'

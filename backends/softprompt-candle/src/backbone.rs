@@ -9,7 +9,7 @@ use softprompt_core::backbone::{check_next_token, check_prompts};
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
     prompt_slots, AttentionMask, Backbone, BackboneSpec, Batch, BatchDecoder, Batcher,
-    Capabilities, Error, LossAndGrad, ModelConfig, PrefixCache, RowScores, SoftPrompt,
+    Capabilities, Error, LossAndGrad, ModelConfig, Placement, PrefixCache, RowScores, SoftPrompt,
 };
 
 use crate::decoding::{CandleKernels, PREFILL_TOKENS};
@@ -74,8 +74,11 @@ impl CandleBackbone {
         &self.device
     }
 
+    /// The prompts' values `[P, N, width]` in the model's dtype.
     pub(crate) fn prompts_tensor(&self, prompts: &[SoftPrompt], n: usize) -> Result<Tensor> {
-        let d = self.spec.hidden_size;
+        let d = prompts
+            .first()
+            .map_or(self.spec.hidden_size, SoftPrompt::hidden_size);
         let values: Vec<f32> = prompts
             .iter()
             .flat_map(|p| p.values().iter().copied())
@@ -147,14 +150,26 @@ impl CandleBackbone {
     /// Per-layer keys and values of each row's prompt, `[rows, heads, N, head_dim]`: each
     /// distinct prompt is run once (`[P, N, d]` in one pass) and rows gather their prompt's
     /// cache. With `host` (inference) prompts are looked up in, and added to, the prefix cache.
+    /// Key/value prefixes (PEFT's `past_key_values` layout, `[P, N, layers·2·kv·hd]`) are the
+    /// keys and values themselves: only reshaped.
     fn prompt_kv(
         &self,
         prompts: &Tensor,
+        placement: Placement,
         host: Option<&[SoftPrompt]>,
         idx: &[u32],
         n: usize,
     ) -> CResult<Vec<LayerCache>> {
         let layers = self.model.num_layers();
+        if placement == Placement::KeyValuePrefix {
+            let idx = Tensor::from_slice(idx, idx.len(), &self.device)?;
+            let rows = prompts.index_select(&idx, 0)?;
+            return self
+                .prefix_kv(&rows, n)?
+                .into_iter()
+                .map(|kv| Ok(Some(kv)))
+                .collect();
+        }
         let causal = self.bias(&[1, 1, n, n], |m| m.chunk_bias(n, n))?;
         let mut per_prompt: Vec<Option<Vec<KeyValue>>> = vec![None; prompts.dim(0)?];
         if let Some(host) = host {
@@ -211,14 +226,34 @@ impl CandleBackbone {
             .collect()
     }
 
+    /// Each layer's keys and values `[P, kv, N, hd]` of key/value prefixes `[P, N, layers·2·kv·hd]`
+    /// (layer-major, keys before values, then heads: PEFT's `past_key_values` view).
+    pub(crate) fn prefix_kv(&self, prompts: &Tensor, n: usize) -> CResult<Vec<KeyValue>> {
+        let heads = self.model.heads();
+        let layers = self.model.num_layers();
+        let p = prompts.dim(0)?;
+        let x = prompts.reshape((p, n, layers * 2, heads.kv * heads.dim))?;
+        let part = |i: usize| -> CResult<Tensor> {
+            Ok(x.narrow(2, i, 1)?
+                .reshape((p, n, heads.kv, heads.dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        (0..layers)
+            .map(|l| Ok((part(2 * l)?, part(2 * l + 1)?)))
+            .collect()
+    }
+
     /// Hidden states at the token positions, `[rows, T, d]`, computing each distinct prompt's
     /// keys and values once (see [`Self::prompt_kv`]) and letting every row attend to its
     /// prompt's cache: the virtual tokens are not recomputed per row. Exact: the same attention
     /// over the same keys, only the work is shared. Returns the cache too (`[rows, heads, N + T,
     /// head_dim]` per layer).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn token_hidden(
         &self,
         prompts: &Tensor,
+        placement: Placement,
         host: Option<&[SoftPrompt]>,
         batch: &Batch,
         n: usize,
@@ -228,7 +263,7 @@ impl CandleBackbone {
         let s = n + t;
         let mut cache: Vec<LayerCache> = if n > 0 {
             let idx: Vec<u32> = batch.prompt_index().iter().map(|p| *p as u32).collect();
-            self.prompt_kv(prompts, host, &idx, n)?
+            self.prompt_kv(prompts, placement, host, &idx, n)?
         } else {
             vec![None; self.model.num_layers()]
         };
@@ -248,11 +283,15 @@ impl CandleBackbone {
     fn target_logprobs(
         &self,
         prompts: &Tensor,
+        placement: Placement,
         host: Option<&[SoftPrompt]>,
         batch: &Batch,
         n: usize,
     ) -> Result<(Tensor, Vec<usize>)> {
-        let targets = batch.targets(n)?;
+        let targets = match placement {
+            Placement::KeyValuePrefix => batch.token_targets(n)?,
+            _ => batch.targets(n)?,
+        };
         if targets.is_empty() {
             return Err(Error::InvalidBatch("the batch has no target tokens".into()));
         }
@@ -262,7 +301,7 @@ impl CandleBackbone {
         let shared = targets.iter().all(|(_, _, pos)| *pos >= n);
         let run = || -> CResult<Tensor> {
             let (flat, at): (Tensor, Vec<u32>) = if shared {
-                let (hidden, _) = self.token_hidden(prompts, host, batch, n, false)?;
+                let (hidden, _) = self.token_hidden(prompts, placement, host, batch, n, false)?;
                 let at = targets.iter().map(|(r, _, pos)| (r * t + pos - n) as u32);
                 (hidden.reshape((batch.rows() * t, d))?, at.collect())
             } else {
@@ -300,7 +339,7 @@ impl Backbone for CandleBackbone {
         Capabilities {
             gradients: true,
             generation: true,
-            placements: Capabilities::INPUT_EMBEDDINGS,
+            placements: Capabilities::DECODER,
         }
     }
 
@@ -322,7 +361,8 @@ impl Backbone for CandleBackbone {
         let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
         let p = self.prompts_tensor(prompts, n)?;
-        let (logp, rows) = self.target_logprobs(&p, Some(prompts), batch, n)?;
+        let placement = prompts[0].placement();
+        let (logp, rows) = self.target_logprobs(&p, placement, Some(prompts), batch, n)?;
         let logp: Vec<f64> = logp
             .to_dtype(DType::F64)
             .and_then(|t| t.to_vec1())
@@ -356,7 +396,9 @@ impl Backbone for CandleBackbone {
             // only each row's last real position goes through the head
             let (flat, at): (Tensor, Vec<u32>) = if (0..batch.rows()).all(|r| batch.row_len(r) > 0)
             {
-                let (hidden, _) = self.token_hidden(&p, Some(prompts), batch, n, false)?;
+                let placement = prompts[0].placement();
+                let (hidden, _) =
+                    self.token_hidden(&p, placement, Some(prompts), batch, n, false)?;
                 let at = (0..batch.rows()).map(|r| (r * t + batch.row_len(r) - 1) as u32);
                 (hidden.reshape((batch.rows() * t, d))?, at.collect())
             } else {
@@ -391,7 +433,8 @@ impl Backbone for CandleBackbone {
             ));
         }
         let var = Var::from_tensor(&self.prompts_tensor(prompts, n)?).map_err(to_core)?;
-        let (logp, _) = self.target_logprobs(var.as_tensor(), None, batch, n)?;
+        let placement = prompts[0].placement();
+        let (logp, _) = self.target_logprobs(var.as_tensor(), placement, None, batch, n)?;
         let count = logp.dim(0).map_err(to_core)?;
         let run = || -> CResult<(f32, Vec<f32>)> {
             let loss = (logp.sum_all()?.neg()? / count as f64)?;
@@ -406,7 +449,7 @@ impl Backbone for CandleBackbone {
             ))
         };
         let (loss, flat) = run().map_err(to_core)?;
-        let per = n * self.spec.hidden_size;
+        let per = n * prompts[0].hidden_size();
         let grads = flat.chunks(per).map(<[f32]>::to_vec).collect();
         Ok(LossAndGrad { loss, grads })
     }
@@ -416,8 +459,14 @@ impl Backbone for CandleBackbone {
         self.check_length(n + batch.seq_len())?;
         let p = self.prompts_tensor(prompts, n)?;
         let run = || -> CResult<Vec<f32>> {
-            let inputs = self.inputs(&p, batch, n)?;
-            let hidden = self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?;
+            let hidden = if prompts[0].placement() == Placement::KeyValuePrefix {
+                let placement = Placement::KeyValuePrefix;
+                self.token_hidden(&p, placement, Some(prompts), batch, n, false)?
+                    .0
+            } else {
+                let inputs = self.inputs(&p, batch, n)?;
+                self.model.forward(&inputs.x, 0, Some(&inputs.bias), None)?
+            };
             let (b, s, d) = hidden.dims3()?;
             let logits = self.model.head(&hidden.reshape((b * s, d))?)?;
             Ok(logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
@@ -474,17 +523,22 @@ impl CandleBackbone {
         let layers = self.model.num_layers();
         let (distinct, prompt_of) = prompt_slots(prompts.iter().copied());
         let mut prefixes: Vec<HostCache> = vec![HostCache::empty(layers); distinct.len()];
-        let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        // one pass per length and placement: prefixes and input embeddings mix freely here
+        let mut by_len: BTreeMap<(usize, &str), Vec<usize>> = BTreeMap::new();
         for (j, p) in distinct.iter().enumerate() {
             if p.num_virtual_tokens() > 0 {
-                by_len.entry(p.num_virtual_tokens()).or_default().push(j);
+                let key = (p.num_virtual_tokens(), p.placement().as_str());
+                by_len.entry(key).or_default().push(j);
             }
         }
-        for (n, members) in by_len {
+        for ((n, _), members) in by_len {
             let group: Vec<SoftPrompt> = members.iter().map(|j| distinct[*j].clone()).collect();
             let p = self.prompts_tensor(&group, n)?;
             let idx: Vec<u32> = (0..group.len() as u32).collect();
-            let kv = self.prompt_kv(&p, Some(&group), &idx, n).map_err(to_core)?;
+            let placement = group[0].placement();
+            let kv = self
+                .prompt_kv(&p, placement, Some(&group), &idx, n)
+                .map_err(to_core)?;
             for (r, j) in members.iter().enumerate() {
                 let own = kv
                     .iter()

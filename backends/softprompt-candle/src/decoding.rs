@@ -11,7 +11,8 @@
 
 use candle_core::{DType, Tensor};
 use softprompt_core::{
-    input_rows, Batch, BatchRow, DecodeKernels, Error, Positions, PrefillPlan, SoftPrompt,
+    input_rows, Batch, BatchRow, Capabilities, DecodeKernels, Error, Placement, Positions,
+    PrefillPlan, SoftPrompt,
 };
 
 use crate::model::{HostCache, LayerCache};
@@ -43,6 +44,15 @@ impl CandleKernels<'_> {
     /// `[prompt][ids]` in one pass (a sequence alone, possibly without input tokens): its
     /// cache and next-token logits.
     fn prefill_one(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqCache, Vec<f32>)> {
+        if prompt.placement() == Placement::KeyValuePrefix {
+            if ids.is_empty() {
+                return Err(Error::InvalidBatch(
+                    "a key/value prefix predicts nothing by itself: give at least one token".into(),
+                ));
+            }
+            let mut one = self.prefill_padded(&[(prompt, ids)])?;
+            return Ok(one.remove(0));
+        }
         let b = self.backbone;
         let n = prompt.num_virtual_tokens();
         let p = b.prompts_tensor(std::slice::from_ref(prompt), n)?;
@@ -86,12 +96,30 @@ impl CandleKernels<'_> {
     /// and values come from the prefix cache (or one pass), and each sequence keeps its own
     /// slice of the cache.
     fn prefill_padded(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
+        let placement = group[0].0.placement();
+        if group.iter().any(|(p, _)| p.placement() != placement) {
+            // one pass per placement, answers back in the group's order
+            let mut out: Vec<Option<(SeqCache, Vec<f32>)>> = group.iter().map(|_| None).collect();
+            for kind in [Placement::InputEmbeddings, Placement::KeyValuePrefix] {
+                let at: Vec<usize> = (0..group.len())
+                    .filter(|i| group[*i].0.placement() == kind)
+                    .collect();
+                if at.is_empty() {
+                    continue;
+                }
+                let part: Vec<(&SoftPrompt, &[u32])> = at.iter().map(|i| group[*i]).collect();
+                for (i, r) in at.iter().zip(self.prefill_padded(&part)?) {
+                    out[*i] = Some(r);
+                }
+            }
+            return Ok(out.into_iter().flatten().collect());
+        }
         let b = self.backbone;
         let n = group[0].0.num_virtual_tokens();
         let (batch, prompts) = input_rows(group)?;
         let p = b.prompts_tensor(&prompts, n)?;
         let run = || -> CResult<Vec<(SeqCache, Vec<f32>)>> {
-            let (hidden, cache) = b.token_hidden(&p, Some(&prompts), &batch, n, true)?;
+            let (hidden, cache) = b.token_hidden(&p, placement, Some(&prompts), &batch, n, true)?;
             let t = batch.seq_len();
             let last: Vec<u32> = (0..batch.rows())
                 .map(|r| (r * t + batch.row_len(r) - 1) as u32)
@@ -288,6 +316,10 @@ impl DecodeKernels for CandleKernels<'_> {
 
     fn max_positions(&self) -> usize {
         self.backbone.config.max_positions()
+    }
+
+    fn placements(&self) -> &'static [Placement] {
+        Capabilities::DECODER
     }
 
     fn plan(&self) -> PrefillPlan {

@@ -163,6 +163,24 @@ pub enum InitKind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodKind {
+    /// Prompt tuning (Lester et al.): vectors prepended to the input embeddings.
+    Prompt,
+    /// Prefix tuning (Li & Liang; P-tuning v2): keys and values prepended at every layer.
+    Prefix,
+    /// P-tuning (Liu et al.): an encoder over virtual-token embeddings makes the prompt.
+    PTuning,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EncoderArg {
+    /// Three linear layers with ReLU (PEFT's default).
+    Mlp,
+    /// A bidirectional LSTM, then a two-layer MLP.
+    Lstm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ScheduleKind {
     Constant,
     /// Linear warmup over --warmup steps, then linear decay to zero.
@@ -190,7 +208,24 @@ pub struct TrainArgs {
     /// Number of virtual tokens.
     #[arg(long, default_value_t = 20)]
     pub num_virtual_tokens: usize,
-    /// Prompt initialisation.
+    /// Prompt-learning method (saved as PEFT's PROMPT_TUNING, PREFIX_TUNING or P_TUNING).
+    #[arg(long, value_enum, default_value_t = MethodKind::Prompt)]
+    pub method: MethodKind,
+    /// --method prefix: train the prefix through an MLP of this hidden width (PEFT's
+    /// prefix_projection with encoder_hidden_size); 0 trains the prefix directly.
+    #[arg(long, default_value_t = 0)]
+    pub prefix_projection: usize,
+    /// --method p-tuning: the encoder (PEFT's encoder_reparameterization_type).
+    #[arg(long, value_enum, default_value_t = EncoderArg::Mlp)]
+    pub encoder: EncoderArg,
+    /// --method p-tuning: the encoder's hidden width (default: the model's hidden size, as PEFT).
+    #[arg(long)]
+    pub encoder_hidden_size: Option<usize>,
+    /// --method p-tuning --encoder lstm: LSTM layers.
+    #[arg(long, default_value_t = 2)]
+    pub encoder_num_layers: usize,
+    /// Prompt initialisation (--method prompt; the other methods start as PEFT does: N(0, 1)
+    /// embeddings and PyTorch's default linear initialisation).
     #[arg(long, value_enum, default_value_t = InitKind::Text)]
     pub init: InitKind,
     /// Text for --init text.

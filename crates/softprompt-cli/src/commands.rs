@@ -6,16 +6,18 @@ use anyhow::{bail, Context, Result};
 use softprompt::store::{read_prompt_dir, write_prompt_dir, DirectoryStore, ADAPTER_CONFIG};
 use softprompt::train::data::Template;
 use softprompt::train::{
-    eval, read_checkpoint, Metric, OptimizerChoice, Schedule, Task, TrainConfig, Trainer,
+    eval, read_checkpoint, Metric, OptimizerChoice, PromptEncoder, Schedule, Task, TrainConfig,
+    Trainer,
 };
 use softprompt::{
-    generate, load_backbone_with, Backbone, BackendOptions, GenerationParams, HfTokenizer,
-    PromptConfig, PromptInit, PromptStore, Rng, SoftPrompt, StoredPrompt, TextTokenizer,
+    generate, load_backbone_with, Backbone, BackendOptions, EncoderKind, GenerationParams,
+    HfTokenizer, PromptConfig, PromptInit, PromptMethod, PromptStore, Rng, SoftPrompt,
+    StoredPrompt, TextTokenizer,
 };
 
 use crate::args::{
-    BackendArgs, BatchingKind, EvalArgs, ExportArgs, GenerateArgs, InitKind, InspectArgs,
-    ScheduleKind, ServeArgs, TrainArgs,
+    BackendArgs, BatchingKind, EncoderArg, EvalArgs, ExportArgs, GenerateArgs, InitKind,
+    InspectArgs, MethodKind, ScheduleKind, ServeArgs, TrainArgs,
 };
 use crate::task::task_of;
 
@@ -82,6 +84,22 @@ pub(crate) async fn train(a: TrainArgs) -> Result<()> {
             Task::Generation { .. } => bail!("--init labels needs a classification task"),
         },
     };
+    let method = match a.method {
+        MethodKind::Prompt => PromptMethod::PromptTuning,
+        MethodKind::Prefix => PromptMethod::PrefixTuning {
+            projection: (a.prefix_projection > 0).then_some(a.prefix_projection),
+        },
+        MethodKind::PTuning => PromptMethod::PTuning {
+            encoder: match a.encoder {
+                EncoderArg::Mlp => EncoderKind::Mlp,
+                EncoderArg::Lstm => EncoderKind::Lstm,
+            },
+            hidden_size: a.encoder_hidden_size.unwrap_or(spec.hidden_size),
+            num_layers: a.encoder_num_layers,
+            dropout: 0.0,
+        },
+    };
+    let encoder = PromptEncoder::new(method, n, &spec)?;
     let optimizer: OptimizerChoice = a.optimizer.parse()?;
     let (metric_label, metric) = metric_name(&task);
     let run_dir = a.run_dir.clone().unwrap_or_else(|| a.output.join("run"));
@@ -129,7 +147,10 @@ pub(crate) async fn train(a: TrainArgs) -> Result<()> {
             o.sigma0 = a.sigma0;
             Box::new(o)
         }
-        other => other.build_seeded(n, spec.hidden_size, a.weight_decay, a.seed),
+        other if encoder.is_identity() => {
+            other.build_seeded(n, encoder.width(), a.weight_decay, a.seed)
+        }
+        other => other.build_seeded(1, encoder.num_params(), a.weight_decay, a.seed),
     };
     let mut trainer = Trainer::new(b, built, config)?;
     let state = if a.resume {
@@ -138,14 +159,19 @@ pub(crate) async fn train(a: TrainArgs) -> Result<()> {
             .with_context(|| format!("--resume: reading {}", path.display()))?;
         eprintln!("resuming from step {} ({})", s.step, path.display());
         s
-    } else {
+    } else if method == PromptMethod::PromptTuning {
         let prompt =
             SoftPrompt::initialize(&init, n, b, Some(&tok), &mut Rng::seed_from_u64(a.seed))?;
         trainer.init_state(&prompt)
+    } else {
+        let theta = encoder.init(None, &mut Rng::seed_from_u64(a.seed))?;
+        trainer.init_encoded(&encoder, theta)?
     };
     eprintln!(
-        "training {n} virtual tokens × {} on {} ({} backend, {}), {} train rows, {} steps",
-        spec.hidden_size,
+        "training {n} virtual tokens × {} ({}, {} parameters) on {} ({} backend, {}), {} train rows, {} steps",
+        encoder.width(),
+        method.name(),
+        encoder.num_params(),
         spec.name,
         b.backend_name(),
         a.backend.device,
@@ -167,12 +193,16 @@ pub(crate) async fn train(a: TrainArgs) -> Result<()> {
     let outcome = trainer.run(state, &train_set, dev_set.as_ref())?;
     let secs = started.elapsed().as_secs_f64();
 
-    let mut config = PromptConfig::for_backbone(&outcome.prompt, &spec);
+    let mut config = PromptConfig::for_method(&outcome.prompt, &spec, &method);
     config.base_model_name_or_path = Some(a.backend.model.display().to_string());
-    config.prompt_tuning_init = Some(init.peft_name().to_string());
-    if let PromptInit::Text { text } = &init {
-        config.prompt_tuning_init_text = Some(text.clone());
-        config.tokenizer_name_or_path = Some(a.backend.model.display().to_string());
+    if method == PromptMethod::PromptTuning {
+        config.prompt_tuning_init = Some(init.peft_name().to_string());
+        if let PromptInit::Text { text } = &init {
+            config.prompt_tuning_init_text = Some(text.clone());
+            config.tokenizer_name_or_path = Some(a.backend.model.display().to_string());
+        }
+    } else {
+        config.prompt_tuning_init = None;
     }
     let prov = config
         .softprompt

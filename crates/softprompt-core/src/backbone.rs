@@ -16,6 +16,10 @@ pub struct Capabilities {
 impl Capabilities {
     /// Prompts prepended to the input embeddings, the placement every backbone takes.
     pub const INPUT_EMBEDDINGS: &'static [Placement] = &[Placement::InputEmbeddings];
+    /// Input embeddings and per-layer key/value prefixes (what a decoder with a key/value
+    /// cache takes).
+    pub const DECODER: &'static [Placement] =
+        &[Placement::InputEmbeddings, Placement::KeyValuePrefix];
 }
 
 /// Per-row log-likelihood of the target tokens of a batch.
@@ -123,7 +127,8 @@ pub trait Backbone: Send + Sync {
         ))
     }
 
-    /// Logits at every position, row-major `[rows, N + seq_len, vocab_size]`.
+    /// Logits at every position, row-major `[rows, N + seq_len, vocab_size]`; `[rows, seq_len,
+    /// vocab_size]` for key/value prefixes, whose virtual tokens have no positions of their own.
     fn logits(&self, _prompts: &[SoftPrompt], _batch: &Batch) -> Result<Vec<f32>> {
         Err(Error::unsupported(self.backend_name(), "full logits", None))
     }
@@ -237,6 +242,13 @@ pub fn check_next_token<B: Backbone + ?Sized>(
         return Err(Error::InvalidBatch(format!(
             "row {r} is empty and there is no prompt"
         )));
+    }
+    if prompts[0].placement() == Placement::KeyValuePrefix {
+        if let Some(r) = (0..batch.rows()).find(|r| batch.row_len(*r) == 0) {
+            return Err(Error::InvalidBatch(format!(
+                "row {r} is empty: a key/value prefix predicts nothing by itself"
+            )));
+        }
     }
     Ok(n)
 }

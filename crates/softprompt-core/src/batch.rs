@@ -144,6 +144,18 @@ impl Batch {
         Ok(out)
     }
 
+    /// [`Batch::targets`] for prompts that have no positions of their own (key/value prefixes):
+    /// every target must be predicted from a token, so a row whose token 0 is a target errors.
+    pub fn token_targets(&self, num_virtual_tokens: usize) -> Result<Vec<(usize, usize, usize)>> {
+        let targets = self.targets(num_virtual_tokens)?;
+        if let Some((r, _, _)) = targets.iter().find(|(_, _, pos)| *pos < num_virtual_tokens) {
+            return Err(Error::InvalidBatch(format!(
+                "row {r}: token 0 is a target, but a key/value prefix predicts nothing"
+            )));
+        }
+        Ok(targets)
+    }
+
     /// Checks prompt indices against `num_prompts` and token ids against `vocab_size`.
     pub fn validate(&self, num_prompts: usize, vocab_size: usize) -> Result<()> {
         if let Some((r, p)) = self

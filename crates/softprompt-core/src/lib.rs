@@ -34,7 +34,7 @@ pub use model::{
     ModelWeights,
 };
 pub use optimizer::{Optimizer, OptimizerKind};
-pub use prompt::{Placement, PrefixCache, PromptInit, SoftPrompt};
+pub use prompt::{EncoderKind, Placement, PrefixCache, PromptInit, PromptMethod, SoftPrompt};
 pub use rng::Rng;
 pub use spec::BackboneSpec;
 pub use store::{PromptConfig, PromptInfo, PromptStore, StoredPrompt};

@@ -43,6 +43,84 @@ impl Placement {
     }
 }
 
+/// The reparameterising encoder of P-tuning (PEFT's `encoder_reparameterization_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum EncoderKind {
+    /// Three linear layers with ReLU between them.
+    Mlp,
+    /// A bidirectional LSTM followed by a two-layer MLP.
+    Lstm,
+}
+
+impl EncoderKind {
+    /// PEFT's name (`MLP`, `LSTM`).
+    pub fn peft_name(&self) -> &'static str {
+        match self {
+            EncoderKind::Mlp => "MLP",
+            EncoderKind::Lstm => "LSTM",
+        }
+    }
+}
+
+/// A prompt-learning method: which parameters are trained and how they become the values a
+/// backbone reads ([`SoftPrompt`] at [`PromptMethod::placement`]). Every method saves those
+/// values, as PEFT does, so a backbone never needs to know the method.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum PromptMethod {
+    /// Lester et al.: the values are the parameters, prepended to the input embeddings.
+    #[default]
+    PromptTuning,
+    /// Li & Liang: keys and values prepended at every layer (P-tuning v2 is the same), trained
+    /// directly or, with `projection`, as the output of an MLP over `[N, kv width]` embeddings
+    /// (`Linear(kv width, projection) → tanh → Linear(projection, layers·2·kv width)`).
+    PrefixTuning {
+        /// Hidden width of the reparameterising MLP (`None`: no projection).
+        projection: Option<usize>,
+    },
+    /// Liu et al.: prompt embeddings that are the output of an encoder (MLP or LSTM) over
+    /// trainable virtual-token embeddings, prepended to the input embeddings.
+    PTuning {
+        /// MLP or LSTM.
+        encoder: EncoderKind,
+        /// Hidden width of the encoder.
+        hidden_size: usize,
+        /// LSTM layers (the MLP always has three linear layers, as in PEFT).
+        num_layers: usize,
+        /// Dropout between LSTM layers during training (PEFT's `encoder_dropout`).
+        dropout: f32,
+    },
+}
+
+impl PromptMethod {
+    /// Where the method's values enter the backbone.
+    pub fn placement(&self) -> Placement {
+        match self {
+            PromptMethod::PrefixTuning { .. } => Placement::KeyValuePrefix,
+            PromptMethod::PromptTuning | PromptMethod::PTuning { .. } => Placement::InputEmbeddings,
+        }
+    }
+
+    /// PEFT's `peft_type`.
+    pub fn peft_type(&self) -> &'static str {
+        match self {
+            PromptMethod::PromptTuning => "PROMPT_TUNING",
+            PromptMethod::PrefixTuning { .. } => "PREFIX_TUNING",
+            PromptMethod::PTuning { .. } => "P_TUNING",
+        }
+    }
+
+    /// Short name, as on the command line (`prompt`, `prefix`, `p-tuning`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            PromptMethod::PromptTuning => "prompt",
+            PromptMethod::PrefixTuning { .. } => "prefix",
+            PromptMethod::PTuning { .. } => "p-tuning",
+        }
+    }
+}
+
 /// Host-side soft prompt, row-major `[num_virtual_tokens, width]` f32, and where it enters
 /// the backbone ([`Placement`]; the width is the hidden size for input embeddings).
 #[derive(Debug, Clone, PartialEq)]

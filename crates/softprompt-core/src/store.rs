@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BackboneSpec, Error, Result, SoftPrompt};
+use crate::{BackboneSpec, EncoderKind, Error, Placement, PromptMethod, Result, SoftPrompt};
 
 /// The `adapter_config.json` of a PEFT prompt-tuning adapter, plus softprompt's own keys.
 ///
@@ -13,17 +13,18 @@ use crate::{BackboneSpec, Error, Result, SoftPrompt};
 /// lives under the `softprompt` key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptConfig {
-    /// Always `PROMPT_TUNING`.
+    /// `PROMPT_TUNING`, `PREFIX_TUNING` or `P_TUNING` ([`PromptMethod::peft_type`]).
     pub peft_type: String,
     /// PEFT task type, `CAUSAL_LM` for decoder-only models.
     pub task_type: Option<String>,
     /// Number of virtual tokens `N`.
     pub num_virtual_tokens: usize,
-    /// Hidden size `d`.
+    /// Hidden size `d`; for prefix tuning the width of one layer's keys (`kv heads · head dim`,
+    /// as PEFT records it for grouped-query attention).
     pub token_dim: usize,
     /// 1 for decoder-only models.
     pub num_transformer_submodules: Option<usize>,
-    /// Attention heads of the backbone.
+    /// Attention heads of the backbone (key/value heads for prefix tuning, as PEFT records it).
     pub num_attention_heads: Option<usize>,
     /// Transformer blocks of the backbone.
     pub num_layers: Option<usize>,
@@ -67,15 +68,54 @@ pub struct Provenance {
 }
 
 impl PromptConfig {
-    /// A PEFT prompt-tuning config for `prompt` on `spec`.
+    /// A PEFT config for `prompt` on `spec`: prompt tuning, or prefix tuning without projection
+    /// for a key/value prefix.
     pub fn for_backbone(prompt: &SoftPrompt, spec: &BackboneSpec) -> Self {
+        let method = match prompt.placement() {
+            Placement::KeyValuePrefix => PromptMethod::PrefixTuning { projection: None },
+            _ => PromptMethod::PromptTuning,
+        };
+        Self::for_method(prompt, spec, &method)
+    }
+
+    /// A PEFT config of `method` for `prompt` on `spec`, with the method's own fields
+    /// (`prefix_projection`, `encoder_*`).
+    pub fn for_method(prompt: &SoftPrompt, spec: &BackboneSpec, method: &PromptMethod) -> Self {
+        let mut other = BTreeMap::new();
+        let (token_dim, heads) = match method {
+            PromptMethod::PrefixTuning { projection } => {
+                let kv = spec.num_key_value_heads * spec.head_dim;
+                other.insert("prefix_projection".into(), projection.is_some().into());
+                other.insert(
+                    "encoder_hidden_size".into(),
+                    projection.unwrap_or(kv).into(),
+                );
+                (kv, spec.num_key_value_heads)
+            }
+            PromptMethod::PTuning {
+                encoder,
+                hidden_size,
+                num_layers,
+                dropout,
+            } => {
+                other.insert(
+                    "encoder_reparameterization_type".into(),
+                    encoder.peft_name().into(),
+                );
+                other.insert("encoder_hidden_size".into(), (*hidden_size).into());
+                other.insert("encoder_num_layers".into(), (*num_layers).into());
+                other.insert("encoder_dropout".into(), f64::from(*dropout).into());
+                (prompt.hidden_size(), spec.num_attention_heads)
+            }
+            PromptMethod::PromptTuning => (prompt.hidden_size(), spec.num_attention_heads),
+        };
         PromptConfig {
-            peft_type: "PROMPT_TUNING".into(),
+            peft_type: method.peft_type().into(),
             task_type: Some("CAUSAL_LM".into()),
             num_virtual_tokens: prompt.num_virtual_tokens(),
-            token_dim: prompt.hidden_size(),
+            token_dim,
             num_transformer_submodules: Some(1),
-            num_attention_heads: Some(spec.num_attention_heads),
+            num_attention_heads: Some(heads),
             num_layers: Some(spec.num_layers),
             base_model_name_or_path: Some(spec.name.clone()),
             prompt_tuning_init: Some("RANDOM".into()),
@@ -88,7 +128,58 @@ impl PromptConfig {
                 softprompt_version: env!("CARGO_PKG_VERSION").to_string(),
                 ..Provenance::default()
             }),
-            other: BTreeMap::new(),
+            other,
+        }
+    }
+
+    /// The method this config describes (its `peft_type` and the method's fields, PEFT's
+    /// defaults where absent); errors on a `peft_type` softprompt does not read.
+    pub fn method(&self) -> Result<PromptMethod> {
+        let usize_of = |key: &str| self.other.get(key).and_then(serde_json::Value::as_u64);
+        match self.peft_type.as_str() {
+            "PROMPT_TUNING" => Ok(PromptMethod::PromptTuning),
+            "PREFIX_TUNING" => {
+                let projected = self
+                    .other
+                    .get("prefix_projection")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false);
+                let hidden = usize_of("encoder_hidden_size").unwrap_or(self.token_dim as u64);
+                Ok(PromptMethod::PrefixTuning {
+                    projection: projected.then_some(hidden as usize),
+                })
+            }
+            "P_TUNING" => {
+                let encoder = match self
+                    .other
+                    .get("encoder_reparameterization_type")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("MLP")
+                {
+                    "MLP" => EncoderKind::Mlp,
+                    "LSTM" => EncoderKind::Lstm,
+                    other => {
+                        return Err(Error::InvalidArgument(format!(
+                            "encoder_reparameterization_type `{other}` is not MLP or LSTM"
+                        )))
+                    }
+                };
+                Ok(PromptMethod::PTuning {
+                    encoder,
+                    hidden_size: usize_of("encoder_hidden_size").unwrap_or(self.token_dim as u64)
+                        as usize,
+                    num_layers: usize_of("encoder_num_layers").unwrap_or(2) as usize,
+                    dropout: self
+                        .other
+                        .get("encoder_dropout")
+                        .and_then(serde_json::Value::as_f64)
+                        .unwrap_or(0.0) as f32,
+                })
+            }
+            other => Err(Error::InvalidArgument(format!(
+                "peft_type `{other}` is not a prompt-learning method softprompt reads \
+                 (PROMPT_TUNING, PREFIX_TUNING, P_TUNING)"
+            ))),
         }
     }
 }

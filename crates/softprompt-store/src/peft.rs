@@ -64,19 +64,34 @@ pub fn prompt_safetensors(stored: &StoredPrompt) -> Result<Vec<u8>> {
 
 /// Writes `stored` into `dir` (created if needed): weights first, then the config, each atomically.
 pub async fn write_prompt_dir(dir: &Path, stored: &StoredPrompt) -> Result<()> {
-    if stored.prompt.placement() != Placement::InputEmbeddings {
-        return Err(Error::unsupported(
-            "directory store",
-            &format!(
-                "saving prompts placed at `{}` (PEFT's layout for them is not written yet)",
-                stored.prompt.placement().as_str()
+    let mut config = stored.config.clone();
+    let method = config.method()?;
+    let placement = stored.prompt.placement();
+    if placement != method.placement() {
+        return Err(invalid(
+            dir,
+            format!(
+                "a {} config for a prompt placed at `{}`",
+                config.peft_type,
+                placement.as_str()
             ),
-            None,
         ));
     }
-    let mut config = stored.config.clone();
     config.num_virtual_tokens = stored.prompt.num_virtual_tokens();
-    config.token_dim = stored.prompt.hidden_size();
+    config.token_dim = match placement {
+        Placement::KeyValuePrefix => {
+            let layers = config.num_layers.unwrap_or(0);
+            let width = stored.prompt.hidden_size();
+            if layers == 0 || width % (2 * layers) != 0 {
+                return Err(invalid(
+                    dir,
+                    format!("a key/value prefix of width {width} does not split into {layers} layers' keys and values"),
+                ));
+            }
+            width / (2 * layers)
+        }
+        _ => stored.prompt.hidden_size(),
+    };
     let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::Json {
         path: dir.join(ADAPTER_CONFIG),
         reason: e.to_string(),
@@ -99,15 +114,9 @@ pub async fn read_prompt_dir(dir: &Path) -> Result<StoredPrompt> {
         path: cfg_path.clone(),
         reason: e.to_string(),
     })?;
-    if config.peft_type != "PROMPT_TUNING" {
-        return Err(invalid(
-            &cfg_path,
-            format!(
-                "peft_type is `{}`, expected PROMPT_TUNING",
-                config.peft_type
-            ),
-        ));
-    }
+    let method = config
+        .method()
+        .map_err(|e| invalid(&cfg_path, e.to_string()))?;
     if config.num_transformer_submodules.unwrap_or(1) != 1 {
         return Err(invalid(
             &cfg_path,
@@ -125,17 +134,28 @@ pub async fn read_prompt_dir(dir: &Path) -> Result<StoredPrompt> {
         .await
         .map_err(|e| Error::io(&w_path, e))?;
     let (prompt, metadata) = parse_prompt_safetensors(&bytes, &w_path)?;
-    if prompt.num_virtual_tokens() != config.num_virtual_tokens
-        || prompt.hidden_size() != config.token_dim
-    {
+    let prompt = prompt.with_placement(method.placement());
+    // PEFT stores a prefix as `[N, layers · 2 · token_dim]`
+    let (width, what) = match method.placement() {
+        Placement::KeyValuePrefix => {
+            let layers = config
+                .num_layers
+                .ok_or_else(|| invalid(&cfg_path, "a PREFIX_TUNING config without num_layers"))?;
+            (
+                layers * 2 * config.token_dim,
+                format!("num_layers {layers} × 2 × token_dim {}", config.token_dim),
+            )
+        }
+        _ => (config.token_dim, format!("token_dim {}", config.token_dim)),
+    };
+    if prompt.num_virtual_tokens() != config.num_virtual_tokens || prompt.hidden_size() != width {
         return Err(invalid(
             dir,
             format!(
-                "{PROMPT_TENSOR} is [{}, {}] but {ADAPTER_CONFIG} says num_virtual_tokens {} and token_dim {}",
+                "{PROMPT_TENSOR} is [{}, {}] but {ADAPTER_CONFIG} says num_virtual_tokens {} and {what}",
                 prompt.num_virtual_tokens(),
                 prompt.hidden_size(),
                 config.num_virtual_tokens,
-                config.token_dim
             ),
         ));
     }

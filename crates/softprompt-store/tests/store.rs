@@ -204,7 +204,58 @@ async fn prompts_of_other_placements_are_not_written_as_prompt_tuning() {
     s.prompt = s
         .prompt
         .with_placement(softprompt_core::Placement::KeyValuePrefix);
+    // a prefix under a PROMPT_TUNING config is refused, and nothing is written
     let err = store.save("prefix", &s).await.unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(matches!(err, Error::InvalidPrompt { .. }), "{err}");
+    assert!(err.to_string().contains("key_value_prefix"), "{err}");
     assert!(!dir.path().join("prefix").exists());
+}
+
+#[tokio::test]
+async fn prefix_tuning_round_trips_in_peft_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirectoryStore::new(dir.path());
+    // 2 layers × (keys, values) × 8 per layer: width 32, PEFT's token_dim 8
+    let values: Vec<f32> = (0..64).map(|i| i as f32 / 64.0).collect();
+    let prompt = SoftPrompt::new(2, 32, values)
+        .unwrap()
+        .with_placement(softprompt_core::Placement::KeyValuePrefix);
+    let mut backbone = spec("ab12", 16);
+    backbone.num_key_value_heads = 2;
+    backbone.head_dim = 4;
+    let method = softprompt_core::PromptMethod::PrefixTuning {
+        projection: Some(12),
+    };
+    let config = PromptConfig::for_method(&prompt, &backbone, &method);
+    let s = StoredPrompt {
+        prompt: prompt.clone(),
+        config,
+        metadata: Default::default(),
+    };
+    store.save("prefix", &s).await.unwrap();
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("prefix").join(ADAPTER_CONFIG)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["peft_type"], "PREFIX_TUNING");
+    assert_eq!(json["token_dim"], 8);
+    assert_eq!(json["num_attention_heads"], 2);
+    assert_eq!(json["prefix_projection"], true);
+    assert_eq!(json["encoder_hidden_size"], 12);
+    let back = store.load("prefix").await.unwrap();
+    assert_eq!(back.prompt, prompt);
+    assert_eq!(back.config.method().unwrap(), method);
+    assert!(back.check_backbone(&backbone).is_ok());
+    // a config whose layers do not match the tensor's width is refused on read
+    let cfg_path = dir.path().join("prefix").join(ADAPTER_CONFIG);
+    let mut bad = json.clone();
+    bad["num_layers"] = 3.into();
+    std::fs::write(&cfg_path, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let err = store.load("prefix").await.unwrap_err();
+    assert!(err.to_string().contains("num_layers 3"), "{err}");
+    // and an unknown method is a clear error
+    bad["peft_type"] = "LORA".into();
+    std::fs::write(&cfg_path, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let err = store.load("prefix").await.unwrap_err();
+    assert!(err.to_string().contains("LORA"), "{err}");
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use softprompt_core::{Error, Result, Rng};
+use softprompt_core::{Error, PromptMethod, Result, Rng};
 
 /// Everything needed to continue a run where it stopped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -16,15 +16,19 @@ pub struct TrainState {
     pub cursor: usize,
     /// Number of virtual tokens.
     pub num_virtual_tokens: usize,
-    /// Hidden size.
+    /// Width of the prompt's values (the hidden size for input embeddings).
     pub hidden_size: usize,
-    /// Prompt values now.
+    /// The prompt-learning method (prompt tuning in checkpoints that predate methods).
+    #[serde(default)]
+    pub method: PromptMethod,
+    /// Trainable parameters now: the prompt values themselves, or the method's encoder
+    /// parameters ([`crate::PromptEncoder`]).
     pub prompt: Vec<f32>,
     /// Optimizer state.
     pub optimizer: serde_json::Value,
     /// Best dev metric so far (higher is better).
     pub best_metric: Option<f64>,
-    /// Prompt at the best dev metric.
+    /// Trainable parameters at the best dev metric.
     pub best_prompt: Option<Vec<f32>>,
     /// Step of the best dev metric.
     pub best_step: Option<u64>,
@@ -62,7 +66,11 @@ pub fn read_checkpoint(path: &Path) -> Result<TrainState> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    if state.prompt.len() != state.num_virtual_tokens * state.hidden_size {
+    let direct = matches!(
+        state.method,
+        PromptMethod::PromptTuning | PromptMethod::PrefixTuning { projection: None }
+    );
+    if direct && state.prompt.len() != state.num_virtual_tokens * state.hidden_size {
         return Err(Error::Json {
             path: path.to_path_buf(),
             reason: format!(

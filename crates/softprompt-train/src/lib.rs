@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod encoder;
 pub mod eval;
 pub mod free;
 pub mod optim;
@@ -14,6 +15,7 @@ pub mod trainer;
 
 pub use checkpoint::{read_checkpoint, write_checkpoint, TrainState};
 pub use data::{EncodedExample, EncodedSet, Task, Template, Verbalizer};
+pub use encoder::{check_method, PromptEncoder};
 pub use free::{CmaEs, Spsa};
 pub use optim::{clip_grad_norm, Adafactor, AdamW, OptimizerChoice, Schedule, Sgd};
 pub use trainer::{EvalRecord, Metric, TrainConfig, TrainOutcome, Trainer};

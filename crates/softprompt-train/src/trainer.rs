@@ -7,11 +7,13 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use softprompt_core::{
-    Backbone, Batch, BatchRow, Error, Optimizer, OptimizerKind, Result, Rng, SoftPrompt,
+    Backbone, Batch, BatchRow, Error, Optimizer, OptimizerKind, Placement, PromptMethod, Result,
+    Rng, SoftPrompt,
 };
 
 use crate::checkpoint::{write_checkpoint, TrainState};
 use crate::data::EncodedSet;
+use crate::encoder::PromptEncoder;
 use crate::eval;
 use crate::optim::{clip_grad_norm, Schedule};
 
@@ -157,15 +159,53 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// A fresh state starting from `prompt`.
+    /// A fresh state starting from `prompt`, trained directly (prompt tuning, or prefix tuning
+    /// without projection for a key/value prefix).
     pub fn init_state(&self, prompt: &SoftPrompt) -> TrainState {
+        let method = match prompt.placement() {
+            Placement::KeyValuePrefix => PromptMethod::PrefixTuning { projection: None },
+            _ => PromptMethod::PromptTuning,
+        };
+        self.state_with(
+            method,
+            prompt.num_virtual_tokens(),
+            prompt.hidden_size(),
+            prompt.values().to_vec(),
+        )
+    }
+
+    /// A fresh state training `encoder`'s parameters `theta` ([`PromptEncoder::init`]).
+    pub fn init_encoded(&self, encoder: &PromptEncoder, theta: Vec<f32>) -> Result<TrainState> {
+        if theta.len() != encoder.num_params() {
+            return Err(Error::Shape(format!(
+                "the encoder has {} parameters, got {}",
+                encoder.num_params(),
+                theta.len()
+            )));
+        }
+        Ok(self.state_with(
+            *encoder.method(),
+            encoder.num_virtual_tokens(),
+            encoder.width(),
+            theta,
+        ))
+    }
+
+    fn state_with(
+        &self,
+        method: PromptMethod,
+        num_virtual_tokens: usize,
+        hidden_size: usize,
+        theta: Vec<f32>,
+    ) -> TrainState {
         TrainState {
             step: 0,
             epoch: 0,
             cursor: 0,
-            num_virtual_tokens: prompt.num_virtual_tokens(),
-            hidden_size: prompt.hidden_size(),
-            prompt: prompt.values().to_vec(),
+            num_virtual_tokens,
+            hidden_size,
+            method,
+            prompt: theta,
             optimizer: self.optimizer.state(),
             best_metric: None,
             best_prompt: None,
@@ -299,11 +339,21 @@ impl<'a> Trainer<'a> {
                 backbone: spec.fingerprint.clone(),
             });
         }
-        if state.hidden_size != spec.hidden_size {
+        let encoder = PromptEncoder::new(state.method, state.num_virtual_tokens, spec)?;
+        if state.hidden_size != encoder.width() {
             return Err(Error::HiddenSizeMismatch {
                 prompt: state.hidden_size,
-                backbone: spec.hidden_size,
+                backbone: encoder.width(),
             });
+        }
+        if state.prompt.len() != encoder.num_params() {
+            return Err(Error::Shape(format!(
+                "the checkpoint holds {} parameters, a {} prompt of {} tokens has {}",
+                state.prompt.len(),
+                encoder.method().name(),
+                state.num_virtual_tokens,
+                encoder.num_params()
+            )));
         }
         if train.examples.is_empty() {
             return Err(Error::InvalidArgument(format!(
@@ -312,8 +362,9 @@ impl<'a> Trainer<'a> {
             )));
         }
         self.optimizer.load_state(&state.optimizer)?;
-        let (n, d) = (state.num_virtual_tokens, state.hidden_size);
-        let mut prompt = SoftPrompt::new(n, d, state.prompt.clone())?;
+        let n = state.num_virtual_tokens;
+        let mut theta = state.prompt.clone();
+        let mut prompt = encoder.prompt(&theta)?;
         let bar = if self.config.progress {
             ProgressBar::with_draw_target(Some(self.config.max_steps), ProgressDrawTarget::stderr())
         } else {
@@ -352,9 +403,10 @@ impl<'a> Trainer<'a> {
             let (loss, grad_norm, candidates) = match self.optimizer.kind() {
                 OptimizerKind::Gradient => {
                     let batch = Batch::from_rows(&rows, pad)?;
+                    let (encoded, tape) = encoder.forward(&theta)?;
                     let lg = self
                         .backbone
-                        .loss_and_grad(std::slice::from_ref(&prompt), &batch)?;
+                        .loss_and_grad(std::slice::from_ref(&encoded), &batch)?;
                     if !lg.loss.is_finite() {
                         bar.abandon();
                         return Err(Error::NonFinite {
@@ -362,7 +414,13 @@ impl<'a> Trainer<'a> {
                             step,
                         });
                     }
-                    let mut grad = lg.grads.into_iter().next().unwrap_or_default();
+                    let grad = lg.grads.into_iter().next().unwrap_or_default();
+                    // through the encoder to its parameters (PEFT clips those)
+                    let mut grad = if encoder.is_identity() {
+                        grad
+                    } else {
+                        encoder.backward(&theta, &tape, &grad)?
+                    };
                     if grad.iter().any(|g| !g.is_finite()) {
                         bar.abandon();
                         return Err(Error::NonFinite {
@@ -374,16 +432,16 @@ impl<'a> Trainer<'a> {
                         Some(max) => clip_grad_norm(&mut grad, max),
                         None => grad.iter().map(|g| g * g).sum::<f32>().sqrt(),
                     };
-                    self.optimizer.step(prompt.values_mut(), &grad, lr)?;
+                    self.optimizer.step(&mut theta, &grad, lr)?;
                     (lg.loss, Some(grad_norm), 1)
                 }
                 OptimizerKind::GradientFree => {
                     // every candidate on the same rows, all in one batched forward pass
                     let prompts = self
                         .optimizer
-                        .ask(prompt.values())?
-                        .into_iter()
-                        .map(|v| SoftPrompt::new(n, d, v))
+                        .ask(&theta)?
+                        .iter()
+                        .map(|v| encoder.prompt(v))
                         .collect::<Result<Vec<_>>>()?;
                     let losses = if label_loss {
                         self.label_losses(&prompts, train, &picked)?
@@ -416,20 +474,21 @@ impl<'a> Trainer<'a> {
                             step,
                         });
                     }
-                    self.optimizer.tell(prompt.values_mut(), &losses, lr)?;
+                    self.optimizer.tell(&mut theta, &losses, lr)?;
                     let mean = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
                     (mean, None, prompts.len())
                 }
             };
-            if prompt.values().iter().any(|v| !v.is_finite()) {
+            if theta.iter().any(|v| !v.is_finite()) {
                 bar.abandon();
                 return Err(Error::NonFinite {
                     what: "prompt update".into(),
                     step,
                 });
             }
+            prompt = encoder.prompt(&theta)?;
             state.step = step;
-            state.prompt = prompt.values().to_vec();
+            state.prompt = theta.clone();
             state.optimizer = self.optimizer.state();
             losses.push(loss);
             let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -458,7 +517,7 @@ impl<'a> Trainer<'a> {
                 ));
                 if state.best_metric.is_none_or(|b| value > b) {
                     state.best_metric = Some(value);
-                    state.best_prompt = Some(prompt.values().to_vec());
+                    state.best_prompt = Some(theta.clone());
                     state.best_step = Some(step);
                     state.evals_without_improvement = 0;
                 } else {
@@ -485,7 +544,7 @@ impl<'a> Trainer<'a> {
         }
         bar.finish_and_clear();
         let chosen = match (&state.best_prompt, self.config.keep_best) {
-            (Some(best), true) => SoftPrompt::new(n, d, best.clone())?,
+            (Some(best), true) => encoder.prompt(best)?,
             _ => prompt,
         };
         Ok(TrainOutcome {
