@@ -143,6 +143,16 @@ impl Reference {
 /// fixture sentiment task, on the `tiny-llama` fixture loaded by `backbone`, from a
 /// text-initialised prompt of 8 tokens.
 pub fn train_fixture_prompt(backbone: &dyn Backbone, seed: u64) -> TrainOutcome {
+    train_fixture_method(backbone, seed, softprompt::PromptMethod::PromptTuning)
+}
+
+/// [`train_fixture_prompt`] with any prompt-learning method (the encoder's parameters start as
+/// PEFT's do; prompt tuning starts from the text initialisation).
+pub fn train_fixture_method(
+    backbone: &dyn Backbone,
+    seed: u64,
+    method: softprompt::PromptMethod,
+) -> TrainOutcome {
     let dir = fixture_model("tiny-llama");
     let tok = HfTokenizer::from_model_dir(&dir).unwrap();
     let task = Task::Classification {
@@ -172,7 +182,13 @@ pub fn train_fixture_prompt(backbone: &dyn Backbone, seed: u64) -> TrainOutcome 
         ..TrainConfig::default()
     };
     let mut t = Trainer::new(backbone, optimizer, config).unwrap();
-    let state = t.init_state(&p0);
+    let state = if method == softprompt::PromptMethod::PromptTuning {
+        t.init_state(&p0)
+    } else {
+        let encoder = softprompt::train::PromptEncoder::new(method, 8, backbone.spec()).unwrap();
+        let theta = encoder.init(None, &mut Rng::seed_from_u64(0)).unwrap();
+        t.init_encoded(&encoder, theta).unwrap()
+    };
     t.run(state, &train, None).unwrap()
 }
 
@@ -295,6 +311,36 @@ macro_rules! fixture_suite {
             $crate::contract_test!(continuous_batching_matches_one_sequence_at_a_time, $gen);
             $crate::contract_test!(mismatched_prompts_are_typed_errors, true);
             $crate::contract_test!(unsupported_placements_are_refused, true);
+
+            /// The same contract with key/value prefixes (prefix tuning) as the prompts.
+            mod key_value_prefix {
+                use softprompt::Backbone;
+
+                fn loader() -> softprompt::Result<Box<dyn Backbone>> {
+                    Ok(super::super::load($name))
+                }
+
+                fn probe() -> softprompt::conformance::Probe {
+                    softprompt::conformance::Probe::with_placement(
+                        super::super::load($name).as_ref(),
+                        0,
+                        softprompt::Placement::KeyValuePrefix,
+                    )
+                    .unwrap()
+                }
+
+                $crate::contract_test!(scores_are_finite_log_probabilities, true);
+                $crate::contract_test!(per_row_prompts_equal_separate_runs, true);
+                $crate::contract_test!(loss_counts_only_target_tokens, true);
+                $crate::contract_test!(next_token_logprobs_match_scoring, true);
+                $crate::contract_test!(repeated_calls_are_reproducible, true);
+                $crate::contract_test!(results_do_not_depend_on_earlier_calls, true);
+                $crate::contract_test!(gradient_matches_finite_differences, $grad);
+                $crate::contract_test!(gradients_reach_only_used_prompts, $grad);
+                $crate::contract_test!(cached_decoding_matches_scoring, $gen);
+                $crate::contract_test!(continuous_batching_matches_one_sequence_at_a_time, $gen);
+                $crate::contract_test!(mismatched_prompts_are_typed_errors, true);
+            }
 
             #[test]
             fn logits_match_transformers_with_mixed_prompts_and_padding() {

@@ -3,10 +3,11 @@
 
 use softprompt::store::DirectoryStore;
 use softprompt::{
-    available_backends, load_backbone, Backbone, PromptConfig, PromptStore, StoredPrompt,
+    available_backends, load_backbone, Backbone, EncoderKind, PromptConfig, PromptMethod,
+    PromptStore, StoredPrompt,
 };
 use softprompt_tests::{
-    fixture_model, load_reference, max_abs_diff, train_fixture_prompt, FIXTURE_MODELS,
+    fixture_model, load_reference, max_abs_diff, train_fixture_method, FIXTURE_MODELS,
 };
 
 fn backends(name: &str) -> Vec<Box<dyn Backbone>> {
@@ -63,11 +64,27 @@ async fn a_prompt_trained_on_one_runtime_evaluates_the_same_on_every_other() {
     let all = backends("tiny-llama");
     let dir = tempfile::tempdir().unwrap();
     let store = DirectoryStore::new(dir.path());
-    for trainer in &all {
-        let out = train_fixture_prompt(trainer.as_ref(), 5);
-        let name = format!("trained-on-{}", trainer.backend_name());
+    let methods = [
+        PromptMethod::PromptTuning,
+        PromptMethod::PrefixTuning { projection: None },
+        PromptMethod::PrefixTuning {
+            projection: Some(16),
+        },
+        PromptMethod::PTuning {
+            encoder: EncoderKind::Mlp,
+            hidden_size: 16,
+            num_layers: 2,
+            dropout: 0.0,
+        },
+    ];
+    for (trainer, method) in all
+        .iter()
+        .flat_map(|t| methods.iter().map(move |m| (t, *m)))
+    {
+        let out = train_fixture_method(trainer.as_ref(), 5, method);
+        let name = format!("{}-trained-on-{}", method.name(), trainer.backend_name());
         let stored = StoredPrompt {
-            config: PromptConfig::for_backbone(&out.prompt, trainer.spec()),
+            config: PromptConfig::for_method(&out.prompt, trainer.spec(), &method),
             prompt: out.prompt,
             metadata: [(
                 "softprompt.backend".to_string(),

@@ -5,7 +5,9 @@
 //! `attention_bias` and each row at its own position.
 
 use softprompt_core::backbone::check_prompts;
-use softprompt_core::{Batch, BatchRow, DecodeKernels, PrefillPlan, SoftPrompt};
+use softprompt_core::{
+    Batch, BatchRow, Capabilities, DecodeKernels, Error, Placement, PrefillPlan, SoftPrompt,
+};
 
 use crate::{Inputs, OrtBackbone, Result};
 
@@ -50,6 +52,15 @@ impl OrtKernels<'_> {
 
     /// `[prompt][ids]` of one sequence in one call (no input tokens allowed).
     fn prefill_one(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqCache, Vec<f32>)> {
+        if prompt.placement() == Placement::KeyValuePrefix {
+            if ids.is_empty() {
+                return Err(Error::InvalidBatch(
+                    "a key/value prefix predicts nothing by itself: give at least one token".into(),
+                ));
+            }
+            let mut one = self.prefill_group(&[(prompt, ids)])?;
+            return Ok(one.remove(0));
+        }
         let b = self.backbone;
         let n = prompt.num_virtual_tokens();
         let s = n + ids.len();
@@ -80,6 +91,24 @@ impl OrtKernels<'_> {
     /// One call for sequences whose prompts have the same length and at least one input token
     /// each.
     fn prefill_group(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
+        let placement = group[0].0.placement();
+        if group.iter().any(|(p, _)| p.placement() != placement) {
+            // one call per placement, answers back in the group's order
+            let mut out: Vec<Option<(SeqCache, Vec<f32>)>> = group.iter().map(|_| None).collect();
+            for kind in [Placement::InputEmbeddings, Placement::KeyValuePrefix] {
+                let at: Vec<usize> = (0..group.len())
+                    .filter(|i| group[*i].0.placement() == kind)
+                    .collect();
+                if at.is_empty() {
+                    continue;
+                }
+                let part: Vec<(&SoftPrompt, &[u32])> = at.iter().map(|i| group[*i]).collect();
+                for (i, r) in at.iter().zip(self.prefill_group(&part)?) {
+                    out[*i] = Some(r);
+                }
+            }
+            return Ok(out.into_iter().flatten().collect());
+        }
         let b = self.backbone;
         let n = group[0].0.num_virtual_tokens();
         let rows: Vec<BatchRow> = group
@@ -96,8 +125,9 @@ impl OrtKernels<'_> {
         check_prompts(b, &prompts, &batch)?;
         let s = n + batch.seq_len();
         let mut inputs = b.full_inputs(&prompts, &batch, n);
+        let shift = OrtBackbone::graph_shift(&prompts, n);
         inputs.gather_index = (0..rows.len())
-            .map(|r| (n + batch.row_len(r) - 1) as i64)
+            .map(|r| (n + batch.row_len(r) - 1 - shift) as i64)
             .collect();
         inputs.picks = 1;
         inputs.candidate_ids = vec![0; rows.len()];
@@ -136,6 +166,10 @@ impl DecodeKernels for OrtKernels<'_> {
 
     fn max_positions(&self) -> usize {
         self.backbone.config.max_positions()
+    }
+
+    fn placements(&self) -> &'static [Placement] {
+        Capabilities::DECODER
     }
 
     fn plan(&self) -> PrefillPlan {

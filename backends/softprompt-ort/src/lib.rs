@@ -23,8 +23,8 @@ use softprompt_core::model::{ModelConfig, ModelSource};
 
 use crate::decoding::OrtKernels;
 use softprompt_core::{
-    Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error, Result, RowScores,
-    SoftPrompt,
+    Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error, Placement, Result,
+    RowScores, SoftPrompt,
 };
 
 /// Name of this runtime in messages.
@@ -327,8 +327,12 @@ impl OrtBackbone {
     }
 
     /// Inputs of a full (uncached) pass over `[prompt][tokens]` of `batch`; the picks are left
-    /// for the caller.
+    /// for the caller. Key/value prefixes enter as the graph's past keys and values (the
+    /// graph's positions are then the tokens only: [`Self::graph_shift`] is `n`).
     fn full_inputs(&self, prompts: &[SoftPrompt], batch: &Batch, n: usize) -> Inputs {
+        if prompts[0].placement() == Placement::KeyValuePrefix {
+            return self.prefix_inputs(prompts, batch, n);
+        }
         let (rows, t) = (batch.rows(), batch.seq_len());
         let s = n + t;
         let d = self.spec.hidden_size;
@@ -350,6 +354,57 @@ impl OrtBackbone {
             candidates: 0,
             past: Vec::new(),
             past_len: 0,
+        }
+    }
+
+    /// How many of a sequence's positions precede the graph's first one: `n` for key/value
+    /// prefixes (they are the graph's past), 0 for input embeddings.
+    fn graph_shift(prompts: &[SoftPrompt], n: usize) -> usize {
+        match prompts.first().map(SoftPrompt::placement) {
+            Some(Placement::KeyValuePrefix) => n,
+            _ => 0,
+        }
+    }
+
+    /// [`Self::full_inputs`] for key/value prefixes (PEFT's `[N, layers·2·kv·hd]` rows): every
+    /// row's prefix as the past of each layer, its tokens at positions `n..`.
+    fn prefix_inputs(&self, prompts: &[SoftPrompt], batch: &Batch, n: usize) -> Inputs {
+        let (rows, t) = (batch.rows(), batch.seq_len());
+        let (kv, hd) = (self.kv_heads, self.head_dim);
+        let width = self.layers * 2 * kv * hd;
+        let mut past: Vec<(Vec<f32>, Vec<f32>)> = (0..self.layers)
+            .map(|_| {
+                let cap = rows * kv * n * hd;
+                (Vec::with_capacity(cap), Vec::with_capacity(cap))
+            })
+            .collect();
+        for &p in batch.prompt_index() {
+            let v = prompts[p].values();
+            for (l, (keys, values)) in past.iter_mut().enumerate() {
+                for (which, out) in [keys, values].into_iter().enumerate() {
+                    for h in 0..kv {
+                        for j in 0..n {
+                            let at = j * width + ((l * 2 + which) * kv + h) * hd;
+                            out.extend_from_slice(&v[at..at + hd]);
+                        }
+                    }
+                }
+            }
+        }
+        Inputs {
+            rows,
+            input_ids: batch.input_ids().iter().map(|i| *i as i64).collect(),
+            tokens: t,
+            prompt_embeds: Vec::new(),
+            virtual_tokens: 0,
+            position_ids: (0..rows).flat_map(|_| n as i64..(n + t) as i64).collect(),
+            attention_bias: self.bias(|m| m.token_bias(batch, n)),
+            gather_index: Vec::new(),
+            picks: 0,
+            candidate_ids: Vec::new(),
+            candidates: 0,
+            past,
+            past_len: n,
         }
     }
 
@@ -498,7 +553,7 @@ impl Backbone for OrtBackbone {
         Capabilities {
             gradients: false,
             generation: true,
-            placements: Capabilities::INPUT_EMBEDDINGS,
+            placements: Capabilities::DECODER,
         }
     }
 
@@ -529,7 +584,12 @@ impl Backbone for OrtBackbone {
     fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<RowScores> {
         let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
-        let targets = batch.targets(n)?;
+        let shift = Self::graph_shift(prompts, n);
+        let targets = if shift > 0 {
+            batch.token_targets(n)?
+        } else {
+            batch.targets(n)?
+        };
         let rows = batch.rows();
         let mut per_row = vec![0usize; rows];
         for (r, _, _) in &targets {
@@ -542,7 +602,7 @@ impl Backbone for OrtBackbone {
         let t = batch.seq_len();
         for (r, tok, pos) in &targets {
             let j = r * k + fill[*r];
-            gather[j] = *pos as i64;
+            gather[j] = (*pos - shift) as i64;
             cand[j] = batch.input_ids()[r * t + tok] as i64;
             fill[*r] += 1;
         }
@@ -579,8 +639,9 @@ impl Backbone for OrtBackbone {
         let rows = batch.rows();
         let c = candidates.len();
         let mut inputs = self.full_inputs(prompts, batch, n);
+        let shift = Self::graph_shift(prompts, n);
         inputs.gather_index = (0..rows)
-            .map(|r| (n + batch.row_len(r) - 1) as i64)
+            .map(|r| (n + batch.row_len(r) - 1 - shift) as i64)
             .collect();
         inputs.picks = 1;
         inputs.candidate_ids = (0..rows)
@@ -598,7 +659,7 @@ impl Backbone for OrtBackbone {
         let n = check_prompts(self, prompts, batch)?;
         self.check_length(n + batch.seq_len())?;
         let rows = batch.rows();
-        let s = n + batch.seq_len();
+        let s = n + batch.seq_len() - Self::graph_shift(prompts, n);
         let mut inputs = self.full_inputs(prompts, batch, n);
         inputs.gather_index = (0..rows).flat_map(|_| 0..s as i64).collect();
         inputs.picks = s;

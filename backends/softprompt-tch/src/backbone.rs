@@ -12,7 +12,7 @@ use softprompt_core::backbone::{check_next_token, check_prompts, check_token_ids
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
     Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error, LossAndGrad,
-    ModelConfig, PrefixCache, RowScores, SoftPrompt,
+    ModelConfig, Placement, PrefixCache, RowScores, SoftPrompt,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -130,9 +130,11 @@ impl TchBackbone {
         Ok(())
     }
 
-    /// The prompts as one f32 tensor `[P, N, d]` on the device.
+    /// The prompts as one f32 tensor `[P, N, width]` on the device.
     pub(crate) fn prompts_tensor(&self, prompts: &[SoftPrompt], n: usize) -> Result<Tensor> {
-        let d = self.spec.hidden_size;
+        let d = prompts
+            .first()
+            .map_or(self.spec.hidden_size, SoftPrompt::hidden_size);
         let values: Vec<f32> = prompts
             .iter()
             .flat_map(|p| p.values().iter().copied())
@@ -199,11 +201,14 @@ impl TchBackbone {
         &self,
         model: &Model,
         prompts: &Tensor,
+        placement: Placement,
         host: Option<&[SoftPrompt]>,
         batch: &Batch,
         n: usize,
     ) -> Result<Tensor> {
-        Ok(self.token_hidden_cached(model, prompts, host, batch, n)?.0)
+        Ok(self
+            .token_hidden_cached(model, prompts, placement, host, batch, n)?
+            .0)
     }
 
     /// [`Self::token_hidden`] and the cache it leaves (`[rows, kv, N + T, hd]` per layer).
@@ -211,6 +216,7 @@ impl TchBackbone {
         &self,
         model: &Model,
         prompts: &Tensor,
+        placement: Placement,
         values: Option<&[SoftPrompt]>,
         batch: &Batch,
         n: usize,
@@ -223,8 +229,12 @@ impl TchBackbone {
         let run = || -> TResult<(Tensor, Vec<LayerCache>)> {
             let mut cache: Vec<LayerCache> = (0..model.num_layers()).map(|_| None).collect();
             if n > 0 {
-                let causal = self.bias(&[1, 1, n as i64, n as i64], |m| m.chunk_bias(n, n))?;
-                let per_layer = self.prompt_kv(model, prompts, values, &causal)?;
+                let per_layer = if placement == Placement::KeyValuePrefix {
+                    self.prefix_kv(model, prompts, n)?
+                } else {
+                    let causal = self.bias(&[1, 1, n as i64, n as i64], |m| m.chunk_bias(n, n))?;
+                    self.prompt_kv(model, prompts, values, &causal)?
+                };
                 for (slot, (k, v)) in cache.iter_mut().zip(per_layer) {
                     *slot = Some((
                         k.f_index_select(0, &prompt_rows)?,
@@ -240,6 +250,27 @@ impl TchBackbone {
             Ok((hidden, cache))
         };
         run().map_err(to_core)
+    }
+
+    /// Each layer's keys and values `[P, kv, N, hd]` of key/value prefixes `[P, N, layers·2·kv·hd]`
+    /// (layer-major, keys before values, then heads: PEFT's `past_key_values` view).
+    fn prefix_kv(&self, model: &Model, prompts: &Tensor, n: usize) -> TResult<KeyValues> {
+        let heads = model.heads();
+        let layers = model.num_layers();
+        let p = prompts.size()[0];
+        let x = prompts.f_to_kind(self.kind)?.f_view([
+            p,
+            n as i64,
+            (layers * 2) as i64,
+            heads.kv as i64,
+            heads.dim as i64,
+        ])?;
+        let part = |i: usize| -> TResult<Tensor> {
+            Ok(x.f_select(2, i as i64)?.f_transpose(1, 2)?.f_contiguous()?)
+        };
+        (0..layers)
+            .map(|l| Ok((part(2 * l)?, part(2 * l + 1)?)))
+            .collect()
     }
 
     /// Each layer's keys and values of the `[P, N, d]` prompts, `[P, kv, N, hd]`, from one pass
@@ -314,11 +345,15 @@ impl TchBackbone {
     fn target_logprobs(
         &self,
         prompts: &Tensor,
+        placement: Placement,
         values: Option<&[SoftPrompt]>,
         batch: &Batch,
         n: usize,
     ) -> Result<(Tensor, Vec<usize>)> {
-        let targets = batch.targets(n)?;
+        let targets = match placement {
+            Placement::KeyValuePrefix => batch.token_targets(n)?,
+            _ => batch.targets(n)?,
+        };
         if targets.is_empty() {
             return Err(Error::InvalidBatch("the batch has no target tokens".into()));
         }
@@ -333,7 +368,7 @@ impl TchBackbone {
         // every target predicted from a token position: share the prompt pass across rows
         let shared = targets.iter().all(|(_, _, pos)| *pos >= n);
         let flat = if shared {
-            let hidden = self.token_hidden(&model, prompts, values, batch, n)?;
+            let hidden = self.token_hidden(&model, prompts, placement, values, batch, n)?;
             let at = self.index_tensor(targets.iter().map(|(r, _, pos)| r * t + pos - n))?;
             hidden
                 .f_reshape([(batch.rows() * t) as i64, d])
@@ -394,7 +429,7 @@ impl Backbone for TchBackbone {
         Capabilities {
             gradients: true,
             generation: true,
-            placements: Capabilities::INPUT_EMBEDDINGS,
+            placements: Capabilities::DECODER,
         }
     }
 
@@ -411,7 +446,8 @@ impl Backbone for TchBackbone {
         self.check_length(n + batch.seq_len())?;
         let _guard = tch::no_grad_guard();
         let p = self.prompts_tensor(prompts, n)?;
-        let (logp, rows) = self.target_logprobs(&p, Some(prompts), batch, n)?;
+        let placement = prompts[0].placement();
+        let (logp, rows) = self.target_logprobs(&p, placement, Some(prompts), batch, n)?;
         let logp = to_f64(&logp)?;
         let mut scores = RowScores {
             logprob_sum: vec![0.0; batch.rows()],
@@ -440,7 +476,8 @@ impl Backbone for TchBackbone {
         let cand = self.ids_tensor(candidates)?;
         // only each row's last real position goes through the head
         let last = if (0..batch.rows()).all(|r| batch.row_len(r) > 0) {
-            let hidden = self.token_hidden(&model, &p, Some(prompts), batch, n)?;
+            let placement = prompts[0].placement();
+            let hidden = self.token_hidden(&model, &p, placement, Some(prompts), batch, n)?;
             let at = self.index_tensor((0..batch.rows()).map(|r| r * t + batch.row_len(r) - 1))?;
             hidden
                 .f_reshape([(batch.rows() * t) as i64, d])
@@ -484,7 +521,8 @@ impl Backbone for TchBackbone {
             .prompts_tensor(prompts, n)?
             .f_requires_grad_(true)
             .map_err(to_core)?;
-        let (logp, _) = self.target_logprobs(&leaf, None, batch, n)?;
+        let placement = prompts[0].placement();
+        let (logp, _) = self.target_logprobs(&leaf, placement, None, batch, n)?;
         let count = batch.num_targets() as f64;
         let loss = logp
             .f_sum(None::<Kind>)
@@ -498,7 +536,7 @@ impl Backbone for TchBackbone {
         }
         let loss = to_f32(&loss.detach())?[0];
         let flat = to_f32(&grad)?;
-        let per = n * self.spec.hidden_size;
+        let per = n * prompts[0].hidden_size();
         Ok(LossAndGrad {
             loss,
             grads: flat.chunks(per).map(<[f32]>::to_vec).collect(),
@@ -511,12 +549,22 @@ impl Backbone for TchBackbone {
         let _guard = tch::no_grad_guard();
         let p = self.prompts_tensor(prompts, n)?;
         let model = self.model();
+        let d = self.spec.hidden_size as i64;
+        if prompts[0].placement() == Placement::KeyValuePrefix {
+            // the virtual tokens have no positions: logits of the tokens only
+            let placement = Placement::KeyValuePrefix;
+            let hidden = self.token_hidden(&model, &p, placement, Some(prompts), batch, n)?;
+            let t = batch.seq_len() as i64;
+            let run = || -> TResult<Tensor> {
+                model.head(&hidden.f_reshape([batch.rows() as i64 * t, d])?)
+            };
+            return to_f32(&run().map_err(to_core)?);
+        }
         let (x, bias) = self.inputs(&model, &p, batch, n)?;
         let s = n + batch.seq_len();
         let run = || -> TResult<Tensor> {
             let hidden = model.forward(&x, 0, Some(&bias), None)?;
-            let flat =
-                hidden.f_reshape([(batch.rows() * s) as i64, self.spec.hidden_size as i64])?;
+            let flat = hidden.f_reshape([(batch.rows() * s) as i64, d])?;
             model.head(&flat)
         };
         to_f32(&run().map_err(to_core)?)

@@ -6,7 +6,8 @@
 //! forward pass and appends each row's new keys and values.
 
 use softprompt_core::{
-    input_rows, Batch, BatchRow, DecodeKernels, Positions, PrefillPlan, SoftPrompt,
+    input_rows, Batch, BatchRow, Capabilities, DecodeKernels, Error, Placement, Positions,
+    PrefillPlan, SoftPrompt,
 };
 use tch::Tensor;
 
@@ -27,6 +28,15 @@ pub(crate) struct TchKernels<'a> {
 impl TchKernels<'_> {
     /// `[prompt][ids]` in one pass (a sequence alone, possibly without input tokens).
     fn prefill_one(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqCache, Vec<f32>)> {
+        if prompt.placement() == Placement::KeyValuePrefix {
+            if ids.is_empty() {
+                return Err(Error::InvalidBatch(
+                    "a key/value prefix predicts nothing by itself: give at least one token".into(),
+                ));
+            }
+            let mut one = self.prefill_padded(&[(prompt, ids)])?;
+            return Ok(one.remove(0));
+        }
         let b = self.backbone;
         let n = prompt.num_virtual_tokens();
         let _guard = tch::no_grad_guard();
@@ -59,13 +69,32 @@ impl TchKernels<'_> {
     /// Sequences of one prompt length: each distinct prompt's keys and values computed once,
     /// the right-padded inputs in one pass, each sequence keeping its own slice of the cache.
     fn prefill_padded(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
+        let placement = group[0].0.placement();
+        if group.iter().any(|(p, _)| p.placement() != placement) {
+            // one pass per placement, answers back in the group's order
+            let mut out: Vec<Option<(SeqCache, Vec<f32>)>> = group.iter().map(|_| None).collect();
+            for kind in [Placement::InputEmbeddings, Placement::KeyValuePrefix] {
+                let at: Vec<usize> = (0..group.len())
+                    .filter(|i| group[*i].0.placement() == kind)
+                    .collect();
+                if at.is_empty() {
+                    continue;
+                }
+                let part: Vec<(&SoftPrompt, &[u32])> = at.iter().map(|i| group[*i]).collect();
+                for (i, r) in at.iter().zip(self.prefill_padded(&part)?) {
+                    out[*i] = Some(r);
+                }
+            }
+            return Ok(out.into_iter().flatten().collect());
+        }
         let b = self.backbone;
         let n = group[0].0.num_virtual_tokens();
         let _guard = tch::no_grad_guard();
         let (batch, prompts) = input_rows(group)?;
         let p = b.prompts_tensor(&prompts, n)?;
         let model = b.model();
-        let (hidden, cache) = b.token_hidden_cached(&model, &p, Some(&prompts), &batch, n)?;
+        let (hidden, cache) =
+            b.token_hidden_cached(&model, &p, placement, Some(&prompts), &batch, n)?;
         let t = batch.seq_len();
         let last = b.index_tensor((0..batch.rows()).map(|r| r * t + batch.row_len(r) - 1))?;
         let d = b.spec.hidden_size as i64;
@@ -113,6 +142,10 @@ impl DecodeKernels for TchKernels<'_> {
 
     fn max_positions(&self) -> usize {
         self.backbone.config.max_positions()
+    }
+
+    fn placements(&self) -> &'static [Placement] {
+        Capabilities::DECODER
     }
 
     fn plan(&self) -> PrefillPlan {

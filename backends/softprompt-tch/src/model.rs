@@ -109,4 +109,9 @@ impl Model {
     pub fn num_layers(&self) -> usize {
         self.nn.num_layers()
     }
+
+    /// Attention geometry of every block.
+    pub fn heads(&self) -> softprompt_nn::Heads {
+        self.nn.heads()
+    }
 }

@@ -348,6 +348,7 @@ fn summary(name: &str, s: &StoredPrompt) -> serde_json::Value {
     serde_json::json!({
         "name": name,
         "shape": [s.prompt.num_virtual_tokens(), s.prompt.hidden_size()],
+        "placement": s.prompt.placement().as_str(),
         "bytes": v.len() * 4,
         "mean_token_norm": norms.iter().sum::<f32>() / norms.len().max(1) as f32,
         "config": s.config,
@@ -403,6 +404,10 @@ fn print_summary(v: &serde_json::Value) {
     println!(
         "  shape            [{}, {}] f32 ({} bytes)",
         v["shape"][0], v["shape"][1], v["bytes"]
+    );
+    println!(
+        "  placement        {}",
+        v["placement"].as_str().unwrap_or("?")
     );
     println!(
         "  mean token norm  {:.4}",

@@ -235,7 +235,8 @@ pub fn results_do_not_depend_on_earlier_calls(l: Load<'_>, probe: &Probe) -> Out
         let third = call(
             "prompt",
             SoftPrompt::new(3, probe.prompts[1].hidden_size(), v),
-        )?;
+        )?
+        .with_placement(probe.prompts[1].placement());
         let later = vec![probe.prompts[1].clone(), third, probe.prompts[0].clone()];
         let batch = probe.batch(&[2, 0]);
         let fresh = load(l)?;
@@ -492,15 +493,19 @@ pub fn continuous_batching_matches_one_sequence_at_a_time(l: Load<'_>, probe: &P
 pub fn mismatched_prompts_are_typed_errors(l: Load<'_>, probe: &Probe) -> Outcome {
     outcome(|| {
         let b = load(l)?;
-        let (d, v) = (b.spec().hidden_size, b.spec().vocab_size);
+        // widths of the probe's placement (the hidden size, or a key/value prefix's)
+        let placement = probe.prompts[0].placement();
+        let (d, v) = (probe.prompts[0].hidden_size(), b.spec().vocab_size);
         let batch = probe.batch(&[0, 0]);
-        let wrong = call("prompt", SoftPrompt::new(3, d + 1, vec![0.0; 3 * (d + 1)]))?;
+        let wrong = call("prompt", SoftPrompt::new(3, d + 1, vec![0.0; 3 * (d + 1)]))?
+            .with_placement(placement);
         match b.loss(std::slice::from_ref(&wrong), &batch) {
             Err(Error::HiddenSizeMismatch { prompt, backbone })
                 if prompt == d + 1 && backbone == d => {}
             other => return Err(format!("a prompt of width {}: {other:?}", d + 1)),
         }
-        let short = call("prompt", SoftPrompt::new(2, d, vec![0.0; 2 * d]))?;
+        let short =
+            call("prompt", SoftPrompt::new(2, d, vec![0.0; 2 * d]))?.with_placement(placement);
         ensure(
             matches!(
                 b.score(&[probe.prompts[0].clone(), short], &probe.batch(&[0, 1])),
@@ -515,6 +520,18 @@ pub fn mismatched_prompts_are_typed_errors(l: Load<'_>, probe: &Probe) -> Outcom
             ),
             || "a row naming a missing prompt was accepted".into(),
         )?;
+        if placement == Placement::KeyValuePrefix {
+            // a prefix has no position of its own to predict a row's first token from
+            let row = BatchRow::with_continuation(&[], &probe.rows[0], 0);
+            let first = call("batch", Batch::from_rows(&[row], 0))?;
+            ensure(
+                matches!(
+                    b.score(&probe.prompts[..1], &first),
+                    Err(Error::InvalidBatch(_))
+                ),
+                || "a prefix predicted a row's first token".into(),
+            )?;
+        }
         ensure(
             matches!(
                 b.next_token_logprobs(&probe.prompts, &probe.batch(&[0, 1]), &[v as u32]),

@@ -18,7 +18,7 @@ mod checks;
 
 use std::fmt;
 
-use softprompt_core::{Backbone, Batch, BatchRow, Result, Rng, SoftPrompt};
+use softprompt_core::{Backbone, Batch, BatchRow, Placement, Result, Rng, SoftPrompt};
 
 pub use checks::*;
 
@@ -53,6 +53,8 @@ impl Outcome {
 pub struct Check {
     /// Name of the check (one of [`CHECKS`]).
     pub name: &'static str,
+    /// Where the probe's prompts entered the backbone.
+    pub placement: Placement,
     /// What happened.
     pub outcome: Outcome,
 }
@@ -97,10 +99,11 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "conformance of {} on {}:", self.backend, self.model)?;
         for c in &self.checks {
+            let at = c.placement.as_str();
             match &c.outcome {
-                Outcome::Passed => writeln!(f, "  pass  {}", c.name)?,
-                Outcome::Skipped(why) => writeln!(f, "  skip  {} ({why})", c.name)?,
-                Outcome::Failed(why) => writeln!(f, "  FAIL  {}: {why}", c.name)?,
+                Outcome::Passed => writeln!(f, "  pass  {} [{at}]", c.name)?,
+                Outcome::Skipped(why) => writeln!(f, "  skip  {} [{at}] ({why})", c.name)?,
+                Outcome::Failed(why) => writeln!(f, "  FAIL  {} [{at}]: {why}", c.name)?,
             }
         }
         write!(
@@ -116,7 +119,8 @@ impl fmt::Display for Report {
 /// Inputs the checks run on, drawn from the backbone's own vocabulary and embeddings.
 #[derive(Debug, Clone)]
 pub struct Probe {
-    /// Two prompts of three virtual tokens (embeddings of random tokens, slightly perturbed).
+    /// Two prompts of three virtual tokens: embeddings of random tokens, slightly perturbed, or
+    /// for key/value prefixes `N(0, 0.5²)` keys and values.
     pub prompts: Vec<SoftPrompt>,
     /// Two token rows of different lengths.
     pub rows: Vec<Vec<u32>>,
@@ -125,18 +129,32 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// A probe for `backbone` from `seed`.
+    /// A probe for `backbone` from `seed`, its prompts prepended to the input embeddings.
     pub fn new(backbone: &dyn Backbone, seed: u64) -> Result<Self> {
+        Self::with_placement(backbone, seed, Placement::InputEmbeddings)
+    }
+
+    /// A probe whose prompts enter at `placement` (input embeddings or key/value prefixes).
+    pub fn with_placement(
+        backbone: &dyn Backbone,
+        seed: u64,
+        placement: Placement,
+    ) -> Result<Self> {
         let spec = backbone.spec();
         let (v, d) = (spec.vocab_size, spec.hidden_size);
+        let width = placement.width(spec);
         let mut rng = Rng::seed_from_u64(seed);
         let mut prompt = |n: usize| -> Result<SoftPrompt> {
+            if placement == Placement::KeyValuePrefix {
+                let values = (0..n * width).map(|_| 0.5 * rng.normal() as f32).collect();
+                return Ok(SoftPrompt::new(n, width, values)?.with_placement(placement));
+            }
             let ids: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
             let mut values = backbone.embed(&ids)?;
             values
                 .iter_mut()
                 .for_each(|x| *x += 0.05 * rng.normal() as f32);
-            SoftPrompt::new(n, d, values)
+            Ok(SoftPrompt::new(n, d, values)?.with_placement(placement))
         };
         let prompts = vec![prompt(3)?, prompt(3)?];
         let rows = [6usize, 8]
@@ -219,17 +237,25 @@ pub const CHECKS: &[(&str, CheckFn)] = &[
     ),
 ];
 
-/// Runs every check of [`CHECKS`] on backbones from `load` with a probe from `seed`.
+/// Runs every check of [`CHECKS`] on backbones from `load` with a probe from `seed`: with
+/// prompts prepended to the input embeddings, and again with key/value prefixes when the
+/// backbone declares them.
 pub fn run(load: Load<'_>, seed: u64) -> Result<Report> {
     let b = load()?;
-    let probe = Probe::new(b.as_ref(), seed)?;
-    let checks = CHECKS
-        .iter()
-        .map(|(name, check)| Check {
+    let mut checks = Vec::new();
+    for placement in [Placement::InputEmbeddings, Placement::KeyValuePrefix] {
+        if placement != Placement::InputEmbeddings
+            && !b.capabilities().placements.contains(&placement)
+        {
+            continue;
+        }
+        let probe = Probe::with_placement(b.as_ref(), seed, placement)?;
+        checks.extend(CHECKS.iter().map(|(name, check)| Check {
             name,
+            placement,
             outcome: check(load, &probe),
-        })
-        .collect();
+        }));
+    }
     Ok(Report {
         backend: b.backend_name().to_string(),
         model: b.spec().name.clone(),

@@ -105,6 +105,8 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
                 Ok(e) => {
                     m["num_virtual_tokens"] = e.prompt.num_virtual_tokens().into();
                     m["token_dim"] = e.prompt.hidden_size().into();
+                    m["peft_type"] = e.peft_type.clone().into();
+                    m["placement"] = e.prompt.placement().as_str().into();
                     m["backbone_fingerprint"] = e.backbone_fingerprint.clone().into();
                     m["ready"] = true.into();
                     m["task"] = e.task.into();
@@ -116,6 +118,8 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
                     let stored = row.stored.as_ref();
                     m["num_virtual_tokens"] = stored.map(|s| s.prompt.num_virtual_tokens()).into();
                     m["token_dim"] = stored.map(|s| s.prompt.hidden_size()).into();
+                    m["peft_type"] = stored.map(|s| s.config.peft_type.clone()).into();
+                    m["placement"] = stored.map(|s| s.prompt.placement().as_str()).into();
                     m["backbone_fingerprint"] = stored
                         .and_then(|s| s.config.softprompt.as_ref())
                         .map(|p| p.backbone_fingerprint.clone())

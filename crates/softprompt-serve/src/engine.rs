@@ -186,20 +186,23 @@ fn classify_round(
         .enumerate()
         .flat_map(|(j, job)| (0..job.rows.len()).map(move |r| (j, r)))
         .collect();
-    let mut groups: BTreeMap<(usize, bool, u64), Vec<(usize, usize)>> = BTreeMap::new();
+    // one scoring call per prompt length and placement (a backbone call takes one of each)
+    type Key = (usize, &'static str, bool, u64);
+    let mut groups: BTreeMap<Key, Vec<(usize, usize)>> = BTreeMap::new();
     for (j, r) in all {
         let e = &jobs[j].rows[r].entry;
         let single = e.label_ids.iter().all(|ids| ids.len() == 1);
+        let (n, at) = (e.prompt.num_virtual_tokens(), e.prompt.placement().as_str());
         let key = match config.batching {
-            Batching::Mixed => (e.prompt.num_virtual_tokens(), single, 0),
-            Batching::PerPrompt => (e.prompt.num_virtual_tokens(), single, e.key),
+            Batching::Mixed => (n, at, single, 0),
+            Batching::PerPrompt => (n, at, single, e.key),
         };
         groups.entry(key).or_default().push((j, r));
     }
     let mut answers: Vec<Vec<Option<Vec<f64>>>> =
         jobs.iter().map(|j| vec![None; j.rows.len()]).collect();
     let mut failures: Vec<Option<String>> = vec![None; jobs.len()];
-    for ((_, single, _), members) in groups {
+    for ((_, _, single, _), members) in groups {
         let rows: Vec<&ClassifyRow> = members.iter().map(|(j, r)| &jobs[*j].rows[*r]).collect();
         match classify_group(backbone, &rows, single, metrics) {
             Ok(scores) => {

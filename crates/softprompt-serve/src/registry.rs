@@ -33,6 +33,8 @@ pub struct Entry {
     pub size_bytes: usize,
     /// The backbone the prompt was trained for, as recorded in its provenance.
     pub backbone_fingerprint: Option<String>,
+    /// PEFT's `peft_type` of the prompt's method (`PROMPT_TUNING`, `PREFIX_TUNING`, `P_TUNING`).
+    pub peft_type: String,
     etag: Option<String>,
 }
 
@@ -182,6 +184,7 @@ impl Registry {
             .transpose()
             .map_err(|e| ApiError::unprocessable(format!("prompt `{name}`: {e}")))?;
         let size_bytes = stored.prompt.values().len() * 4;
+        let peft_type = stored.config.peft_type.clone();
         Ok(Entry {
             name: name.to_string(),
             key: self.next_key.fetch_add(1, Ordering::Relaxed),
@@ -196,6 +199,7 @@ impl Registry {
             label_ids,
             size_bytes,
             backbone_fingerprint: Some(prov.backbone_fingerprint.clone()).filter(|f| !f.is_empty()),
+            peft_type,
             etag,
         })
     }

@@ -46,6 +46,29 @@ fn stored(spec: &BackboneSpec, n: usize, seed: u64, labels: &[(&str, &str)]) -> 
     }
 }
 
+/// [`stored`] as a prefix-tuning prompt: keys and values at every layer.
+fn stored_prefix(
+    spec: &BackboneSpec,
+    n: usize,
+    seed: u64,
+    labels: &[(&str, &str)],
+) -> StoredPrompt {
+    let placement = softprompt::Placement::KeyValuePrefix;
+    let width = placement.width(spec);
+    let mut rng = softprompt::Rng::seed_from_u64(seed);
+    let values = (0..n * width)
+        .map(|_| rng.next_f64() as f32 - 0.5)
+        .collect();
+    let mut s = stored(spec, n, seed, labels);
+    s.prompt = SoftPrompt::new(n, width, values)
+        .unwrap()
+        .with_placement(placement);
+    let softprompt = s.config.softprompt.take();
+    s.config = PromptConfig::for_backbone(&s.prompt, spec);
+    s.config.softprompt = softprompt;
+    s
+}
+
 const SENTIMENT: &[(&str, &str)] = &[("negative", " negative"), ("positive", " positive")];
 /// Multi-token label words take the scoring path.
 const GOOD_BAD: &[(&str, &str)] = &[("negative", " bad"), ("positive", " good")];
@@ -174,6 +197,10 @@ impl Server {
             .await
             .unwrap();
         store
+            .save("sent-prefix", &stored_prefix(&spec, 4, 6, SENTIMENT))
+            .await
+            .unwrap();
+        store
             .save("words", &stored(&spec, 3, 4, GOOD_BAD))
             .await
             .unwrap();
@@ -283,9 +310,9 @@ fn observations_above_one(metrics: &str, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_prompt_batches_equal_single_prompt_results() {
     let server = Server::start(ServeConfig::default()).await;
-    let prompts = ["sent-a", "sent-b", "sent-short", "words"];
-    // one ensemble request: rows of four prompts (two prompt lengths, single- and multi-token
-    // labels) in one job
+    let prompts = ["sent-a", "sent-b", "sent-short", "words", "sent-prefix"];
+    // one ensemble request: rows of five prompts (two prompt lengths, single- and multi-token
+    // labels, a key/value prefix of the same length as two input-embedding prompts) in one job
     let (status, body) = server
         .post(
             "/v1/classify",
@@ -529,12 +556,31 @@ async fn prompts_are_picked_up_replaced_and_removed_while_serving() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["sent-a", "sent-b", "sent-short", "words", "writer"]);
+    assert_eq!(
+        ids,
+        [
+            "sent-a",
+            "sent-b",
+            "sent-prefix",
+            "sent-short",
+            "words",
+            "writer"
+        ]
+    );
     let a = &list["data"][0];
     assert_eq!(a["task"], "classification");
     assert_eq!(a["labels"], json!(["negative", "positive"]));
     assert_eq!(a["size_bytes"], 4 * spec.hidden_size * 4);
-    assert_eq!(list["data"][4]["task"], "generation");
+    assert_eq!(a["peft_type"], "PROMPT_TUNING");
+    assert_eq!(a["placement"], "input_embeddings");
+    let prefix = &list["data"][2];
+    assert_eq!(prefix["peft_type"], "PREFIX_TUNING");
+    assert_eq!(prefix["placement"], "key_value_prefix");
+    assert_eq!(
+        prefix["token_dim"],
+        softprompt::Placement::KeyValuePrefix.width(&spec)
+    );
+    assert_eq!(list["data"][5]["task"], "generation");
 
     // added
     let ask = |name: &'static str| {
