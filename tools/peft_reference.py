@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Reference run of Hugging Face PEFT prompt tuning on the same model, data, template, split,
-steps, batch, optimizer and virtual-token count as softprompt's main job, for docs/results.md.
+"""Reference run of Hugging Face PEFT prompt learning (prompt tuning, prefix tuning with or
+without projection, P-tuning) on the same model, data, template, split, steps, batch, optimizer
+and virtual-token count as softprompt's main job, for docs/results.md.
 
-Usage: .venv/bin/python tools/peft_reference.py [--model FILE.gguf] [--data rotten-tomatoes|sms-spam] [--steps 60] ...
+Usage: .venv/bin/python tools/peft_reference.py [--model FILE.gguf] [--data rotten-tomatoes|sms-spam]
+       [--method prompt|prefix|prefix-projection|p-tuning|p-tuning-lstm] [--encoder-hidden-size N] [--steps 60] ...
 Prints one JSON object: zero-shot and tuned test accuracy and seconds per train step.
 """
 import argparse
@@ -12,7 +14,8 @@ import random
 import time
 
 import torch
-from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from peft import (PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType,
+                  get_peft_model)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -73,6 +76,10 @@ def main():
     ap.add_argument("--max-context", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--method", default="prompt",
+                    choices=["prompt", "prefix", "prefix-projection", "p-tuning", "p-tuning-lstm"])
+    ap.add_argument("--encoder-hidden-size", type=int, default=None,
+                    help="prefix-projection / p-tuning encoder width (PEFT's default: token_dim)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -83,9 +90,19 @@ def main():
     train = rows(os.path.join(ASSETS, a.data, "train.jsonl"))
     test = rows(os.path.join(ASSETS, a.data, "test.jsonl"))[: a.test_limit]
     zero = accuracy(model, tok, template, labels, test, 16, a.max_context, pad)
-    cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a.num_virtual_tokens,
-                             prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=init_text,
-                             tokenizer_name_or_path=ASSETS, tokenizer_kwargs={"gguf_file": a.model})
+    n = a.num_virtual_tokens
+    if a.method == "prompt":
+        cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n,
+                                 prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=init_text,
+                                 tokenizer_name_or_path=ASSETS, tokenizer_kwargs={"gguf_file": a.model})
+    elif a.method.startswith("prefix"):
+        cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n,
+                                 prefix_projection=a.method == "prefix-projection",
+                                 encoder_hidden_size=a.encoder_hidden_size)
+    else:
+        cfg = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n,
+                                  encoder_hidden_size=a.encoder_hidden_size,
+                                  encoder_reparameterization_type="LSTM" if a.method == "p-tuning-lstm" else "MLP")
     peft_model = get_peft_model(model, cfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
@@ -119,7 +136,9 @@ def main():
         losses.append(loss.item())
     tuned = accuracy(peft_model, tok, template, labels, test, 16, a.max_context, pad)
     times.sort()
-    print(json.dumps({"model": a.model, "seed": a.seed, "task": a.data, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+    print(json.dumps({"model": a.model, "method": a.method, "seed": a.seed, "task": a.data, "steps": a.steps,
+                      "batch_size": a.batch_size, "lr": a.lr,
+                      "trainable_parameters": sum(p.numel() for p in params),
                       "num_virtual_tokens": a.num_virtual_tokens, "test_examples": len(test),
                       "zero_shot_accuracy": zero, "tuned_accuracy": tuned,
                       "median_step_seconds": times[len(times) // 2], "final_loss": losses[-1]}))

@@ -4,6 +4,9 @@
 # and spread per task (the seed changes the initialisation's sampling and the data order).
 #   MODEL=gemma3-270m bash tools/seeds.sh                # both tasks, seeds 0 1 2
 #   SEEDS="0 1" TASKS=sms-spam MODEL=smollm2 bash tools/seeds.sh
+#   METHOD=prefix MODEL=smollm2 bash tools/seeds.sh       # prompt (default), prefix,
+#                                                         # prefix-projection, p-tuning
+# STEPS (60) and LR (0.03) apply to both runners; results go to runs/seeds/MODEL[-METHOD].
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets="$(python3 tools/fetch_assets.py)"
@@ -16,7 +19,21 @@ esac
 seeds="${SEEDS:-0 1 2}"
 tasks="${TASKS:-rotten-tomatoes sms-spam}"
 threads="${THREADS:-2}"
+method="${METHOD:-prompt}"
+steps="${STEPS:-60}"
+lr="${LR:-0.03}"
+case "$method" in
+  prompt) ours=(--method prompt); theirs=(--method prompt) ;;
+  prefix) ours=(--method prefix); theirs=(--method prefix) ;;
+  # Li & Liang's reparameterisation, 512 wide in both
+  prefix-projection) ours=(--method prefix --prefix-projection 512)
+    theirs=(--method prefix-projection --encoder-hidden-size 512) ;;
+  p-tuning) ours=(--method p-tuning); theirs=(--method p-tuning) ;;
+  *) echo "unknown METHOD=$method (prompt, prefix, prefix-projection, p-tuning)" >&2; exit 2 ;;
+esac
 out="runs/seeds/${MODEL:-gemma3-270m}"
+if [ "$method" != prompt ]; then out="$out-$method"; fi
+if [ "$steps" != 60 ]; then out="$out-$steps"; fi
 mkdir -p "$out"
 # A copy of the binary, so that rebuilding the workspace during a long run changes nothing.
 cargo build --release -q -p softprompt-cli
@@ -42,13 +59,13 @@ for task in $tasks; do
     if ! done_run softprompt "$task" "$seed"; then
     line="$("$bin" train --model "$assets/$gguf" --train "$assets/$task/train.jsonl" \
       --test "$assets/$task/test.jsonl" --template "$template" --labels "$labels" \
-      --num-virtual-tokens 20 --init text --init-text "$init" --optimizer adamw --lr 0.03 --steps 60 \
-      --batch-size 8 --seed "$seed" --threads "$threads" --output "$out/$task-$seed" --quiet | tail -n 1)"
+      --num-virtual-tokens 20 --init text --init-text "$init" --optimizer adamw --lr "$lr" --steps "$steps" \
+      --batch-size 8 --seed "$seed" --threads "$threads" --output "$out/$task-$seed" --quiet "${ours[@]}" | tail -n 1)"
     echo "{\"runner\":\"softprompt\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
     fi
     if ! done_run peft "$task" "$seed"; then
     line="$(.venv/bin/python tools/peft_reference.py --model "$gguf" --data "$task" --seed "$seed" \
-      --threads "$threads" 2>/dev/null | tail -n 1)"
+      --threads "$threads" --steps "$steps" --lr "$lr" "${theirs[@]}" 2>/dev/null | tail -n 1)"
     echo "{\"runner\":\"peft\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
     fi
   done

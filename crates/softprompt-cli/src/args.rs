@@ -187,7 +187,7 @@ pub enum ScheduleKind {
     Linear,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Clone)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
@@ -286,6 +286,10 @@ pub struct TrainArgs {
     /// Seed of the initialisation and data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Several runs, one per seed (e.g. 0,1,2), each saved to OUTPUT/seed-S; prints each run's
+    /// report and then the mean and standard deviation of the test metric over the seeds.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["resume", "run_dir"])]
+    pub seeds: Vec<u64>,
     /// Run directory for checkpoint.json and metrics.jsonl (default: OUTPUT/run).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,

@@ -57,17 +57,69 @@ fn score(
 pub(crate) async fn train(a: TrainArgs) -> Result<()> {
     let (backbone, tok) = load(&a.backend)?;
     let b = backbone.as_ref();
+    if a.seeds.is_empty() {
+        println!("{}", train_one(&a, b, &tok).await?);
+        return Ok(());
+    }
+    // one run per seed on the one loaded backbone, then the spread of the test metric
+    let mut tuned = Vec::new();
+    let mut runs = Vec::new();
+    for &seed in &a.seeds {
+        let mut one = a.clone();
+        one.seed = seed;
+        one.seeds.clear();
+        one.output = a.output.join(format!("seed-{seed}"));
+        let mut report = train_one(&one, b, &tok).await?;
+        report["seed"] = seed.into();
+        println!("{report}");
+        if let Some(t) = report["tuned_test"].as_f64() {
+            tuned.push(t);
+        }
+        runs.push(report);
+    }
+    let mut summary = serde_json::json!({ "seeds": a.seeds, "runs": runs.len() });
+    if !tuned.is_empty() {
+        let mean = tuned.iter().sum::<f64>() / tuned.len() as f64;
+        let var = tuned.iter().map(|t| (t - mean).powi(2)).sum::<f64>()
+            / (tuned.len().saturating_sub(1).max(1)) as f64;
+        summary["tuned_test_mean"] = mean.into();
+        summary["tuned_test_sd"] = var.sqrt().into();
+        summary["tuned_test_min"] = tuned.iter().copied().fold(f64::INFINITY, f64::min).into();
+        summary["tuned_test_max"] = tuned
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max)
+            .into();
+        eprintln!(
+            "test over {} seeds: {:.2} ± {:.2} (sample sd), {:.2}–{:.2}",
+            tuned.len(),
+            100.0 * mean,
+            100.0 * var.sqrt(),
+            100.0 * summary["tuned_test_min"].as_f64().unwrap_or(0.0),
+            100.0 * summary["tuned_test_max"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("{summary}");
+    Ok(())
+}
+
+/// One training run; returns its report (what `train` prints).
+async fn train_one(
+    a: &TrainArgs,
+    b: &dyn Backbone,
+    tok: &HfTokenizer,
+) -> Result<serde_json::Value> {
     let task = task_of(&a.task, None)?;
-    let train_set = task.load(&a.train, &tok, a.task.max_context)?;
+    let train_set = task.load(&a.train, tok, a.task.max_context)?;
     let dev_set = a
         .dev
         .as_deref()
-        .map(|p| task.load(p, &tok, a.task.max_context))
+        .map(|p| task.load(p, tok, a.task.max_context))
         .transpose()?;
     let test_set = a
         .test
         .as_deref()
-        .map(|p| task.load(p, &tok, a.task.max_context))
+        .map(|p| task.load(p, tok, a.task.max_context))
         .transpose()?;
     let spec = b.spec().clone();
     let n = a.num_virtual_tokens;
@@ -161,7 +213,7 @@ pub(crate) async fn train(a: TrainArgs) -> Result<()> {
         s
     } else if method == PromptMethod::PromptTuning {
         let prompt =
-            SoftPrompt::initialize(&init, n, b, Some(&tok), &mut Rng::seed_from_u64(a.seed))?;
+            SoftPrompt::initialize(&init, n, b, Some(tok), &mut Rng::seed_from_u64(a.seed))?;
         trainer.init_state(&prompt)
     } else {
         let theta = encoder.init(None, &mut Rng::seed_from_u64(a.seed))?;
@@ -265,8 +317,7 @@ pub(crate) async fn train(a: TrainArgs) -> Result<()> {
         a.output.display(),
         secs
     );
-    println!("{report}");
-    Ok(())
+    Ok(report)
 }
 
 async fn load_prompt(path: &Path, backbone: &dyn Backbone) -> Result<StoredPrompt> {

@@ -335,3 +335,116 @@ fn bench_times_every_backend_and_writes_the_batch() {
     assert_eq!(written["eval"][0].as_array().unwrap().len(), 16);
     assert_eq!(written["num_virtual_tokens"], 5);
 }
+
+#[test]
+fn prefix_and_p_tuning_train_resume_and_run_over_seeds() {
+    let f = fixtures();
+    let model = f.join("tiny-llama");
+    let (train, dev) = (
+        f.join("data/sentiment-train.jsonl"),
+        f.join("data/sentiment-dev.jsonl"),
+    );
+    let out = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.display().to_string();
+    let train_args = |prompt: &std::path::Path, method: &[&str], steps: &str| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--model",
+            &s(&model),
+            "--train",
+            &s(&train),
+            "--test",
+            &s(&dev),
+            "--output",
+            &s(prompt),
+            "--num-virtual-tokens",
+            "4",
+            "--lr",
+            "0.05",
+            "--checkpoint-every",
+            "5",
+            "--steps",
+            steps,
+            "--quiet",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(method.iter().map(|x| x.to_string()));
+        v
+    };
+    let go = |args: &[String]| -> serde_json::Value {
+        let o = bin().args(args).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap()
+    };
+    for method in [
+        vec!["--method", "prefix"],
+        vec!["--method", "prefix", "--prefix-projection", "8"],
+        vec!["--method", "p-tuning", "--encoder-hidden-size", "8"],
+        vec![
+            "--method",
+            "p-tuning",
+            "--encoder",
+            "lstm",
+            "--encoder-hidden-size",
+            "4",
+        ],
+    ] {
+        // ten steps straight, and five steps then a resumed run to ten: the same prompt
+        let straight = out.path().join("straight");
+        go(&train_args(&straight, &method, "10"));
+        let split = out.path().join("split");
+        go(&train_args(&split, &method, "5"));
+        let mut resumed = train_args(&split, &method, "10");
+        resumed.push("--resume".into());
+        go(&resumed);
+        // the tensor bytes (after the JSON header, whose key order is not fixed)
+        let data = |dir: &std::path::Path| -> Vec<u8> {
+            let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+            let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            bytes[8 + header..].to_vec()
+        };
+        assert!(
+            data(&straight) == data(&split),
+            "{method:?}: a resumed run differs from a straight one"
+        );
+        // inspect names the method and where it enters
+        let o = run(&["inspect", &s(&straight)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = stdout(&o);
+        let peft = if method[1] == "prefix" {
+            "PREFIX_TUNING"
+        } else {
+            "P_TUNING"
+        };
+        assert!(text.contains(peft), "{text}");
+        let placement = if method[1] == "prefix" {
+            "key_value_prefix"
+        } else {
+            "input_embeddings"
+        };
+        assert!(text.contains(placement), "{text}");
+        std::fs::remove_dir_all(&straight).unwrap();
+        std::fs::remove_dir_all(&split).unwrap();
+    }
+    // several seeds: one folder per seed and the spread of the test accuracy
+    let many = out.path().join("many");
+    let mut args = train_args(&many, &["--method", "prefix"], "5");
+    args.extend(["--seeds".to_string(), "0,1,2".to_string()]);
+    let summary = go(&args);
+    assert_eq!(summary["runs"], 3, "{summary}");
+    let mean = summary["tuned_test_mean"].as_f64().unwrap();
+    let (lo, hi) = (
+        summary["tuned_test_min"].as_f64().unwrap(),
+        summary["tuned_test_max"].as_f64().unwrap(),
+    );
+    assert!(lo <= mean && mean <= hi, "{summary}");
+    assert!(summary["tuned_test_sd"].as_f64().unwrap() >= 0.0);
+    for seed in 0..3 {
+        assert!(many
+            .join(format!("seed-{seed}"))
+            .join("adapter_model.safetensors")
+            .is_file());
+    }
+}
