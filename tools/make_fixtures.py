@@ -8,6 +8,9 @@ tests/fixtures/<name>/:
   config.json, model.safetensors, tokenizer.json   the model in Hugging Face layout
   reference.safetensors                              ids, masks, prompts, logits, loss, gradient
   peft-prompt/                                       the same prompt saved by PEFT's save_pretrained
+  prefix-reference.safetensors                       key/value prefixes, their logits, loss, gradient
+                                                     (PEFT's prefix tuning; `--prefix-references`
+                                                     rewrites only these)
 Run through tools/setup-python.sh's environment:  .venv/bin/python tools/make_fixtures.py [NAME ...]
 (names limit the run to those models; the shared tokenizer is rebuilt identically either way).
 Everything is seeded; rerunning reproduces the files (up to safetensors metadata ordering).
@@ -22,7 +25,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
-from peft import PromptTuningConfig, TaskType, get_peft_model
+from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 N_VIRTUAL = 3
@@ -186,6 +191,39 @@ def main():
 
 
 
+def make_prefix_reference(name):
+    """prefix-reference.safetensors beside a fixture: two key/value prefixes (PEFT's
+    `[N, layers * 2 * kv_heads * head_dim]`), each row's logits under its own prefix, and the loss
+    and gradient of prefix 0 over the reference rows, all through PEFT's prefix tuning (f64)."""
+    out = os.path.join(ROOT, name)
+    ref = load_file(os.path.join(out, "reference.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)
+    model.eval()
+    cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=N_VIRTUAL)
+    peft_model = get_peft_model(model, cfg)
+    peft_model.eval()
+    enc = peft_model.prompt_encoder["default"].embedding
+    width = enc.weight.shape[1]
+    gen = torch.Generator().manual_seed(2)
+    prefixes = 0.5 * torch.randn((2, N_VIRTUAL, width), generator=gen, dtype=torch.float64)
+    ids, attn, labels = ref["input_ids"], ref["attention_mask"], ref["labels"]
+    result = {"prefixes": prefixes}
+    with torch.no_grad():
+        for r in range(2):
+            enc.weight.copy_(prefixes[r])
+            n = int(attn[r].sum())
+            seq = ids[r : r + 1, :n]
+            result[f"logits_row{r}"] = peft_model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0].contiguous()
+        enc.weight.copy_(prefixes[0])
+    enc.weight.grad = None
+    loss = peft_model(input_ids=ids, attention_mask=attn, labels=labels).loss
+    loss.backward()
+    result["loss"] = loss.detach().reshape(1)
+    result["grad"] = enc.weight.grad.detach().clone()
+    save_file({k: v.contiguous() for k, v in result.items()}, os.path.join(out, "prefix-reference.safetensors"))
+    print(f"{name}: prefix width {width}, loss {loss.item():.6f}, |grad| {result['grad'].norm().item():.6f}")
+
+
 def make_toy_sentiment(seed=0):
     """A small learnable sentiment task over the fixture tokenizer's words (label set by keywords)."""
     import random
@@ -204,5 +242,11 @@ def make_toy_sentiment(seed=0):
 
 
 if __name__ == "__main__":
-    main()
-    make_toy_sentiment()
+    if sys.argv[1:2] == ["--prefix-references"]:
+        for fixture in sys.argv[2:] or ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3", "tiny-mistral"]:
+            make_prefix_reference(fixture)
+    else:
+        main()
+        for fixture in sys.argv[1:] or ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3", "tiny-mistral"]:
+            make_prefix_reference(fixture)
+        make_toy_sentiment()

@@ -125,6 +125,49 @@ pub fn load_reference(name: &str) -> Reference {
     }
 }
 
+/// PEFT's prefix tuning on a fixture (`prefix-reference.safetensors`): two key/value prefixes,
+/// each reference row's logits under its own prefix (tokens only), and the loss and gradient of
+/// prefix 0 over both rows.
+#[derive(Debug, Clone)]
+pub struct PrefixReference {
+    /// The prefixes, placed at [`softprompt::Placement::KeyValuePrefix`].
+    pub prompts: Vec<SoftPrompt>,
+    /// Logits `[len, vocab]` of each row alone.
+    pub logits: Vec<Vec<f64>>,
+    /// Loss of prefix 0 over the rows.
+    pub loss: f64,
+    /// Its gradient, `[N, width]`.
+    pub grad: Vec<f64>,
+}
+
+/// Reads a fixture's [`PrefixReference`].
+pub fn load_prefix_reference(name: &str) -> PrefixReference {
+    let bytes = std::fs::read(fixture_model(name).join("prefix-reference.safetensors"))
+        .expect("prefix reference file");
+    let st = SafeTensors::deserialize(&bytes).expect("prefix reference parses");
+    let (shape, values) = tensor_f64(&st, "prefixes");
+    let (n, w) = (shape[1], shape[2]);
+    let prompts = (0..shape[0])
+        .map(|p| {
+            let v = values[p * n * w..(p + 1) * n * w]
+                .iter()
+                .map(|x| *x as f32)
+                .collect();
+            SoftPrompt::new(n, w, v)
+                .unwrap()
+                .with_placement(softprompt::Placement::KeyValuePrefix)
+        })
+        .collect();
+    PrefixReference {
+        prompts,
+        logits: (0..2)
+            .map(|r| tensor_f64(&st, &format!("logits_row{r}")).1)
+            .collect(),
+        loss: tensor_f64(&st, "loss").1[0],
+        grad: tensor_f64(&st, "grad").1,
+    }
+}
+
 impl Reference {
     /// The reference rows as a padded batch, row `r` using prompt `prompt_of_row[r]`.
     pub fn batch(&self, prompt_of_row: &[usize]) -> Batch {
@@ -359,6 +402,44 @@ macro_rules! fixture_suite {
                         .collect();
                     let diff = max_abs_diff(&ours, reference);
                     assert!(diff <= 1e-4, "row {row}: max |Δlogit| = {diff:e}");
+                }
+            }
+
+            #[test]
+            fn prefix_logits_loss_and_gradient_match_peft_prefix_tuning() {
+                let r = load_reference($name);
+                let p = $crate::load_prefix_reference($name);
+                let b = super::load($name);
+                // logits of the tokens under each row's own prefix, both rows in one batch
+                let batch = r.batch(&[0, 1]);
+                let logits = b.logits(&p.prompts, &batch).unwrap();
+                let t = batch.seq_len();
+                for (row, reference) in p.logits.iter().enumerate() {
+                    let len = r.rows[row].len();
+                    let ours: Vec<f64> = logits[row * t * r.vocab..(row * t + len) * r.vocab]
+                        .iter()
+                        .map(|x| *x as f64)
+                        .collect();
+                    let diff = max_abs_diff(&ours, reference);
+                    assert!(diff <= 1e-4, "row {row}: max |Δlogit| = {diff:e}");
+                }
+                let batch = r.batch(&[0, 0]);
+                let prompts = vec![p.prompts[0].clone()];
+                let loss = b.loss(&prompts, &batch).unwrap() as f64;
+                assert!(
+                    (loss - p.loss).abs() <= 1e-4,
+                    "loss {loss} vs PEFT {}",
+                    p.loss
+                );
+                if b.capabilities().gradients {
+                    let lg = b.loss_and_grad(&prompts, &batch).unwrap();
+                    let g: Vec<f64> = lg.grads[0].iter().map(|x| *x as f64).collect();
+                    let diff = max_abs_diff(&g, &p.grad);
+                    let scale = p.grad.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                    assert!(
+                        diff <= 1e-4 + 1e-3 * scale,
+                        "max |Δgrad| = {diff:e} (largest {scale:e})"
+                    );
                 }
             }
 
