@@ -155,7 +155,33 @@ async fn train_one(
     let optimizer: OptimizerChoice = a.optimizer.parse()?;
     let (metric_label, metric) = metric_name(&task);
     let run_dir = a.run_dir.clone().unwrap_or_else(|| a.output.join("run"));
+    // what defines this run beyond the trainer's settings: a --resume must match it
+    let mut identity = std::collections::BTreeMap::new();
+    for (key, path) in [("train_data", Some(&a.train)), ("dev_data", a.dev.as_ref())] {
+        if let Some(path) = path {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            identity.insert(
+                format!("{key}_sha256"),
+                softprompt::store::sha256_hex(&bytes),
+            );
+        }
+    }
+    identity.insert("template".into(), task.template().pattern().to_string());
+    if let Task::Classification { verbalizer, .. } = &task {
+        identity.insert(
+            "labels".into(),
+            serde_json::to_string(verbalizer.labels()).unwrap_or_default(),
+        );
+    }
+    identity.insert("max_context".into(), a.task.max_context.to_string());
+    if method == PromptMethod::PromptTuning {
+        identity.insert("init".into(), format!("{init:?}"));
+    }
+    identity.insert("method".into(), serde_json::to_string(&method)?);
+    identity.insert("prompt_shape".into(), format!("[{n}, {}]", encoder.width()));
     let config = TrainConfig {
+        identity,
         max_steps: a.steps,
         batch_size: a.batch_size,
         lr: a.lr,

@@ -448,3 +448,84 @@ fn prefix_and_p_tuning_train_resume_and_run_over_seeds() {
             .is_file());
     }
 }
+
+#[test]
+fn resume_refuses_another_runs_checkpoint_naming_each_difference() {
+    let f = fixtures();
+    let model = f.join("tiny-llama");
+    let (train, dev) = (
+        f.join("data/sentiment-train.jsonl"),
+        f.join("data/sentiment-dev.jsonl"),
+    );
+    let out = tempfile::tempdir().unwrap();
+    let prompt = out.path().join("fr");
+    let s = |p: &std::path::Path| p.display().to_string();
+    let o = run(&[
+        "train",
+        "--model",
+        &s(&model),
+        "--train",
+        &s(&train),
+        "--output",
+        &s(&prompt),
+        "--num-virtual-tokens",
+        "5",
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--template",
+        "Review: {text}\nSentiment:",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // other data, template and length against the same run directory
+    let o = run(&[
+        "train",
+        "--model",
+        &s(&model),
+        "--train",
+        &s(&dev),
+        "--output",
+        &s(&prompt),
+        "--num-virtual-tokens",
+        "7",
+        "--steps",
+        "8",
+        "--template",
+        "Text: {text}\nLabel:",
+        "--resume",
+        "--quiet",
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    for field in ["train_data_sha256", "template", "prompt_shape"] {
+        assert!(err.contains(field), "{field} not named: {err}");
+    }
+    assert!(err.contains("[5, 32]") && err.contains("[7, 32]"), "{err}");
+    // the prompt of the first run is untouched
+    let o = run(&["inspect", &s(&prompt), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v[0]["shape"], serde_json::json!([5, 32]));
+    // the same run resumes
+    let o = run(&[
+        "train",
+        "--model",
+        &s(&model),
+        "--train",
+        &s(&train),
+        "--output",
+        &s(&prompt),
+        "--num-virtual-tokens",
+        "5",
+        "--steps",
+        "6",
+        "--checkpoint-every",
+        "2",
+        "--template",
+        "Review: {text}\nSentiment:",
+        "--resume",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

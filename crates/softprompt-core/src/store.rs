@@ -65,6 +65,11 @@ pub struct Provenance {
     /// softprompt version that wrote the prompt.
     #[serde(default)]
     pub softprompt_version: String,
+    /// SHA-256 of the `adapter_model.safetensors` written with this config: a reader that finds
+    /// other weights beside it (one file replaced alone, or a folder read while it was swapped)
+    /// refuses the pair rather than mixing them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
 }
 
 impl PromptConfig {

@@ -9,7 +9,10 @@ mod peft;
 
 use std::path::{Path, PathBuf};
 
-pub use peft::{read_prompt_dir, write_prompt_dir, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROMPT_TENSOR};
+pub use peft::{
+    clean_stale, read_prompt_dir, sha256_hex, write_folder, write_prompt_dir, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS, PROMPT_TENSOR,
+};
 use softprompt_core::{Error, PromptInfo, PromptStore, Result, StoredPrompt};
 
 /// A directory of prompts, one sub-directory each, on `tokio::fs`.
@@ -140,8 +143,19 @@ impl PromptStore for DirectoryStore {
 
     async fn remove(&self, name: &str) -> Result<()> {
         let dir = self.path_of(name)?;
-        match tokio::fs::remove_dir_all(&dir).await {
-            Ok(()) => Ok(()),
+        // renamed away in one step first: a reader sees the prompt whole or not at all
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let gone = self.root.join(format!(
+            ".{name}.{}.{nanos}.removed.tmp",
+            std::process::id()
+        ));
+        match tokio::fs::rename(&dir, &gone).await {
+            Ok(()) => tokio::fs::remove_dir_all(&gone)
+                .await
+                .map_err(|e| Error::io(gone, e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(Error::PromptNotFound(name.to_string()))
             }

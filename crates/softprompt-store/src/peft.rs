@@ -1,9 +1,8 @@
 //! Reading and writing one prompt directory in PEFT's layout, atomically.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use softprompt_core::{Error, Placement, PromptConfig, Result, SoftPrompt, StoredPrompt};
 
@@ -21,48 +20,230 @@ fn invalid(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
-/// reader sees the old file or the new one, never a torn one.
-async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let file = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
+/// SHA-256 of `bytes`, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether process `pid` is alive (a temporary entry of a live writer is not stale).
+fn alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Some(pid) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            return false;
+        };
+        match rustix::process::test_kill_process(pid) {
+            Ok(()) => true,
+            Err(e) => e == rustix::io::Errno::PERM,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Removes the temporary folders `.<name>.<pid>.<nanos>.tmp` that writers which no longer run
+/// left in `parent` (a writer killed before its swap).
+pub fn clean_stale(parent: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !rest.ends_with(".tmp") {
+            continue;
+        }
+        let pid = rest.split('.').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !alive(p)) {
+            // a writer killed after its swap left the old folder here, maybe still holding
+            // entries it was carrying over (a run directory): they go back first
+            let dir = parent.join(name);
+            if dir.is_dir() {
+                carry_over(&entry.path(), &dir);
+            }
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Moves the entries of `from` that are not a prompt's own files (a run directory, a README,
+/// anything a user keeps beside the prompt) into `to`, where `to` lacks them.
+fn carry_over(from: &Path, to: &Path) {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let name = file.to_string_lossy();
+        if name == ADAPTER_CONFIG || name == ADAPTER_WEIGHTS {
+            continue;
+        }
+        let target = to.join(&file);
+        if std::fs::symlink_metadata(&target).is_err() {
+            let _ = std::fs::rename(entry.path(), target);
+        }
+    }
+}
+
+/// A fresh temporary path beside `dir` for this process.
+fn temp_beside(parent: &Path, name: &str, what: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let tmp = path.with_file_name(format!(".{file}.{}.{nanos}.tmp", std::process::id()));
-    tokio::fs::write(&tmp, bytes)
-        .await
-        .map_err(|e| Error::io(&tmp, e))?;
-    let f = tokio::fs::File::open(&tmp)
-        .await
-        .map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().await.map_err(|e| Error::io(&tmp, e))?;
-    tokio::fs::rename(&tmp, path)
-        .await
-        .map_err(|e| Error::io(path, e))
+    parent.join(format!(".{name}.{}.{nanos}{what}.tmp", std::process::id()))
 }
 
-/// Serializes a prompt's safetensors file (f32 `prompt_embeddings` `[N, d]`).
+/// Swaps the paths `a` and `b` in one step (Linux `renameat2(RENAME_EXCHANGE)`).
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE).map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+/// Puts the complete folder `new` in place of `dir`: a plain rename when `dir` does not exist,
+/// otherwise one atomic exchange (readers see the old folder or the new one, never a mix), and
+/// where the file system cannot exchange, the old folder moved aside first (readers may then
+/// briefly find no folder, still never a mix). Afterwards `new` holds what `dir` held, if
+/// anything.
+fn swap_in(new: &Path, dir: &Path, aside: &Path) -> std::io::Result<()> {
+    for _ in 0..8 {
+        match std::fs::rename(new, dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if dir.is_dir() => match exchange(new, dir) {
+                Ok(()) => return Ok(()),
+                Err(x) if x.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(_) => {
+                    // no exchange here: move the old folder aside, then rename
+                    match std::fs::rename(dir, aside) {
+                        Ok(()) => {}
+                        Err(a) if a.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(_) => return Err(e),
+                    }
+                    return std::fs::rename(new, dir);
+                }
+            },
+            // the folder vanished between the two calls (another writer's swap): try again
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && new.is_dir() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other(
+        "another writer kept replacing the folder",
+    ))
+}
+
+/// Flushes a directory's entries (a rename inside it) to disk.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+/// Writes `files` as the whole folder `dir`, replacing it as one unit: the files go to a fresh
+/// temporary folder beside it (each synced), which is then swapped in ([`swap_in`]); entries of
+/// the old folder that are not the prompt's files (a run directory) are moved into the new one,
+/// and the old folder, or on failure the new one, is removed. Stale temporary folders of killed
+/// writers are cleaned first (handing back what they carried). Two concurrent writers each swap
+/// in a complete folder; the last one stays.
+pub fn write_folder(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| invalid(dir, "a prompt folder needs a name"))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    if let Ok(m) = std::fs::symlink_metadata(dir) {
+        if !m.is_dir() {
+            return Err(invalid(dir, "exists and is not a folder"));
+        }
+    }
+    clean_stale(&parent, &name);
+    let tmp = temp_beside(&parent, &name, "");
+    let aside = temp_beside(&parent, &name, ".old");
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = (|| -> Result<()> {
+        for (file, bytes) in files {
+            let path = tmp.join(file);
+            let mut f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+            std::io::Write::write_all(&mut f, bytes).map_err(|e| Error::io(&path, e))?;
+            f.sync_all().map_err(|e| Error::io(&path, e))?;
+        }
+        sync_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        swap_in(&tmp, dir, &aside).map_err(|e| Error::io(dir, e))?;
+        // what else the old folder held (a run directory) stays with the prompt
+        carry_over(&tmp, dir);
+        carry_over(&aside, dir);
+        sync_dir(&parent).map_err(|e| Error::io(&parent, e))
+    })();
+    // the old folder (exchanged into `tmp` or moved `aside`), or the unused new one
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(&aside);
+    result
+}
+
+/// Serializes a prompt's safetensors file (f32 `prompt_embeddings` `[N, d]`). Byte for byte
+/// reproducible: the header's keys are sorted (the format allows any order), so equal prompts
+/// make equal files.
 pub fn prompt_safetensors(stored: &StoredPrompt) -> Result<Vec<u8>> {
     let p = &stored.prompt;
-    let bytes: Vec<u8> = p.values().iter().flat_map(|x| x.to_le_bytes()).collect();
-    let view = TensorView::new(
-        Dtype::F32,
-        vec![p.num_virtual_tokens(), p.hidden_size()],
-        &bytes,
-    )
-    .map_err(|e| Error::Shape(e.to_string()))?;
-    let mut meta: std::collections::HashMap<String, String> =
-        stored.metadata.clone().into_iter().collect();
+    let data: Vec<u8> = p.values().iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut meta: BTreeMap<String, String> = stored.metadata.clone();
     meta.insert("format".into(), "pt".into());
-    safetensors::serialize(vec![(PROMPT_TENSOR, view)], Some(meta))
-        .map_err(|e| Error::Shape(e.to_string()))
+    let mut header: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+    header.insert(
+        "__metadata__",
+        serde_json::to_value(&meta).expect("strings"),
+    );
+    header.insert(
+        PROMPT_TENSOR,
+        serde_json::json!({
+            "dtype": "F32",
+            "shape": [p.num_virtual_tokens(), p.hidden_size()],
+            "data_offsets": [0, data.len()],
+        }),
+    );
+    let mut json = serde_json::to_string(&header).map_err(|e| Error::Shape(e.to_string()))?;
+    // the data starts 8-byte aligned, as safetensors writes it
+    while (8 + json.len()) % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + data.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(&data);
+    Ok(out)
 }
 
-/// Writes `stored` into `dir` (created if needed): weights first, then the config, each atomically.
+/// Writes `stored` as the folder `dir`, replacing any previous prompt there as one unit
+/// ([`write_folder`]); the config records the weights' SHA-256.
 pub async fn write_prompt_dir(dir: &Path, stored: &StoredPrompt) -> Result<()> {
     let mut config = stored.config.clone();
     let method = config.method()?;
@@ -92,16 +273,23 @@ pub async fn write_prompt_dir(dir: &Path, stored: &StoredPrompt) -> Result<()> {
         }
         _ => stored.prompt.hidden_size(),
     };
+    let weights = prompt_safetensors(stored)?;
+    if let Some(p) = config.softprompt.as_mut() {
+        p.weights_sha256 = Some(sha256_hex(&weights));
+    }
     let json = serde_json::to_vec_pretty(&config).map_err(|e| Error::Json {
         path: dir.join(ADAPTER_CONFIG),
         reason: e.to_string(),
     })?;
-    let weights = prompt_safetensors(stored)?;
-    tokio::fs::create_dir_all(dir)
-        .await
-        .map_err(|e| Error::io(dir, e))?;
-    write_atomic(&dir.join(ADAPTER_WEIGHTS), &weights).await?;
-    write_atomic(&dir.join(ADAPTER_CONFIG), &json).await
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        write_folder(
+            &dir,
+            &[(ADAPTER_WEIGHTS, &weights[..]), (ADAPTER_CONFIG, &json[..])],
+        )
+    })
+    .await
+    .map_err(|e| Error::InvalidArgument(format!("the prompt writer stopped: {e}")))?
 }
 
 /// Reads a prompt directory written by softprompt or by PEFT's `save_pretrained`.
@@ -130,9 +318,50 @@ pub async fn read_prompt_dir(dir: &Path) -> Result<StoredPrompt> {
             "only adapter_model.bin (pickle) found: re-save with safe_serialization=True",
         ));
     }
-    let bytes = tokio::fs::read(&w_path)
+    let mut bytes = tokio::fs::read(&w_path)
         .await
         .map_err(|e| Error::io(&w_path, e))?;
+    let mut config = config;
+    let mut method = method;
+    // a folder swapped between the two reads shows as weights that are not the config's: read
+    // both again (the swap is one step), and refuse a pair that still differs
+    let recorded = |c: &PromptConfig| c.softprompt.as_ref().and_then(|p| p.weights_sha256.clone());
+    let mut attempts = 0;
+    while let Some(want) = recorded(&config) {
+        if sha256_hex(&bytes) == want {
+            break;
+        }
+        attempts += 1;
+        if attempts > 3 {
+            // a damaged file says so; a whole one that is not the config's is the mix
+            parse_prompt_safetensors(&bytes, &w_path)?;
+            return Err(invalid(
+                dir,
+                format!(
+                    "{ADAPTER_WEIGHTS} is not the file {ADAPTER_CONFIG} was written with \
+                     (weights_sha256 differs): one of them was replaced alone"
+                ),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let text = tokio::fs::read_to_string(&cfg_path)
+            .await
+            .map_err(|e| Error::io(&cfg_path, e))?;
+        config = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: cfg_path.clone(),
+            reason: e.to_string(),
+        })?;
+        method = config
+            .method()
+            .map_err(|e| invalid(&cfg_path, e.to_string()))?;
+        bytes = tokio::fs::read(&w_path)
+            .await
+            .map_err(|e| Error::io(&w_path, e))?;
+    }
+    // checked: a property of the file pair, recomputed by every save
+    if let Some(p) = config.softprompt.as_mut() {
+        p.weights_sha256 = None;
+    }
     let (prompt, metadata) = parse_prompt_safetensors(&bytes, &w_path)?;
     let prompt = prompt.with_placement(method.placement());
     // PEFT stores a prefix as `[N, layers · 2 · token_dim]`

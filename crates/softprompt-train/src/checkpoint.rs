@@ -40,6 +40,10 @@ pub struct TrainState {
     pub rng: Rng,
     /// Fingerprint of the backbone being tuned.
     pub backbone_fingerprint: String,
+    /// What defines the run ([`crate::TrainConfig::identity`] and the trainer's own settings):
+    /// a resumed run must match it field by field. Empty in checkpoints that predate it.
+    #[serde(default)]
+    pub identity: std::collections::BTreeMap<String, String>,
 }
 
 /// Writes `state` to `path` through a temporary file and a rename.

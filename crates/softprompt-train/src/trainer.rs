@@ -1,5 +1,6 @@
 //! The training loop, generic over the backbone and the optimizer.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -62,6 +63,11 @@ pub struct TrainConfig {
     pub progress: bool,
     /// End-of-sequence id for exact-match evaluation.
     pub eos_id: Option<u32>,
+    /// What else defines the run, as the caller knows it (data files' hashes, template, labels,
+    /// initialisation): recorded in the checkpoint with the trainer's own settings, and a resumed
+    /// run must match every field.
+    #[serde(default)]
+    pub identity: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for TrainConfig {
@@ -82,6 +88,7 @@ impl Default for TrainConfig {
             run_dir: None,
             progress: false,
             eos_id: None,
+            identity: Default::default(),
         }
     }
 }
@@ -191,6 +198,58 @@ impl<'a> Trainer<'a> {
         ))
     }
 
+    /// The run's identity: the caller's fields and the trainer's (optimizer and its
+    /// hyper-parameters, batch, schedule, clipping, method and prompt shape).
+    fn identity(&self, method: &PromptMethod, n: usize, width: usize) -> BTreeMap<String, String> {
+        let mut id = self.config.identity.clone();
+        let c = &self.config;
+        id.insert("optimizer".into(), self.optimizer.name().to_string());
+        id.insert("lr".into(), c.lr.to_string());
+        id.insert("batch_size".into(), c.batch_size.to_string());
+        id.insert("schedule".into(), format!("{:?}", c.schedule));
+        id.insert("max_grad_norm".into(), format!("{:?}", c.max_grad_norm));
+        id.insert("seed".into(), c.seed.to_string());
+        // the caller's view of the method and shape (what it asks for now) comes first
+        id.entry("method".into())
+            .or_insert_with(|| serde_json::to_string(method).unwrap_or_default());
+        id.entry("prompt_shape".into())
+            .or_insert_with(|| format!("[{n}, {width}]"));
+        id
+    }
+
+    /// Errors unless `state` (read from a checkpoint) was written by this run: every field of
+    /// its identity that differs is named with both values.
+    pub fn check_resume(&self, state: &TrainState) -> Result<()> {
+        if state.identity.is_empty() {
+            return Ok(());
+        }
+        let now = self.identity(&state.method, state.num_virtual_tokens, state.hidden_size);
+        let mut diffs = Vec::new();
+        for key in state
+            .identity
+            .keys()
+            .chain(now.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let (was, is) = (state.identity.get(key), now.get(key));
+            if was != is {
+                diffs.push(format!(
+                    "{key}: checkpoint {}, now {}",
+                    was.map_or("(none)", String::as_str),
+                    is.map_or("(none)", String::as_str)
+                ));
+            }
+        }
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "the checkpoint is another run's; it differs in {}",
+                diffs.join("; ")
+            )))
+        }
+    }
+
     fn state_with(
         &self,
         method: PromptMethod,
@@ -198,7 +257,9 @@ impl<'a> Trainer<'a> {
         hidden_size: usize,
         theta: Vec<f32>,
     ) -> TrainState {
+        let identity = self.identity(&method, num_virtual_tokens, hidden_size);
         TrainState {
+            identity,
             step: 0,
             epoch: 0,
             cursor: 0,
@@ -339,6 +400,7 @@ impl<'a> Trainer<'a> {
                 backbone: spec.fingerprint.clone(),
             });
         }
+        self.check_resume(&state)?;
         let encoder = PromptEncoder::new(state.method, state.num_virtual_tokens, spec)?;
         if state.hidden_size != encoder.width() {
             return Err(Error::HiddenSizeMismatch {
