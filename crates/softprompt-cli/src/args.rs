@@ -97,6 +97,20 @@ pub struct ServeArgs {
     /// File holding the bearer token that /v1/* requires (or set SOFTPROMPT_API_KEY).
     #[arg(long)]
     pub api_key_file: Option<PathBuf>,
+    /// Seconds a client gets to send its request headers (also an idle keep-alive connection's
+    /// wait for its next request) before the connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_read_timeout: f64,
+    /// Seconds a client gets to send its request body (408 after).
+    #[arg(long, default_value_t = 30.0)]
+    pub body_read_timeout: f64,
+    /// Open connections at most; more are closed at once.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds in-flight requests get to finish on SIGTERM / Ctrl-C before every connection is
+    /// closed.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -433,6 +433,14 @@ fn summary(name: &str, s: &StoredPrompt) -> serde_json::Value {
     })
 }
 
+/// A positive, finite number of seconds.
+fn seconds(flag: &str, value: f64) -> Result<std::time::Duration> {
+    if !(value.is_finite() && value > 0.0) {
+        bail!("{flag} must be a positive number of seconds, got {value}");
+    }
+    Ok(std::time::Duration::from_secs_f64(value))
+}
+
 pub(crate) fn export(a: ExportArgs) -> Result<()> {
     let start = std::time::Instant::now();
     let bytes = softprompt::export_onnx(&a.model, &a.out)
@@ -592,6 +600,10 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
             BatchingKind::PerPrompt => softprompt::serve::Batching::PerPrompt,
         },
         api_key,
+        header_read_timeout: seconds("--header-read-timeout", a.header_read_timeout)?,
+        body_read_timeout: seconds("--body-read-timeout", a.body_read_timeout)?,
+        max_connections: a.max_connections,
+        shutdown_timeout: seconds("--shutdown-timeout", a.shutdown_timeout)?,
         ..Default::default()
     };
     let shutdown = async {

@@ -16,7 +16,8 @@ use crate::engine::Job;
 use crate::error::ApiError;
 use crate::AppState;
 
-/// The JSON body, with extractor failures turned into clear 400s (413 past the body limit).
+/// The JSON body, with extractor failures turned into clear 400s (413 past the body limit, 408
+/// past the body read timeout).
 pub(crate) fn body<T>(state: &AppState, r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     match r {
         Ok(Json(t)) => Ok(t),
@@ -28,8 +29,28 @@ pub(crate) fn body<T>(state: &AppState, r: Result<Json<T>, JsonRejection>) -> Re
                 state.config.max_body_bytes
             ),
         )),
+        Err(e) if timed_out(&e) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {:?} (body_read_timeout)",
+                state.config.body_read_timeout
+            ),
+        )),
         Err(e) => Err(ApiError::bad_request(e.body_text())),
     }
+}
+
+/// Whether reading the body stopped at the body read timeout.
+fn timed_out(e: &JsonRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 pub(crate) fn now_secs() -> u64 {

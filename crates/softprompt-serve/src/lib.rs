@@ -23,6 +23,7 @@ mod registry;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -58,6 +59,16 @@ pub struct ServeConfig {
     pub batching: Batching,
     /// When set, `/v1/*` needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// A connection whose request headers do not arrive in full within this time is closed
+    /// (also an idle keep-alive connection waiting for its next request).
+    pub header_read_timeout: Duration,
+    /// A request whose body does not arrive in full within this time gets 408.
+    pub body_read_timeout: Duration,
+    /// Open connections at most; further ones are closed at once.
+    pub max_connections: usize,
+    /// On shutdown, in-flight requests get this long to finish; then every connection is
+    /// closed.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServeConfig {
@@ -74,6 +85,10 @@ impl Default for ServeConfig {
             context_length: None,
             batching: Batching::Mixed,
             api_key: None,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -117,6 +132,9 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(api::metrics))
         .fallback(api::fallback)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.config.body_read_timeout,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::record,
@@ -124,8 +142,75 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Accepts connections until `shutdown` resolves (header read timeout and connection limit
+/// from `limits`), then lets open connections finish their requests for up to
+/// `limits.shutdown_timeout` and closes them.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: &ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            // reap finished connections
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    // out of file descriptors and the like: back off, keep serving
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
+                let service = TowerToHyperService::new(app.clone());
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                connections.spawn(async move {
+                    let _ = conn.await;
+                    drop(slot);
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.shutdown_timeout) => {
+            // the deadline: whatever is still open is closed
+            connections.abort_all();
+        }
+    }
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
 /// Serves on `listener` until `shutdown` resolves, then stops accepting connections, lets
-/// in-flight requests (streams included) finish, drains the engine and returns.
+/// in-flight requests (streams included) finish for up to [`ServeConfig::shutdown_timeout`],
+/// drains the engine and returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     backbone: Arc<dyn Backbone>,
@@ -161,9 +246,8 @@ pub async fn serve(
         next_request: Arc::new(AtomicU64::new(1)),
     };
     let jobs = state.jobs.clone();
-    let result = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = state.config.clone();
+    let result = accept_loop(listener, router(state), &limits, shutdown).await;
     // every connection is closed: let the engine finish what it holds and stop
     jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
     let joined = tokio::task::spawn_blocking(move || engine.join())

@@ -968,3 +968,106 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         .await
         .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_shutdown_is_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = ServeConfig {
+        header_read_timeout: Duration::from_millis(300),
+        body_read_timeout: Duration::from_millis(300),
+        shutdown_timeout: Duration::from_millis(500),
+        max_connections: 4,
+        ..ServeConfig::default()
+    };
+    let mut server = Server::start(config).await;
+    let addr = server.url.trim_start_matches("http://").to_string();
+    // half the headers, then nothing: the server closes the connection
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a half-sent request held its connection open");
+    // a body that stops arriving: 408
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":",
+        )
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut buf))
+        .await
+        .expect("a stalled body held its connection open")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    // the closed connections free their slots; a connection over the limit is closed at once
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 12];
+        c.read_exact(&mut first).await.unwrap();
+        held.push(c);
+    }
+    let mut over = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _ = over
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), over.read_to_end(&mut buf))
+        .await
+        .expect("the connection over the limit was kept waiting")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf));
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // and with the slots free again the server serves
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+    // shutdown with a request stuck in the engine ends by the deadline
+    server.backbone.set(false);
+    let (client, url) = (server.client.clone(), server.url.clone());
+    let stuck = tokio::spawn(async move {
+        client
+            .post(format!("{url}/v1/classify"))
+            .json(&json!({ "model": "sent-a", "input": "wonderful" }))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let _ = server.shutdown.take().unwrap().send(());
+    let task = server.task.take().unwrap();
+    // the engine still holds the request: release it once the connections are closed
+    let backbone = server.backbone.clone();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        backbone.set(true);
+    });
+    let deadline_passed = tokio::time::timeout(Duration::from_secs(10), async {
+        while !stuck.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(deadline_passed.is_ok());
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(1400),
+        "the stuck client was answered or cut only after {waited:?}"
+    );
+    assert!(stuck.await.unwrap().is_err(), "the stuck request was cut");
+    release.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("serve returns")
+        .unwrap()
+        .unwrap();
+}
