@@ -11,6 +11,8 @@ tests/fixtures/<name>/:
   prefix-reference.safetensors                       key/value prefixes, their logits, loss, gradient
                                                      (PEFT's prefix tuning; `--prefix-references`
                                                      rewrites only these)
+  tests/fixtures/tiny-llama.gguf                     tiny-llama as llama.cpp's converter writes it
+                                                     (`--gguf` rewrites only it)
 Run through tools/setup-python.sh's environment:  .venv/bin/python tools/make_fixtures.py [NAME ...]
 (names limit the run to those models; the shared tokenizer is rebuilt identically either way).
 Everything is seeded; rerunning reproduces the files (up to safetensors metadata ordering).
@@ -224,6 +226,48 @@ def make_prefix_reference(name):
     print(f"{name}: prefix width {width}, loss {loss.item():.6f}, |grad| {result['grad'].norm().item():.6f}")
 
 
+def make_gguf_fixture():
+    """tiny-llama.gguf: the tiny-llama fixture as llama.cpp's converter writes it (F32 tensors
+    under llama.cpp names, Q/K rows permuted for its RoPE, llama metadata; no vocabulary, so the
+    vocabulary size comes from token_embd): the GGUF reader's fuzz seed and a parity check."""
+    import gguf
+    import numpy as np
+    src = os.path.join(ROOT, "tiny-llama")
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    w = {k: v.numpy() for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def permute(x, n_head):
+        return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    out = os.path.join(ROOT, "tiny-llama.gguf")
+    wr = gguf.GGUFWriter(out, "llama")
+    wr.add_block_count(cfg["num_hidden_layers"])
+    wr.add_embedding_length(cfg["hidden_size"])
+    wr.add_feed_forward_length(cfg["intermediate_size"])
+    wr.add_head_count(heads)
+    wr.add_head_count_kv(kv)
+    wr.add_context_length(cfg["max_position_embeddings"])
+    wr.add_rope_dimension_count(cfg["head_dim"])
+    wr.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    wr.add_tensor("token_embd.weight", w["model.embed_tokens.weight"].astype(np.float32))
+    wr.add_tensor("output_norm.weight", w["model.norm.weight"].astype(np.float32))
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for g, h in [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                     ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                     ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
+            wr.add_tensor(f"blk.{i}.{g}.weight", w[p + h + ".weight"].astype(np.float32))
+        wr.add_tensor(f"blk.{i}.attn_q.weight", permute(w[p + "self_attn.q_proj.weight"], heads).astype(np.float32))
+        wr.add_tensor(f"blk.{i}.attn_k.weight", permute(w[p + "self_attn.k_proj.weight"], kv).astype(np.float32))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    print("tiny-llama.gguf:", os.path.getsize(out), "bytes")
+
+
 def make_toy_sentiment(seed=0):
     """A small learnable sentiment task over the fixture tokenizer's words (label set by keywords)."""
     import random
@@ -242,11 +286,14 @@ def make_toy_sentiment(seed=0):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--prefix-references"]:
+    if sys.argv[1:2] == ["--gguf"]:
+        make_gguf_fixture()
+    elif sys.argv[1:2] == ["--prefix-references"]:
         for fixture in sys.argv[2:] or ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3", "tiny-mistral"]:
             make_prefix_reference(fixture)
     else:
         main()
         for fixture in sys.argv[1:] or ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3", "tiny-mistral"]:
             make_prefix_reference(fixture)
+        make_gguf_fixture()
         make_toy_sentiment()

@@ -196,3 +196,22 @@ fn candle_f64_gradient_matches_finite_differences_tightly() {
         );
     }
 }
+
+#[test]
+fn a_gguf_written_like_llama_cpp_loads_to_the_same_model() {
+    // tiny-llama.gguf: the fixture converted as llama.cpp does (Q/K rows permuted for its RoPE)
+    let r = load_reference("tiny-llama");
+    let from_st = load_backbone("candle", fixture_model("tiny-llama"), "cpu").unwrap();
+    let from_gguf = load_backbone("candle", fixtures_dir().join("tiny-llama.gguf"), "cpu").unwrap();
+    assert_eq!(from_gguf.spec().hidden_size, from_st.spec().hidden_size);
+    assert_eq!(from_gguf.spec().vocab_size, from_st.spec().vocab_size);
+    let batch = r.batch(&[0, 1]);
+    let a = from_st.logits(&r.prompts, &batch).unwrap();
+    let b = from_gguf.logits(&r.prompts, &batch).unwrap();
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff <= 1e-5, "max |Δlogit| {diff:e}");
+}

@@ -39,7 +39,55 @@ pub(crate) fn read_content(path: &Path) -> Result<(Content, std::fs::File)> {
         path: path.to_path_buf(),
         reason: format!("not a readable GGUF file: {e}"),
     })?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    check_tensor_infos(&content, len, path)?;
     Ok((content, file))
+}
+
+/// Every tensor's extent is checked before any is read: positive dimensions whose product does
+/// not overflow, a whole number of quantization blocks, and bytes that lie inside the file. A
+/// corrupt header is then a typed error naming the tensor, never a huge allocation or a read
+/// past the end.
+fn check_tensor_infos(content: &Content, file_len: u64, path: &Path) -> Result<()> {
+    let data = content.tensor_data_offset;
+    for (name, info) in &content.tensor_infos {
+        let fail = |why: String| {
+            Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                reason: format!("tensor `{name}`: {why}"),
+            })
+        };
+        let dims = info.shape.dims();
+        if dims.is_empty() || dims.contains(&0) {
+            return fail(format!("empty shape {dims:?}"));
+        }
+        let Some(elements) = dims.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)) else {
+            return fail(format!("shape {dims:?} overflows"));
+        };
+        let (block, type_size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+        if elements % block != 0 || dims[dims.len() - 1] % block != 0 {
+            return fail(format!(
+                "shape {dims:?} is not a whole number of {:?} blocks of {block}",
+                info.ggml_dtype
+            ));
+        }
+        let bytes = ((elements / block) as u64).checked_mul(type_size as u64);
+        let end = bytes.and_then(|bytes| {
+            data.checked_add(info.offset)
+                .and_then(|start| start.checked_add(bytes))
+        });
+        match end {
+            Some(end) if end <= file_len => {}
+            _ => {
+                return fail(format!(
+                    "{} bytes at offset {} lie beyond the file's {file_len} bytes",
+                    bytes.map_or("too many".to_string(), |b| b.to_string()),
+                    info.offset
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 struct Meta<'a> {
