@@ -455,14 +455,22 @@ pub(crate) fn export(a: ExportArgs) -> Result<()> {
 }
 
 pub(crate) async fn inspect(a: InspectArgs) -> Result<()> {
+    let mut broken: Vec<String> = Vec::new();
     let mut items = Vec::new();
     if a.path.join(ADAPTER_CONFIG).is_file() {
         let s = read_prompt_dir(&a.path).await?;
         items.push(summary(&a.path.display().to_string(), &s));
     } else if a.path.is_dir() {
         let store = DirectoryStore::new(&a.path);
-        for info in store.list().await? {
-            items.push(summary(&info.name, &store.load(&info.name).await?));
+        // every prompt that reads is shown; the broken ones are named with their reason
+        for name in store.names().await? {
+            match store.load(&name).await {
+                Ok(s) => items.push(summary(&name, &s)),
+                Err(e) => {
+                    broken.push(format!("{name}: {e}"));
+                    items.push(serde_json::json!({ "name": name, "error": e.to_string() }));
+                }
+            }
         }
         if items.is_empty() {
             bail!(
@@ -475,10 +483,17 @@ pub(crate) async fn inspect(a: InspectArgs) -> Result<()> {
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&items)?);
-        return Ok(());
+    } else {
+        for item in items.iter().filter(|i| i.get("error").is_none()) {
+            print_summary(item);
+        }
     }
-    for item in items {
-        print_summary(&item);
+    if !broken.is_empty() {
+        bail!(
+            "{} of the store's prompts cannot be read:\n  {}",
+            broken.len(),
+            broken.join("\n  ")
+        );
     }
     Ok(())
 }
@@ -571,7 +586,14 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", a.addr))?;
     let store = DirectoryStore::new(&a.store);
-    let count = store.list().await.map(|l| l.len()).unwrap_or(0);
+    // prompts that read and fit this backbone, and those that do not (named, with the reason)
+    let mut count = 0;
+    for name in store.names().await? {
+        match store.load_for(&name, backbone.spec()).await {
+            Ok(_) => count += 1,
+            Err(e) => eprintln!("warning: prompt `{name}` will not be served: {e}"),
+        }
+    }
     eprintln!(
         "serving {count} prompts from {} on http://{} ({} backend, {} batching{})",
         a.store.display(),

@@ -529,3 +529,33 @@ fn resume_refuses_another_runs_checkpoint_naming_each_difference() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn inspect_shows_every_readable_prompt_of_a_store_and_names_the_broken_ones() {
+    let f = fixtures();
+    let store = tempfile::tempdir().unwrap();
+    let copy = |name: &str| {
+        let dst = store.path().join(name);
+        std::fs::create_dir(&dst).unwrap();
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(f.join("tiny-llama/peft-prompt").join(file), dst.join(file)).unwrap();
+        }
+    };
+    copy("a-good");
+    copy("b-broken");
+    copy("c-good");
+    std::fs::write(
+        store.path().join("b-broken/adapter_model.safetensors"),
+        b"not safetensors",
+    )
+    .unwrap();
+    let o = run(&["inspect", &store.path().display().to_string()]);
+    assert!(!o.status.success());
+    let out = stdout(&o);
+    assert!(out.contains("a-good") && out.contains("c-good"), "{out}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("1 of the store's prompts") && err.contains("b-broken"),
+        "{err}"
+    );
+}

@@ -28,6 +28,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A GGUF file that cannot be read (truncated, corrupt header, tensors beyond the file).
+    #[error("invalid GGUF file {path}: {reason}")]
+    Gguf {
+        /// File involved.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A JSON file (config.json, adapter_config.json, checkpoint) that cannot be parsed.
     #[error("invalid JSON in {path}: {reason}")]
     Json {

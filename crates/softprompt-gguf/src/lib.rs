@@ -35,7 +35,7 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
 
 pub(crate) fn read_content(path: &Path) -> Result<(Content, std::fs::File)> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = Content::read(&mut file).map_err(|e| Error::Safetensors {
+    let content = Content::read(&mut file).map_err(|e| Error::Gguf {
         path: path.to_path_buf(),
         reason: format!("not a readable GGUF file: {e}"),
     })?;
@@ -52,7 +52,7 @@ fn check_tensor_infos(content: &Content, file_len: u64, path: &Path) -> Result<(
     let data = content.tensor_data_offset;
     for (name, info) in &content.tensor_infos {
         let fail = |why: String| {
-            Err(Error::Safetensors {
+            Err(Error::Gguf {
                 path: path.to_path_buf(),
                 reason: format!("tensor `{name}`: {why}"),
             })
@@ -378,7 +378,7 @@ fn dequantize(
 ) -> Result<HostTensor> {
     let q = content
         .tensor(file, name, &Device::Cpu)
-        .map_err(|e| Error::Safetensors {
+        .map_err(|e| Error::Gguf {
             path: path.to_path_buf(),
             reason: format!("tensor `{name}`: {e}"),
         })?;
@@ -524,9 +524,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.gguf");
         std::fs::write(&p, b"GGUF\x03\x00\x00\x00garbage").unwrap();
-        assert!(matches!(load_model(&p), Err(Error::Safetensors { .. })));
+        assert!(matches!(load_model(&p), Err(Error::Gguf { .. })));
         std::fs::write(&p, b"not a gguf at all").unwrap();
-        assert!(matches!(load_model(&p), Err(Error::Safetensors { .. })));
+        assert!(matches!(load_model(&p), Err(Error::Gguf { .. })));
         assert!(matches!(
             load_model(dir.path().join("missing.gguf")),
             Err(Error::Io { .. })

@@ -163,7 +163,10 @@ pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Re
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            // the scheme is case-insensitive (RFC 9110 §11.1)
+            .and_then(|v| v.trim().split_once(char::is_whitespace))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         if given != Some(key.as_str()) {
             let mut r = ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -194,6 +197,16 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         started.elapsed().as_secs_f64(),
     );
     r
+}
+
+/// A JSON 405 for a known route called with another method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "this route does not take that method (/v1/completions and /v1/classify take POST; \
+         /v1/models, /health and /metrics GET)",
+    )
 }
 
 /// A JSON 404 for unknown routes.

@@ -131,6 +131,7 @@ fn router(state: AppState) -> Router {
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
         .fallback(api::fallback)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             state.config.body_read_timeout,

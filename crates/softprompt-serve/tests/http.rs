@@ -925,7 +925,26 @@ async fn bearer_auth_guards_the_api_but_not_health() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // the scheme is case-insensitive
+    let r = server
+        .client
+        .get(&url)
+        .header("Authorization", "bearer  s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     assert_eq!(server.get("/health").await.0, 200);
+    // a known route with another method: a JSON 405
+    let r = server
+        .client
+        .delete(format!("{}/health", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("POST"));
     server.stop().await;
 }
 

@@ -38,9 +38,19 @@ fn data_err(path: &Path, line: usize, reason: impl Into<String>) -> Error {
 /// Reads a JSONL file into objects; blank lines are skipped, anything else that is not a JSON
 /// object is an error naming the file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, serde_json::Value>)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // a UTF-8 byte-order mark (what some editors write first) is not part of the data
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let line = std::str::from_utf8(raw).map_err(|e| {
+            data_err(
+                path,
+                i + 1,
+                format!("not UTF-8 text (byte {} of the line)", e.valid_up_to() + 1),
+            )
+        })?;
         if line.trim().is_empty() {
             continue;
         }
@@ -71,8 +81,9 @@ fn field(
 ) -> Result<String> {
     match m.get(key) {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
-        Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
-        Some(serde_json::Value::Bool(b)) => Ok(b.to_string()),
+        // labels are often class numbers (`"label": 1`); texts never are
+        Some(serde_json::Value::Number(n)) if key == "label" => Ok(n.to_string()),
+        Some(serde_json::Value::Bool(b)) if key == "label" => Ok(b.to_string()),
         Some(other) => Err(data_err(
             path,
             line,
@@ -162,6 +173,11 @@ impl Verbalizer {
             }
             if labels[..i].iter().any(|(x, _)| x == l) {
                 return Err(Error::InvalidArgument(format!("label `{l}` appears twice")));
+            }
+            if let Some((x, _)) = labels[..i].iter().find(|(_, v)| v == w) {
+                return Err(Error::InvalidArgument(format!(
+                    "labels `{x}` and `{l}` have the same word {w:?}: rank classification could not tell them apart"
+                )));
             }
         }
         Ok(Verbalizer { labels })
@@ -335,6 +351,32 @@ impl Task {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn bom_non_utf8_numbers_and_duplicate_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.jsonl");
+        // a byte-order mark is skipped
+        std::fs::write(&path, b"\xef\xbb\xbf{\"text\": \"a\", \"label\": 1}\n").unwrap();
+        let rows = read_classification(&path).unwrap();
+        assert_eq!((rows[0].text.as_str(), rows[0].label.as_str()), ("a", "1"));
+        // a line that is not UTF-8 is named
+        std::fs::write(
+            &path,
+            b"{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"\xff\"}\n",
+        )
+        .unwrap();
+        let err = read_classification(&path).unwrap_err();
+        assert!(matches!(err, Error::Data { line: 2, .. }), "{err}");
+        assert!(err.to_string().contains("UTF-8"), "{err}");
+        // a number where text belongs is refused, not converted
+        std::fs::write(&path, b"{\"text\": 12345, \"label\": \"x\"}\n").unwrap();
+        let err = read_classification(&path).unwrap_err();
+        assert!(err.to_string().contains("must be a string"), "{err}");
+        // two labels cannot share a word
+        let err = Verbalizer::parse("good= yes,bad= yes").unwrap_err();
+        assert!(err.to_string().contains("same word"), "{err}");
+    }
 
     fn file(lines: &str) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();
