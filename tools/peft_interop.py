@@ -121,6 +121,7 @@ def main():
                 prompt = os.path.join(out, "ours")
                 subprocess.run([binary, "train", "--backend", backend, "--model", model, "--train", train,
                                 "--output", prompt, "--num-virtual-tokens", "5", "--init-text", "Classify the review",
+                                "--template", TEMPLATE, "--labels", ",".join(f"{k}={v}" for k, v in LABELS.items()),
                                 "--lr", "0.1", "--steps", "15", "--quiet", *flags],
                                check=True, stdout=subprocess.DEVNULL)
                 report(name, f"{method}: ours in PEFT", our_loss(binary, backend, model, prompt, data),

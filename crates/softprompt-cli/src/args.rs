@@ -146,8 +146,8 @@ pub struct TaskArgs {
     /// Task kind: classification rows {"text","label"} or generation rows {"input","target"}.
     #[arg(long, value_enum, default_value_t = TaskKind::Classification)]
     pub task: TaskKind,
-    /// Input template with one {text} (or {input}) placeholder. Default: the prompt's own, or
-    /// "Review: {text}\nSentiment:".
+    /// Input template with one {text} (or {input}) placeholder. Default: the prompt's own;
+    /// train and eval without either are refused (bench: "Review: {text}\nSentiment:").
     #[arg(long)]
     pub template: Option<String>,
     /// Verbalizer as label=word pairs, e.g. "negative= negative,positive= positive".
@@ -242,12 +242,10 @@ pub struct TrainArgs {
     /// embeddings and PyTorch's default linear initialisation).
     #[arg(long, value_enum, default_value_t = InitKind::Text)]
     pub init: InitKind,
-    /// Text for --init text.
-    #[arg(
-        long,
-        default_value = "Classify if the movie review is positive or negative"
-    )]
-    pub init_text: String,
+    /// Text for --init text (default: "Classify as <label words joined by or>" for
+    /// classification, the template's own words for generation).
+    #[arg(long)]
+    pub init_text: Option<String>,
     /// Optimizer: adamw, adafactor (Lester et al.: --lr 0.3), sgd; gradient-free (forward passes
     /// only, any backend): spsa (MeZO; --lr is its step size) or cma-es (Black-Box Tuning; --lr unused).
     #[arg(long, default_value = "adamw")]

@@ -14,7 +14,7 @@ use softprompt::{
 };
 
 use crate::args::BenchArgs;
-use crate::task::task_of;
+use crate::task::{task_of, Defaults};
 
 /// Median of `xs` (sorted copy).
 fn median(xs: &[f64]) -> f64 {
@@ -235,7 +235,7 @@ pub async fn bench(a: BenchArgs) -> Result<()> {
     };
     let tok = softprompt::load_tokenizer(&a.model)?;
     let config = softprompt::load_model_config(&a.model)?;
-    let task = task_of(&a.task, None)?;
+    let task = task_of(&a.task, None, Defaults::Sentiment)?;
     let set = task.load(&a.data, &tok, a.task.max_context)?;
     if set.candidates.iter().any(|c| c.len() != 1) {
         bail!("the bench's rank classification needs single-token labels");

@@ -19,7 +19,7 @@ use crate::args::{
     BackendArgs, BatchingKind, EncoderArg, EvalArgs, ExportArgs, GenerateArgs, InitKind,
     InspectArgs, MethodKind, ScheduleKind, ServeArgs, TrainArgs,
 };
-use crate::task::task_of;
+use crate::task::{task_of, Defaults};
 
 fn load(b: &BackendArgs) -> Result<(Box<dyn Backbone>, HfTokenizer)> {
     let opts = BackendOptions {
@@ -109,7 +109,7 @@ async fn train_one(
     b: &dyn Backbone,
     tok: &HfTokenizer,
 ) -> Result<serde_json::Value> {
-    let task = task_of(&a.task, None)?;
+    let task = task_of(&a.task, None, Defaults::Refuse)?;
     let train_set = task.load(&a.train, tok, a.task.max_context)?;
     let dev_set = a
         .dev
@@ -125,7 +125,19 @@ async fn train_one(
     let n = a.num_virtual_tokens;
     let init = match a.init {
         InitKind::Text => PromptInit::Text {
-            text: a.init_text.clone(),
+            // without --init-text: a description of the task from its own words
+            text: a.init_text.clone().unwrap_or_else(|| match &task {
+                Task::Classification { verbalizer, .. } => format!(
+                    "Classify as {}",
+                    verbalizer
+                        .labels()
+                        .iter()
+                        .map(|(_, w)| w.trim())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+                Task::Generation { template } => template.render("").trim().to_string(),
+            }),
         },
         InitKind::Vocab => PromptInit::Vocab,
         InitKind::Uniform => PromptInit::Uniform { range: 0.5 },
@@ -361,7 +373,7 @@ pub(crate) async fn evaluate(a: EvalArgs) -> Result<()> {
         Some(p) => Some(load_prompt(p, b).await?),
         None => None,
     };
-    let task = task_of(&a.task, stored.as_ref())?;
+    let task = task_of(&a.task, stored.as_ref(), Defaults::Refuse)?;
     let set = task.load(&a.data, &tok, a.task.max_context)?;
     let prompt = stored
         .as_ref()

@@ -75,6 +75,10 @@ fn train_eval_inspect_generate_resume() {
         "10",
         "--checkpoint-every",
         "10",
+        "--template",
+        "Review: {text}\nSentiment:",
+        "--labels",
+        "negative= negative,positive= positive",
         "--quiet",
     ];
     let mut args = common.to_vec();
@@ -172,6 +176,10 @@ fn bad_inputs_give_clear_errors() {
         &bad.display().to_string(),
         "--output",
         &out,
+        "--template",
+        "Review: {text}\nSentiment:",
+        "--labels",
+        "negative= negative,positive= positive",
         "--quiet",
     ]);
     assert!(!o.status.success());
@@ -227,6 +235,10 @@ fn bad_inputs_give_clear_errors() {
         "2",
         "--num-virtual-tokens",
         "2",
+        "--template",
+        "Review: {text}\nSentiment:",
+        "--labels",
+        "negative= negative,positive= positive",
         "--quiet",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -265,6 +277,11 @@ fn eval_agrees_across_backends() {
             &s(f.join("tiny-llama/peft-prompt")),
             "--data",
             &s(f.join("data/sentiment-dev.jsonl")),
+            // a PEFT prompt records no task
+            "--template",
+            "Review: {text}\nSentiment:",
+            "--labels",
+            "negative= negative,positive= positive",
             "--json",
         ]);
         if !o.status.success() {
@@ -365,6 +382,10 @@ fn prefix_and_p_tuning_train_resume_and_run_over_seeds() {
             "5",
             "--steps",
             steps,
+            "--template",
+            "Review: {text}\nSentiment:",
+            "--labels",
+            "negative= negative,positive= positive",
             "--quiet",
         ]
         .iter()
@@ -476,6 +497,8 @@ fn resume_refuses_another_runs_checkpoint_naming_each_difference() {
         "2",
         "--template",
         "Review: {text}\nSentiment:",
+        "--labels",
+        "negative= negative,positive= positive",
         "--quiet",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -495,6 +518,8 @@ fn resume_refuses_another_runs_checkpoint_naming_each_difference() {
         "--template",
         "Text: {text}\nLabel:",
         "--resume",
+        "--labels",
+        "negative= negative,positive= positive",
         "--quiet",
     ]);
     assert!(!o.status.success());
@@ -525,6 +550,8 @@ fn resume_refuses_another_runs_checkpoint_naming_each_difference() {
         "--template",
         "Review: {text}\nSentiment:",
         "--resume",
+        "--labels",
+        "negative= negative,positive= positive",
         "--quiet",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -557,5 +584,43 @@ fn inspect_shows_every_readable_prompt_of_a_store_and_names_the_broken_ones() {
     assert!(
         err.contains("1 of the store's prompts") && err.contains("b-broken"),
         "{err}"
+    );
+}
+
+#[test]
+fn train_needs_the_tasks_template_and_labels_and_derives_its_init_text() {
+    let f = fixtures();
+    let out = tempfile::tempdir().unwrap();
+    let s = |p: PathBuf| p.display().to_string();
+    let base = [
+        "train".to_string(),
+        "--model".into(),
+        s(f.join("tiny-llama")),
+        "--train".into(),
+        s(f.join("data/sentiment-train.jsonl")),
+        "--output".into(),
+        s(out.path().join("p")),
+        "--steps".into(),
+        "2".into(),
+        "--quiet".into(),
+    ];
+    let o = bin().args(&base).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--template"), "{}", stderr(&o));
+    let mut args = base.to_vec();
+    args.extend(["--template".into(), "Review: {text}\nSentiment:".into()]);
+    let o = bin().args(&args).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--labels"), "{}", stderr(&o));
+    args.extend([
+        "--labels".into(),
+        "negative= negative,positive= positive".into(),
+    ]);
+    let o = bin().args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config = std::fs::read_to_string(out.path().join("p/adapter_config.json")).unwrap();
+    assert!(
+        config.contains("\"prompt_tuning_init_text\": \"Classify as negative or positive\""),
+        "{config}"
     );
 }
