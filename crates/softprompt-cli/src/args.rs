@@ -111,6 +111,17 @@ pub struct ServeArgs {
     /// closed.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_timeout: f64,
+    /// Log lines on stderr (one per request: id, method, path, status, latency, the error;
+    /// prompt loads, reloads and removals): human-readable text or one JSON object per line.
+    /// The level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

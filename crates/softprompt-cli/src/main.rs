@@ -16,6 +16,26 @@ use crate::args::{Cli, Command};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Structured logs on stderr through `tracing`: the server's request log and prompt events at
+/// `info` (RUST_LOG overrides), other commands' warnings only; JSON lines with
+/// `serve --log-format json`.
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let (default, json) = match &cli.command {
+        Command::Serve(a) => ("info", a.log_format == args::LogFormat::Json),
+        _ => ("warn", false),
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
     if let Some(threads) = cli.threads() {
@@ -23,6 +43,7 @@ fn main() -> std::process::ExitCode {
         // before any thread starts (libtorch's count is set when the backbone loads)
         std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
     }
+    init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -624,3 +624,89 @@ fn train_needs_the_tasks_template_and_labels_and_derives_its_init_text() {
         "{config}"
     );
 }
+
+/// `serve --log-format json` writes one JSON line per request (id, method, path, status,
+/// latency, and the error of a refused one) and a line per prompt load.
+#[test]
+fn serve_logs_requests_and_prompt_loads_as_json_lines() {
+    use std::io::{BufRead, Read, Write};
+    let f = fixtures();
+    let store = tempfile::tempdir().unwrap();
+    let dst = store.path().join("p");
+    std::fs::create_dir(&dst).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(f.join("tiny-llama/peft-prompt").join(file), dst.join(file)).unwrap();
+    }
+    // a free port: bind, read it, release
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = bin()
+        .args([
+            "serve",
+            "--model",
+            &f.join("tiny-llama").display().to_string(),
+            "--store",
+            &store.path().display().to_string(),
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--log-format",
+            "json",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    // the banner comes once the server listens
+    for line in lines.by_ref() {
+        if line.unwrap().contains("serving") {
+            break;
+        }
+    }
+    let ask = |req: &str| -> String {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    };
+    let ok = ask("GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(
+        ok.starts_with("HTTP/1.1 200") && ok.contains("x-request-id"),
+        "{ok}"
+    );
+    let missing = ask("GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let logged: Vec<serde_json::Value> = lines
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect();
+    let request = |path: &str| {
+        logged
+            .iter()
+            .find(|v| v["fields"]["path"] == path)
+            .unwrap_or_else(|| panic!("no log line for {path}: {logged:?}"))
+            .clone()
+    };
+    let models = request("/v1/models");
+    assert_eq!(models["fields"]["status"], 200);
+    assert!(models["fields"]["request_id"].is_u64());
+    assert!(models["fields"]["ms"].is_f64());
+    let nowhere = request("/nowhere");
+    assert_eq!(nowhere["fields"]["status"], 404);
+    assert_eq!(nowhere["level"], "WARN");
+    assert!(nowhere["fields"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("no such route"));
+    assert!(
+        logged
+            .iter()
+            .any(|v| v["fields"]["message"] == "prompt loaded" && v["fields"]["prompt"] == "p"),
+        "{logged:?}"
+    );
+}

@@ -184,18 +184,35 @@ pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Re
 
 /// Records every request's status and latency.
 pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let endpoint = req.uri().path().to_string();
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let id = state.next_request.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
-    let r = next.run(req).await;
-    let endpoint = match endpoint.as_str() {
-        "/v1/completions" | "/v1/classify" | "/v1/models" | "/health" | "/metrics" => endpoint,
+    let mut r = next.run(req).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let endpoint = match path.as_str() {
+        "/v1/completions" | "/v1/classify" | "/v1/models" | "/health" | "/metrics" => path.clone(),
         _ => "other".to_string(),
     };
-    state.metrics.request(
-        &endpoint,
-        r.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
+    let status = r.status().as_u16();
+    state.metrics.request(&endpoint, status, seconds);
+    if let Ok(v) = HeaderValue::from_str(&format!("req-{id}")) {
+        r.headers_mut().insert("x-request-id", v);
+    }
+    let error = r
+        .extensions()
+        .get::<crate::error::ErrorNote>()
+        .map(|n| n.0.as_str());
+    let ms = (seconds * 1e3 * 100.0).round() / 100.0;
+    match status {
+        500.. => {
+            tracing::error!(request_id = id, %method, path, status, ms, error, "request failed")
+        }
+        400.. => {
+            tracing::warn!(request_id = id, %method, path, status, ms, error, "request refused")
+        }
+        _ => tracing::info!(request_id = id, %method, path, status, ms, "request"),
+    }
     r
 }
 

@@ -55,6 +55,10 @@ impl ApiError {
     }
 }
 
+/// The message of an error response, for the request log.
+#[derive(Debug, Clone)]
+pub(crate) struct ErrorNote(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": {
@@ -62,6 +66,8 @@ impl IntoResponse for ApiError {
             "code": self.status.as_u16(),
         }});
         let mut r = (self.status, Json(body)).into_response();
+        // for the request log
+        r.extensions_mut().insert(ErrorNote(self.message.clone()));
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -104,10 +104,14 @@ impl Registry {
     }
 
     fn forget(&self, name: &str) {
-        self.cache
+        let gone = self
+            .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
+        if gone.is_some() {
+            tracing::info!(prompt = name, "prompt removed from the store: forgotten");
+        }
     }
 
     /// The current version of prompt `name`.
@@ -133,14 +137,27 @@ impl Registry {
                 self.forget(name);
                 return Err(not_found(name));
             }
-            // caught mid-replace (new weights, old config): keep serving the last good version
+            // unreadable now: keep serving the last good version, if there is one
             Err(e) => {
-                return self
-                    .cached(name)
-                    .ok_or_else(|| ApiError::internal(format!("reading prompt `{name}`: {e}")))
+                tracing::warn!(prompt = name, error = %e, "stored prompt cannot be read");
+                return self.cached(name).ok_or_else(|| {
+                    ApiError::unprocessable(format!("stored prompt `{name}` cannot be read: {e}"))
+                });
             }
         };
+        let replaced = self.cached(name).is_some();
         let entry = Arc::new(self.entry(name, stored, etag)?);
+        tracing::info!(
+            prompt = name,
+            peft_type = entry.peft_type.as_str(),
+            virtual_tokens = entry.prompt.num_virtual_tokens(),
+            "{}",
+            if replaced {
+                "prompt reloaded"
+            } else {
+                "prompt loaded"
+            }
+        );
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
