@@ -342,17 +342,7 @@ macro_rules! fixture_suite {
                 softprompt::conformance::Probe::new(super::load($name).as_ref(), 0).unwrap()
             }
 
-            $crate::contract_test!(scores_are_finite_log_probabilities, true);
-            $crate::contract_test!(per_row_prompts_equal_separate_runs, true);
-            $crate::contract_test!(loss_counts_only_target_tokens, true);
-            $crate::contract_test!(next_token_logprobs_match_scoring, true);
-            $crate::contract_test!(repeated_calls_are_reproducible, true);
-            $crate::contract_test!(results_do_not_depend_on_earlier_calls, true);
-            $crate::contract_test!(gradient_matches_finite_differences, $grad);
-            $crate::contract_test!(gradients_reach_only_used_prompts, $grad);
-            $crate::contract_test!(cached_decoding_matches_scoring, $gen);
-            $crate::contract_test!(continuous_batching_matches_one_sequence_at_a_time, $gen);
-            $crate::contract_test!(mismatched_prompts_are_typed_errors, true);
+            $crate::contract_tests!($grad, $gen);
             $crate::contract_test!(unsupported_placements_are_refused, true);
 
             /// The same contract with key/value prefixes (prefix tuning) as the prompts.
@@ -372,17 +362,7 @@ macro_rules! fixture_suite {
                     .unwrap()
                 }
 
-                $crate::contract_test!(scores_are_finite_log_probabilities, true);
-                $crate::contract_test!(per_row_prompts_equal_separate_runs, true);
-                $crate::contract_test!(loss_counts_only_target_tokens, true);
-                $crate::contract_test!(next_token_logprobs_match_scoring, true);
-                $crate::contract_test!(repeated_calls_are_reproducible, true);
-                $crate::contract_test!(results_do_not_depend_on_earlier_calls, true);
-                $crate::contract_test!(gradient_matches_finite_differences, $grad);
-                $crate::contract_test!(gradients_reach_only_used_prompts, $grad);
-                $crate::contract_test!(cached_decoding_matches_scoring, $gen);
-                $crate::contract_test!(continuous_batching_matches_one_sequence_at_a_time, $gen);
-                $crate::contract_test!(mismatched_prompts_are_typed_errors, true);
+                $crate::contract_tests!($grad, $gen);
             }
 
             #[test]
@@ -478,6 +458,25 @@ macro_rules! fixture_suite {
 
 /// One check of the contract as a test (used by [`fixture_suite!`]); `false` stamps it
 /// `#[ignore]` (the backend lacks the capability) and, when run anyway, expects it skipped.
+/// Every check of the contract except the placement one, as `#[test]`s over `loader()` and
+/// `probe()` in scope (the capability flags as in [`contract_test!`]).
+#[macro_export]
+macro_rules! contract_tests {
+    ($grad:tt, $gen:tt) => {
+        $crate::contract_test!(scores_are_finite_log_probabilities, true);
+        $crate::contract_test!(per_row_prompts_equal_separate_runs, true);
+        $crate::contract_test!(loss_counts_only_target_tokens, true);
+        $crate::contract_test!(next_token_logprobs_match_scoring, true);
+        $crate::contract_test!(repeated_calls_are_reproducible, true);
+        $crate::contract_test!(results_do_not_depend_on_earlier_calls, true);
+        $crate::contract_test!(gradient_matches_finite_differences, $grad);
+        $crate::contract_test!(gradients_reach_only_used_prompts, $grad);
+        $crate::contract_test!(cached_decoding_matches_scoring, $gen);
+        $crate::contract_test!(continuous_batching_matches_one_sequence_at_a_time, $gen);
+        $crate::contract_test!(mismatched_prompts_are_typed_errors, true);
+    };
+}
+
 #[macro_export]
 macro_rules! contract_test {
     ($check:ident, true) => {

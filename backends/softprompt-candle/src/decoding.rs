@@ -96,24 +96,8 @@ impl CandleKernels<'_> {
     /// and values come from the prefix cache (or one pass), and each sequence keeps its own
     /// slice of the cache.
     fn prefill_padded(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
+        // one prompt length and one placement: the batcher groups them so
         let placement = group[0].0.placement();
-        if group.iter().any(|(p, _)| p.placement() != placement) {
-            // one pass per placement, answers back in the group's order
-            let mut out: Vec<Option<(SeqCache, Vec<f32>)>> = group.iter().map(|_| None).collect();
-            for kind in [Placement::InputEmbeddings, Placement::KeyValuePrefix] {
-                let at: Vec<usize> = (0..group.len())
-                    .filter(|i| group[*i].0.placement() == kind)
-                    .collect();
-                if at.is_empty() {
-                    continue;
-                }
-                let part: Vec<(&SoftPrompt, &[u32])> = at.iter().map(|i| group[*i]).collect();
-                for (i, r) in at.iter().zip(self.prefill_padded(&part)?) {
-                    out[*i] = Some(r);
-                }
-            }
-            return Ok(out.into_iter().flatten().collect());
-        }
         let b = self.backbone;
         let n = group[0].0.num_virtual_tokens();
         let (batch, prompts) = input_rows(group)?;

@@ -88,27 +88,9 @@ impl OrtKernels<'_> {
         Ok((SeqCache { past, len: s }, logits))
     }
 
-    /// One call for sequences whose prompts have the same length and at least one input token
-    /// each.
+    /// One call for sequences whose prompts have the same length and placement (the batcher
+    /// groups them so) and at least one input token each.
     fn prefill_group(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
-        let placement = group[0].0.placement();
-        if group.iter().any(|(p, _)| p.placement() != placement) {
-            // one call per placement, answers back in the group's order
-            let mut out: Vec<Option<(SeqCache, Vec<f32>)>> = group.iter().map(|_| None).collect();
-            for kind in [Placement::InputEmbeddings, Placement::KeyValuePrefix] {
-                let at: Vec<usize> = (0..group.len())
-                    .filter(|i| group[*i].0.placement() == kind)
-                    .collect();
-                if at.is_empty() {
-                    continue;
-                }
-                let part: Vec<(&SoftPrompt, &[u32])> = at.iter().map(|i| group[*i]).collect();
-                for (i, r) in at.iter().zip(self.prefill_group(&part)?) {
-                    out[*i] = Some(r);
-                }
-            }
-            return Ok(out.into_iter().flatten().collect());
-        }
         let b = self.backbone;
         let n = group[0].0.num_virtual_tokens();
         let rows: Vec<BatchRow> = group

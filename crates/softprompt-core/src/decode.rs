@@ -146,8 +146,9 @@ impl BatchDecoder for SessionDecoder<'_> {
 /// How a [`Batcher`] groups the sequences it prefills together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillPlan {
-    /// Sequences whose prompts have the same number of virtual tokens, in right-padded passes
-    /// of at most `rows` sequences (a padded batch needs one prompt length).
+    /// Sequences whose prompts have the same number of virtual tokens and the same placement, in
+    /// right-padded passes of at most `rows` sequences (a padded batch needs one prompt length
+    /// and one placement).
     EqualPromptLength {
         /// Most sequences per pass.
         rows: usize,
@@ -246,10 +247,12 @@ impl<K: DecodeKernels> Batcher<K> {
         let with_input: Vec<usize> = (0..seqs.len()).filter(|i| !seqs[*i].1.is_empty()).collect();
         match self.kernels.plan() {
             PrefillPlan::EqualPromptLength { rows } => {
-                let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+                // a padded pass takes one prompt length and one placement
+                let mut by_len: BTreeMap<(usize, &str), Vec<usize>> = BTreeMap::new();
                 for i in with_input {
+                    let p = seqs[i].0;
                     by_len
-                        .entry(seqs[i].0.num_virtual_tokens())
+                        .entry((p.num_virtual_tokens(), p.placement().as_str()))
                         .or_default()
                         .push(i);
                 }
@@ -298,6 +301,12 @@ impl<K: DecodeKernels> BatchDecoder for Batcher<K> {
             if prompt.num_virtual_tokens() + ids.len() == 0 {
                 return Err(Error::InvalidArgument(
                     "generation needs a prompt or at least one input token".into(),
+                ));
+            }
+            if ids.is_empty() && prompt.placement() == crate::Placement::KeyValuePrefix {
+                return Err(Error::InvalidArgument(
+                    "a key/value prefix predicts nothing by itself: give at least one input token"
+                        .into(),
                 ));
             }
             self.check_length(prompt.num_virtual_tokens() + ids.len())?;
@@ -480,6 +489,9 @@ mod tests {
         fn plan(&self) -> PrefillPlan {
             self.plan
         }
+        fn placements(&self) -> &'static [crate::Placement] {
+            crate::Capabilities::DECODER
+        }
         fn prefill(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
             self.calls
                 .borrow_mut()
@@ -544,6 +556,25 @@ mod tests {
         assert_eq!(lens, vec![2.0, 4.0, 4.0, 2.0, 2.0]);
         assert_eq!(b.len(), 5);
         assert_eq!(b.position(out[2].0), Some(4));
+    }
+
+    #[test]
+    fn padded_groups_take_one_placement() {
+        let p = prompt(1);
+        // a prefix of one virtual token on the toy: layers·2·kv·hd = 2 values
+        let k = SoftPrompt::new(1, 2, vec![5.0, 6.0])
+            .unwrap()
+            .with_placement(crate::Placement::KeyValuePrefix);
+        let mut b = Batcher::new(toy(PrefillPlan::EqualPromptLength { rows: 4 }));
+        let seqs: Vec<(&SoftPrompt, &[u32])> = vec![(&p, &[1]), (&k, &[2, 3]), (&p, &[4])];
+        b.add_many(&seqs).unwrap();
+        // same length, two placements: two passes
+        assert_eq!(*b.kernels.calls.borrow(), vec![vec![1, 1], vec![2]]);
+        // and a prefix alone predicts nothing
+        assert!(matches!(
+            b.add(&k, &[]),
+            Err(Error::InvalidArgument(m)) if m.contains("key/value prefix")
+        ));
     }
 
     #[test]
