@@ -456,8 +456,6 @@ macro_rules! fixture_suite {
     };
 }
 
-/// One check of the contract as a test (used by [`fixture_suite!`]); `false` stamps it
-/// `#[ignore]` (the backend lacks the capability) and, when run anyway, expects it skipped.
 /// Every check of the contract except the placement one, as `#[test]`s over `loader()` and
 /// `probe()` in scope (the capability flags as in [`contract_test!`]).
 #[macro_export]
@@ -477,6 +475,8 @@ macro_rules! contract_tests {
     };
 }
 
+/// One check of the contract as a test (used by [`fixture_suite!`]); `false` stamps it
+/// `#[ignore]` (the backend lacks the capability) and, when run anyway, expects it skipped.
 #[macro_export]
 macro_rules! contract_test {
     ($check:ident, true) => {

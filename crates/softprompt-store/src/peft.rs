@@ -165,7 +165,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Writes `files` as the whole folder `dir`, replacing it as one unit: the files go to a fresh
-/// temporary folder beside it (each synced), which is then swapped in ([`swap_in`]); entries of
+/// temporary folder beside it (each synced), which is then swapped in (one `renameat2` exchange); entries of
 /// the old folder that are not the prompt's files (a run directory) are moved into the new one,
 /// and the old folder, or on failure the new one, is removed. Stale temporary folders of killed
 /// writers are cleaned first (handing back what they carried). Two concurrent writers each swap
