@@ -70,22 +70,4 @@ for task in $tasks; do
     fi
   done
 done
-python3 - "$results" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-def acc(r, which):
-    res = r["result"]
-    if r["runner"] == "softprompt":
-        return res["zero_shot_test" if which == "zero" else "tuned_test"]
-    return res["zero_shot_accuracy" if which == "zero" else "tuned_accuracy"]
-print("| task | runner | seeds | zero-shot | tuned (mean ± sd) | per seed |")
-print("|---|---|---|---|---|---|")
-for task in dict.fromkeys(r["task"] for r in rows):
-    for runner in ("softprompt", "peft"):
-        rs = [r for r in rows if r["task"] == task and r["runner"] == runner]
-        tuned = [100 * acc(r, "tuned") for r in rs]
-        zero = 100 * acc(rs[0], "zero")
-        sd = statistics.stdev(tuned) if len(tuned) > 1 else 0.0
-        print(f"| {task} | {runner} | {len(rs)} | {zero:.1f}% | {statistics.mean(tuned):.1f}% ± {sd:.1f} | "
-              + ", ".join(f"{t:.1f}" for t in tuned) + " |")
-PY
+python3 tools/seeds_table.py "$results"
