@@ -194,6 +194,10 @@ fn bad_inputs_give_clear_errors() {
         "ort",
         "--data",
         &bad.display().to_string(),
+        "--template",
+        "Review: {text}\nSentiment:",
+        "--labels",
+        "negative= negative,positive= positive",
     ]);
     assert!(!o.status.success());
     // the test binary cannot see the CLI's features: either ort is not compiled in (and the
