@@ -103,6 +103,20 @@ impl CandleBackbone {
         })
     }
 
+    /// The biases of one decode step over caches bounded by their layers' masks
+    /// ([`AttentionMask::kept_step_bias`]): `starts[r]` positions cached in row `r`.
+    pub(crate) fn step_bias(&self, starts: &[usize]) -> CResult<Bias> {
+        let tensor = |mask: AttentionMask| -> CResult<Tensor> {
+            let (bias, width) = mask.kept_step_bias(starts);
+            let shape = (starts.len(), 1, 1, width);
+            Ok(Tensor::from_vec(bias, shape, &self.device)?.to_dtype(self.dtype)?)
+        };
+        Ok(Bias {
+            global: tensor(self.config.attention_mask())?,
+            window: self.config.sliding_window_mask().map(tensor).transpose()?,
+        })
+    }
+
     /// Log-softmax runs in f32, or f64 when the weights are f64 (bf16/f16 logits are upcast).
     fn score_dtype(&self) -> DType {
         if self.dtype == DType::F64 {

@@ -11,8 +11,8 @@
 
 use candle_core::{DType, Tensor};
 use softprompt_core::{
-    input_rows, Batch, BatchRow, Capabilities, DecodeKernels, Error, Placement, Positions,
-    PrefillPlan, SoftPrompt,
+    input_rows, AttentionMask, Batch, BatchRow, Capabilities, DecodeKernels, Error, Placement,
+    Positions, PrefillPlan, SoftPrompt,
 };
 
 use crate::model::{HostCache, LayerCache};
@@ -26,6 +26,33 @@ pub(crate) const PREFILL_TOKENS: usize = 1024;
 
 /// One layer's keys and values.
 type KeyValue = (Tensor, Tensor);
+
+/// Row `r`'s keys and values of every layer from a packed cache `[rows, kv, total, hd]`: the
+/// sequence's first `len` positions, of which each layer keeps what its mask says
+/// ([`AttentionMask::keep_range`]: a sliding-window layer only the last `window - 1`).
+fn own_cache(
+    packed: &[LayerCache],
+    masks: &[AttentionMask],
+    r: usize,
+    len: usize,
+) -> candle_core::Result<Vec<LayerCache>> {
+    packed
+        .iter()
+        .zip(masks)
+        .map(|(slot, mask)| {
+            let (k, v) = slot.as_ref().expect("forward fills the cache");
+            let keep = mask.keep_range(0, len).expect("nothing dropped yet");
+            Ok(Some((
+                k.narrow(0, r, 1)?
+                    .narrow(2, keep.start, keep.len())?
+                    .contiguous()?,
+                v.narrow(0, r, 1)?
+                    .narrow(2, keep.start, keep.len())?
+                    .contiguous()?,
+            )))
+        })
+        .collect()
+}
 
 /// A live sequence's keys and values.
 pub(crate) enum SeqCache {
@@ -85,9 +112,11 @@ impl CandleKernels<'_> {
         let (cache, logits) = run().map_err(to_core)?;
         let len = n + ids.len();
         let cache = if self.host {
+            // the host path serves windowless models only: nothing to drop
             SeqCache::Host(HostCache::from_tensors(&cache, len).map_err(to_core)?)
         } else {
-            SeqCache::Tensors(cache, len)
+            let masks = self.backbone.config.layer_masks();
+            SeqCache::Tensors(own_cache(&cache, &masks, 0, len).map_err(to_core)?, len)
         };
         Ok((cache, logits))
     }
@@ -102,6 +131,7 @@ impl CandleKernels<'_> {
         let n = group[0].0.num_virtual_tokens();
         let (batch, prompts) = input_rows(group)?;
         let p = b.prompts_tensor(&prompts, n)?;
+        let masks = b.config.layer_masks();
         let run = || -> CResult<Vec<(SeqCache, Vec<f32>)>> {
             let (hidden, cache) = b.token_hidden(&p, placement, Some(&prompts), &batch, n, true)?;
             let t = batch.seq_len();
@@ -120,16 +150,7 @@ impl CandleKernels<'_> {
                 .enumerate()
                 .map(|(r, logits)| {
                     let len = n + batch.row_len(r);
-                    let own = cache
-                        .iter()
-                        .map(|slot| {
-                            let (k, v) = slot.as_ref().expect("forward fills the cache");
-                            Ok(Some((
-                                k.narrow(0, r, 1)?.narrow(2, 0, len)?.contiguous()?,
-                                v.narrow(0, r, 1)?.narrow(2, 0, len)?.contiguous()?,
-                            )))
-                        })
-                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    let own = own_cache(&cache, &masks, r, len)?;
                     Ok((SeqCache::Tensors(own, len), logits))
                 })
                 .collect()
@@ -152,20 +173,27 @@ impl CandleKernels<'_> {
         Ok(caches.into_iter().map(SeqCache::Host).zip(logits).collect())
     }
 
-    /// A padded step over tensor caches (appended to only once the pass succeeded).
+    /// A padded step over tensor caches (appended to only once the pass succeeded). A layer's
+    /// caches hold what its mask keeps ([`AttentionMask::kept`]), so sliding-window layers pack
+    /// at most `window - 1` positions per row.
     fn step_padded(&self, caches: &mut [&mut SeqCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let b = self.backbone;
         let rows = tokens.len();
         let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
-        let longest = starts.iter().copied().max().unwrap_or(0);
         let layers = b.model.num_layers();
+        let masks = b.config.layer_masks();
+        // the packed length of each layer: the longest cache it keeps
+        let longest: Vec<usize> = masks
+            .iter()
+            .map(|m| starts.iter().map(|&s| m.kept(s)).max().unwrap_or(0))
+            .collect();
         let run = || -> CResult<(Vec<Vec<f32>>, Vec<KeyValue>)> {
             let ids = Tensor::from_slice(tokens, rows, &b.device)?;
             let x = b
                 .model
                 .embed(&ids)?
                 .reshape((rows, 1, b.spec.hidden_size))?;
-            let pad = |t: &Tensor| -> CResult<Tensor> {
+            let pad = |t: &Tensor, longest: usize| -> CResult<Tensor> {
                 let (one, heads, len, hd) = t.dims4()?;
                 if len == longest {
                     return Ok(t.clone());
@@ -185,13 +213,13 @@ impl CandleKernels<'_> {
                     let (k, v) = cache[layer]
                         .as_ref()
                         .expect("a prefilled sequence has a cache in every layer");
-                    ks.push(pad(k)?);
-                    vs.push(pad(v)?);
+                    ks.push(pad(k, longest[layer])?);
+                    vs.push(pad(v, longest[layer])?);
                 }
                 packed.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
             }
-            // row r sees its own `starts[r]` cached keys, not the padding, and its new token
-            let bias = b.bias(&[rows, 1, 1, longest + 1], |m| m.step_bias(&starts))?;
+            // row r sees its own cached keys, not the padding, and its new token
+            let bias = b.step_bias(&starts)?;
             let h = b.model.forward_at(
                 &x,
                 Positions::PerRow(&starts),
@@ -205,9 +233,10 @@ impl CandleKernels<'_> {
                 .to_vec2()?;
             let fresh = packed
                 .into_iter()
-                .map(|slot| {
+                .zip(&longest)
+                .map(|(slot, &at)| {
                     let (k, v) = slot.expect("forward fills the cache");
-                    Ok((k.narrow(2, longest, 1)?, v.narrow(2, longest, 1)?))
+                    Ok((k.narrow(2, at, 1)?, v.narrow(2, at, 1)?))
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Ok((logits, fresh))
@@ -221,15 +250,27 @@ impl CandleKernels<'_> {
                     let SeqCache::Tensors(cache, _) = &**cache else {
                         unreachable!("checked above")
                     };
+                    let start = starts[r];
                     cache
                         .iter()
                         .zip(&fresh)
-                        .map(|(slot, (k, v))| {
+                        .zip(&masks)
+                        .map(|((slot, (k, v)), mask)| {
                             let (pk, pv) = slot.as_ref().expect("prefilled");
-                            Ok(Some((
-                                Tensor::cat(&[pk, &k.narrow(0, r, 1)?], 2)?,
-                                Tensor::cat(&[pv, &v.narrow(0, r, 1)?], 2)?,
-                            )))
+                            // positions `start - kept(start)..=start`, then what `start + 1` keeps
+                            let keep = mask
+                                .keep_range(start - mask.kept(start), start + 1)
+                                .expect("a step drops nothing still needed");
+                            let k = Tensor::cat(&[pk, &k.narrow(0, r, 1)?], 2)?;
+                            let v = Tensor::cat(&[pv, &v.narrow(0, r, 1)?], 2)?;
+                            Ok(Some(if keep.len() == start + 1 {
+                                (k, v)
+                            } else {
+                                (
+                                    k.narrow(2, keep.start, keep.len())?.contiguous()?,
+                                    v.narrow(2, keep.start, keep.len())?.contiguous()?,
+                                )
+                            }))
                         })
                         .collect()
                 })
@@ -345,17 +386,86 @@ impl DecodeKernels for CandleKernels<'_> {
                 Ok(())
             }
             SeqCache::Tensors(layers, l) => {
-                for slot in layers.iter_mut().flatten() {
-                    if slot.0.dim(2).map_err(to_core)? > len {
-                        *slot = (
-                            slot.0.narrow(2, 0, len).map_err(to_core)?,
-                            slot.1.narrow(2, 0, len).map_err(to_core)?,
-                        );
-                    }
+                if len >= *l {
+                    return Ok(());
                 }
-                *l = (*l).min(len);
+                let masks = self.backbone.config.layer_masks();
+                let mut kept = Vec::with_capacity(layers.len());
+                for (slot, mask) in layers.iter().zip(&masks) {
+                    let Some((k, v)) = slot else {
+                        kept.push(None);
+                        continue;
+                    };
+                    // a sliding-window layer may have dropped positions a shorter sequence needs
+                    let keep = mask.keep_range(*l - mask.kept(*l), len).ok_or_else(|| {
+                        Error::InvalidBatch(format!(
+                            "a sliding-window cache of {} positions cannot go back to {len}",
+                            *l
+                        ))
+                    })?;
+                    let cut = |t: &Tensor| t.narrow(2, keep.start, keep.len()).map_err(to_core);
+                    kept.push(Some((cut(k)?, cut(v)?)));
+                }
+                *layers = kept;
+                *l = len;
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CandleOptions;
+
+    /// Sliding-window layers keep `window - 1` positions through prefill and steps; full
+    /// layers keep everything.
+    #[test]
+    fn sliding_window_layers_keep_a_bounded_cache() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/tiny-gemma3"
+        );
+        let b = CandleBackbone::load(dir, CandleOptions::default()).unwrap();
+        let k = CandleKernels {
+            backbone: &b,
+            host: false,
+        };
+        let masks = b.config.layer_masks();
+        assert_eq!(masks[2], AttentionMask::Causal);
+        assert_eq!(masks[0], AttentionMask::SlidingWindow(4));
+        let d = b.spec.hidden_size;
+        let prompt = SoftPrompt::new(2, d, vec![0.01; 2 * d]).unwrap();
+        let ids = [5u32, 6, 7, 8, 9];
+        let other = [11u32];
+        let mut out = k
+            .prefill(&[(&prompt, &ids[..]), (&prompt, &other[..])])
+            .unwrap();
+        let stored = |c: &SeqCache| -> Vec<usize> {
+            let SeqCache::Tensors(layers, _) = c else {
+                panic!("tensor caches off the host path")
+            };
+            layers
+                .iter()
+                .map(|s| s.as_ref().unwrap().0.dim(2).unwrap())
+                .collect()
+        };
+        let (mut a, _) = out.remove(0);
+        let (mut c, _) = out.remove(0);
+        assert_eq!(stored(&a), vec![3, 3, 7, 3]);
+        assert_eq!(stored(&c), vec![3, 3, 3, 3]);
+        for step in 0..3 {
+            k.step(&mut [&mut a, &mut c], &[12, 13]).unwrap();
+            let (la, lc) = (7 + step + 1, 3 + step + 1);
+            assert_eq!(stored(&a), vec![3, 3, la, 3]);
+            assert_eq!(stored(&c), vec![3, 3, lc, 3]);
+        }
+        // a rollback to the length it has changes nothing; further back the window layers
+        // have dropped what a shorter sequence would see: refused, not wrong
+        k.truncate(&mut a, 10).unwrap();
+        assert_eq!((a.len(), stored(&a)), (10, vec![3, 3, 10, 3]));
+        assert!(k.truncate(&mut a, 9).is_err());
+        assert_eq!(a.len(), 10);
     }
 }

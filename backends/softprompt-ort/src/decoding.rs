@@ -9,7 +9,9 @@ use softprompt_core::{
     Batch, BatchRow, Capabilities, DecodeKernels, Error, Placement, PrefillPlan, SoftPrompt,
 };
 
-use crate::{Inputs, OrtBackbone, Result};
+use std::ops::Range;
+
+use crate::{HostOut, Inputs, OrtBackbone, Result};
 
 /// Most sequences prefilled in one graph call.
 const PREFILL_ROWS: usize = 16;
@@ -27,27 +29,45 @@ pub(crate) struct OrtKernels<'a> {
 }
 
 impl OrtKernels<'_> {
-    /// Copies row `r`'s first `keep` positions (and, if given, position `extra`) of a present
-    /// output `[rows, kv_heads, total, head_dim]`.
+    /// Copies row `r`'s positions `keep` (and, if given, position `extra`) of a present output
+    /// `[rows, kv_heads, total, head_dim]`.
     fn slice_row(
         &self,
         present: &[f32],
         r: usize,
         total: usize,
-        keep: usize,
+        keep: Range<usize>,
         extra: Option<usize>,
     ) -> Vec<f32> {
         let (kv, hd) = (self.backbone.kv_heads, self.backbone.head_dim);
-        let len = keep + usize::from(extra.is_some());
+        let len = keep.len() + usize::from(extra.is_some());
         let mut out = Vec::with_capacity(kv * len * hd);
         for h in 0..kv {
             let base = (r * kv + h) * total * hd;
-            out.extend_from_slice(&present[base..base + keep * hd]);
+            out.extend_from_slice(&present[base + keep.start * hd..base + keep.end * hd]);
             if let Some(e) = extra {
                 out.extend_from_slice(&present[base + e * hd..base + (e + 1) * hd]);
             }
         }
         out
+    }
+
+    /// Row `r`'s cache of a sequence of `len` from a call's present outputs (`out[1..]`, each
+    /// `[rows, kv_heads, total, head_dim]`): what each layer's mask keeps of positions `0..len`.
+    fn own_cache(&self, out: &[HostOut], r: usize, total: usize, len: usize) -> SeqCache {
+        let masks = self.backbone.config.layer_masks();
+        let past = out
+            .chunks(2)
+            .zip(&masks)
+            .map(|(kv, mask)| {
+                let keep = mask.keep_range(0, len).expect("nothing dropped yet");
+                (
+                    self.slice_row(&kv[0].1, r, total, keep.clone(), None),
+                    self.slice_row(&kv[1].1, r, total, keep, None),
+                )
+            })
+            .collect();
+        SeqCache { past, len }
     }
 
     /// `[prompt][ids]` of one sequence in one call (no input tokens allowed).
@@ -79,13 +99,9 @@ impl OrtKernels<'_> {
             past: Vec::new(),
             past_len: 0,
         };
-        let mut out = b.run_decode(inputs)?.into_iter();
-        let logits = out.next().map(|o| o.1).unwrap_or_default();
-        let mut past = Vec::with_capacity(b.layers);
-        while let (Some(k), Some(v)) = (out.next(), out.next()) {
-            past.push((k.1, v.1));
-        }
-        Ok((SeqCache { past, len: s }, logits))
+        let mut out = b.run_decode(inputs)?;
+        let logits = std::mem::take(&mut out[0].1);
+        Ok((self.own_cache(&out[1..], 0, s, s), logits))
     }
 
     /// One call for sequences whose prompts have the same length and placement (the batcher
@@ -118,18 +134,9 @@ impl OrtKernels<'_> {
         let vocab = b.spec.vocab_size;
         Ok((0..rows.len())
             .map(|r| {
-                let keep = n + batch.row_len(r);
-                let past = out[1..]
-                    .chunks(2)
-                    .map(|kv| {
-                        (
-                            self.slice_row(&kv[0].1, r, s, keep, None),
-                            self.slice_row(&kv[1].1, r, s, keep, None),
-                        )
-                    })
-                    .collect();
+                let len = n + batch.row_len(r);
                 let logits = out[0].1[r * vocab..(r + 1) * vocab].to_vec();
-                (SeqCache { past, len: keep }, logits)
+                (self.own_cache(&out[1..], r, s, len), logits)
             })
             .collect())
     }
@@ -172,13 +179,19 @@ impl DecodeKernels for OrtKernels<'_> {
         let lens: Vec<usize> = caches.iter().map(|c| c.len).collect();
         let p = lens.iter().copied().max().unwrap_or(0);
         let (kv, hd) = (b.kv_heads, b.head_dim);
-        // caches packed left-aligned, zero padded to the longest
+        let masks = b.config.layer_masks();
+        // each layer's caches (what its mask keeps) packed left-aligned, zero padded to the
+        // longest of that layer
+        let longest: Vec<usize> = masks
+            .iter()
+            .map(|m| lens.iter().map(|&l| m.kept(l)).max().unwrap_or(0))
+            .collect();
         let mut past = Vec::with_capacity(b.layers);
-        for l in 0..b.layers {
+        for (l, (mask, &p)) in masks.iter().zip(&longest).enumerate() {
             let mut k = vec![0f32; rows * kv * p * hd];
             let mut v = vec![0f32; rows * kv * p * hd];
             for (r, seq) in caches.iter().enumerate() {
-                let n = seq.len * hd;
+                let n = mask.kept(seq.len) * hd;
                 for h in 0..kv {
                     let dst = (r * kv + h) * p * hd;
                     k[dst..dst + n].copy_from_slice(&seq.past[l].0[h * n..(h + 1) * n]);
@@ -187,8 +200,7 @@ impl DecodeKernels for OrtKernels<'_> {
             }
             past.push((k, v));
         }
-        let total = p + 1;
-        let bias = b.bias(|m| m.step_bias(&lens));
+        let bias = b.step_bias(&lens);
         let inputs = Inputs {
             rows,
             input_ids: tokens.iter().map(|t| *t as i64).collect(),
@@ -211,10 +223,19 @@ impl DecodeKernels for OrtKernels<'_> {
             let len = lens[r];
             seq.past = out[1..]
                 .chunks(2)
-                .map(|pair| {
+                .zip(&masks)
+                .zip(&longest)
+                .map(|((pair, mask), &p)| {
+                    // the row held `len - kept(len)..len`; the new token is at `p`; keep what
+                    // `len + 1` keeps (it always ends with the new token)
+                    let first = len - mask.kept(len);
+                    let keep = mask
+                        .keep_range(first, len + 1)
+                        .expect("a step drops nothing still needed");
+                    let old = keep.start..keep.end - 1;
                     (
-                        self.slice_row(&pair[0].1, r, total, len, Some(p)),
-                        self.slice_row(&pair[1].1, r, total, len, Some(p)),
+                        self.slice_row(&pair[0].1, r, p + 1, old.clone(), Some(p)),
+                        self.slice_row(&pair[1].1, r, p + 1, old, Some(p)),
                     )
                 })
                 .collect();
@@ -229,20 +250,34 @@ impl DecodeKernels for OrtKernels<'_> {
     }
 
     fn truncate(&self, cache: &mut SeqCache, len: usize) -> Result<()> {
-        if len < cache.len {
-            let (kv, hd) = (self.backbone.kv_heads, self.backbone.head_dim);
-            let (old, new) = (cache.len * hd, len * hd);
+        let cur = cache.len;
+        if len >= cur {
+            return Ok(());
+        }
+        let (kv, hd) = (self.backbone.kv_heads, self.backbone.head_dim);
+        let masks = self.backbone.config.layer_masks();
+        let mut kept = Vec::with_capacity(cache.past.len());
+        for ((k, v), mask) in cache.past.iter().zip(&masks) {
+            // a sliding-window layer may have dropped positions a shorter sequence needs
+            let keep = mask.keep_range(cur - mask.kept(cur), len).ok_or_else(|| {
+                Error::InvalidBatch(format!(
+                    "a sliding-window cache of {cur} positions cannot go back to {len}"
+                ))
+            })?;
+            let stored = mask.kept(cur) * hd;
             let cut = |x: &Vec<f32>| -> Vec<f32> {
                 (0..kv)
-                    .flat_map(|h| x[h * old..h * old + new].iter().copied())
+                    .flat_map(|h| {
+                        x[h * stored + keep.start * hd..h * stored + keep.end * hd]
+                            .iter()
+                            .copied()
+                    })
                     .collect()
             };
-            for (k, v) in &mut cache.past {
-                *k = cut(k);
-                *v = cut(v);
-            }
-            cache.len = len;
+            kept.push((cut(k), cut(v)));
         }
+        cache.past = kept;
+        cache.len = len;
         Ok(())
     }
 }

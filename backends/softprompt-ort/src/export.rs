@@ -11,10 +11,10 @@
 //! | `prompt_embeds` | float | `[batch, virtual, hidden]` | each row's soft prompt (`virtual` may be 0) |
 //! | `position_ids` | int64 | `[batch, virtual + tokens]` | position of every new input |
 //! | `attention_bias` | float | `[batch, 1, virtual + tokens, past + virtual + tokens]` | additive mask: 0 visible, -1e9 hidden (causality and padding) |
-//! | `attention_bias_local` | float | the same | the sliding-window layers' mask (only for models that have them) |
+//! | `attention_bias_local` | float | `[batch, 1, virtual + tokens, past_local + virtual + tokens]` | the sliding-window layers' mask (only for models that have them) |
 //! | `gather_index` | int64 | `[batch, picks, 1]` | positions whose hidden state goes through the head |
 //! | `candidate_ids` | int64 | `[batch, picks, candidates]` | tokens whose log-probability is returned |
-//! | `past_key.{i}`, `past_value.{i}` | float | `[batch, kv_heads, past, head_dim]` | KV cache (`past` may be 0) |
+//! | `past_key.{i}`, `past_value.{i}` | float | `[batch, kv_heads, past, head_dim]` | KV cache (`past` may be 0; `past_local` in a sliding-window layer, whose decode cache keeps the window only) |
 //!
 //! Outputs: `logprobs [batch, picks, candidates]` (log-softmax over the vocabulary, gathered at
 //! the candidates: the loss and rank classification never ship `[batch, seq, vocab]` back),
@@ -35,7 +35,7 @@ use softprompt_nn::{Model, Pass, PositionIds};
 use crate::graph::{attr_int, value_info, Dim, GraphOps, FLOAT, INT64};
 
 /// Version of the graph layout; part of the cache key, bumped whenever the graph changes.
-pub const EXPORT_VERSION: u32 = 2;
+pub const EXPORT_VERSION: u32 = 3;
 /// ONNX opset of the exported graph.
 pub const OPSET: i64 = 17;
 /// ONNX IR version matching [`OPSET`].
@@ -57,9 +57,10 @@ fn declare_io(
     layers: usize,
     (kv_heads, head_dim): (usize, usize),
     (hidden, vocab): (usize, usize),
-    local: bool,
+    sliding: &[bool],
 ) {
     use Dim::{Fixed, Named};
+    let local = sliding.iter().any(|s| *s);
     let mut inputs = vec![
         value_info("input_ids", INT64, &[Named("batch"), Named("tokens")]),
         value_info(
@@ -88,21 +89,11 @@ fn declare_io(
         inputs.push(value_info(
             "attention_bias_local",
             FLOAT,
-            &[Named("batch"), Fixed(1), Named("seq"), Named("total")],
+            &[Named("batch"), Fixed(1), Named("seq"), Named("total_local")],
         ));
     }
-    let past = [
-        Named("batch"),
-        Fixed(kv_heads),
-        Named("past"),
-        Fixed(head_dim),
-    ];
-    let present = [
-        Named("batch"),
-        Fixed(kv_heads),
-        Named("total"),
-        Fixed(head_dim),
-    ];
+    // a sliding-window layer's decode cache may be shorter than the others'
+    let cache = |len: &'static str| [Named("batch"), Fixed(kv_heads), Named(len), Fixed(head_dim)];
     let mut outputs = vec![
         value_info(
             "logprobs",
@@ -120,7 +111,12 @@ fn declare_io(
             &[Named("batch"), Named("picks"), Fixed(vocab)],
         ),
     ];
-    for i in 0..layers {
+    for (i, &sliding) in sliding.iter().enumerate().take(layers) {
+        let (past, present) = if sliding {
+            (cache("past_local"), cache("total_local"))
+        } else {
+            (cache("past"), cache("total"))
+        };
         inputs.push(value_info(&format!("past_key.{i}"), FLOAT, &past));
         inputs.push(value_info(&format!("past_value.{i}"), FLOAT, &past));
         outputs.push(value_info(&format!("present_key.{i}"), FLOAT, &present));
@@ -130,10 +126,16 @@ fn declare_io(
 }
 
 /// Records the model between the declared inputs and outputs.
-fn build(model: &Model<String>, g: &GraphOps, widths: (usize, usize), local: bool) -> Result<()> {
+fn build(
+    model: &Model<String>,
+    g: &GraphOps,
+    widths: (usize, usize),
+    sliding: &[bool],
+) -> Result<()> {
     let layers = model.num_layers();
     let heads = model.heads();
-    declare_io(g, layers, (heads.kv, heads.dim), widths, local);
+    let local = sliding.iter().any(|s| *s);
+    declare_io(g, layers, (heads.kv, heads.dim), widths, sliding);
     // `[prompt_embeds][embed(input_ids)]` along the sequence
     let tokens = model.embed(g, &"input_ids".to_string())?;
     g.rename(&tokens, "token_embeds");
@@ -198,12 +200,16 @@ pub fn export(source: ModelSource) -> Result<Vec<u8>> {
     let g = GraphOps::default();
     let model = Model::load(&g, &config, &mut weights)?;
     drop(weights);
-    let local = config.sliding_window_mask().is_some();
+    let sliding: Vec<bool> = config
+        .layer_masks()
+        .iter()
+        .map(|m| matches!(m, softprompt_core::AttentionMask::SlidingWindow(_)))
+        .collect();
     build(
         &model,
         &g,
         (config.hidden_size(), config.vocab_size()),
-        local,
+        &sliding,
     )?;
     let mut graph = g.into_graph();
     graph.name = format!("softprompt-{}", spec.name);

@@ -189,7 +189,8 @@ struct Inputs {
     picks: usize,
     candidate_ids: Vec<i64>,
     candidates: usize,
-    /// Per layer `(keys, values)`, each `[rows, kv_heads, past, head_dim]`.
+    /// Per layer `(keys, values)`, each `[rows, kv_heads, past, head_dim]` (a sliding-window
+    /// layer's `past` may be shorter: its length is read from the data).
     past: Vec<(Vec<f32>, Vec<f32>)>,
     past_len: usize,
 }
@@ -319,6 +320,12 @@ impl OrtBackbone {
     }
 
     /// The biases of a call from the model's masks: `make(mask)` lays one out.
+    /// The biases of one decode step over caches bounded by their layers' masks
+    /// ([`softprompt_core::AttentionMask::kept_step_bias`]).
+    fn step_bias(&self, lens: &[usize]) -> Bias {
+        self.bias(|m| m.kept_step_bias(lens).0)
+    }
+
     fn bias(&self, make: impl Fn(softprompt_core::AttentionMask) -> Vec<f32>) -> Bias {
         Bias {
             global: make(self.config.attention_mask()),
@@ -458,17 +465,20 @@ impl OrtBackbone {
             ),
         ];
         if let Some(local) = attention_bias.window {
+            // over the sliding-window layers' own past, which a decode step keeps shorter
+            let width = local.len() / (rows * s);
             values.push((
                 "attention_bias_local".into(),
-                f(vec![rows, 1, s, past_len + s], local)?,
+                f(vec![rows, 1, s, width], local)?,
             ));
         }
-        let cache_shape = vec![rows, self.kv_heads, past_len, self.head_dim];
         let mut past = past.into_iter();
         for l in 0..self.layers {
             let (k, v) = past.next().unwrap_or_else(|| (Vec::new(), Vec::new()));
+            let len = k.len() / (rows * self.kv_heads * self.head_dim);
+            let cache_shape = vec![rows, self.kv_heads, len, self.head_dim];
             values.push((format!("past_key.{l}"), f(cache_shape.clone(), k)?));
-            values.push((format!("past_value.{l}"), f(cache_shape.clone(), v)?));
+            values.push((format!("past_value.{l}"), f(cache_shape, v)?));
         }
         let mut selector = ort::session::OutputSelector::no_default();
         for o in outputs {

@@ -111,6 +111,23 @@ impl TchBackbone {
         })
     }
 
+    /// The biases of one decode step over caches bounded by their layers' masks
+    /// ([`softprompt_core::AttentionMask::kept_step_bias`]): `starts[r]` positions cached in
+    /// row `r`.
+    pub(crate) fn step_bias(&self, starts: &[usize]) -> TResult<Bias> {
+        let tensor = |mask: softprompt_core::AttentionMask| -> TResult<Tensor> {
+            let (bias, width) = mask.kept_step_bias(starts);
+            Ok(Tensor::f_from_slice(&bias)?
+                .f_view([starts.len() as i64, 1, 1, width as i64])?
+                .f_to_kind(self.kind)?
+                .f_to_device(self.device)?)
+        };
+        Ok(Bias {
+            global: tensor(self.config.attention_mask())?,
+            window: self.config.sliding_window_mask().map(tensor).transpose()?,
+        })
+    }
+
     /// Log-softmax runs in f32, or f64 when the weights are f64.
     fn score_kind(&self) -> Kind {
         if self.kind == Kind::Double {

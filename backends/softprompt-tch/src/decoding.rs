@@ -6,8 +6,8 @@
 //! forward pass and appends each row's new keys and values.
 
 use softprompt_core::{
-    input_rows, Batch, BatchRow, Capabilities, DecodeKernels, Error, Placement, Positions,
-    PrefillPlan, SoftPrompt,
+    input_rows, AttentionMask, Batch, BatchRow, Capabilities, DecodeKernels, Error, Placement,
+    Positions, PrefillPlan, SoftPrompt,
 };
 use tch::Tensor;
 
@@ -19,6 +19,31 @@ const PREFILL_ROWS: usize = 16;
 
 /// One sequence's cache of every layer and its length.
 pub(crate) type SeqCache = (Vec<LayerCache>, usize);
+
+/// Row `r`'s keys and values of every layer from a packed cache `[rows, kv, total, hd]`: the
+/// sequence's first `len` positions, of which each layer keeps what its mask says
+/// ([`AttentionMask::keep_range`]: a sliding-window layer only the last `window - 1`).
+fn own_cache(
+    packed: &[LayerCache],
+    masks: &[AttentionMask],
+    r: usize,
+    len: usize,
+) -> TResult<Vec<LayerCache>> {
+    packed
+        .iter()
+        .zip(masks)
+        .map(|(slot, mask)| {
+            let (k, v) = slot.as_ref().expect("forward fills the cache");
+            let keep = mask.keep_range(0, len).expect("nothing dropped yet");
+            let own = |t: &Tensor| {
+                t.f_narrow(0, r as i64, 1)?
+                    .f_narrow(2, keep.start as i64, keep.len() as i64)?
+                    .f_contiguous()
+            };
+            Ok(Some((own(k)?, own(v)?)))
+        })
+        .collect()
+}
 
 /// The kernels of one backbone.
 pub(crate) struct TchKernels<'a> {
@@ -63,6 +88,8 @@ impl TchKernels<'_> {
             model.head(&last)
         };
         let logits = to_f32(&run().map_err(to_core)?)?;
+        let masks = b.config.layer_masks();
+        let cache = own_cache(&cache, &masks, 0, s).map_err(to_core)?;
         Ok(((cache, s), logits))
     }
 
@@ -89,24 +116,13 @@ impl TchKernels<'_> {
             model.head(&h)
         };
         let logits = to_f32(&run().map_err(to_core)?)?;
+        let masks = b.config.layer_masks();
         logits
             .chunks(b.spec.vocab_size)
             .enumerate()
             .map(|(r, logits)| {
                 let len = n + batch.row_len(r);
-                let own = cache
-                    .iter()
-                    .map(|slot| {
-                        let (k, v) = slot.as_ref().expect("forward fills the cache");
-                        let own = |t: &Tensor| {
-                            t.f_narrow(0, r as i64, 1)?
-                                .f_narrow(2, 0, len as i64)?
-                                .f_contiguous()
-                        };
-                        Ok(Some((own(k)?, own(v)?)))
-                    })
-                    .collect::<TResult<Vec<LayerCache>>>()
-                    .map_err(to_core)?;
+                let own = own_cache(&cache, &masks, r, len).map_err(to_core)?;
                 Ok(((own, len), logits.to_vec()))
             })
             .collect()
@@ -149,13 +165,18 @@ impl DecodeKernels for TchKernels<'_> {
         let starts: Vec<usize> = caches.iter().map(|c| c.1).collect();
         let ids = b.ids_tensor(tokens)?;
         let (rows, d) = (tokens.len() as i64, b.spec.hidden_size as i64);
-        let longest = starts.iter().copied().max().unwrap_or(0);
+        let masks = b.config.layer_masks();
+        // each layer packs what it keeps: sliding-window layers at most `window - 1` per row
+        let longest: Vec<usize> = masks
+            .iter()
+            .map(|m| starts.iter().map(|&s| m.kept(s)).max().unwrap_or(0))
+            .collect();
         let _guard = tch::no_grad_guard();
         let model = b.model();
         // every fallible step first; the caches change only once all succeeded
         let run = || -> TResult<(Tensor, Vec<Vec<LayerCache>>)> {
             let x = model.embed(&ids)?.f_view([rows, 1, d])?;
-            let pad = |t: &Tensor| -> TResult<Tensor> {
+            let pad = |t: &Tensor, longest: usize| -> TResult<Tensor> {
                 let size = t.size();
                 let extra = longest as i64 - size[2];
                 if extra == 0 {
@@ -166,20 +187,19 @@ impl DecodeKernels for TchKernels<'_> {
                 Ok(Tensor::f_cat(&[t, &z], 2)?)
             };
             let mut packed: Vec<LayerCache> = Vec::with_capacity(model.num_layers());
-            for layer in 0..model.num_layers() {
+            for (layer, &longest) in longest.iter().enumerate() {
                 let (mut ks, mut vs) = (Vec::new(), Vec::new());
                 for cache in caches.iter() {
                     let (k, v) = cache.0[layer]
                         .as_ref()
                         .expect("a prefilled sequence has a cache in every layer");
-                    ks.push(pad(k)?);
-                    vs.push(pad(v)?);
+                    ks.push(pad(k, longest)?);
+                    vs.push(pad(v, longest)?);
                 }
                 packed.push(Some((Tensor::f_cat(&ks, 0)?, Tensor::f_cat(&vs, 0)?)));
             }
-            // row r sees its own `starts[r]` cached keys, not the padding, and its new token
-            let width = (longest + 1) as i64;
-            let bias = b.bias(&[rows, 1, 1, width], |m| m.step_bias(&starts))?;
+            // row r sees its own cached keys, not the padding, and its new token
+            let bias = b.step_bias(&starts)?;
             let h = model.forward_at(
                 &x,
                 Positions::PerRow(&starts),
@@ -189,28 +209,36 @@ impl DecodeKernels for TchKernels<'_> {
             let logits = model.head(&h.f_view([rows, d])?)?;
             let fresh: Vec<(Tensor, Tensor)> = packed
                 .into_iter()
-                .map(|slot| {
+                .zip(&longest)
+                .map(|(slot, &at)| {
                     let (k, v) = slot.expect("forward fills the cache");
-                    Ok((
-                        k.f_narrow(2, longest as i64, 1)?,
-                        v.f_narrow(2, longest as i64, 1)?,
-                    ))
+                    Ok((k.f_narrow(2, at as i64, 1)?, v.f_narrow(2, at as i64, 1)?))
                 })
                 .collect::<TResult<_>>()?;
             let updated = caches
                 .iter()
                 .enumerate()
                 .map(|(r, cache)| {
+                    let start = starts[r];
                     cache
                         .0
                         .iter()
                         .zip(&fresh)
-                        .map(|(slot, (k, v))| {
+                        .zip(&masks)
+                        .map(|((slot, (k, v)), mask)| {
                             let (pk, pv) = slot.as_ref().expect("prefilled");
-                            Ok(Some((
-                                Tensor::f_cat(&[pk, &k.f_narrow(0, r as i64, 1)?], 2)?,
-                                Tensor::f_cat(&[pv, &v.f_narrow(0, r as i64, 1)?], 2)?,
-                            )))
+                            // positions `start - kept(start)..=start`, then what `start + 1` keeps
+                            let keep = mask
+                                .keep_range(start - mask.kept(start), start + 1)
+                                .expect("a step drops nothing still needed");
+                            let (from, n) = (keep.start as i64, keep.len() as i64);
+                            let k = Tensor::f_cat(&[pk, &k.f_narrow(0, r as i64, 1)?], 2)?;
+                            let v = Tensor::f_cat(&[pv, &v.f_narrow(0, r as i64, 1)?], 2)?;
+                            Ok(Some(if keep.len() == start + 1 {
+                                (k, v)
+                            } else {
+                                (k.f_narrow(2, from, n)?, v.f_narrow(2, from, n)?)
+                            }))
                         })
                         .collect()
                 })
@@ -235,13 +263,31 @@ impl DecodeKernels for TchKernels<'_> {
     }
 
     fn truncate(&self, cache: &mut SeqCache, len: usize) -> Result<()> {
-        for (k, v) in cache.0.iter_mut().flatten() {
-            if k.size()[2] as usize > len {
-                *k = k.f_narrow(2, 0, len as i64).map_err(to_core)?;
-                *v = v.f_narrow(2, 0, len as i64).map_err(to_core)?;
-            }
+        let cur = cache.1;
+        if len >= cur {
+            return Ok(());
         }
-        cache.1 = cache.1.min(len);
+        let masks = self.backbone.config.layer_masks();
+        let mut kept = Vec::with_capacity(cache.0.len());
+        for (slot, mask) in cache.0.iter().zip(&masks) {
+            let Some((k, v)) = slot else {
+                kept.push(None);
+                continue;
+            };
+            // a sliding-window layer may have dropped positions a shorter sequence needs
+            let keep = mask.keep_range(cur - mask.kept(cur), len).ok_or_else(|| {
+                Error::InvalidBatch(format!(
+                    "a sliding-window cache of {cur} positions cannot go back to {len}"
+                ))
+            })?;
+            let (from, n) = (keep.start as i64, keep.len() as i64);
+            kept.push(Some((
+                k.f_narrow(2, from, n).map_err(to_core)?,
+                v.f_narrow(2, from, n).map_err(to_core)?,
+            )));
+        }
+        cache.0 = kept;
+        cache.1 = len;
         Ok(())
     }
 }

@@ -196,7 +196,8 @@ pub trait DecodeKernels {
     /// Positions held by `cache` (virtual tokens included).
     fn cache_len(&self, cache: &Self::Cache) -> usize;
 
-    /// Drops every position of `cache` from `len` on.
+    /// Drops every position of `cache` from `len` on. A cache that already dropped positions
+    /// a sequence of `len` would see (sliding-window layers keep only the window) refuses.
     fn truncate(&self, cache: &mut Self::Cache, len: usize) -> Result<()>;
 }
 

@@ -86,6 +86,33 @@ impl AttentionMask {
         bias
     }
 
+    /// How many of a sequence's `len` positions a later query can still see: all of them, or
+    /// in a sliding-window layer the last `window - 1` (a decode cache drops the rest).
+    pub fn kept(self, len: usize) -> usize {
+        match self {
+            AttentionMask::SlidingWindow(w) => len.min(w.saturating_sub(1)),
+            AttentionMask::Causal | AttentionMask::Bidirectional => len,
+        }
+    }
+
+    /// Where, in a cache holding positions `first..`, the [`Self::kept`] positions of a
+    /// sequence of `len` lie (those ending at `len`); `None` when some were already dropped.
+    pub fn keep_range(self, first: usize, len: usize) -> Option<std::ops::Range<usize>> {
+        let k = self.kept(len);
+        let start = (len - k).checked_sub(first)?;
+        Some(start..start + k)
+    }
+
+    /// [`Self::step_bias`] over caches bounded by [`Self::kept`]: row `r` holds the last
+    /// `kept(lens[r])` positions of a sequence of `lens[r]`. The bias `[rows, width]` and its
+    /// `width` (the longest kept cache plus the new token).
+    pub fn kept_step_bias(self, lens: &[usize]) -> (Vec<f32>, usize) {
+        let kept: Vec<usize> = lens.iter().map(|&l| self.kept(l)).collect();
+        let width = kept.iter().copied().max().unwrap_or(0) + 1;
+        // every kept key is inside the window of the new query: only padding is hidden
+        (self.step_bias(&kept), width)
+    }
+
     /// Bias `[len, total]` for `len` new queries at the last positions of a sequence of `total`
     /// (the earlier `total - len` positions, e.g. a KV cache, are visible to all of them).
     pub fn chunk_bias(self, len: usize, total: usize) -> Vec<f32> {
@@ -152,5 +179,31 @@ mod tests {
             vec![0., 0., 0., 0., 0., m, m, 0.]
         );
         assert_eq!(w.step_bias(&[3, 1]), vec![m, m, 0., 0., 0., m, m, 0.]);
+    }
+
+    #[test]
+    fn window_caches_keep_what_later_queries_see() {
+        let w = AttentionMask::SlidingWindow(3);
+        assert_eq!((w.kept(0), w.kept(1), w.kept(2), w.kept(9)), (0, 1, 2, 2));
+        assert_eq!(AttentionMask::Causal.kept(9), 9);
+        // a prefill of 5 (positions 0..5): keep 3..5
+        assert_eq!(w.keep_range(0, 5), Some(3..5));
+        // a cache of positions 2..4 plus a new token at 4: keep 3..5, i.e. stored 1..3
+        assert_eq!(w.keep_range(2, 5), Some(1..3));
+        // rolled back to 3 from a cache of 3..5: position 1 was dropped
+        assert_eq!(w.keep_range(3, 3), None);
+        assert_eq!(AttentionMask::Causal.keep_range(0, 4), Some(0..4));
+        // the bounded step bias equals the full one over the positions kept
+        let m = MASKED_BIAS;
+        let (bias, width) = w.kept_step_bias(&[5, 1]);
+        assert_eq!(width, 3);
+        assert_eq!(bias, vec![0., 0., 0., 0., m, 0.]);
+        let full = w.step_bias(&[5, 1]);
+        assert_eq!(&full[3..6], &bias[..3]);
+        let (causal, width) = AttentionMask::Causal.kept_step_bias(&[3, 1]);
+        assert_eq!(
+            (causal, width),
+            (AttentionMask::Causal.step_bias(&[3, 1]), 4)
+        );
     }
 }

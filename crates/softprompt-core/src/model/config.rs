@@ -525,6 +525,21 @@ impl ModelConfig {
         }
     }
 
+    /// The mask of every layer, in order: [`Self::sliding_window_mask`] for sliding-window
+    /// layers, [`Self::attention_mask`] for the others.
+    pub fn layer_masks(&self) -> Vec<crate::AttentionMask> {
+        let layers = self.num_layers();
+        match (self, self.sliding_window_mask()) {
+            (ModelConfig::Gemma3(c), Some(w)) => c
+                .sliding_layers
+                .iter()
+                .map(|&s| if s { w } else { self.attention_mask() })
+                .collect(),
+            (_, Some(w)) => vec![w; layers],
+            (_, None) => vec![self.attention_mask(); layers],
+        }
+    }
+
     /// Key/value heads of every block.
     pub fn num_key_value_heads(&self) -> usize {
         match self {
