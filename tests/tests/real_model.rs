@@ -160,6 +160,64 @@ fn gemma3_logits_match_transformers() {
     }
 }
 
+/// Gemma 3 270M decoding through its KV cache past the 512-position window: the sliding
+/// layers keep only the window, and every step's logits still match transformers' (which ran the
+/// whole 655-token text at once) at the reference positions 640 and 647..654.
+#[test]
+fn gemma3_cached_decoding_past_the_window_matches_transformers() {
+    let Some(dir) = assets() else { return };
+    let bytes = std::fs::read(dir.join("reference-gemma3/logits.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ints = |name: &str| -> Vec<usize> {
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize)
+            .collect()
+    };
+    let ids: Vec<u32> = ints("ids_3").iter().map(|x| *x as u32).collect();
+    let positions = ints("positions_3");
+    let reference: Vec<f32> = st
+        .tensor("logits_3")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let vocab = 262_144;
+    // a prefill past the window, then one token at a time
+    let prefill = 630;
+    assert!(ids.len() > 640 && prefill > 512);
+    for backend in softprompt::available_backends() {
+        let b = load_backbone(backend, dir.join(GEMMA), "cpu").unwrap();
+        let empty = SoftPrompt::empty(b.spec().hidden_size);
+        let mut s = b.start_decode(&empty, &ids[..prefill]).unwrap();
+        let mut checked = 0;
+        let mut worst = 0f32;
+        for (p, &token) in ids.iter().enumerate().skip(prefill) {
+            s.advance(token).unwrap();
+            // the logits now are those of position p
+            if let Some(k) = positions.iter().position(|q| *q == p) {
+                let want = &reference[k * vocab..(k + 1) * vocab];
+                let diff = s
+                    .logits()
+                    .iter()
+                    .zip(want)
+                    .map(|(a, r)| (a - r).abs())
+                    .fold(0f32, f32::max);
+                worst = worst.max(diff);
+                checked += 1;
+            }
+        }
+        eprintln!(
+            "{backend}: {checked} decoded positions past the window, max |Δlogit| = {worst:e}"
+        );
+        assert_eq!(checked, 9);
+        assert!(worst <= 1e-3, "{backend}: max |Δlogit| = {worst:e}");
+    }
+}
+
 fn logits_match_on(
     backend: &str,
     dir: &std::path::Path,
