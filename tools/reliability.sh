@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export SOFTPROMPT_FUZZ_ITERS="${FUZZ_ITERS:-20000}"
 export SOFTPROMPT_FUZZ_SEED="${FUZZ_SEED:-1}"
+# the full-disk test mounts a 64 KiB tmpfs in a private mount namespace: required here
+export SOFTPROMPT_REQUIRE_FAULTS=1
 cargo test -p softprompt-store --test faults --test store
 cargo test -p softprompt-serve --features softprompt/serve --test http
 cargo test -p softprompt-cli --test cli

@@ -161,3 +161,34 @@ fn half_precision_weights_keep_an_f32_prompt_gradient() {
         }
     }
 }
+
+/// Generation that would run past the model's context is refused before the first new token
+/// (it used to generate until the context ran out, then fail); exactly the context is allowed.
+#[test]
+fn generation_past_the_context_is_refused_up_front() {
+    let max = 128; // tiny-llama's max_position_embeddings
+    for b in backends("tiny-llama") {
+        let d = b.spec().hidden_size;
+        let prompt = softprompt::SoftPrompt::new(3, d, vec![0.02; 3 * d]).unwrap();
+        let ids = [1u32, 5, 9, 4];
+        let at = 3 + ids.len();
+        let params = |n: usize| softprompt::GenerationParams {
+            max_new_tokens: n,
+            ..Default::default()
+        };
+        let fits = max + 1 - at;
+        let out = softprompt::generate(b.as_ref(), &prompt, &ids, &params(fits)).unwrap();
+        assert_eq!(out.tokens.len(), fits, "{}", b.backend_name());
+        let err = softprompt::generate(b.as_ref(), &prompt, &ids, &params(fits + 1)).unwrap_err();
+        assert!(
+            matches!(err, softprompt::Error::InvalidArgument(_)),
+            "{}: {err}",
+            b.backend_name()
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("ask for at most {fits} new tokens")),
+            "{err}"
+        );
+    }
+}

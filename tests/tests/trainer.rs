@@ -172,6 +172,58 @@ fn resume_after_a_crash_ends_at_the_same_prompt() {
     );
     assert_eq!(resumed.prompt, full.prompt);
     assert_eq!(resumed.state.best_step, full.state.best_step);
+
+    // the log holds every step once, as the uninterrupted run's does (steps 11 and 12 were
+    // logged before the crash and again after the resume), and a torn line is dropped
+    let steps = |dir: &std::path::Path| -> Vec<(u64, bool)> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["step"].as_u64().unwrap(), v.get("loss").is_some())
+            })
+            .collect()
+    };
+    assert_eq!(steps(dir.path()), steps(full_dir.path()));
+
+    // resuming the finished run takes no step and still knows its last loss
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("metrics.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut log, b"{\"step\": 21, \"lo").unwrap();
+    let again = t.run(resumed.state.clone(), &train, Some(&dev)).unwrap();
+    assert!(again.losses.is_empty());
+    assert_eq!(again.state.last_loss, full.losses.last().copied());
+    assert_eq!(steps(dir.path()), steps(full_dir.path()));
+}
+
+#[test]
+fn a_killed_writers_checkpoint_temporary_is_cleaned() {
+    let (b, tok) = setup();
+    let (train, _) = sets(&tok);
+    let dir = tempfile::tempdir().unwrap();
+    // pid 4194305 is above Linux's largest pid: no such process; pid 1 always runs
+    let stale = dir.path().join("checkpoint.tmp.4194305");
+    let live = dir.path().join("checkpoint.tmp.1");
+    let other = dir.path().join("checkpoint.tmp.notes");
+    for f in [&stale, &live, &other] {
+        std::fs::write(f, b"{").unwrap();
+    }
+    let mut cfg = config(5, Some(dir.path().into()));
+    cfg.eval_every = 0;
+    let mut t = Trainer::new(b.as_ref(), Box::new(AdamW::new()), cfg).unwrap();
+    t.run(t.init_state(&init(b.as_ref(), &tok)), &train, None)
+        .unwrap();
+    assert!(!stale.exists(), "a dead writer's temporary is removed");
+    assert!(live.exists() && other.exists(), "others are left alone");
+    assert_eq!(
+        read_checkpoint(&dir.path().join("checkpoint.json"))
+            .unwrap()
+            .step,
+        5
+    );
 }
 
 #[test]
@@ -377,4 +429,44 @@ fn gradient_free_optimizers_train_a_forward_only_backend_and_resume() {
         let resumed = t.run(state, &train, None).unwrap();
         assert_eq!(resumed.prompt, whole.prompt, "{choice:?}");
     }
+}
+
+/// Delegates to a real backbone; every score is NaN (what weights holding NaN give).
+struct Poisoned<'a>(&'a dyn Backbone);
+
+impl Backbone for Poisoned<'_> {
+    fn backend_name(&self) -> &str {
+        "poisoned"
+    }
+    fn spec(&self) -> &BackboneSpec {
+        self.0.spec()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn embed(&self, ids: &[u32]) -> softprompt::Result<Vec<f32>> {
+        self.0.embed(ids)
+    }
+    fn score(&self, prompts: &[SoftPrompt], batch: &Batch) -> softprompt::Result<RowScores> {
+        let mut s = self.0.score(prompts, batch)?;
+        s.logprob_sum.iter_mut().for_each(|v| *v = f64::NAN);
+        Ok(s)
+    }
+}
+
+#[test]
+fn evaluating_a_model_that_scores_nan_is_an_error_not_an_accuracy() {
+    let (b, tok) = setup();
+    let (_, dev) = sets(&tok);
+    let p = init(b.as_ref(), &tok);
+    let bad = Poisoned(b.as_ref());
+    for result in [
+        softprompt::train::eval::accuracy(&bad, &p, &dev, 8),
+        softprompt::train::eval::mean_loss(&bad, &p, &dev, 8),
+    ] {
+        let err = result.unwrap_err();
+        assert!(matches!(err, Error::NonFiniteScores { .. }), "{err}");
+    }
+    // the same set on the sound model is scored
+    assert!(softprompt::train::eval::accuracy(b.as_ref(), &p, &dev, 8).is_ok());
 }

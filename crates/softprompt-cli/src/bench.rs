@@ -290,7 +290,7 @@ pub async fn bench(a: BenchArgs) -> Result<()> {
             // cumulative over the process: run one backend per process to compare peaks
             r["peak_rss_mib"] = json!(rss);
         }
-        eprintln!("{}", serde_json::to_string(&r)?);
+        tracing::info!("{}", serde_json::to_string(&r)?);
         results.push(r);
     }
     let doc = json!({

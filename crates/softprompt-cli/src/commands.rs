@@ -90,7 +90,7 @@ pub(crate) async fn train(a: TrainArgs) -> Result<()> {
             .copied()
             .fold(f64::NEG_INFINITY, f64::max)
             .into();
-        eprintln!(
+        tracing::info!(
             "test over {} seeds: {:.2} ± {:.2} (sample sd), {:.2}–{:.2}",
             tuned.len(),
             100.0 * mean,
@@ -247,7 +247,7 @@ async fn train_one(
         let path = run_dir.join("checkpoint.json");
         let s = read_checkpoint(&path)
             .with_context(|| format!("--resume: reading {}", path.display()))?;
-        eprintln!("resuming from step {} ({})", s.step, path.display());
+        tracing::info!("resuming from step {} ({})", s.step, path.display());
         s
     } else if method == PromptMethod::PromptTuning {
         let prompt =
@@ -257,7 +257,7 @@ async fn train_one(
         let theta = encoder.init(None, &mut Rng::seed_from_u64(a.seed))?;
         trainer.init_encoded(&encoder, theta)?
     };
-    eprintln!(
+    tracing::info!(
         "training {n} virtual tokens × {} ({}, {} parameters) on {} ({} backend, {}), {} train rows, {} steps",
         encoder.width(),
         method.name(),
@@ -302,8 +302,9 @@ async fn train_one(
     if let Task::Classification { verbalizer, .. } = &task {
         prov.labels = verbalizer.labels().to_vec();
     }
-    if let Some(l) = outcome.losses.last() {
-        prov.metrics.insert("final_train_loss".into(), *l as f64);
+    // a resumed finished run takes no step: the checkpoint remembers the last loss
+    if let Some(l) = outcome.losses.last().copied().or(outcome.state.last_loss) {
+        prov.metrics.insert("final_train_loss".into(), l as f64);
     }
     if let Some(best) = outcome.state.best_metric {
         prov.metrics.insert(format!("dev_{metric_label}"), best);
@@ -326,7 +327,7 @@ async fn train_one(
             .insert(format!("zero_shot_test_{metric_label}"), z);
         report["zero_shot_test"] = z.into();
         report["tuned_test"] = tuned.into();
-        eprintln!(
+        tracing::info!(
             "test {metric_label}: zero-shot {:.4} -> tuned {:.4} ({} examples)",
             z,
             tuned,
@@ -350,7 +351,7 @@ async fn train_one(
         metadata,
     };
     write_prompt_dir(&a.output, &stored).await?;
-    eprintln!(
+    tracing::info!(
         "saved {} (PEFT layout) after {:.1} s",
         a.output.display(),
         secs
@@ -574,12 +575,20 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
     use std::sync::Arc;
 
     let api_key = match &a.api_key_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
+        Some(p) => {
+            let key = std::fs::read_to_string(p)
                 .with_context(|| format!("reading --api-key-file {}", p.display()))?
                 .trim()
-                .to_string(),
-        ),
+                .to_string();
+            // an empty key would start a server that refuses every request
+            if key.is_empty() {
+                bail!(
+                    "--api-key-file {} holds no key (empty or only whitespace)",
+                    p.display()
+                );
+            }
+            Some(key)
+        }
         None => std::env::var("SOFTPROMPT_API_KEY")
             .ok()
             .filter(|k| !k.is_empty()),
@@ -603,10 +612,10 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
     for name in store.names().await? {
         match store.load_for(&name, backbone.spec()).await {
             Ok(_) => count += 1,
-            Err(e) => eprintln!("warning: prompt `{name}` will not be served: {e}"),
+            Err(e) => tracing::warn!("prompt `{name}` will not be served: {e}"),
         }
     }
-    eprintln!(
+    tracing::info!(
         "serving {count} prompts from {} on http://{} ({} backend, {} batching{})",
         a.store.display(),
         listener.local_addr()?,
@@ -658,7 +667,7 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term => {}
         }
-        eprintln!("shutting down: finishing in-flight requests");
+        tracing::info!("shutting down: finishing in-flight requests");
     };
     softprompt::serve::serve(
         listener,

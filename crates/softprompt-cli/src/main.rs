@@ -16,23 +16,35 @@ use crate::args::{Cli, Command};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Structured logs on stderr through `tracing`: the server's request log and prompt events at
-/// `info` (RUST_LOG overrides), other commands' warnings only; JSON lines with
-/// `serve --log-format json`.
+/// Every command's progress lines and warnings on stderr through one `tracing` subscriber, at
+/// `info` (RUST_LOG overrides: `RUST_LOG=warn` keeps warnings only): the server's request log
+/// and prompt events with timestamps (JSON lines with `serve --log-format json`), the other
+/// commands' lines without (a person reads them as they come).
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
-    let (default, json) = match &cli.command {
-        Command::Serve(a) => ("info", a.log_format == args::LogFormat::Json),
-        _ => ("warn", false),
+    let (serve, json) = match &cli.command {
+        Command::Serve(a) => (true, a.log_format == args::LogFormat::Json),
+        _ => (false, false),
+    };
+    // the runtimes' own info logs (ONNX Runtime's session set-up) stay out of a command's lines
+    let default = if serve {
+        "info"
+    } else {
+        "warn,softprompt=info,softprompt_train=info"
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // colours only for a person at a terminal, never in a file or a pipe
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()
-    } else {
+    } else if serve {
         builder.try_init()
+    } else {
+        builder.without_time().with_target(false).try_init()
     };
 }
 

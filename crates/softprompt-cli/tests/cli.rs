@@ -87,6 +87,12 @@ fn train_eval_inspect_generate_resume() {
     assert!(o.status.success(), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(report["steps"], 20);
+    // the trainer's evaluations are logged through the same subscriber
+    assert!(
+        stderr(&o).contains(" INFO step 20: dev Accuracy = "),
+        "{}",
+        stderr(&o)
+    );
     let tuned = report["tuned_test"].as_f64().unwrap();
     assert!(
         tuned > report["zero_shot_test"].as_f64().unwrap(),
@@ -154,6 +160,18 @@ fn train_eval_inspect_generate_resume() {
     );
     let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(report["steps"], 30);
+    let final_loss = |p: &std::path::Path| -> Option<f64> {
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap())
+                .unwrap();
+        cfg["softprompt"]["metrics"]["final_train_loss"].as_f64()
+    };
+    let loss = final_loss(&prompt).expect("a trained prompt records its last loss");
+
+    // resuming the finished run takes no step and keeps the last loss it recorded
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(final_loss(&prompt), Some(loss));
 }
 
 #[test]
@@ -261,6 +279,21 @@ fn bad_inputs_give_clear_errors() {
         "{}",
         stderr(&o)
     );
+
+    // an empty key file would start a server that refuses every request: refused at start
+    let keys = dir.path().join("empty-key");
+    std::fs::write(&keys, " \n").unwrap();
+    let o = run(&[
+        "serve",
+        "--model",
+        &f.join("tiny-llama").display().to_string(),
+        "--store",
+        &dir.path().display().to_string(),
+        "--api-key-file",
+        &keys.display().to_string(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("holds no key"), "{}", stderr(&o));
 }
 
 /// The same stored prompt evaluated on every backend of this build gives the same loss and
@@ -627,6 +660,14 @@ fn train_needs_the_tasks_template_and_labels_and_derives_its_init_text() {
         config.contains("\"prompt_tuning_init_text\": \"Classify as negative or positive\""),
         "{config}"
     );
+    // the progress lines go through the tracing subscriber: levelled, no colour codes in a
+    // pipe, and RUST_LOG=warn keeps them out
+    let err = stderr(&o);
+    assert!(err.contains(" INFO training 20 virtual tokens"), "{err}");
+    assert!(!err.contains('\u{1b}'), "{err:?}");
+    let o = bin().args(&args).env("RUST_LOG", "warn").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("training"), "{}", stderr(&o));
 }
 
 /// `serve --log-format json` writes one JSON line per request (id, method, path, status,

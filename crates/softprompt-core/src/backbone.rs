@@ -59,6 +59,10 @@ pub trait DecodeSession {
     fn advance(&mut self, token: u32) -> Result<()>;
     /// Number of positions in the cache (virtual tokens included).
     fn position(&self) -> usize;
+    /// The most positions the sequence may reach (the model's context), when known.
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A frozen language model that takes soft prompts.

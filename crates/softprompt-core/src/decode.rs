@@ -52,6 +52,11 @@ pub trait BatchDecoder {
 
     /// Positions cached for `id` (virtual tokens included).
     fn position(&self, id: SeqId) -> Option<usize>;
+
+    /// The most positions a sequence may reach (the model's context), when known.
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The batch decoder of `backbone`: its own batched implementation when it has one
@@ -283,6 +288,10 @@ impl<K: DecodeKernels> Batcher<K> {
 }
 
 impl<K: DecodeKernels> BatchDecoder for Batcher<K> {
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.kernels.max_positions())
+    }
+
     fn add(&mut self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqId, Vec<f32>)> {
         let mut out = self.add_many(&[(prompt, ids)])?;
         Ok(out.remove(0))
@@ -440,6 +449,10 @@ impl DecodeSession for OneSequence<'_> {
 
     fn position(&self) -> usize {
         self.decoder.position(self.id).unwrap_or(0)
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        self.decoder.max_positions()
     }
 }
 

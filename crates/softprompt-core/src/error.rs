@@ -126,6 +126,13 @@ pub enum Error {
         /// Training step at which it appeared.
         step: u64,
     },
+    /// An evaluation whose scores are NaN or infinite: the model's weights or the prompt hold
+    /// such values, and no metric computed from them means anything.
+    #[error("non-finite {what}: the model or the prompt holds NaN or infinite values; no metric is reported")]
+    NonFiniteScores {
+        /// What was being scored.
+        what: String,
+    },
     /// A malformed line of a JSONL data file.
     #[error("{path}:{line}: {reason}")]
     Data {

@@ -70,6 +70,19 @@ pub fn generate(
     }
     let mut rng = Rng::seed_from_u64(params.seed);
     let mut session = backbone.start_decode(prompt, ids)?;
+    // the last new token is never fed back: `max_new_tokens - 1` more positions
+    if let Some(max) = session.max_positions() {
+        let at = session.position();
+        let need = at + params.max_new_tokens.saturating_sub(1);
+        if need > max {
+            return Err(Error::InvalidArgument(format!(
+                "{} new tokens after {at} positions (virtual tokens included) need {need} \
+                 positions; the model holds {max}: ask for at most {} new tokens",
+                params.max_new_tokens,
+                (max + 1).saturating_sub(at)
+            )));
+        }
+    }
     let mut tokens = Vec::new();
     while tokens.len() < params.max_new_tokens {
         let next = sample(session.logits(), params, &mut rng);

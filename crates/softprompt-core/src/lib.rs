@@ -37,5 +37,5 @@ pub use optimizer::{Optimizer, OptimizerKind};
 pub use prompt::{EncoderKind, Placement, PrefixCache, PromptInit, PromptMethod, SoftPrompt};
 pub use rng::Rng;
 pub use spec::BackboneSpec;
-pub use store::{PromptConfig, PromptInfo, PromptStore, StoredPrompt};
+pub use store::{process_alive, PromptConfig, PromptInfo, PromptStore, StoredPrompt};
 pub use tokenizer::{HfTokenizer, TextTokenizer};

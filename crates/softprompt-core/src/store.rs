@@ -269,3 +269,26 @@ pub trait PromptStore: Send + Sync {
         Ok(stored)
     }
 }
+
+/// Whether the process `pid` still runs (writers name their temporary files after their pid;
+/// a file of a process that is gone is stale). Where this cannot be known, `true`.
+pub fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Some(pid) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            return false;
+        };
+        match rustix::process::test_kill_process(pid) {
+            Ok(()) => true,
+            Err(e) => e == rustix::io::Errno::PERM,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}

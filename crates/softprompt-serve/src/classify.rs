@@ -109,7 +109,8 @@ pub async fn classify(
                 .encode(&ctx, true)
                 .map_err(|err| ApiError::bad_request(err.to_string()).param("input"))?;
             let longest = e.label_ids.iter().map(Vec::len).max().unwrap_or(1);
-            check_input_len(&state, e, ids.len(), longest)?;
+            // classification asks for no new tokens: the input is what is too long
+            check_input_len(&state, e, ids.len(), longest, ("input", "input"))?;
             if ids.is_empty() && e.prompt.num_virtual_tokens() == 0 {
                 return Err(ApiError::bad_request("input encodes to no tokens").param("input"));
             }

@@ -138,7 +138,13 @@ async fn completion_job(
         .tokenizer
         .encode(&text, true)
         .map_err(|e| ApiError::bad_request(e.to_string()).param("prompt"))?;
-    check_input_len(state, &entry, ids.len(), max_tokens)?;
+    check_input_len(
+        state,
+        &entry,
+        ids.len(),
+        max_tokens,
+        ("prompt", "max_tokens"),
+    )?;
     let params = GenerationParams {
         max_new_tokens: max_tokens,
         temperature,
@@ -155,12 +161,14 @@ async fn completion_job(
 }
 
 /// Errors unless the input fits `max_input_tokens` and, with the prompt and `new_tokens`
-/// generated tokens, the model's context.
+/// generated tokens, the model's context; the errors name the request fields `params` (the
+/// input's, then the one that asked for the new tokens).
 pub(crate) fn check_input_len(
     state: &AppState,
     entry: &Entry,
     len: usize,
     new_tokens: usize,
+    (input, new): (&'static str, &'static str),
 ) -> Result<(), ApiError> {
     let c = &state.config;
     if len > c.max_input_tokens {
@@ -168,7 +176,7 @@ pub(crate) fn check_input_len(
             "input is {len} tokens, over the server's max_input_tokens limit of {}",
             c.max_input_tokens
         ))
-        .param("prompt"));
+        .param(input));
     }
     let n = entry.prompt.num_virtual_tokens();
     if let Some(ctx) = c.context_length {
@@ -176,7 +184,7 @@ pub(crate) fn check_input_len(
             return Err(ApiError::bad_request(format!(
                 "{n} virtual + {len} input + {new_tokens} new tokens exceed the model's context of {ctx}"
             ))
-            .param("max_tokens"));
+            .param(new));
         }
     }
     Ok(())

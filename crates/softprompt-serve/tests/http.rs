@@ -755,6 +755,23 @@ async fn bad_requests_get_400s_that_name_the_problem() {
         ..ServeConfig::default()
     })
     .await;
+    // each too-long input names its own request field
+    for (path, body, field) in [
+        (
+            "/v1/completions",
+            json!({ "model": "writer", "prompt": "a long input ".repeat(10), "max_tokens": 4 }),
+            "prompt",
+        ),
+        (
+            "/v1/classify",
+            json!({ "model": "sent-a", "input": "a long input ".repeat(10) }),
+            "input",
+        ),
+    ] {
+        let (status, answer) = server.post(path, body).await;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"]["param"], field, "{path}: {answer}");
+    }
     let cases = [
         (
             "/v1/completions",

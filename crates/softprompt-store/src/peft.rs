@@ -29,28 +29,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Whether process `pid` is alive (a temporary entry of a live writer is not stale).
-fn alive(pid: u32) -> bool {
-    #[cfg(unix)]
-    {
-        let Some(pid) = i32::try_from(pid)
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        else {
-            return false;
-        };
-        match rustix::process::test_kill_process(pid) {
-            Ok(()) => true,
-            Err(e) => e == rustix::io::Errno::PERM,
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = pid;
-        true
-    }
-}
-
 /// Removes the temporary folders `.<name>.<pid>.<nanos>.tmp` that writers which no longer run
 /// left in `parent` (a writer killed before its swap).
 pub fn clean_stale(parent: &Path, name: &str) {
@@ -67,7 +45,7 @@ pub fn clean_stale(parent: &Path, name: &str) {
             continue;
         }
         let pid = rest.split('.').next().and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|p| !alive(p)) {
+        if pid.is_some_and(|p| !softprompt_core::process_alive(p)) {
             // a writer killed after its swap left the old folder here, maybe still holding
             // entries it was carrying over (a run directory): they go back first
             let dir = parent.join(name);

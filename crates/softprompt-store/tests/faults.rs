@@ -84,6 +84,85 @@ fn writer_child() {
     }
 }
 
+/// When run as a child (`SOFTPROMPT_FULL_DISK=dir`, `dir` a 64 KiB tmpfs): a save that runs out
+/// of space fails with the OS's error and leaves the previous prompt and no temporary entry; the
+/// next save that fits succeeds.
+#[test]
+fn full_disk_child() {
+    let Ok(root) = std::env::var("SOFTPROMPT_FULL_DISK") else {
+        return;
+    };
+    let root = Path::new(&root);
+    let dir = root.join("prompt");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(write_prompt_dir(&dir, &version(0))).unwrap();
+    // 40 × 512 f32 = 80 KiB: more than the whole file system
+    let big = SoftPrompt::new(40, 512, vec![0.5; 40 * 512]).unwrap();
+    let huge = StoredPrompt {
+        config: PromptConfig::for_backbone(&big, &spec(512)),
+        prompt: big,
+        metadata: Default::default(),
+    };
+    let err = rt.block_on(write_prompt_dir(&dir, &huge)).unwrap_err();
+    let enospc = match &err {
+        softprompt_core::Error::Io { source, .. } => source.raw_os_error() == Some(28),
+        _ => false,
+    };
+    assert!(enospc, "expected ENOSPC, got: {err}");
+    assert_eq!(whole(&dir), Ok(0), "the previous prompt survives");
+    let left: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "prompt")
+        .collect();
+    assert!(left.is_empty(), "temporary entries left: {left:?}");
+    rt.block_on(write_prompt_dir(&dir, &version(1))).unwrap();
+    assert_eq!(whole(&dir), Ok(1));
+    println!("FULL-DISK-OK: {err}");
+}
+
+#[test]
+fn a_full_disk_fails_the_save_and_loses_nothing() {
+    // a private mount namespace (as root, or through a user namespace) with a 64 KiB tmpfs
+    let mount = tempfile::tempdir().unwrap();
+    let script = r#"mount -t tmpfs -o size=64k tmpfs "$SOFTPROMPT_FULL_DISK" || exit 77
+exec "$0" --exact full_disk_child --nocapture --test-threads 1"#;
+    let run = |unshare: &[&str]| {
+        Command::new("unshare")
+            .args(unshare)
+            .args(["sh", "-c", script])
+            .arg(std::env::current_exe().unwrap())
+            .env("SOFTPROMPT_FULL_DISK", mount.path())
+            .output()
+    };
+    let out = match run(&["-m"]) {
+        Ok(o) if o.status.code() == Some(77) => run(&["-rm"]),
+        other => other,
+    };
+    let required = std::env::var("SOFTPROMPT_REQUIRE_FAULTS").is_ok_and(|v| v == "1");
+    let out = match out {
+        Ok(o) if o.status.code() != Some(77) => o,
+        other => {
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            assert!(!required, "no tmpfs for the full-disk test: {why}");
+            eprintln!("skipped: cannot mount a tmpfs here ({why})");
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("FULL-DISK-OK"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn writers_killed_at_random_points_never_leave_a_mixed_or_missing_folder() {
     let root = tempfile::tempdir().unwrap();

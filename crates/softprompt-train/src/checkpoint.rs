@@ -44,6 +44,10 @@ pub struct TrainState {
     /// a resumed run must match it field by field. Empty in checkpoints that predate it.
     #[serde(default)]
     pub identity: std::collections::BTreeMap<String, String>,
+    /// Mean training loss of the last completed step (so that resuming a finished run still
+    /// reports it). `None` before the first step and in checkpoints that predate it.
+    #[serde(default)]
+    pub last_loss: Option<f32>,
 }
 
 /// Writes `state` to `path` through a temporary file and a rename.
@@ -56,11 +60,37 @@ pub fn write_checkpoint(path: &Path, state: &TrainState) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    clean_stale(path);
+    let written = std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        // a full disk or a failed rename: the previous checkpoint stays, the partial copy goes
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Removes the temporary files `<name>.tmp.<pid>` beside `path` that writers which no longer
+/// run left (a run killed between writing and renaming its checkpoint).
+fn clean_stale(path: &Path) {
+    let (Some(dir), Some(stem)) = (path.parent(), path.file_stem()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{}.tmp.", stem.to_string_lossy());
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !softprompt_core::process_alive(p)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Reads a checkpoint written by [`write_checkpoint`].
@@ -86,4 +116,51 @@ pub fn read_checkpoint(path: &Path) -> Result<TrainState> {
         });
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> TrainState {
+        TrainState {
+            step: 3,
+            epoch: 0,
+            cursor: 0,
+            num_virtual_tokens: 1,
+            hidden_size: 2,
+            method: PromptMethod::PromptTuning,
+            prompt: vec![0.5, -0.5],
+            optimizer: serde_json::Value::Null,
+            best_metric: None,
+            best_prompt: None,
+            best_step: None,
+            evals_without_improvement: 0,
+            seed: 0,
+            rng: Rng::seed_from_u64(0),
+            backbone_fingerprint: "fp".into(),
+            identity: Default::default(),
+            last_loss: Some(0.25),
+        }
+    }
+
+    /// A write that fails at its last step (the rename, here onto a folder that holds a file)
+    /// leaves no partial copy behind.
+    #[test]
+    fn a_failed_write_removes_its_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.json");
+        write_checkpoint(&path, &state()).unwrap();
+        assert_eq!(read_checkpoint(&path).unwrap(), state());
+        let blocked = dir.path().join("blocked.json");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("x"), b"x").unwrap();
+        assert!(write_checkpoint(&blocked, &state()).is_err());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["blocked.json", "checkpoint.json"]);
+    }
 }

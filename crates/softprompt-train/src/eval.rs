@@ -32,9 +32,17 @@ pub fn rank_classify(
     }
     let c = set.candidates.len();
     let mut out = Vec::with_capacity(set.examples.len());
-    let pick = |logprobs: Vec<f64>| Prediction {
-        predicted: generate::argmax(&logprobs) as usize,
-        logprobs,
+    // a log-probability may be -inf (an impossible label), never NaN or +inf
+    let pick = |logprobs: Vec<f64>| -> Result<Prediction> {
+        if logprobs.iter().any(|v| v.is_nan() || *v == f64::INFINITY) {
+            return Err(Error::NonFiniteScores {
+                what: "label log-probabilities".into(),
+            });
+        }
+        Ok(Prediction {
+            predicted: generate::argmax(&logprobs) as usize,
+            logprobs,
+        })
     };
     if set.candidates.iter().all(|cand| cand.len() == 1) {
         // single-token labels: one row per example, every label read from the same position.
@@ -58,7 +66,7 @@ pub fn rank_classify(
                 &tokens,
             )?;
             for (i, logprobs) in chunk.iter().zip(lp) {
-                slots[*i] = Some(pick(logprobs));
+                slots[*i] = Some(pick(logprobs)?);
             }
         }
         out.extend(slots.into_iter().flatten());
@@ -75,7 +83,7 @@ pub fn rank_classify(
             .collect();
         let scores = backbone.score(std::slice::from_ref(prompt), &Batch::from_rows(&rows, 0)?)?;
         for e in 0..chunk.len() {
-            out.push(pick(scores.logprob_sum[e * c..(e + 1) * c].to_vec()));
+            out.push(pick(scores.logprob_sum[e * c..(e + 1) * c].to_vec())?);
         }
     }
     Ok(out)
@@ -134,6 +142,11 @@ pub fn mean_loss(
         let s = backbone.score(std::slice::from_ref(prompt), &Batch::from_rows(&rows, 0)?)?;
         sum -= s.logprob_sum.iter().sum::<f64>();
         count += s.num_targets.iter().sum::<usize>();
+    }
+    if sum.is_nan() || sum == f64::INFINITY {
+        return Err(Error::NonFiniteScores {
+            what: "target log-likelihoods".into(),
+        });
     }
     Ok(sum / count.max(1) as f64)
 }

@@ -275,6 +275,7 @@ impl<'a> Trainer<'a> {
             seed: self.config.seed,
             rng: Rng::seed_from_u64(self.config.seed ^ 0x5eed),
             backbone_fingerprint: self.backbone.spec().fingerprint.clone(),
+            last_loss: None,
         }
     }
 
@@ -326,6 +327,39 @@ impl<'a> Trainer<'a> {
             writeln!(f, "{line}").map_err(|e| Error::io(&path, e))?;
         }
         Ok(())
+    }
+
+    /// Drops the lines of `metrics.jsonl` past `step` (a run killed after logging steps its
+    /// last checkpoint does not hold, and a torn last line), so that a resumed run logs every
+    /// step once. Rewritten through a temporary file and a rename.
+    fn trim_metrics(&self, step: u64) -> Result<()> {
+        let Some(dir) = &self.config.run_dir else {
+            return Ok(());
+        };
+        let path = dir.join("metrics.jsonl");
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let mut kept = Vec::with_capacity(text.len());
+        let mut dropped = false;
+        for line in text.split_inclusive(|b| *b == b'\n') {
+            let at = serde_json::from_slice::<serde_json::Value>(line)
+                .ok()
+                .filter(|_| line.ends_with(b"\n"))
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+            match at {
+                Some(s) if s <= step => kept.extend_from_slice(line),
+                _ => dropped = true,
+            }
+        }
+        if !dropped {
+            return Ok(());
+        }
+        let tmp = path.with_extension(format!("jsonl.tmp.{}", std::process::id()));
+        std::fs::write(&tmp, &kept).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
     }
 
     fn checkpoint(&self, state: &TrainState) -> Result<()> {
@@ -424,6 +458,7 @@ impl<'a> Trainer<'a> {
             )));
         }
         self.optimizer.load_state(&state.optimizer)?;
+        self.trim_metrics(state.step)?;
         let n = state.num_virtual_tokens;
         let mut theta = state.prompt.clone();
         let mut prompt = encoder.prompt(&theta)?;
@@ -552,6 +587,7 @@ impl<'a> Trainer<'a> {
             state.step = step;
             state.prompt = theta.clone();
             state.optimizer = self.optimizer.state();
+            state.last_loss = Some(loss);
             losses.push(loss);
             let secs = started.elapsed().as_secs_f64().max(1e-9);
             self.log(serde_json::json!({
@@ -573,10 +609,10 @@ impl<'a> Trainer<'a> {
                 let value = self.evaluate(&prompt, dev)?;
                 outcome_evals.push(EvalRecord { step, value });
                 self.log(serde_json::json!({"step": step, "dev_metric": value, "metric": self.config.metric}))?;
-                bar.println(format!(
-                    "step {step}: dev {:?} = {value:.4}",
-                    self.config.metric
-                ));
+                // through the tracing subscriber, the bar hidden while the line is written
+                bar.suspend(|| {
+                    tracing::info!("step {step}: dev {:?} = {value:.4}", self.config.metric)
+                });
                 if state.best_metric.is_none_or(|b| value > b) {
                     state.best_metric = Some(value);
                     state.best_prompt = Some(theta.clone());
@@ -600,7 +636,7 @@ impl<'a> Trainer<'a> {
                 self.checkpoint(&state)?;
             }
             if stopped_early {
-                bar.println(format!("early stopping at step {step}"));
+                bar.suspend(|| tracing::info!("early stopping at step {step}"));
                 break;
             }
         }
