@@ -10,6 +10,7 @@ mod model;
 pub mod ops;
 mod options;
 mod runtime;
+mod vision;
 
 use candle_core::Tensor;
 pub use candle_core::{DType, Device};
@@ -17,6 +18,7 @@ use softprompt_core::Error;
 
 pub use crate::backbone::CandleBackbone;
 pub use crate::options::{parse_device, CandleOptions};
+pub use crate::vision::CandleVision;
 
 /// Result with softprompt's error type.
 pub type Result<T> = softprompt_core::Result<T>;

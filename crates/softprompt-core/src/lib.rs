@@ -19,6 +19,7 @@ pub mod rng;
 pub mod spec;
 pub mod store;
 pub mod tokenizer;
+pub mod vision;
 
 pub use backbone::{Backbone, Capabilities, DecodeSession, LossAndGrad, RowScores};
 pub use batch::{input_rows, prompt_slots, Batch, BatchRow, Positions};
@@ -39,3 +40,4 @@ pub use rng::Rng;
 pub use spec::BackboneSpec;
 pub use store::{process_alive, PromptConfig, PromptInfo, PromptStore, StoredPrompt};
 pub use tokenizer::{HfTokenizer, TextTokenizer};
+pub use vision::{Images, VisionBackbone, VisionSource, VitConfig};

@@ -20,6 +20,9 @@ pub enum Placement {
     /// Tokens inserted after a vision transformer's class token (visual prompt tuning):
     /// `width = hidden_size`.
     AfterClassToken,
+    /// Fresh tokens after the class token at every block of a vision transformer (VPT-deep):
+    /// block `l` takes columns `l·d..(l+1)·d`, `width = layers · hidden_size`.
+    DeepAfterClassToken,
 }
 
 impl Placement {
@@ -30,6 +33,7 @@ impl Placement {
             Placement::KeyValuePrefix => {
                 spec.num_layers * 2 * spec.num_key_value_heads * spec.head_dim
             }
+            Placement::DeepAfterClassToken => spec.num_layers * spec.hidden_size,
         }
     }
 
@@ -39,6 +43,7 @@ impl Placement {
             Placement::InputEmbeddings => "input_embeddings",
             Placement::KeyValuePrefix => "key_value_prefix",
             Placement::AfterClassToken => "after_class_token",
+            Placement::DeepAfterClassToken => "deep_after_class_token",
         }
     }
 }

@@ -89,6 +89,25 @@ impl<'a, O: Ops> Loader<'a, O> {
         Ok(Linear { w, b })
     }
 
+    /// A layer stored as `weight [out, ...]` (a convolution whose stride equals its kernel: a
+    /// patch projection) as a linear layer `[out, rest]` over flattened inputs, with `bias [out]`.
+    pub fn linear_flat(&mut self, prefix: &str, shape: &[usize]) -> Result<Linear<O::Tensor>> {
+        let name = format!("{prefix}.weight");
+        let w = self.weights.take(&name, shape)?;
+        let out = shape.first().copied().unwrap_or(0);
+        let inp = shape.iter().skip(1).product();
+        let w = self
+            .ops
+            .linear_weight(&name, HostTensor::new(vec![out, inp], w.data)?)?;
+        let b = self.tensor(&format!("{prefix}.bias"), &[out])?;
+        Ok(Linear { w, b: Some(b) })
+    }
+
+    /// A weight kept on the host as it is stored (a table the model reshapes per input).
+    pub fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        self.weights.take(name, shape)
+    }
+
     /// GPT-2's `Conv1D` under `prefix`: `weight [in, out]` (transposed here to a linear layer's
     /// `[out, in]`) and `bias [out]`.
     pub fn conv1d(&mut self, prefix: &str, inp: usize, out: usize) -> Result<Linear<O::Tensor>> {

@@ -182,6 +182,16 @@ impl ModelWeights {
             .collect();
     }
 
+    /// Renames every `…{from}…` to `…{to}…` (the first occurrence): one spelling for modules
+    /// that library versions name differently.
+    pub fn rename_part(&mut self, from: &str, to: &str) {
+        let tensors = std::mem::take(&mut self.tensors);
+        self.tensors = tensors
+            .into_iter()
+            .map(|(k, v)| (k.replacen(from, to, 1), v))
+            .collect();
+    }
+
     /// Total number of values.
     pub fn num_parameters(&self) -> usize {
         self.tensors.values().map(|t| t.data.len()).sum()

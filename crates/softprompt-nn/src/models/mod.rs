@@ -7,6 +7,7 @@
 pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
+pub mod vit;
 
 use softprompt_core::{ModelConfig, ModelWeights, Result};
 
@@ -16,6 +17,7 @@ use crate::ops::{Heads, Ops, Pass};
 pub use gemma3::Gemma3;
 pub use gpt2::Gpt2;
 pub use llama::Llama;
+pub use vit::{Vit, VitPrompt};
 
 /// A decoder of any supported family, its weights held as the runtime's tensors `T`.
 #[derive(Debug, Clone)]

@@ -1,0 +1,172 @@
+//! The vision transformer (one model file over the op seam) against transformers' Dinov2Model
+//! on the tiny random fixture: class-token features with no prompt, VPT-shallow and VPT-deep
+//! prompts, at the pretraining grid and at another (the position table resized bicubically),
+//! and the gradient of <features, dfeat> with respect to every prompt, also checked against
+//! finite differences.
+
+#![cfg(feature = "candle")]
+
+use safetensors::SafeTensors;
+use softprompt::candle::{CandleOptions, CandleVision};
+use softprompt::{Images, Placement, SoftPrompt, VisionBackbone};
+use softprompt_tests::fixture_model;
+
+struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    fn load() -> Self {
+        let path = fixture_model("tiny-dinov2").join("vit-reference.safetensors");
+        Reference {
+            bytes: std::fs::read(path).unwrap(),
+        }
+    }
+
+    fn f64s(&self, name: &str) -> (Vec<usize>, Vec<f64>) {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        (t.shape().to_vec(), v)
+    }
+
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        self.f64s(name).1.into_iter().map(|x| x as f32).collect()
+    }
+
+    fn index(&self) -> Vec<usize> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        st.tensor("prompt_index")
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize)
+            .collect()
+    }
+
+    fn prompts(&self, kind: &str) -> Vec<SoftPrompt> {
+        let (shape, v) = self.f64s(kind);
+        let (n, w) = (shape[1], shape[2]);
+        let placement = if kind == "deep" {
+            Placement::DeepAfterClassToken
+        } else {
+            Placement::AfterClassToken
+        };
+        v.chunks(n * w)
+            .map(|c| {
+                SoftPrompt::new(n, w, c.iter().map(|x| *x as f32).collect())
+                    .unwrap()
+                    .with_placement(placement)
+            })
+            .collect()
+    }
+
+    fn images(&self, size: usize) -> Images {
+        Images::new(3, 3, size, self.f32s(&format!("pixels_{size}"))).unwrap()
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn backbone() -> CandleVision {
+    CandleVision::load(fixture_model("tiny-dinov2"), CandleOptions::default()).unwrap()
+}
+
+#[test]
+fn features_match_transformers_with_and_without_prompts_at_two_resolutions() {
+    let r = Reference::load();
+    let b = backbone();
+    let index = r.index();
+    for size in [16, 24] {
+        let images = r.images(size);
+        let empty = [SoftPrompt::empty(32).with_placement(Placement::AfterClassToken)];
+        let none = b.features(&empty, &[0, 0, 0], &images).unwrap();
+        let diff = max_diff(&none, &r.f32s(&format!("features_none_{size}")));
+        eprintln!("{size} px, no prompt: max |Δ| = {diff:e}");
+        assert!(diff <= 1e-4, "{size} px, no prompt: {diff:e}");
+        for kind in ["shallow", "deep"] {
+            let prompts = r.prompts(kind);
+            let f = b.features(&prompts, &index, &images).unwrap();
+            let diff = max_diff(&f, &r.f32s(&format!("features_{kind}_{size}")));
+            eprintln!("{size} px, {kind}: max |Δ| = {diff:e}");
+            assert!(diff <= 1e-4, "{size} px, {kind}: {diff:e}");
+        }
+    }
+}
+
+#[test]
+fn prompt_gradients_match_transformers_and_finite_differences() {
+    let r = Reference::load();
+    let b = backbone();
+    let index = r.index();
+    for size in [16, 24] {
+        let images = r.images(size);
+        let dfeat = r.f32s(&format!("dfeat_{size}"));
+        for kind in ["shallow", "deep"] {
+            let prompts = r.prompts(kind);
+            let mut loss = |f: &[f32]| -> softprompt::Result<(f32, Vec<f32>)> {
+                let l = f.iter().zip(&dfeat).map(|(a, b)| a * b).sum();
+                Ok((l, dfeat.clone()))
+            };
+            let (_, grads) = b.features_grad(&prompts, &index, &images, &mut loss).unwrap();
+            let want = r.f32s(&format!("grad_{kind}_{size}"));
+            let got: Vec<f32> = grads.concat();
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = max_diff(&got, &want);
+            eprintln!("{size} px, {kind}: max |Δgrad| = {diff:e} (max |grad| {scale:e})");
+            assert!(diff <= 1e-4 * scale, "{size} px, {kind}: {diff:e}");
+
+            // central differences on a few coordinates of each prompt, in f64 over f32 features
+            let value = |ps: &[SoftPrompt]| -> f64 {
+                let f = b.features(ps, &index, &images).unwrap();
+                f.iter().zip(&dfeat).map(|(a, b)| *a as f64 * *b as f64).sum()
+            };
+            let eps = 1e-2f32;
+            for (p, g) in grads.iter().enumerate() {
+                for k in [0, g.len() / 2, g.len() - 1] {
+                    let mut plus = prompts.clone();
+                    plus[p].values_mut()[k] += eps;
+                    let mut minus = prompts.clone();
+                    minus[p].values_mut()[k] -= eps;
+                    let fd = (value(&plus) - value(&minus)) / (2.0 * eps as f64);
+                    let err = (fd - g[k] as f64).abs();
+                    assert!(
+                        err <= 2e-3 * (1.0 + fd.abs()),
+                        "{size} px {kind} prompt {p}[{k}]: fd {fd} vs {}",
+                        g[k]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_visual_inputs_are_refused_by_name() {
+    let r = Reference::load();
+    let b = backbone();
+    let images = r.images(16);
+    // a text placement, a wrong width, mismatched indices, images of another channel count
+    let text = SoftPrompt::new(2, 32, vec![0.0; 64]).unwrap();
+    let err = b.features(&[text], &[0, 0, 0], &images).unwrap_err();
+    assert!(err.to_string().contains("input_embeddings"), "{err}");
+    let wide = SoftPrompt::new(2, 64, vec![0.0; 128])
+        .unwrap()
+        .with_placement(Placement::AfterClassToken);
+    assert!(b.features(&[wide], &[0, 0, 0], &images).is_err());
+    let p = r.prompts("shallow");
+    assert!(b.features(&p, &[0, 2, 0], &images).is_err());
+    assert!(b.features(&p, &[0, 1], &images).is_err());
+    let grey = Images::new(1, 1, 16, vec![0.0; 256]).unwrap();
+    assert!(b.features(&p, &[0], &grey).is_err());
+}

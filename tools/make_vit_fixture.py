@@ -1,0 +1,94 @@
+"""The tiny random vision transformer fixture and its oracle (transformers' Dinov2Model).
+
+Writes tests/fixtures/tiny-dinov2/ (config.json + model.safetensors, transformers' own
+save_pretrained) and vit-reference.safetensors beside it: class-token features after the final
+norm for images at the pretraining grid and at another (the position table resized), with no
+prompt, a VPT-shallow prompt and a VPT-deep prompt per row, and the gradient of
+<features, dfeat> with respect to each prompt. Everything in float64.
+
+    .venv/bin/python tools/make_vit_fixture.py
+"""
+
+import os
+
+import torch
+from safetensors.torch import save_file
+from transformers import Dinov2Config, Dinov2Model
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny-dinov2")
+N_PROMPT = 3
+
+
+def vpt_features(model, pixels, prompts=None, deep=False):
+    """Class-token features of `pixels` with per-row prompt tokens after the class token (VPT):
+    at the input only (shallow, [B, N, d]) or fresh at every block (deep, [B, N, L*d])."""
+    d = model.config.hidden_size
+    x = model.embeddings(pixels)
+    n = 0
+    if prompts is not None:
+        n = prompts.shape[1]
+        first = prompts[:, :, :d] if deep else prompts
+        x = torch.cat([x[:, :1], first, x[:, 1:]], dim=1)
+    for i, layer in enumerate(model.encoder.layer):
+        if deep and i > 0:
+            x = torch.cat([x[:, :1], prompts[:, :, i * d : (i + 1) * d], x[:, 1 + n :]], dim=1)
+        x = layer(x)
+        if isinstance(x, tuple):
+            x = x[0]
+    return model.layernorm(x)[:, 0]
+
+
+def main():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    cfg = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=4,
+        patch_size=4,
+        image_size=16,
+        layerscale_value=1.0,
+        layer_norm_eps=1e-6,
+    )
+    model = Dinov2Model(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # HF initialises norms to 1/0, LayerScale to a constant and the class token to 0:
+            # random values exercise every one of them
+            if "norm" in name or name.endswith(".bias") or "lambda" in name or "cls_token" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    os.makedirs(ROOT, exist_ok=True)
+    model.save_pretrained(ROOT, safe_serialization=True)
+    model = model.double()
+    d, layers = cfg.hidden_size, cfg.num_hidden_layers
+
+    ref = {}
+    index = torch.tensor([0, 1, 0])
+    shallow = 0.5 * torch.randn((2, N_PROMPT, d), generator=gen, dtype=torch.float64)
+    deep = 0.5 * torch.randn((2, N_PROMPT, layers * d), generator=gen, dtype=torch.float64)
+    ref["prompt_index"] = index
+    ref["shallow"] = shallow
+    ref["deep"] = deep
+    for size in (16, 24):
+        pixels = torch.randn((3, 3, size, size), generator=gen, dtype=torch.float64)
+        ref[f"pixels_{size}"] = pixels
+        with torch.no_grad():
+            plain = vpt_features(model, pixels)
+            pooled = model(pixel_values=pixels).pooler_output
+        assert (plain - pooled).abs().max() < 1e-12, "the oracle's forward is Dinov2Model's"
+        ref[f"features_none_{size}"] = plain
+        dfeat = torch.randn(plain.shape, generator=gen, dtype=torch.float64)
+        ref[f"dfeat_{size}"] = dfeat
+        for kind, table in (("shallow", shallow), ("deep", deep)):
+            leaf = table.clone().requires_grad_(True)
+            feats = vpt_features(model, pixels, leaf[index], deep=(kind == "deep"))
+            (feats * dfeat).sum().backward()
+            ref[f"features_{kind}_{size}"] = feats.detach()
+            ref[f"grad_{kind}_{size}"] = leaf.grad.detach()
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(ROOT, "vit-reference.safetensors"))
+    print("tiny-dinov2:", {k: tuple(v.shape) for k, v in ref.items() if k.startswith("grad")})
+
+
+if __name__ == "__main__":
+    main()
