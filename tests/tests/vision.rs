@@ -118,7 +118,9 @@ fn prompt_gradients_match_transformers_and_finite_differences() {
                 let l = f.iter().zip(&dfeat).map(|(a, b)| a * b).sum();
                 Ok((l, dfeat.clone()))
             };
-            let (_, grads) = b.features_grad(&prompts, &index, &images, &mut loss).unwrap();
+            let (_, grads) = b
+                .features_grad(&prompts, &index, &images, &mut loss)
+                .unwrap();
             let want = r.f32s(&format!("grad_{kind}_{size}"));
             let got: Vec<f32> = grads.concat();
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -129,7 +131,10 @@ fn prompt_gradients_match_transformers_and_finite_differences() {
             // central differences on a few coordinates of each prompt, in f64 over f32 features
             let value = |ps: &[SoftPrompt]| -> f64 {
                 let f = b.features(ps, &index, &images).unwrap();
-                f.iter().zip(&dfeat).map(|(a, b)| *a as f64 * *b as f64).sum()
+                f.iter()
+                    .zip(&dfeat)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum()
             };
             let eps = 1e-2f32;
             for (p, g) in grads.iter().enumerate() {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
+use softprompt_core::vision::FeatureLoss;
 use softprompt_core::{
     BackboneSpec, Error, Images, Placement, SoftPrompt, VisionBackbone, VisionSource, VitConfig,
 };
@@ -172,7 +173,10 @@ impl CandleVision {
     fn stacked(&self, prompts: &[SoftPrompt], n: usize) -> CResult<Tensor> {
         let width = prompts[0].hidden_size();
         let values: Vec<f32> = prompts.iter().flat_map(|p| p.values().to_vec()).collect();
-        Ok(Tensor::from_vec(values, (prompts.len(), n, width), &self.device)?.to_dtype(self.dtype)?)
+        Ok(
+            Tensor::from_vec(values, (prompts.len(), n, width), &self.device)?
+                .to_dtype(self.dtype)?,
+        )
     }
 }
 
@@ -217,7 +221,7 @@ impl VisionBackbone for CandleVision {
         prompts: &[SoftPrompt],
         prompt_index: &[usize],
         images: &Images,
-        loss: &mut dyn FnMut(&[f32]) -> Result<(f32, Vec<f32>)>,
+        loss: &mut FeatureLoss<'_>,
     ) -> Result<(f32, Vec<Vec<f32>>)> {
         let (n, placement) = self.check(prompts, prompt_index, images)?;
         if n == 0 {

@@ -78,9 +78,14 @@ impl VitConfig {
         let image_size = int("image_size")?;
         let mlp_ratio = v.get("mlp_ratio").and_then(Value::as_f64).unwrap_or(4.0);
         if v.get("use_swiglu_ffn").and_then(Value::as_bool) == Some(true) {
-            return Err(bad("SwiGLU feed-forward ViTs (DINOv2 giant) are not supported".into()));
+            return Err(bad(
+                "SwiGLU feed-forward ViTs (DINOv2 giant) are not supported".into(),
+            ));
         }
-        let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("gelu");
+        let act = v
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("gelu");
         if act != "gelu" {
             return Err(bad(format!("hidden_act {act:?} (only gelu)")));
         }
@@ -91,10 +96,7 @@ impl VitConfig {
             intermediate_size: (hidden_size as f64 * mlp_ratio) as usize,
             patch_size,
             image_size,
-            num_channels: v
-                .get("num_channels")
-                .and_then(Value::as_u64)
-                .unwrap_or(3) as usize,
+            num_channels: v.get("num_channels").and_then(Value::as_u64).unwrap_or(3) as usize,
             layer_norm_eps: v
                 .get("layer_norm_eps")
                 .and_then(Value::as_f64)
@@ -276,7 +278,12 @@ pub fn resize_bicubic(table: &[f32], grid: usize, d: usize, h: usize, w: usize) 
 /// The patch positions of a ViT for a `gh × gw` grid from its stored table `[1, 1 + grid², d]`:
 /// the class token's row, and the patch rows resized when the grid differs (Hugging Face's
 /// `interpolate_pos_encoding`).
-pub fn positions_for(table: &HostTensor, grid: usize, gh: usize, gw: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+pub fn positions_for(
+    table: &HostTensor,
+    grid: usize,
+    gh: usize,
+    gw: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let d = *table.shape.last().unwrap_or(&0);
     if table.shape != [1, 1 + grid * grid, d] {
         return Err(Error::TensorShape {
@@ -355,6 +362,10 @@ impl Images {
     }
 }
 
+/// A loss computed on the host from class-token features `[rows, d]`: its value and its
+/// gradient with respect to the features.
+pub type FeatureLoss<'a> = dyn FnMut(&[f32]) -> Result<(f32, Vec<f32>)> + 'a;
+
 /// A frozen image model that takes visual prompts: the class token's features after the final
 /// norm, for prompt tokens inserted after the class token (VPT-shallow, `width = d`) or fresh
 /// at every block (VPT-deep, `width = layers · d`), or none (a linear probe).
@@ -386,7 +397,7 @@ pub trait VisionBackbone: Send + Sync {
         _prompts: &[SoftPrompt],
         _prompt_index: &[usize],
         _images: &Images,
-        _loss: &mut dyn FnMut(&[f32]) -> Result<(f32, Vec<f32>)>,
+        _loss: &mut FeatureLoss<'_>,
     ) -> Result<(f32, Vec<Vec<f32>>)> {
         Err(Error::unsupported(self.backend_name(), "gradients", None))
     }

@@ -158,6 +158,42 @@ pub fn load_backbone_with(
 #[cfg(feature = "candle")]
 use softprompt_candle::DType as candle_core_dtype;
 
+/// Reads a vision transformer: a Hugging Face `Dinov2Model` directory, or an `.onnx` file that
+/// PyTorch exported from one (its weights read back under Hugging Face names).
+pub fn load_vision_source(path: impl AsRef<Path>) -> Result<crate::VisionSource> {
+    let path = path.as_ref();
+    if softprompt_onnx::is_onnx(path) {
+        softprompt_onnx::load_vit(path)
+    } else {
+        crate::VisionSource::load(path)
+    }
+}
+
+/// Loads the vision transformer at `path` on backend `name` and `device`, in f32. Vision
+/// transformers run on candle in this build; the other backends say so.
+pub fn load_vision_backbone(
+    name: &str,
+    path: impl AsRef<Path>,
+    device: &str,
+) -> Result<Box<dyn crate::VisionBackbone>> {
+    match name {
+        #[cfg(feature = "candle")]
+        "candle" => {
+            let device = softprompt_candle::parse_device(device)?;
+            let opts = softprompt_candle::CandleOptions::new().with_device(device);
+            Ok(Box::new(softprompt_candle::CandleVision::from_source(
+                load_vision_source(path)?,
+                opts,
+            )?))
+        }
+        other => Err(Error::unsupported(
+            other,
+            "vision transformers",
+            Some("run them with --backend candle"),
+        )),
+    }
+}
+
 /// Exports the model at `model` (directory or `.gguf`) to the ONNX graph the ort backend runs
 /// (token ids, attention bias and per-row prompt embeddings in; label log-probabilities, logits
 /// at picked positions and the KV cache out); returns the number of bytes written.

@@ -15,12 +15,14 @@ mod backends;
 
 pub use backends::{
     available_backends, export_onnx, load_backbone, load_backbone_with, load_model_config,
-    load_model_source, load_tokenizer, matmul_flops, tch_cuda_available, BackendOptions, BACKENDS,
+    load_model_source, load_tokenizer, load_vision_backbone, load_vision_source, matmul_flops,
+    tch_cuda_available, BackendOptions, BACKENDS,
 };
 pub use softprompt_conformance as conformance;
 pub use softprompt_core::*;
 pub use softprompt_gguf as gguf;
 pub use softprompt_nn as nn;
+pub use softprompt_onnx as onnx;
 #[cfg(feature = "serve")]
 pub use softprompt_serve as serve;
 pub use softprompt_store as store;

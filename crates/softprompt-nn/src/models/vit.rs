@@ -84,7 +84,9 @@ impl<T: Clone> Vit<T> {
             let att = format!("{n}.attention.attention");
             let scale = |l: &mut Loader<'_, O>, k: usize| -> Result<Option<T>> {
                 if cfg.layerscale {
-                    Ok(Some(l.tensor(&format!("{n}.layer_scale{k}.lambda1"), &[d])?))
+                    Ok(Some(
+                        l.tensor(&format!("{n}.layer_scale{k}.lambda1"), &[d])?,
+                    ))
                 } else {
                     Ok(None)
                 }
