@@ -173,6 +173,9 @@ pub struct TaskArgs {
 pub enum TaskKind {
     Classification,
     Generation,
+    /// Images (`--images`) on a vision transformer (`--model` an `.onnx` file or a Dinov2Model
+    /// folder), with `--method linear|vpt-shallow|vpt-deep`.
+    ImageClassification,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -195,6 +198,12 @@ pub enum MethodKind {
     Prefix,
     /// P-tuning (Liu et al.): an encoder over virtual-token embeddings makes the prompt.
     PTuning,
+    /// Images: a linear head on frozen class-token features (the baseline).
+    Linear,
+    /// Images: prompt tokens after the class token at the input, and a linear head.
+    VptShallow,
+    /// Images: fresh prompt tokens after the class token at every block, and a linear head.
+    VptDeep,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -220,7 +229,23 @@ pub struct TrainArgs {
     pub task: TaskArgs,
     /// Training data (JSONL).
     #[arg(long)]
-    pub train: PathBuf,
+    pub train: Option<PathBuf>,
+    /// Image data (`--task image-classification`): `fashion-mnist` (Debian's
+    /// dataset-fashion-mnist, or $SOFTPROMPT_FASHION_MNIST).
+    #[arg(long)]
+    pub images: Option<String>,
+    /// Training images per class (`--task image-classification`).
+    #[arg(long, default_value_t = 16)]
+    pub shots: usize,
+    /// Test images per class, a fixed balanced subset (`--task image-classification`).
+    #[arg(long, default_value_t = 200)]
+    pub test_per_class: usize,
+    /// Input resolution of the vision transformer (224 native; 112 is 4× cheaper).
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// Learning rate of the linear head (`--task image-classification`).
+    #[arg(long, default_value_t = 1e-2)]
+    pub head_lr: f32,
     /// Development data (JSONL) for periodic evaluation, keep-best and early stopping.
     #[arg(long)]
     pub dev: Option<PathBuf>,

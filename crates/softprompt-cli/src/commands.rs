@@ -55,6 +55,9 @@ fn score(
 }
 
 pub(crate) async fn train(a: TrainArgs) -> Result<()> {
+    if a.task.task == crate::args::TaskKind::ImageClassification {
+        return crate::vision::train(a);
+    }
     let (backbone, tok) = load(&a.backend)?;
     let b = backbone.as_ref();
     if a.seeds.is_empty() {
@@ -110,7 +113,11 @@ async fn train_one(
     tok: &HfTokenizer,
 ) -> Result<serde_json::Value> {
     let task = task_of(&a.task, None, Defaults::Refuse)?;
-    let train_set = task.load(&a.train, tok, a.task.max_context)?;
+    let train_path = a
+        .train
+        .as_ref()
+        .context("--train FILE.jsonl is required for text tasks")?;
+    let train_set = task.load(train_path, tok, a.task.max_context)?;
     let dev_set = a
         .dev
         .as_deref()
@@ -153,6 +160,9 @@ async fn train_one(
         MethodKind::Prefix => PromptMethod::PrefixTuning {
             projection: (a.prefix_projection > 0).then_some(a.prefix_projection),
         },
+        MethodKind::Linear | MethodKind::VptShallow | MethodKind::VptDeep => {
+            bail!("--method linear/vpt-shallow/vpt-deep train images: add --task image-classification")
+        }
         MethodKind::PTuning => PromptMethod::PTuning {
             encoder: match a.encoder {
                 EncoderArg::Mlp => EncoderKind::Mlp,
@@ -169,7 +179,10 @@ async fn train_one(
     let run_dir = a.run_dir.clone().unwrap_or_else(|| a.output.join("run"));
     // what defines this run beyond the trainer's settings: a --resume must match it
     let mut identity = std::collections::BTreeMap::new();
-    for (key, path) in [("train_data", Some(&a.train)), ("dev_data", a.dev.as_ref())] {
+    for (key, path) in [
+        ("train_data", a.train.as_ref()),
+        ("dev_data", a.dev.as_ref()),
+    ] {
         if let Some(path) = path {
             let bytes =
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;

@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod commands;
 mod task;
+mod vision;
 
 use anyhow::Result;
 use clap::Parser;

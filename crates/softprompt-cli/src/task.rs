@@ -40,6 +40,11 @@ pub(crate) fn task_of(
     let template = Template::new(template)?;
     Ok(match t.task {
         TaskKind::Generation => Task::Generation { template },
+        TaskKind::ImageClassification => anyhow::bail!(
+            "--task image-classification trains on --images with a vision transformer: \
+             `softprompt train --task image-classification --images fashion-mnist --model vit.onnx \
+             --method vpt-shallow`"
+        ),
         TaskKind::Classification => {
             let verbalizer = match (&t.labels, prov.filter(|p| !p.labels.is_empty())) {
                 (Some(spec), _) => Verbalizer::parse(spec)?,

@@ -755,3 +755,143 @@ fn serve_logs_requests_and_prompt_loads_as_json_lines() {
         "{logged:?}"
     );
 }
+
+/// Writes gzip-compressed IDX files of `n` synthetic 28×28 images in two classes (bright or
+/// dark, with pixel noise) in Fashion-MNIST's layout.
+fn synthetic_fashion_mnist(dir: &std::path::Path, prefix: &str, n: usize, seed: u64) {
+    use std::io::Write;
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let label = (i % 2) as u8;
+        let base = if label == 0 { 180 } else { 30 };
+        for _ in 0..28 * 28 {
+            pixels.push(base + (next() % 40) as u8);
+        }
+        labels.push(label);
+    }
+    let write = |name: &str, magic: u32, dims: &[u32], data: &[u8]| {
+        let f = std::fs::File::create(dir.join(name)).unwrap();
+        let mut z = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        z.write_all(&magic.to_be_bytes()).unwrap();
+        for d in dims {
+            z.write_all(&d.to_be_bytes()).unwrap();
+        }
+        z.write_all(data).unwrap();
+        z.finish().unwrap();
+    };
+    write(
+        &format!("{prefix}-images-idx3-ubyte.gz"),
+        0x803,
+        &[n as u32, 28, 28],
+        &pixels,
+    );
+    write(
+        &format!("{prefix}-labels-idx1-ubyte.gz"),
+        0x801,
+        &[n as u32],
+        &labels,
+    );
+}
+
+/// `train --task image-classification` end to end on the tiny ViT: a linear probe and
+/// VPT-shallow/-deep over two seeds on synthetic striped images, saved as prompt folders.
+#[test]
+fn image_classification_trains_a_linear_probe_and_visual_prompts() {
+    let f = fixtures();
+    let data = tempfile::tempdir().unwrap();
+    synthetic_fashion_mnist(data.path(), "train", 64, 1);
+    synthetic_fashion_mnist(data.path(), "t10k", 40, 2);
+    let out = tempfile::tempdir().unwrap();
+    let model = f.join("tiny-dinov2").display().to_string();
+    for method in ["linear", "vpt-shallow", "vpt-deep"] {
+        let dir = out.path().join(method);
+        let o = bin()
+            .args([
+                "train",
+                "--task",
+                "image-classification",
+                "--images",
+                "fashion-mnist",
+                "--model",
+                &model,
+                "--method",
+                method,
+                "--num-virtual-tokens",
+                "2",
+                "--shots",
+                "8",
+                "--test-per-class",
+                "20",
+                "--image-size",
+                "16",
+                "--steps",
+                "150",
+                "--batch-size",
+                "8",
+                "--lr",
+                "0.05",
+                "--head-lr",
+                "0.1",
+                "--seeds",
+                "0,1",
+                "--output",
+                &dir.display().to_string(),
+            ])
+            .env("SOFTPROMPT_FASHION_MNIST", data.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let lines: Vec<serde_json::Value> = stdout(&o)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "two runs and a summary");
+        let mean = lines[2]["tuned_test_mean"].as_f64().unwrap();
+        assert!(
+            mean >= 0.9,
+            "{method}: bright and dark are told apart: {mean}"
+        );
+        assert_eq!(lines[0]["test_images"], 40);
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("seed-1/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], "VISUAL_PROMPT_TUNING");
+        let n = if method == "linear" { 0 } else { 2 };
+        assert_eq!(cfg["num_virtual_tokens"], n);
+        assert_eq!(cfg["classes"].as_array().unwrap().len(), 10);
+    }
+    // a text method with images, and images without a vision model, are refused by name
+    let o = bin()
+        .args([
+            "train",
+            "--task",
+            "image-classification",
+            "--images",
+            "fashion-mnist",
+            "--model",
+            &model,
+            "--method",
+            "prompt",
+            "--output",
+            "/nonexistent/x",
+        ])
+        .env("SOFTPROMPT_FASHION_MNIST", data.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("linear, vpt-shallow or vpt-deep"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -12,6 +12,7 @@ pub mod eval;
 pub mod free;
 pub mod optim;
 pub mod trainer;
+pub mod vision;
 
 pub use checkpoint::{read_checkpoint, write_checkpoint, TrainState};
 pub use data::{EncodedExample, EncodedSet, Task, Template, Verbalizer};

@@ -1,0 +1,194 @@
+//! `softprompt train --task image-classification`: a linear probe or visual prompt tuning of a
+//! frozen vision transformer, over one or several seeds, saved as a prompt folder.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use softprompt::train::vision::{
+    accuracy, load_fashion_mnist, train_classifier, ImageSet, VisionConfig, VisionMethod,
+    VisualClassifier,
+};
+use softprompt::VisionBackbone;
+
+use crate::args::{MethodKind, TrainArgs};
+
+/// Seed of the fixed test subset (the same whatever the training seed).
+const TEST_SEED: u64 = 1234;
+
+/// Fashion-MNIST's folder: $SOFTPROMPT_FASHION_MNIST or Debian's package's.
+fn fashion_mnist_dir() -> PathBuf {
+    std::env::var_os("SOFTPROMPT_FASHION_MNIST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/share/datasets/fashion-mnist"))
+}
+
+fn data(images: &str) -> Result<(ImageSet, ImageSet)> {
+    match images {
+        "fashion-mnist" => {
+            let dir = fashion_mnist_dir();
+            let load = |train| {
+                load_fashion_mnist(&dir, train).with_context(|| {
+                    format!(
+                        "reading Fashion-MNIST from {} (install Debian's dataset-fashion-mnist, \
+                         or set SOFTPROMPT_FASHION_MNIST)",
+                        dir.display()
+                    )
+                })
+            };
+            Ok((load(true)?, load(false)?))
+        }
+        other => bail!("--images {other}: this build reads `fashion-mnist`"),
+    }
+}
+
+/// The prompt folder of a trained classifier: `adapter_model.safetensors` (`prompt_embeddings
+/// [N, width]`, `head.weight [classes, d]`, `head.bias [classes]`) and `adapter_config.json`
+/// (PEFT's field names where they apply).
+fn save(
+    dir: &std::path::Path,
+    model: &VisualClassifier,
+    backbone: &dyn VisionBackbone,
+    model_path: &std::path::Path,
+) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let d = backbone.spec().hidden_size;
+    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let (p, w, b) = (
+        bytes(model.prompt.values()),
+        bytes(&model.head_w),
+        bytes(&model.head_b),
+    );
+    let n = model.prompt.num_virtual_tokens();
+    let width = model.prompt.hidden_size();
+    let c = model.head_b.len();
+    let tensors = vec![
+        (
+            "prompt_embeddings",
+            TensorView::new(Dtype::F32, vec![n, width], &p)?,
+        ),
+        ("head.weight", TensorView::new(Dtype::F32, vec![c, d], &w)?),
+        ("head.bias", TensorView::new(Dtype::F32, vec![c], &b)?),
+    ];
+    let weights = safetensors::serialize(tensors, None)?;
+    let config = serde_json::json!({
+        "peft_type": "VISUAL_PROMPT_TUNING",
+        "task_type": "IMAGE_CLASSIFICATION",
+        "base_model_name_or_path": model_path.display().to_string(),
+        "num_virtual_tokens": n,
+        "token_dim": d,
+        "num_layers": backbone.config().num_hidden_layers,
+        "placement": model.prompt.placement().as_str(),
+        "image_size": model.image_size,
+        "classes": model.classes,
+        "softprompt": {
+            "backbone_fingerprint": backbone.spec().fingerprint,
+            "weights_sha256": softprompt::store::sha256_hex(&weights),
+        },
+    });
+    let json = serde_json::to_vec_pretty(&config)?;
+    softprompt::store::write_folder(
+        dir,
+        &[
+            (softprompt::store::ADAPTER_WEIGHTS, &weights),
+            (softprompt::store::ADAPTER_CONFIG, &json),
+        ],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn train(a: TrainArgs) -> Result<()> {
+    let method = match a.method {
+        MethodKind::Linear => VisionMethod::Linear,
+        MethodKind::VptShallow => VisionMethod::VptShallow(a.num_virtual_tokens),
+        MethodKind::VptDeep => VisionMethod::VptDeep(a.num_virtual_tokens),
+        other => bail!(
+            "--task image-classification takes --method linear, vpt-shallow or vpt-deep (not {other:?})"
+        ),
+    };
+    let images = a
+        .images
+        .as_deref()
+        .context("--task image-classification needs --images (fashion-mnist)")?;
+    let b = &a.backend;
+    let backbone = softprompt::load_vision_backbone(&b.backend, &b.model, &b.device)
+        .with_context(|| format!("loading {} on {}", b.model.display(), b.backend))?;
+    let (train_set, test_set) = data(images)?;
+    let test = test_set.balanced(a.test_per_class, TEST_SEED);
+    let seeds = if a.seeds.is_empty() {
+        vec![a.seed]
+    } else {
+        a.seeds.clone()
+    };
+    tracing::info!(
+        "{} on {} ({} backend): {} shots per class, {} test images, {} px, {} steps",
+        method.name(),
+        b.model.display(),
+        backbone.backend_name(),
+        a.shots,
+        test.len(),
+        a.image_size,
+        a.steps
+    );
+    let mut scores = Vec::new();
+    for &seed in &seeds {
+        let config = VisionConfig {
+            method,
+            steps: a.steps as usize,
+            batch_size: a.batch_size,
+            lr: a.lr,
+            head_lr: a.head_lr,
+            image_size: a.image_size,
+            seed,
+            eval_batch_size: a.eval_batch_size,
+        };
+        let train = train_set.balanced(a.shots, seed);
+        let started = Instant::now();
+        let model = train_classifier(backbone.as_ref(), &train_set, &train, &config)?;
+        let train_secs = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let acc = accuracy(
+            backbone.as_ref(),
+            &model,
+            &test_set,
+            &test,
+            a.eval_batch_size,
+        )?;
+        let eval_secs = started.elapsed().as_secs_f64();
+        let out = if seeds.len() > 1 {
+            a.output.join(format!("seed-{seed}"))
+        } else {
+            a.output.clone()
+        };
+        save(&out, &model, backbone.as_ref(), &b.model)?;
+        let seen = (config.steps * config.batch_size.min(train.len())) as f64;
+        let report = serde_json::json!({
+            "seed": seed, "method": method.name(), "shots": a.shots,
+            "train_images": train.len(), "test_images": test.len(), "image_size": a.image_size,
+            "steps": config.steps, "final_train_loss": model.losses.last(),
+            "tuned_test": acc, "train_seconds": train_secs,
+            "train_images_per_s": if method == VisionMethod::Linear { serde_json::Value::Null } else { (seen / train_secs).into() },
+            "eval_images_per_s": test.len() as f64 / eval_secs,
+        });
+        println!("{report}");
+        scores.push(acc);
+    }
+    if scores.len() > 1 {
+        let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+        let sd = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>()
+            / (scores.len() - 1) as f64)
+            .sqrt();
+        tracing::info!(
+            "test over {} seeds: {:.2} ± {:.2} (sample sd)",
+            scores.len(),
+            100.0 * mean,
+            100.0 * sd
+        );
+        println!(
+            "{}",
+            serde_json::json!({"seeds": seeds, "method": method.name(), "shots": a.shots,
+                "tuned_test_mean": mean, "tuned_test_sd": sd})
+        );
+    }
+    Ok(())
+}

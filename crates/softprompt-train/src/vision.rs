@@ -1,0 +1,557 @@
+//! Image classification on a frozen vision transformer: data sets (Fashion-MNIST's IDX files),
+//! preprocessing (bilinear resize, grey to RGB, the model's normalisation), and training of a
+//! linear head alone (a linear probe) or with visual prompt tokens (VPT-shallow, VPT-deep).
+//!
+//! The head lives on the host: the backbone returns class-token features and, for prompts, the
+//! gradient of the host's cross-entropy through them ([`VisionBackbone::features_grad`]). A
+//! linear probe computes every training image's features once and trains the head on them.
+
+use std::io::Read;
+use std::path::Path;
+
+use softprompt_core::{
+    Error, Images, Optimizer, Placement, Result, Rng, SoftPrompt, VisionBackbone,
+};
+
+use crate::optim::AdamW;
+
+/// ImageNet's per-channel mean and standard deviation (what DINOv2 models expect).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// See [`IMAGENET_MEAN`].
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Labelled 8-bit images of one size (grey or RGB), row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSet {
+    /// Height and width in pixels.
+    pub height: usize,
+    /// See `height`.
+    pub width: usize,
+    /// 1 (grey) or 3 (RGB, channel-last).
+    pub channels: usize,
+    /// `len · height · width · channels` values.
+    pub pixels: Vec<u8>,
+    /// Class of each image.
+    pub labels: Vec<usize>,
+    /// Class names, by index.
+    pub classes: Vec<String>,
+}
+
+/// Fashion-MNIST's class names, by label.
+pub const FASHION_MNIST_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+/// Reads a gzip-compressed IDX file: its dimensions and bytes.
+fn read_idx(path: &Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    let bad = |reason: String| Error::Data {
+        path: path.to_path_buf(),
+        line: 0,
+        reason,
+    };
+    let word = |i: usize| -> Result<usize> {
+        bytes
+            .get(4 * i..4 * i + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| bad("truncated IDX header".into()))
+    };
+    if word(0)? != magic as usize {
+        return Err(bad(format!(
+            "IDX magic {:#x}, expected {magic:#x}",
+            word(0)?
+        )));
+    }
+    let dims: Vec<usize> = (1..=(magic & 0xff) as usize)
+        .map(word)
+        .collect::<Result<_>>()?;
+    let start = 4 * (1 + dims.len());
+    let n: usize = dims.iter().product();
+    if bytes.len() != start + n {
+        return Err(bad(format!(
+            "{} data bytes for dimensions {dims:?}",
+            bytes.len() - start
+        )));
+    }
+    Ok((dims, bytes[start..].to_vec()))
+}
+
+/// Fashion-MNIST from a folder of its four IDX files (Debian's `dataset-fashion-mnist`:
+/// `/usr/share/datasets/fashion-mnist`): the 60,000 training or the 10,000 test images.
+pub fn load_fashion_mnist(dir: &Path, train: bool) -> Result<ImageSet> {
+    let prefix = if train { "train" } else { "t10k" };
+    let (dims, pixels) = read_idx(&dir.join(format!("{prefix}-images-idx3-ubyte.gz")), 0x803)?;
+    let (ldims, labels) = read_idx(&dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), 0x801)?;
+    if ldims[0] != dims[0] {
+        return Err(Error::InvalidArgument(format!(
+            "{} Fashion-MNIST images but {} labels",
+            dims[0], ldims[0]
+        )));
+    }
+    let labels: Vec<usize> = labels.into_iter().map(usize::from).collect();
+    if let Some(l) = labels.iter().find(|l| **l >= 10) {
+        return Err(Error::InvalidArgument(format!(
+            "Fashion-MNIST label {l} (0..10)"
+        )));
+    }
+    Ok(ImageSet {
+        height: dims[1],
+        width: dims[2],
+        channels: 1,
+        pixels,
+        labels,
+        classes: FASHION_MNIST_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    })
+}
+
+impl ImageSet {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there is no image.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// `per_class` images of every class (fewer where a class has fewer), drawn with `seed`,
+    /// in a shuffled order: a few-shot training set or a balanced test subset.
+    pub fn balanced(&self, per_class: usize, seed: u64) -> Vec<usize> {
+        let mut rng = Rng::seed_from_u64(seed);
+        let mut picked = Vec::new();
+        for c in 0..self.classes.len() {
+            let mut of: Vec<usize> = (0..self.len()).filter(|i| self.labels[*i] == c).collect();
+            rng.shuffle(&mut of);
+            picked.extend(of.into_iter().take(per_class));
+        }
+        rng.shuffle(&mut picked);
+        picked
+    }
+
+    /// Images `indices` resized (bilinear, half-pixel centres) to `size × size`, grey copied to
+    /// three channels, scaled to [0, 1] and normalised with `mean`/`std`.
+    pub fn prepare(&self, indices: &[usize], size: usize, mean: [f32; 3], std: [f32; 3]) -> Images {
+        let (h, w, c) = (self.height, self.width, self.channels);
+        let taps = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
+            let scale = inp as f32 / out as f32;
+            (0..out)
+                .map(|o| {
+                    let src = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
+                    let i0 = (src.floor() as usize).min(inp - 1);
+                    let i1 = (i0 + 1).min(inp - 1);
+                    (i0, i1, src - i0 as f32)
+                })
+                .collect()
+        };
+        let (ty, tx) = (taps(size, h), taps(size, w));
+        let mut pixels = Vec::with_capacity(indices.len() * 3 * size * size);
+        for &i in indices {
+            let img = &self.pixels[i * h * w * c..(i + 1) * h * w * c];
+            for ch in 0..3 {
+                let src_ch = if c == 1 { 0 } else { ch };
+                let at = |y: usize, x: usize| img[(y * w + x) * c + src_ch] as f32 / 255.0;
+                for &(y0, y1, fy) in &ty {
+                    for &(x0, x1, fx) in &tx {
+                        let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
+                        let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
+                        let v = top * (1.0 - fy) + bottom * fy;
+                        pixels.push((v - mean[ch]) / std[ch]);
+                    }
+                }
+            }
+        }
+        Images {
+            rows: indices.len(),
+            channels: 3,
+            size,
+            pixels,
+        }
+    }
+}
+
+/// What is trained besides the linear head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VisionMethod {
+    /// The head alone, on frozen features (the baseline).
+    Linear,
+    /// `n` prompt tokens after the class token at the input.
+    VptShallow(usize),
+    /// `n` fresh prompt tokens after the class token at every block.
+    VptDeep(usize),
+}
+
+impl VisionMethod {
+    /// Name as in the CLI.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VisionMethod::Linear => "linear",
+            VisionMethod::VptShallow(_) => "vpt-shallow",
+            VisionMethod::VptDeep(_) => "vpt-deep",
+        }
+    }
+}
+
+/// Settings of an image-classification run.
+#[derive(Debug, Clone)]
+pub struct VisionConfig {
+    /// What is trained.
+    pub method: VisionMethod,
+    /// Optimizer steps (mini-batches).
+    pub steps: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// AdamW learning rate of the prompt.
+    pub lr: f32,
+    /// AdamW learning rate of the head.
+    pub head_lr: f32,
+    /// Input resolution (the model's native one, or less to save compute).
+    pub image_size: usize,
+    /// Seed of the initialisation and of the batch order.
+    pub seed: u64,
+    /// Images per forward pass when computing features without gradients.
+    pub eval_batch_size: usize,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        VisionConfig {
+            method: VisionMethod::VptShallow(10),
+            steps: 100,
+            batch_size: 16,
+            lr: 0.01,
+            head_lr: 0.01,
+            image_size: 224,
+            seed: 0,
+            eval_batch_size: 32,
+        }
+    }
+}
+
+/// A trained visual prompt and its linear head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisualClassifier {
+    /// Prompt tokens (zero of them for a linear probe).
+    pub prompt: SoftPrompt,
+    /// Head weight `[classes, d]`.
+    pub head_w: Vec<f32>,
+    /// Head bias `[classes]`.
+    pub head_b: Vec<f32>,
+    /// Class names.
+    pub classes: Vec<String>,
+    /// Input resolution it was trained at.
+    pub image_size: usize,
+    /// Mean training loss of each step.
+    pub losses: Vec<f32>,
+}
+
+/// `logits [rows, C]` of `features [rows, d]`.
+fn head_logits(f: &[f32], w: &[f32], b: &[f32], d: usize) -> Vec<f32> {
+    let c = b.len();
+    let rows = f.len() / d;
+    let mut out = vec![0f32; rows * c];
+    for r in 0..rows {
+        let x = &f[r * d..(r + 1) * d];
+        for k in 0..c {
+            let wk = &w[k * d..(k + 1) * d];
+            out[r * c + k] = b[k] + x.iter().zip(wk).map(|(a, b)| a * b).sum::<f32>();
+        }
+    }
+    out
+}
+
+/// Mean cross-entropy of `labels` under the head, and its gradients: to the features
+/// (`[rows, d]`), the weight and the bias.
+fn head_loss(
+    f: &[f32],
+    labels: &[usize],
+    w: &[f32],
+    b: &[f32],
+    d: usize,
+) -> (f32, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = b.len();
+    let rows = labels.len();
+    let logits = head_logits(f, w, b, d);
+    let (mut loss, mut df, mut dw, mut db) =
+        (0f64, vec![0f32; rows * d], vec![0f32; c * d], vec![0f32; c]);
+    for r in 0..rows {
+        let z = &logits[r * c..(r + 1) * c];
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = z.iter().map(|v| ((v - max) as f64).exp()).sum();
+        loss += sum.ln() + max as f64 - z[labels[r]] as f64;
+        for k in 0..c {
+            let p = (((z[k] - max) as f64).exp() / sum) as f32;
+            let g = (p - f32::from(k == labels[r])) / rows as f32;
+            db[k] += g;
+            for j in 0..d {
+                dw[k * d + j] += g * f[r * d + j];
+                df[r * d + j] += g * w[k * d + j];
+            }
+        }
+    }
+    ((loss / rows.max(1) as f64) as f32, df, dw, db)
+}
+
+/// Features of `indices` in batches, with `prompt`.
+fn features(
+    backbone: &dyn VisionBackbone,
+    prompt: &SoftPrompt,
+    set: &ImageSet,
+    indices: &[usize],
+    config: &VisionConfig,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(indices.len() * backbone.spec().hidden_size);
+    for chunk in indices.chunks(config.eval_batch_size.max(1)) {
+        let images = set.prepare(chunk, config.image_size, IMAGENET_MEAN, IMAGENET_STD);
+        let f = backbone.features(std::slice::from_ref(prompt), &vec![0; chunk.len()], &images)?;
+        out.extend(f);
+    }
+    Ok(out)
+}
+
+/// The prompt a method starts from: VPT's uniform initialisation `±√(6 / (3·p² + d))`.
+fn initial_prompt(
+    backbone: &dyn VisionBackbone,
+    method: VisionMethod,
+    rng: &mut Rng,
+) -> Result<SoftPrompt> {
+    let c = backbone.config();
+    let d = c.hidden_size;
+    let (n, placement, width) = match method {
+        VisionMethod::Linear => {
+            return Ok(SoftPrompt::empty(d).with_placement(Placement::AfterClassToken))
+        }
+        VisionMethod::VptShallow(n) => (n, Placement::AfterClassToken, d),
+        VisionMethod::VptDeep(n) => (n, Placement::DeepAfterClassToken, d * c.num_hidden_layers),
+    };
+    if n == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{} needs at least one prompt token",
+            method.name()
+        )));
+    }
+    let bound = (6.0 / (c.patch_dim() + d) as f64).sqrt() as f32;
+    let values = (0..n * width).map(|_| rng.uniform(-bound, bound)).collect();
+    Ok(SoftPrompt::new(n, width, values)?.with_placement(placement))
+}
+
+/// Trains `config.method` on the images `train` of `set`.
+pub fn train_classifier(
+    backbone: &dyn VisionBackbone,
+    set: &ImageSet,
+    train: &[usize],
+    config: &VisionConfig,
+) -> Result<VisualClassifier> {
+    if train.is_empty() {
+        return Err(Error::InvalidArgument("no training images".into()));
+    }
+    let d = backbone.spec().hidden_size;
+    let classes = set.classes.len();
+    let mut rng = Rng::seed_from_u64(config.seed);
+    let mut prompt = initial_prompt(backbone, config.method, &mut rng)?;
+    let (mut w, mut b) = (vec![0f32; classes * d], vec![0f32; classes]);
+    let (mut opt_w, mut opt_b, mut opt_p) = (AdamW::new(), AdamW::new(), AdamW::new());
+    let mut order: Vec<usize> = train.to_vec();
+    let bs = config.batch_size.clamp(1, train.len());
+    let mut cursor = train.len();
+    let mut losses = Vec::with_capacity(config.steps);
+    // a linear probe's features never change: computed once
+    let cached = match config.method {
+        VisionMethod::Linear => Some(features(backbone, &prompt, set, train, config)?),
+        _ => None,
+    };
+    let position: std::collections::HashMap<usize, usize> =
+        train.iter().enumerate().map(|(k, i)| (*i, k)).collect();
+    for step in 0..config.steps {
+        if cursor + bs > order.len() {
+            rng.shuffle(&mut order);
+            cursor = 0;
+        }
+        let batch = &order[cursor..cursor + bs];
+        cursor += bs;
+        let labels: Vec<usize> = batch.iter().map(|i| set.labels[*i]).collect();
+        let (loss, dw, db) = match &cached {
+            Some(all) => {
+                let f: Vec<f32> = batch
+                    .iter()
+                    .flat_map(|i| all[position[i] * d..(position[i] + 1) * d].iter().copied())
+                    .collect();
+                let (loss, _, dw, db) = head_loss(&f, &labels, &w, &b, d);
+                (loss, dw, db)
+            }
+            None => {
+                let images = set.prepare(batch, config.image_size, IMAGENET_MEAN, IMAGENET_STD);
+                let (mut dw, mut db) = (Vec::new(), Vec::new());
+                let mut host = |f: &[f32]| -> Result<(f32, Vec<f32>)> {
+                    let (loss, df, gw, gb) = head_loss(f, &labels, &w, &b, d);
+                    dw = gw;
+                    db = gb;
+                    Ok((loss, df))
+                };
+                let (loss, grads) = backbone.features_grad(
+                    std::slice::from_ref(&prompt),
+                    &vec![0; batch.len()],
+                    &images,
+                    &mut host,
+                )?;
+                let g = grads.into_iter().next().unwrap_or_default();
+                if g.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::NonFinite {
+                        what: "prompt gradient".into(),
+                        step: step as u64 + 1,
+                    });
+                }
+                opt_p.step(prompt.values_mut(), &g, config.lr)?;
+                (loss, dw, db)
+            }
+        };
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                what: "loss".into(),
+                step: step as u64 + 1,
+            });
+        }
+        opt_w.step(&mut w, &dw, config.head_lr)?;
+        opt_b.step(&mut b, &db, config.head_lr)?;
+        losses.push(loss);
+    }
+    Ok(VisualClassifier {
+        prompt,
+        head_w: w,
+        head_b: b,
+        classes: set.classes.clone(),
+        image_size: config.image_size,
+        losses,
+    })
+}
+
+/// Predicted class of each image `indices` of `set`.
+pub fn predict(
+    backbone: &dyn VisionBackbone,
+    model: &VisualClassifier,
+    set: &ImageSet,
+    indices: &[usize],
+    eval_batch_size: usize,
+) -> Result<Vec<usize>> {
+    let d = backbone.spec().hidden_size;
+    let config = VisionConfig {
+        image_size: model.image_size,
+        eval_batch_size,
+        ..VisionConfig::default()
+    };
+    let f = features(backbone, &model.prompt, set, indices, &config)?;
+    let logits = head_logits(&f, &model.head_w, &model.head_b, d);
+    let c = model.head_b.len();
+    let mut out = Vec::with_capacity(indices.len());
+    for z in logits.chunks(c) {
+        if z.iter().any(|v| v.is_nan()) {
+            return Err(Error::NonFiniteScores {
+                what: "class logits".into(),
+            });
+        }
+        out.push(softprompt_core::generate::argmax(z) as usize);
+    }
+    Ok(out)
+}
+
+/// Fraction of `indices` classified correctly.
+pub fn accuracy(
+    backbone: &dyn VisionBackbone,
+    model: &VisualClassifier,
+    set: &ImageSet,
+    indices: &[usize],
+    eval_batch_size: usize,
+) -> Result<f64> {
+    let pred = predict(backbone, model, set, indices, eval_batch_size)?;
+    let right = pred
+        .iter()
+        .zip(indices)
+        .filter(|(p, i)| **p == set.labels[**i])
+        .count();
+    Ok(right as f64 / indices.len().max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_gradients_match_finite_differences() {
+        let d = 3;
+        let f = vec![0.5, -1.0, 2.0, 0.1, 0.3, -0.7];
+        let w = vec![0.2, -0.1, 0.4, 0.0, 0.3, -0.2];
+        let b = vec![0.1, -0.3];
+        let labels = [1, 0];
+        let (_, df, dw, db) = head_loss(&f, &labels, &w, &b, d);
+        let eps = 1e-3;
+        let fd = |g: &dyn Fn(f32) -> f32| (g(eps) - g(-eps)) / (2.0 * eps);
+        for i in 0..f.len() {
+            let num = fd(&|e| {
+                let mut f2 = f.clone();
+                f2[i] += e;
+                head_loss(&f2, &labels, &w, &b, d).0
+            });
+            assert!((num - df[i]).abs() < 1e-3, "df[{i}]: {num} vs {}", df[i]);
+        }
+        for i in 0..w.len() {
+            let num = fd(&|e| {
+                let mut w2 = w.clone();
+                w2[i] += e;
+                head_loss(&f, &labels, &w2, &b, d).0
+            });
+            assert!((num - dw[i]).abs() < 1e-3, "dw[{i}]: {num} vs {}", dw[i]);
+        }
+        for i in 0..b.len() {
+            let num = fd(&|e| {
+                let mut b2 = b.clone();
+                b2[i] += e;
+                head_loss(&f, &labels, &w, &b2, d).0
+            });
+            assert!((num - db[i]).abs() < 1e-3, "db[{i}]: {num} vs {}", db[i]);
+        }
+    }
+
+    #[test]
+    fn prepare_resizes_and_normalises() {
+        // one 2×2 grey image: a constant image stays constant after resizing
+        let set = ImageSet {
+            height: 2,
+            width: 2,
+            channels: 1,
+            pixels: vec![255, 255, 255, 255],
+            labels: vec![0],
+            classes: vec!["a".into()],
+        };
+        let img = set.prepare(&[0], 5, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]);
+        assert_eq!((img.rows, img.channels, img.size), (1, 3, 5));
+        assert!(img.pixels.iter().all(|v| (v - 1.0).abs() < 1e-6));
+        // balanced picks: per class, no repeats
+        let set = ImageSet {
+            labels: vec![0, 1, 0, 1, 1],
+            classes: vec!["a".into(), "b".into()],
+            pixels: vec![0; 5 * 4],
+            ..set
+        };
+        let mut p = set.balanced(2, 3);
+        assert_eq!(p.len(), 4);
+        p.sort();
+        p.dedup();
+        assert_eq!(p.len(), 4);
+    }
+}
