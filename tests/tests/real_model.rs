@@ -433,69 +433,74 @@ fn vit_features_and_prompt_gradients_match_transformers() {
             .collect();
         (t.shape().to_vec(), v)
     };
-    let b = softprompt::load_vision_backbone("candle", dir.join(VIT), "cpu").unwrap();
-    let c = b.config().clone();
-    assert_eq!(
-        (
-            c.hidden_size,
-            c.num_hidden_layers,
-            c.num_attention_heads,
-            c.patch_size,
-            c.image_size
-        ),
-        (384, 12, 6, 14, 518)
-    );
-    let prompts = |kind: &str| -> Vec<SoftPrompt> {
-        let (shape, v) = f64s(kind);
-        let placement = if kind == "deep" {
-            Placement::DeepAfterClassToken
-        } else {
-            Placement::AfterClassToken
-        };
-        v.chunks(shape[1] * shape[2])
-            .map(|x| {
-                SoftPrompt::new(shape[1], shape[2], x.to_vec())
-                    .unwrap()
-                    .with_placement(placement)
-            })
-            .collect()
-    };
-    let worst = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-    };
-    for size in [224, 112] {
-        let images = Images::new(2, 3, size, f64s(&format!("pixels_{size}")).1).unwrap();
-        let empty = [SoftPrompt::empty(384).with_placement(Placement::AfterClassToken)];
-        let none = b.features(&empty, &[0, 0], &images).unwrap();
-        let diff = worst(&none, &f64s(&format!("features_none_{size}")).1);
-        eprintln!("ViT-S {size} px, no prompt: max |Δ| = {diff:e}");
-        assert!(diff <= 1e-3, "{size} px: {diff:e}");
-        let dfeat = f64s(&format!("dfeat_{size}")).1;
-        for kind in ["shallow", "deep"] {
-            let ps = prompts(kind);
-            let f = b.features(&ps, &[0, 1], &images).unwrap();
-            let diff = worst(&f, &f64s(&format!("features_{kind}_{size}")).1);
-            let mut loss = |f: &[f32]| -> softprompt::Result<(f32, Vec<f32>)> {
-                Ok((
-                    f.iter().zip(&dfeat).map(|(a, b)| a * b).sum(),
-                    dfeat.clone(),
-                ))
+    for backend in softprompt::available_backends() {
+        if backend == "ort" {
+            continue;
+        }
+        let b = softprompt::load_vision_backbone(backend, dir.join(VIT), "cpu").unwrap();
+        let c = b.config().clone();
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.patch_size,
+                c.image_size
+            ),
+            (384, 12, 6, 14, 518)
+        );
+        let prompts = |kind: &str| -> Vec<SoftPrompt> {
+            let (shape, v) = f64s(kind);
+            let placement = if kind == "deep" {
+                Placement::DeepAfterClassToken
+            } else {
+                Placement::AfterClassToken
             };
-            let (_, grads) = b.features_grad(&ps, &[0, 1], &images, &mut loss).unwrap();
-            let want = f64s(&format!("grad_{kind}_{size}")).1;
-            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let gdiff = worst(&grads.concat(), &want);
-            eprintln!(
-                "ViT-S {size} px, {kind}: max |Δ| = {diff:e}, max |Δgrad| = {gdiff:e} (max |grad| {scale:e})"
+            v.chunks(shape[1] * shape[2])
+                .map(|x| {
+                    SoftPrompt::new(shape[1], shape[2], x.to_vec())
+                        .unwrap()
+                        .with_placement(placement)
+                })
+                .collect()
+        };
+        let worst = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        for size in [224, 112] {
+            let images = Images::new(2, 3, size, f64s(&format!("pixels_{size}")).1).unwrap();
+            let empty = [SoftPrompt::empty(384).with_placement(Placement::AfterClassToken)];
+            let none = b.features(&empty, &[0, 0], &images).unwrap();
+            let diff = worst(&none, &f64s(&format!("features_none_{size}")).1);
+            eprintln!("{backend} ViT-S {size} px, no prompt: max |Δ| = {diff:e}");
+            assert!(diff <= 1e-3, "{size} px: {diff:e}");
+            let dfeat = f64s(&format!("dfeat_{size}")).1;
+            for kind in ["shallow", "deep"] {
+                let ps = prompts(kind);
+                let f = b.features(&ps, &[0, 1], &images).unwrap();
+                let diff = worst(&f, &f64s(&format!("features_{kind}_{size}")).1);
+                let mut loss = |f: &[f32]| -> softprompt::Result<(f32, Vec<f32>)> {
+                    Ok((
+                        f.iter().zip(&dfeat).map(|(a, b)| a * b).sum(),
+                        dfeat.clone(),
+                    ))
+                };
+                let (_, grads) = b.features_grad(&ps, &[0, 1], &images, &mut loss).unwrap();
+                let want = f64s(&format!("grad_{kind}_{size}")).1;
+                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let gdiff = worst(&grads.concat(), &want);
+                eprintln!(
+                "{backend} ViT-S {size} px, {kind}: max |Δ| = {diff:e}, max |Δgrad| = {gdiff:e} (max |grad| {scale:e})"
             );
-            assert!(diff <= 1e-3, "{size} px {kind}: {diff:e}");
-            assert!(
-                gdiff <= 1e-3 * scale,
-                "{size} px {kind}: {gdiff:e} of {scale:e}"
-            );
+                assert!(diff <= 1e-3, "{size} px {kind}: {diff:e}");
+                assert!(
+                    gdiff <= 1e-3 * scale,
+                    "{size} px {kind}: {gdiff:e} of {scale:e}"
+                );
+            }
         }
     }
 }

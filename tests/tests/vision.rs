@@ -1,13 +1,10 @@
-//! The vision transformer (one model file over the op seam) against transformers' Dinov2Model
-//! on the tiny random fixture: class-token features with no prompt, VPT-shallow and VPT-deep
+//! The vision transformer (one model file over the op seam), on every backend that runs it,
+//! against transformers' Dinov2Model on the tiny random fixture: class-token features with no prompt, VPT-shallow and VPT-deep
 //! prompts, at the pretraining grid and at another (the position table resized bicubically),
 //! and the gradient of <features, dfeat> with respect to every prompt, also checked against
 //! finite differences.
 
-#![cfg(feature = "candle")]
-
 use safetensors::SafeTensors;
-use softprompt::candle::{CandleOptions, CandleVision};
 use softprompt::{Images, Placement, SoftPrompt, VisionBackbone};
 use softprompt_tests::fixture_model;
 
@@ -78,28 +75,35 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn backbone() -> CandleVision {
-    CandleVision::load(fixture_model("tiny-dinov2"), CandleOptions::default()).unwrap()
+/// The fixture on every compiled-in backend that runs vision transformers (not ort).
+fn backbones() -> Vec<Box<dyn VisionBackbone>> {
+    softprompt::available_backends()
+        .into_iter()
+        .filter(|b| *b != "ort")
+        .map(|b| softprompt::load_vision_backbone(b, fixture_model("tiny-dinov2"), "cpu").unwrap())
+        .collect()
 }
 
 #[test]
 fn features_match_transformers_with_and_without_prompts_at_two_resolutions() {
     let r = Reference::load();
-    let b = backbone();
-    let index = r.index();
-    for size in [16, 24] {
-        let images = r.images(size);
-        let empty = [SoftPrompt::empty(32).with_placement(Placement::AfterClassToken)];
-        let none = b.features(&empty, &[0, 0, 0], &images).unwrap();
-        let diff = max_diff(&none, &r.f32s(&format!("features_none_{size}")));
-        eprintln!("{size} px, no prompt: max |Δ| = {diff:e}");
-        assert!(diff <= 1e-4, "{size} px, no prompt: {diff:e}");
-        for kind in ["shallow", "deep"] {
-            let prompts = r.prompts(kind);
-            let f = b.features(&prompts, &index, &images).unwrap();
-            let diff = max_diff(&f, &r.f32s(&format!("features_{kind}_{size}")));
-            eprintln!("{size} px, {kind}: max |Δ| = {diff:e}");
-            assert!(diff <= 1e-4, "{size} px, {kind}: {diff:e}");
+    for b in backbones() {
+        let b = b.as_ref();
+        let index = r.index();
+        for size in [16, 24] {
+            let images = r.images(size);
+            let empty = [SoftPrompt::empty(32).with_placement(Placement::AfterClassToken)];
+            let none = b.features(&empty, &[0, 0, 0], &images).unwrap();
+            let diff = max_diff(&none, &r.f32s(&format!("features_none_{size}")));
+            eprintln!("{size} px, no prompt: max |Δ| = {diff:e}");
+            assert!(diff <= 1e-4, "{size} px, no prompt: {diff:e}");
+            for kind in ["shallow", "deep"] {
+                let prompts = r.prompts(kind);
+                let f = b.features(&prompts, &index, &images).unwrap();
+                let diff = max_diff(&f, &r.f32s(&format!("features_{kind}_{size}")));
+                eprintln!("{} {size} px, {kind}: max |Δ| = {diff:e}", b.backend_name());
+                assert!(diff <= 1e-4, "{size} px, {kind}: {diff:e}");
+            }
         }
     }
 }
@@ -107,49 +111,51 @@ fn features_match_transformers_with_and_without_prompts_at_two_resolutions() {
 #[test]
 fn prompt_gradients_match_transformers_and_finite_differences() {
     let r = Reference::load();
-    let b = backbone();
-    let index = r.index();
-    for size in [16, 24] {
-        let images = r.images(size);
-        let dfeat = r.f32s(&format!("dfeat_{size}"));
-        for kind in ["shallow", "deep"] {
-            let prompts = r.prompts(kind);
-            let mut loss = |f: &[f32]| -> softprompt::Result<(f32, Vec<f32>)> {
-                let l = f.iter().zip(&dfeat).map(|(a, b)| a * b).sum();
-                Ok((l, dfeat.clone()))
-            };
-            let (_, grads) = b
-                .features_grad(&prompts, &index, &images, &mut loss)
-                .unwrap();
-            let want = r.f32s(&format!("grad_{kind}_{size}"));
-            let got: Vec<f32> = grads.concat();
-            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let diff = max_diff(&got, &want);
-            eprintln!("{size} px, {kind}: max |Δgrad| = {diff:e} (max |grad| {scale:e})");
-            assert!(diff <= 1e-4 * scale, "{size} px, {kind}: {diff:e}");
+    for b in backbones() {
+        let b = b.as_ref();
+        let index = r.index();
+        for size in [16, 24] {
+            let images = r.images(size);
+            let dfeat = r.f32s(&format!("dfeat_{size}"));
+            for kind in ["shallow", "deep"] {
+                let prompts = r.prompts(kind);
+                let mut loss = |f: &[f32]| -> softprompt::Result<(f32, Vec<f32>)> {
+                    let l = f.iter().zip(&dfeat).map(|(a, b)| a * b).sum();
+                    Ok((l, dfeat.clone()))
+                };
+                let (_, grads) = b
+                    .features_grad(&prompts, &index, &images, &mut loss)
+                    .unwrap();
+                let want = r.f32s(&format!("grad_{kind}_{size}"));
+                let got: Vec<f32> = grads.concat();
+                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let diff = max_diff(&got, &want);
+                eprintln!("{size} px, {kind}: max |Δgrad| = {diff:e} (max |grad| {scale:e})");
+                assert!(diff <= 1e-4 * scale, "{size} px, {kind}: {diff:e}");
 
-            // central differences on a few coordinates of each prompt, in f64 over f32 features
-            let value = |ps: &[SoftPrompt]| -> f64 {
-                let f = b.features(ps, &index, &images).unwrap();
-                f.iter()
-                    .zip(&dfeat)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum()
-            };
-            let eps = 1e-2f32;
-            for (p, g) in grads.iter().enumerate() {
-                for k in [0, g.len() / 2, g.len() - 1] {
-                    let mut plus = prompts.clone();
-                    plus[p].values_mut()[k] += eps;
-                    let mut minus = prompts.clone();
-                    minus[p].values_mut()[k] -= eps;
-                    let fd = (value(&plus) - value(&minus)) / (2.0 * eps as f64);
-                    let err = (fd - g[k] as f64).abs();
-                    assert!(
-                        err <= 2e-3 * (1.0 + fd.abs()),
-                        "{size} px {kind} prompt {p}[{k}]: fd {fd} vs {}",
-                        g[k]
-                    );
+                // central differences on a few coordinates of each prompt, in f64 over f32 features
+                let value = |ps: &[SoftPrompt]| -> f64 {
+                    let f = b.features(ps, &index, &images).unwrap();
+                    f.iter()
+                        .zip(&dfeat)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum()
+                };
+                let eps = 1e-2f32;
+                for (p, g) in grads.iter().enumerate() {
+                    for k in [0, g.len() / 2, g.len() - 1] {
+                        let mut plus = prompts.clone();
+                        plus[p].values_mut()[k] += eps;
+                        let mut minus = prompts.clone();
+                        minus[p].values_mut()[k] -= eps;
+                        let fd = (value(&plus) - value(&minus)) / (2.0 * eps as f64);
+                        let err = (fd - g[k] as f64).abs();
+                        assert!(
+                            err <= 2e-3 * (1.0 + fd.abs()),
+                            "{size} px {kind} prompt {p}[{k}]: fd {fd} vs {}",
+                            g[k]
+                        );
+                    }
                 }
             }
         }
@@ -159,19 +165,21 @@ fn prompt_gradients_match_transformers_and_finite_differences() {
 #[test]
 fn bad_visual_inputs_are_refused_by_name() {
     let r = Reference::load();
-    let b = backbone();
-    let images = r.images(16);
-    // a text placement, a wrong width, mismatched indices, images of another channel count
-    let text = SoftPrompt::new(2, 32, vec![0.0; 64]).unwrap();
-    let err = b.features(&[text], &[0, 0, 0], &images).unwrap_err();
-    assert!(err.to_string().contains("input_embeddings"), "{err}");
-    let wide = SoftPrompt::new(2, 64, vec![0.0; 128])
-        .unwrap()
-        .with_placement(Placement::AfterClassToken);
-    assert!(b.features(&[wide], &[0, 0, 0], &images).is_err());
-    let p = r.prompts("shallow");
-    assert!(b.features(&p, &[0, 2, 0], &images).is_err());
-    assert!(b.features(&p, &[0, 1], &images).is_err());
-    let grey = Images::new(1, 1, 16, vec![0.0; 256]).unwrap();
-    assert!(b.features(&p, &[0], &grey).is_err());
+    for b in backbones() {
+        let b = b.as_ref();
+        let images = r.images(16);
+        // a text placement, a wrong width, mismatched indices, images of another channel count
+        let text = SoftPrompt::new(2, 32, vec![0.0; 64]).unwrap();
+        let err = b.features(&[text], &[0, 0, 0], &images).unwrap_err();
+        assert!(err.to_string().contains("input_embeddings"), "{err}");
+        let wide = SoftPrompt::new(2, 64, vec![0.0; 128])
+            .unwrap()
+            .with_placement(Placement::AfterClassToken);
+        assert!(b.features(&[wide], &[0, 0, 0], &images).is_err());
+        let p = r.prompts("shallow");
+        assert!(b.features(&p, &[0, 2, 0], &images).is_err());
+        assert!(b.features(&p, &[0, 1], &images).is_err());
+        let grey = Images::new(1, 1, 16, vec![0.0; 256]).unwrap();
+        assert!(b.features(&p, &[0], &grey).is_err());
+    }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
-use softprompt_core::vision::FeatureLoss;
+use softprompt_core::vision::{check_call, FeatureLoss};
 use softprompt_core::{
     BackboneSpec, Error, Images, Placement, SoftPrompt, VisionBackbone, VisionSource, VitConfig,
 };
@@ -79,61 +79,6 @@ impl CandleVision {
         Ok(made)
     }
 
-    /// Checks the prompts (one length and placement, a visual placement, the width it needs)
-    /// and the images; returns the length and placement.
-    fn check(
-        &self,
-        prompts: &[SoftPrompt],
-        prompt_index: &[usize],
-        images: &Images,
-    ) -> Result<(usize, Placement)> {
-        let c = self.vit.cfg.clone();
-        if images.channels != c.num_channels || images.size < c.patch_size {
-            return Err(Error::InvalidBatch(format!(
-                "images of {} channels × {} px for a model of {} channels and {} px patches",
-                images.channels, images.size, c.num_channels, c.patch_size
-            )));
-        }
-        if prompt_index.len() != images.rows {
-            return Err(Error::InvalidBatch(format!(
-                "{} prompt indices for {} images",
-                prompt_index.len(),
-                images.rows
-            )));
-        }
-        if let Some(bad) = prompt_index.iter().find(|i| **i >= prompts.len()) {
-            return Err(Error::InvalidBatch(format!(
-                "prompt index {bad} of {} prompts",
-                prompts.len()
-            )));
-        }
-        let first = prompts.first().ok_or_else(|| {
-            Error::InvalidBatch("no prompt (give an empty one for a linear probe)".into())
-        })?;
-        let (n, placement) = (first.num_virtual_tokens(), first.placement());
-        for p in prompts {
-            if p.num_virtual_tokens() != n || p.placement() != placement {
-                return Err(Error::InvalidBatch(
-                    "prompts of one call share their length and placement".into(),
-                ));
-            }
-            if n > 0 {
-                let want = match placement {
-                    Placement::AfterClassToken => c.hidden_size,
-                    Placement::DeepAfterClassToken => c.hidden_size * c.num_hidden_layers,
-                    other => {
-                        return Err(Error::InvalidBatch(format!(
-                            "a vision transformer takes prompts after its class token, not at `{}`",
-                            other.as_str()
-                        )))
-                    }
-                };
-                p.check_hidden_size(want)?;
-            }
-        }
-        Ok((n, placement))
-    }
-
     /// The prompt rows `[rows, N, width]` gathered from `stacked [P, N, width]`.
     fn gather(stacked: &Tensor, prompt_index: &[usize], device: &Device) -> CResult<Tensor> {
         let idx: Vec<u32> = prompt_index.iter().map(|i| *i as u32).collect();
@@ -199,7 +144,7 @@ impl VisionBackbone for CandleVision {
         prompt_index: &[usize],
         images: &Images,
     ) -> Result<Vec<f32>> {
-        let (n, placement) = self.check(prompts, prompt_index, images)?;
+        let (n, placement) = check_call(&self.vit.cfg, prompts, prompt_index, images)?;
         let run = || -> CResult<Vec<f32>> {
             let rows = if n == 0 {
                 None
@@ -223,7 +168,7 @@ impl VisionBackbone for CandleVision {
         images: &Images,
         loss: &mut FeatureLoss<'_>,
     ) -> Result<(f32, Vec<Vec<f32>>)> {
-        let (n, placement) = self.check(prompts, prompt_index, images)?;
+        let (n, placement) = check_call(&self.vit.cfg, prompts, prompt_index, images)?;
         if n == 0 {
             return Err(Error::InvalidArgument(
                 "a prompt of zero virtual tokens has no gradient".into(),

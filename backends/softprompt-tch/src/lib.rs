@@ -15,6 +15,7 @@ mod decoding;
 mod model;
 mod options;
 mod runtime;
+mod vision;
 
 use softprompt_core::Error;
 pub use tch::{Device, Kind};
@@ -23,6 +24,7 @@ use tch::{TchError, Tensor};
 pub(crate) use crate::backbone::to_f32;
 pub use crate::backbone::TchBackbone;
 pub use crate::options::{parse_device, parse_kind, set_num_threads, TchOptions};
+pub use crate::vision::TchVision;
 
 /// Result with softprompt's error type.
 pub type Result<T> = softprompt_core::Result<T>;

@@ -403,6 +403,63 @@ pub trait VisionBackbone: Send + Sync {
     }
 }
 
+/// Checks one call of a [`VisionBackbone`]: images of the model's channels and at least one
+/// patch, one prompt index per image, prompts of one length and placement after the class token
+/// (none: zero virtual tokens) and of the width that placement needs. Returns the length and
+/// placement.
+pub fn check_call(
+    c: &VitConfig,
+    prompts: &[SoftPrompt],
+    prompt_index: &[usize],
+    images: &Images,
+) -> Result<(usize, crate::Placement)> {
+    use crate::Placement;
+    if images.channels != c.num_channels || images.size < c.patch_size {
+        return Err(Error::InvalidBatch(format!(
+            "images of {} channels × {} px for a model of {} channels and {} px patches",
+            images.channels, images.size, c.num_channels, c.patch_size
+        )));
+    }
+    if prompt_index.len() != images.rows {
+        return Err(Error::InvalidBatch(format!(
+            "{} prompt indices for {} images",
+            prompt_index.len(),
+            images.rows
+        )));
+    }
+    if let Some(bad) = prompt_index.iter().find(|i| **i >= prompts.len()) {
+        return Err(Error::InvalidBatch(format!(
+            "prompt index {bad} of {} prompts",
+            prompts.len()
+        )));
+    }
+    let first = prompts.first().ok_or_else(|| {
+        Error::InvalidBatch("no prompt (give an empty one for a linear probe)".into())
+    })?;
+    let (n, placement) = (first.num_virtual_tokens(), first.placement());
+    for p in prompts {
+        if p.num_virtual_tokens() != n || p.placement() != placement {
+            return Err(Error::InvalidBatch(
+                "prompts of one call share their length and placement".into(),
+            ));
+        }
+        if n > 0 {
+            let want = match placement {
+                Placement::AfterClassToken => c.hidden_size,
+                Placement::DeepAfterClassToken => c.hidden_size * c.num_hidden_layers,
+                other => {
+                    return Err(Error::InvalidBatch(format!(
+                        "a vision transformer takes prompts after its class token, not at `{}`",
+                        other.as_str()
+                    )))
+                }
+            };
+            p.check_hidden_size(want)?;
+        }
+    }
+    Ok((n, placement))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -170,7 +170,7 @@ pub fn load_vision_source(path: impl AsRef<Path>) -> Result<crate::VisionSource>
 }
 
 /// Loads the vision transformer at `path` on backend `name` and `device`, in f32. Vision
-/// transformers run on candle in this build; the other backends say so.
+/// transformers run on candle and tch; the others say so.
 pub fn load_vision_backbone(
     name: &str,
     path: impl AsRef<Path>,
@@ -186,10 +186,19 @@ pub fn load_vision_backbone(
                 opts,
             )?))
         }
+        #[cfg(feature = "tch")]
+        "tch" => {
+            let device = softprompt_tch::parse_device(device)?;
+            let opts = softprompt_tch::TchOptions::new().with_device(device);
+            Ok(Box::new(softprompt_tch::TchVision::from_source(
+                load_vision_source(path)?,
+                opts,
+            )?))
+        }
         other => Err(Error::unsupported(
             other,
             "vision transformers",
-            Some("run them with --backend candle"),
+            Some("run them with --backend candle or tch"),
         )),
     }
 }
