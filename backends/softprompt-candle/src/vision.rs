@@ -98,15 +98,25 @@ impl CandleVision {
         let g = images.grid(c.patch_size);
         let np = g * g;
         let (cls, pos) = self.inputs_for(g)?;
-        let patches = Tensor::from_vec(
-            images.patches(c.patch_size),
-            (images.rows, np, c.patch_dim()),
-            &self.device,
-        )?
-        .to_dtype(self.dtype)?;
+        let patches = match (rows, placement) {
+            // a pattern added to the pixels: patches cut in the graph, so that it gets a gradient
+            (Some(pattern), Placement::Pixels) => {
+                let shape = (images.rows, images.channels, images.size, images.size);
+                let px = Tensor::from_slice(&images.pixels, shape, &self.device)?
+                    .to_dtype(self.dtype)?;
+                let x = (px + pattern.reshape(shape)?)?;
+                self.vit.patchify(&self.ops(), &x, g)?
+            }
+            _ => Tensor::from_vec(
+                images.patches(c.patch_size),
+                (images.rows, np, c.patch_dim()),
+                &self.device,
+            )?
+            .to_dtype(self.dtype)?,
+        };
         let cls = cls.repeat((images.rows, 1, 1))?;
         let prompt = match (rows, placement) {
-            (None, _) => VitPrompt::None,
+            (None, _) | (_, Placement::Pixels) => VitPrompt::None,
             (Some(p), Placement::DeepAfterClassToken) => VitPrompt::Deep(p, n),
             (Some(p), _) => VitPrompt::Shallow(p, n),
         };

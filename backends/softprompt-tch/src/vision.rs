@@ -89,14 +89,24 @@ impl TchVision {
             state.positions.insert(g, made);
         }
         let (cls, pos) = &state.positions[&g];
-        let patches = self.host(
-            images.patches(c.patch_size),
-            &[images.rows as i64, np as i64, c.patch_dim() as i64],
-        )?;
+        let patches = match (rows, placement) {
+            // a pattern added to the pixels: patches cut in the graph, so that it gets a gradient
+            (Some(pattern), Placement::Pixels) => {
+                let s = images.size as i64;
+                let shape = [images.rows as i64, images.channels as i64, s, s];
+                let px = self.host(images.pixels.clone(), &shape)?;
+                let x = px.f_add(&pattern.f_reshape(shape)?)?;
+                state.vit.patchify(&self.ops, &Handle(x), g)?.0
+            }
+            _ => self.host(
+                images.patches(c.patch_size),
+                &[images.rows as i64, np as i64, c.patch_dim() as i64],
+            )?,
+        };
         let cls = Handle(cls.f_repeat([images.rows as i64, 1, 1])?);
         let rows = rows.map(|r| Handle(r.shallow_clone()));
         let prompt = match (&rows, placement) {
-            (None, _) => VitPrompt::None,
+            (None, _) | (_, Placement::Pixels) => VitPrompt::None,
             (Some(p), Placement::DeepAfterClassToken) => VitPrompt::Deep(p, n),
             (Some(p), _) => VitPrompt::Shallow(p, n),
         };

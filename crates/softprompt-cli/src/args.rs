@@ -204,6 +204,8 @@ pub enum MethodKind {
     VptShallow,
     /// Images: fresh prompt tokens after the class token at every block, and a linear head.
     VptDeep,
+    /// Images: a pattern added to the pixels in a frame (`--frame-width`), and a linear head.
+    PixelFrame,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -243,6 +245,9 @@ pub struct TrainArgs {
     /// Input resolution of the vision transformer (224 native; 112 is 4× cheaper).
     #[arg(long, default_value_t = 224)]
     pub image_size: usize,
+    /// Width of the pixel frame of `--method pixel-frame` (default 30 px at 224, scaled).
+    #[arg(long)]
+    pub frame_width: Option<usize>,
     /// Learning rate of the linear head (`--task image-classification`).
     #[arg(long, default_value_t = 1e-2)]
     pub head_lr: f32,

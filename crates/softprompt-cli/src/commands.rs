@@ -160,9 +160,12 @@ async fn train_one(
         MethodKind::Prefix => PromptMethod::PrefixTuning {
             projection: (a.prefix_projection > 0).then_some(a.prefix_projection),
         },
-        MethodKind::Linear | MethodKind::VptShallow | MethodKind::VptDeep => {
-            bail!("--method linear/vpt-shallow/vpt-deep train images: add --task image-classification")
-        }
+        MethodKind::Linear
+        | MethodKind::VptShallow
+        | MethodKind::VptDeep
+        | MethodKind::PixelFrame => bail!(
+            "--method linear/vpt-shallow/vpt-deep/pixel-frame train images: add --task image-classification"
+        ),
         MethodKind::PTuning => PromptMethod::PTuning {
             encoder: match a.encoder {
                 EncoderArg::Mlp => EncoderKind::Mlp,

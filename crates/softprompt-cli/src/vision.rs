@@ -102,8 +102,12 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         MethodKind::Linear => VisionMethod::Linear,
         MethodKind::VptShallow => VisionMethod::VptShallow(a.num_virtual_tokens),
         MethodKind::VptDeep => VisionMethod::VptDeep(a.num_virtual_tokens),
+        MethodKind::PixelFrame => VisionMethod::PixelFrame(
+            a.frame_width
+                .unwrap_or(((30 * a.image_size) as f64 / 224.0).round() as usize),
+        ),
         other => bail!(
-            "--task image-classification takes --method linear, vpt-shallow or vpt-deep (not {other:?})"
+            "--task image-classification takes --method linear, vpt-shallow, vpt-deep or pixel-frame (not {other:?})"
         ),
     };
     let images = a

@@ -812,7 +812,7 @@ fn image_classification_trains_a_linear_probe_and_visual_prompts() {
     synthetic_fashion_mnist(data.path(), "t10k", 40, 2);
     let out = tempfile::tempdir().unwrap();
     let model = f.join("tiny-dinov2").display().to_string();
-    for method in ["linear", "vpt-shallow", "vpt-deep"] {
+    for method in ["linear", "vpt-shallow", "vpt-deep", "pixel-frame"] {
         let dir = out.path().join(method);
         let o = bin()
             .args([
@@ -866,7 +866,11 @@ fn image_classification_trains_a_linear_probe_and_visual_prompts() {
         )
         .unwrap();
         assert_eq!(cfg["peft_type"], "VISUAL_PROMPT_TUNING");
-        let n = if method == "linear" { 0 } else { 2 };
+        let n = match method {
+            "linear" => 0,
+            "pixel-frame" => 1,
+            _ => 2,
+        };
         assert_eq!(cfg["num_virtual_tokens"], n);
         assert_eq!(cfg["classes"].as_array().unwrap().len(), 10);
     }
@@ -890,7 +894,7 @@ fn image_classification_trains_a_linear_probe_and_visual_prompts() {
         .unwrap();
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("linear, vpt-shallow or vpt-deep"),
+        stderr(&o).contains("vpt-deep or pixel-frame"),
         "{}",
         stderr(&o)
     );

@@ -23,6 +23,10 @@ pub enum Placement {
     /// Fresh tokens after the class token at every block of a vision transformer (VPT-deep):
     /// block `l` takes columns `l·d..(l+1)·d`, `width = layers · hidden_size`.
     DeepAfterClassToken,
+    /// A learned pattern added to the normalised pixels of an image (visual prompting, Bahng et
+    /// al.; trained as a frame along the border): one row of `width = channels · size · size` for
+    /// images of `size` pixels.
+    Pixels,
 }
 
 impl Placement {
@@ -34,6 +38,8 @@ impl Placement {
                 spec.num_layers * 2 * spec.num_key_value_heads * spec.head_dim
             }
             Placement::DeepAfterClassToken => spec.num_layers * spec.hidden_size,
+            // sized by the images, not by the backbone
+            Placement::Pixels => 0,
         }
     }
 
@@ -44,6 +50,7 @@ impl Placement {
             Placement::KeyValuePrefix => "key_value_prefix",
             Placement::AfterClassToken => "after_class_token",
             Placement::DeepAfterClassToken => "deep_after_class_token",
+            Placement::Pixels => "pixels",
         }
     }
 }

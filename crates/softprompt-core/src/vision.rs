@@ -368,7 +368,8 @@ pub type FeatureLoss<'a> = dyn FnMut(&[f32]) -> Result<(f32, Vec<f32>)> + 'a;
 
 /// A frozen image model that takes visual prompts: the class token's features after the final
 /// norm, for prompt tokens inserted after the class token (VPT-shallow, `width = d`) or fresh
-/// at every block (VPT-deep, `width = layers · d`), or none (a linear probe).
+/// at every block (VPT-deep, `width = layers · d`), a pattern added to the pixels (visual
+/// prompting, one row of `channels · size · size`), or none (a linear probe).
 pub trait VisionBackbone: Send + Sync {
     /// Short name of the runtime.
     fn backend_name(&self) -> &str;
@@ -443,10 +444,22 @@ pub fn check_call(
                 "prompts of one call share their length and placement".into(),
             ));
         }
+        if placement == Placement::Pixels && n != 1 {
+            return Err(Error::InvalidBatch(format!(
+                "a pixel prompt is one row (the pattern), not {n}"
+            )));
+        }
+        if placement == Placement::Pixels && images.size % c.patch_size != 0 {
+            return Err(Error::InvalidBatch(format!(
+                "a pixel prompt needs images of whole patches: {} px is not a multiple of {}",
+                images.size, c.patch_size
+            )));
+        }
         if n > 0 {
             let want = match placement {
                 Placement::AfterClassToken => c.hidden_size,
                 Placement::DeepAfterClassToken => c.hidden_size * c.num_hidden_layers,
+                Placement::Pixels => images.channels * images.size * images.size,
                 other => {
                     return Err(Error::InvalidBatch(format!(
                         "a vision transformer takes prompts after its class token, not at `{}`",

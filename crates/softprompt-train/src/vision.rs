@@ -195,6 +195,9 @@ pub enum VisionMethod {
     VptShallow(usize),
     /// `n` fresh prompt tokens after the class token at every block.
     VptDeep(usize),
+    /// A pattern added to the pixels, trained in a frame `w` pixels wide along the border
+    /// (visual prompting, Bahng et al.: `w = 30` at 224 px).
+    PixelFrame(usize),
 }
 
 impl VisionMethod {
@@ -204,6 +207,7 @@ impl VisionMethod {
             VisionMethod::Linear => "linear",
             VisionMethod::VptShallow(_) => "vpt-shallow",
             VisionMethod::VptDeep(_) => "vpt-deep",
+            VisionMethod::PixelFrame(_) => "pixel-frame",
         }
     }
 }
@@ -325,10 +329,20 @@ fn features(
     Ok(out)
 }
 
-/// The prompt a method starts from: VPT's uniform initialisation `±√(6 / (3·p² + d))`.
+/// Which values of a `channels × size × size` pattern lie in the frame `w` pixels wide.
+pub fn frame_mask(channels: usize, size: usize, w: usize) -> Vec<bool> {
+    let edge = |v: usize| v < w || v + w >= size;
+    (0..channels)
+        .flat_map(|_| (0..size).flat_map(move |y| (0..size).map(move |x| edge(y) || edge(x))))
+        .collect()
+}
+
+/// The prompt a method starts from: VPT's uniform initialisation `±√(6 / (3·p² + d))`; a
+/// pixel pattern starts at zero.
 fn initial_prompt(
     backbone: &dyn VisionBackbone,
     method: VisionMethod,
+    image_size: usize,
     rng: &mut Rng,
 ) -> Result<SoftPrompt> {
     let c = backbone.config();
@@ -336,6 +350,17 @@ fn initial_prompt(
     let (n, placement, width) = match method {
         VisionMethod::Linear => {
             return Ok(SoftPrompt::empty(d).with_placement(Placement::AfterClassToken))
+        }
+        VisionMethod::PixelFrame(w) => {
+            if w == 0 || 2 * w >= image_size {
+                return Err(Error::InvalidArgument(format!(
+                    "a frame of {w} pixels in {image_size}-pixel images (1 ≤ width < size / 2)"
+                )));
+            }
+            let width = 3 * image_size * image_size;
+            return Ok(
+                SoftPrompt::new(1, width, vec![0.0; width])?.with_placement(Placement::Pixels)
+            );
         }
         VisionMethod::VptShallow(n) => (n, Placement::AfterClassToken, d),
         VisionMethod::VptDeep(n) => (n, Placement::DeepAfterClassToken, d * c.num_hidden_layers),
@@ -364,7 +389,12 @@ pub fn train_classifier(
     let d = backbone.spec().hidden_size;
     let classes = set.classes.len();
     let mut rng = Rng::seed_from_u64(config.seed);
-    let mut prompt = initial_prompt(backbone, config.method, &mut rng)?;
+    let mut prompt = initial_prompt(backbone, config.method, config.image_size, &mut rng)?;
+    // a pixel pattern is trained in its frame only: the rest of it gets no gradient
+    let frame = match config.method {
+        VisionMethod::PixelFrame(w) => Some(frame_mask(3, config.image_size, w)),
+        _ => None,
+    };
     let (mut w, mut b) = (vec![0f32; classes * d], vec![0f32; classes]);
     let (mut opt_w, mut opt_b, mut opt_p) = (AdamW::new(), AdamW::new(), AdamW::new());
     let mut order: Vec<usize> = train.to_vec();
@@ -410,7 +440,13 @@ pub fn train_classifier(
                     &images,
                     &mut host,
                 )?;
-                let g = grads.into_iter().next().unwrap_or_default();
+                let mut g = grads.into_iter().next().unwrap_or_default();
+                if let Some(mask) = &frame {
+                    g.iter_mut()
+                        .zip(mask)
+                        .filter(|(_, m)| !**m)
+                        .for_each(|(v, _)| *v = 0.0);
+                }
                 if g.iter().any(|v| !v.is_finite()) {
                     return Err(Error::NonFinite {
                         what: "prompt gradient".into(),
@@ -525,6 +561,14 @@ mod tests {
             });
             assert!((num - db[i]).abs() < 1e-3, "db[{i}]: {num} vs {}", db[i]);
         }
+    }
+
+    #[test]
+    fn frame_masks_the_border_only() {
+        let m = frame_mask(1, 5, 1);
+        let inner: Vec<usize> = (0..25).filter(|i| !m[*i]).collect();
+        assert_eq!(inner, vec![6, 7, 8, 11, 12, 13, 16, 17, 18]);
+        assert_eq!(frame_mask(3, 6, 3).iter().filter(|v| **v).count(), 3 * 36);
     }
 
     #[test]

@@ -140,6 +140,21 @@ impl<T: Clone> Vit<T> {
         Ok((cls, patches))
     }
 
+    /// Non-overlapping patches `[rows, g², c·p·p]` of images `x [rows, c, g·p, g·p]`, each in
+    /// the convolution weight's `(channel, y, x)` order, grid row-major (what
+    /// [`softprompt_core::Images::patches`] does on the host, here in the graph so that a
+    /// pattern added to the pixels gets a gradient).
+    pub fn patchify<O: Ops<Tensor = T>>(&self, ops: &O, x: &T, grid: usize) -> Result<T> {
+        let (c, p, g) = (
+            self.cfg.num_channels as i64,
+            self.cfg.patch_size as i64,
+            grid as i64,
+        );
+        let x = ops.reshape(x, &[-1, c, g, p, g, p])?;
+        let x = ops.permute(&x, &[0, 2, 4, 1, 3, 5])?;
+        ops.reshape(&x, &[-1, g * g, c * p * p])
+    }
+
     /// Class-token features after the final norm, `[rows, d]`, of `patches [rows, np, c·p·p]`;
     /// `cls [rows, 1, d]` is the class token plus its position and `positions [1, np, d]` the
     /// patch positions ([`Self::inputs_for`]).
