@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--head-warmup", type=int, default=300)
     ap.add_argument("--head-lr", type=float, default=0.01)
     ap.add_argument("--test-per-class", type=int, default=50)
     ap.add_argument("--eval-batch-size", type=int, default=32)
@@ -109,22 +110,32 @@ def main():
             return vpt_features(model, x, rows, deep=(a.method == "vpt-deep"))
 
     started = time.perf_counter()
-    if a.method == "linear":
-        with torch.no_grad():
-            cached = torch.cat([feats(prepare(train_x[train[i : i + a.eval_batch_size]], a.size), False)
-                                for i in range(0, len(train), a.eval_batch_size)])
     order, cursor = torch.arange(len(train)), len(train)
     bs = min(a.batch_size, len(train))
-    for _ in range(a.steps):
+
+    def next_batch():
+        nonlocal order, cursor
         if cursor + bs > len(order):
             order = order[torch.randperm(len(order), generator=gen)]
             cursor = 0
-        batch = order[cursor : cursor + bs]
         cursor += bs
-        if a.method == "linear":
-            f = cached[batch]
-        else:
-            f = feats(prepare(train_x[train[batch]], a.size), True)
+        return order[cursor - bs : cursor]
+
+    # the head alone on prompt-free features: a linear probe's training, a prompt's warm start
+    warm, prompt_steps = (a.steps, 0) if a.method == "linear" else (a.head_warmup, a.steps)
+    if warm:
+        with torch.no_grad():
+            cached = torch.cat([model(pixel_values=prepare(train_x[train[i : i + a.eval_batch_size]], a.size)).pooler_output
+                                for i in range(0, len(train), a.eval_batch_size)])
+        for _ in range(warm):
+            batch = next_batch()
+            loss = torch.nn.functional.cross_entropy(head(cached[batch]), train_y[train[batch]].long())
+            opt.zero_grad()  # the prompt has no gradient here: AdamW leaves it
+            loss.backward()
+            opt.step()
+    for _ in range(prompt_steps):
+        batch = next_batch()
+        f = feats(prepare(train_x[train[batch]], a.size), True)
         loss = torch.nn.functional.cross_entropy(head(f), train_y[train[batch]].long())
         opt.zero_grad()
         loss.backward()
@@ -138,7 +149,7 @@ def main():
             pred = head(feats(prepare(test_x[chunk], a.size), False)).argmax(-1)
             right += (pred == test_y[chunk].long()).sum().item()
     eval_secs = time.perf_counter() - started
-    seen = a.steps * bs
+    seen = prompt_steps * bs
     print(json.dumps({
         "runner": "pytorch", "method": a.method, "seed": a.seed, "shots": a.shots, "image_size": a.size,
         "steps": a.steps, "tuned_test": right / len(test), "final_train_loss": loss.item(),

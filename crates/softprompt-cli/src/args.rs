@@ -245,6 +245,10 @@ pub struct TrainArgs {
     /// Input resolution of the vision transformer (224 native; 112 is 4× cheaper).
     #[arg(long, default_value_t = 224)]
     pub image_size: usize,
+    /// Steps of the head alone on prompt-free features before a visual prompt trains (a warm
+    /// start: the prompt starts from the linear probe's head).
+    #[arg(long, default_value_t = 300)]
+    pub head_warmup: usize,
     /// Width of the pixel frame of `--method pixel-frame` (default 30 px at 224, scaled).
     #[arg(long)]
     pub frame_width: Option<usize>,

@@ -145,6 +145,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             image_size: a.image_size,
             seed,
             eval_batch_size: a.eval_batch_size,
+            head_warmup: a.head_warmup,
         };
         let train = train_set.balanced(a.shots, seed);
         let started = Instant::now();

@@ -231,6 +231,9 @@ pub struct VisionConfig {
     pub seed: u64,
     /// Images per forward pass when computing features without gradients.
     pub eval_batch_size: usize,
+    /// Steps of the head alone on features without a prompt before a prompt method trains
+    /// (a warm start; a linear probe's head is all `steps`).
+    pub head_warmup: usize,
 }
 
 impl Default for VisionConfig {
@@ -244,6 +247,7 @@ impl Default for VisionConfig {
             image_size: 224,
             seed: 0,
             eval_batch_size: 32,
+            head_warmup: 0,
         }
     }
 }
@@ -400,69 +404,78 @@ pub fn train_classifier(
     let mut order: Vec<usize> = train.to_vec();
     let bs = config.batch_size.clamp(1, train.len());
     let mut cursor = train.len();
-    let mut losses = Vec::with_capacity(config.steps);
-    // a linear probe's features never change: computed once
-    let cached = match config.method {
-        VisionMethod::Linear => Some(features(backbone, &prompt, set, train, config)?),
-        _ => None,
-    };
-    let position: std::collections::HashMap<usize, usize> =
-        train.iter().enumerate().map(|(k, i)| (*i, k)).collect();
-    for step in 0..config.steps {
+    let mut next = |rng: &mut Rng| -> Vec<usize> {
         if cursor + bs > order.len() {
             rng.shuffle(&mut order);
             cursor = 0;
         }
-        let batch = &order[cursor..cursor + bs];
         cursor += bs;
+        order[cursor - bs..cursor].to_vec()
+    };
+    let mut losses = Vec::with_capacity(config.steps);
+    // the head alone first, on the features without a prompt (computed once): a linear probe's
+    // whole training, a warm start for the prompt methods
+    let (warm, prompt_steps) = match config.method {
+        VisionMethod::Linear => (config.steps, 0),
+        _ => (config.head_warmup, config.steps),
+    };
+    if warm > 0 {
+        let plain = SoftPrompt::empty(d).with_placement(Placement::AfterClassToken);
+        let all = features(backbone, &plain, set, train, config)?;
+        let position: std::collections::HashMap<usize, usize> =
+            train.iter().enumerate().map(|(k, i)| (*i, k)).collect();
+        for step in 0..warm {
+            let batch = next(&mut rng);
+            let labels: Vec<usize> = batch.iter().map(|i| set.labels[*i]).collect();
+            let f: Vec<f32> = batch
+                .iter()
+                .flat_map(|i| all[position[i] * d..(position[i] + 1) * d].iter().copied())
+                .collect();
+            let (loss, _, dw, db) = head_loss(&f, &labels, &w, &b, d);
+            if !loss.is_finite() {
+                return Err(Error::NonFinite {
+                    what: "loss".into(),
+                    step: step as u64 + 1,
+                });
+            }
+            opt_w.step(&mut w, &dw, config.head_lr)?;
+            opt_b.step(&mut b, &db, config.head_lr)?;
+            if config.method == VisionMethod::Linear {
+                losses.push(loss);
+            }
+        }
+    }
+    for step in 0..prompt_steps {
+        let batch = next(&mut rng);
         let labels: Vec<usize> = batch.iter().map(|i| set.labels[*i]).collect();
-        let (loss, dw, db) = match &cached {
-            Some(all) => {
-                let f: Vec<f32> = batch
-                    .iter()
-                    .flat_map(|i| all[position[i] * d..(position[i] + 1) * d].iter().copied())
-                    .collect();
-                let (loss, _, dw, db) = head_loss(&f, &labels, &w, &b, d);
-                (loss, dw, db)
-            }
-            None => {
-                let images = set.prepare(batch, config.image_size, IMAGENET_MEAN, IMAGENET_STD);
-                let (mut dw, mut db) = (Vec::new(), Vec::new());
-                let mut host = |f: &[f32]| -> Result<(f32, Vec<f32>)> {
-                    let (loss, df, gw, gb) = head_loss(f, &labels, &w, &b, d);
-                    dw = gw;
-                    db = gb;
-                    Ok((loss, df))
-                };
-                let (loss, grads) = backbone.features_grad(
-                    std::slice::from_ref(&prompt),
-                    &vec![0; batch.len()],
-                    &images,
-                    &mut host,
-                )?;
-                let mut g = grads.into_iter().next().unwrap_or_default();
-                if let Some(mask) = &frame {
-                    g.iter_mut()
-                        .zip(mask)
-                        .filter(|(_, m)| !**m)
-                        .for_each(|(v, _)| *v = 0.0);
-                }
-                if g.iter().any(|v| !v.is_finite()) {
-                    return Err(Error::NonFinite {
-                        what: "prompt gradient".into(),
-                        step: step as u64 + 1,
-                    });
-                }
-                opt_p.step(prompt.values_mut(), &g, config.lr)?;
-                (loss, dw, db)
-            }
+        let images = set.prepare(&batch, config.image_size, IMAGENET_MEAN, IMAGENET_STD);
+        let (mut dw, mut db) = (Vec::new(), Vec::new());
+        let mut host = |f: &[f32]| -> Result<(f32, Vec<f32>)> {
+            let (loss, df, gw, gb) = head_loss(f, &labels, &w, &b, d);
+            dw = gw;
+            db = gb;
+            Ok((loss, df))
         };
-        if !loss.is_finite() {
+        let (loss, grads) = backbone.features_grad(
+            std::slice::from_ref(&prompt),
+            &vec![0; batch.len()],
+            &images,
+            &mut host,
+        )?;
+        let mut g = grads.into_iter().next().unwrap_or_default();
+        if let Some(mask) = &frame {
+            g.iter_mut()
+                .zip(mask)
+                .filter(|(_, m)| !**m)
+                .for_each(|(v, _)| *v = 0.0);
+        }
+        if !loss.is_finite() || g.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFinite {
-                what: "loss".into(),
+                what: "loss or prompt gradient".into(),
                 step: step as u64 + 1,
             });
         }
+        opt_p.step(prompt.values_mut(), &g, config.lr)?;
         opt_w.step(&mut w, &dw, config.head_lr)?;
         opt_b.step(&mut b, &db, config.head_lr)?;
         losses.push(loss);
