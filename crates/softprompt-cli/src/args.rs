@@ -367,9 +367,12 @@ pub struct EvalArgs {
     pub backend: BackendArgs,
     #[command(flatten)]
     pub task: TaskArgs,
-    /// Data to score (JSONL).
+    /// Data to score (JSONL; `fashion-mnist` with `--task image-classification`).
     #[arg(long)]
     pub data: PathBuf,
+    /// Test images per class (`--task image-classification`, `--data fashion-mnist`).
+    #[arg(long, default_value_t = 200)]
+    pub test_per_class: usize,
     /// Prompt directory (PEFT layout); without it the plain model is scored (zero-shot).
     #[arg(long)]
     pub prompt: Option<PathBuf>,

@@ -384,6 +384,9 @@ async fn load_prompt(path: &Path, backbone: &dyn Backbone) -> Result<StoredPromp
 }
 
 pub(crate) async fn evaluate(a: EvalArgs) -> Result<()> {
+    if a.task.task == crate::args::TaskKind::ImageClassification {
+        return crate::vision::evaluate(a);
+    }
     let (backbone, tok) = load(&a.backend)?;
     let b = backbone.as_ref();
     let stored = match &a.prompt {

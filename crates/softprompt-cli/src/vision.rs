@@ -11,7 +11,7 @@ use softprompt::train::vision::{
 };
 use softprompt::VisionBackbone;
 
-use crate::args::{MethodKind, TrainArgs};
+use crate::args::{EvalArgs, MethodKind, TrainArgs};
 
 /// Seed of the fixed test subset (the same whatever the training seed).
 const TEST_SEED: u64 = 1234;
@@ -94,6 +94,121 @@ fn save(
             (softprompt::store::ADAPTER_CONFIG, &json),
         ],
     )?;
+    Ok(())
+}
+
+/// Reads a folder [`save`] wrote, checking that it was trained on `backbone` and that its
+/// weights are the ones its config names.
+fn load(dir: &std::path::Path, backbone: &dyn VisionBackbone) -> Result<VisualClassifier> {
+    use softprompt::{Placement, SoftPrompt};
+    let cfg_path = dir.join(softprompt::store::ADAPTER_CONFIG);
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", cfg_path.display()))?;
+    if cfg["peft_type"] != "VISUAL_PROMPT_TUNING" {
+        bail!(
+            "{} is a {} prompt, not a visual one",
+            dir.display(),
+            cfg["peft_type"]
+        );
+    }
+    let fp = cfg["softprompt"]["backbone_fingerprint"]
+        .as_str()
+        .unwrap_or("");
+    if fp != backbone.spec().fingerprint {
+        bail!(
+            "{} was trained for backbone {fp}, this one is {}",
+            dir.display(),
+            backbone.spec().fingerprint
+        );
+    }
+    let weights_path = dir.join(softprompt::store::ADAPTER_WEIGHTS);
+    let bytes = std::fs::read(&weights_path)
+        .with_context(|| format!("reading {}", weights_path.display()))?;
+    let sha = softprompt::store::sha256_hex(&bytes);
+    if cfg["softprompt"]["weights_sha256"].as_str() != Some(sha.as_str()) {
+        bail!(
+            "{} does not hold the weights its config names (weights_sha256 differs)",
+            weights_path.display()
+        );
+    }
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("parsing {}", weights_path.display()))?;
+    let tensor = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        let t = st
+            .tensor(name)
+            .with_context(|| format!("{} has no `{name}`", weights_path.display()))?;
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((t.shape().to_vec(), v))
+    };
+    let placement = match cfg["placement"].as_str() {
+        Some("after_class_token") => Placement::AfterClassToken,
+        Some("deep_after_class_token") => Placement::DeepAfterClassToken,
+        Some("pixels") => Placement::Pixels,
+        other => bail!("unknown visual prompt placement {other:?}"),
+    };
+    let (shape, values) = tensor("prompt_embeddings")?;
+    let [n, width] = shape[..] else {
+        bail!("prompt_embeddings of shape {shape:?}")
+    };
+    let prompt = SoftPrompt::new(n, width, values)?.with_placement(placement);
+    let (_, head_w) = tensor("head.weight")?;
+    let (_, head_b) = tensor("head.bias")?;
+    let classes: Vec<String> = cfg["classes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let d = backbone.spec().hidden_size;
+    if head_b.len() != classes.len() || head_w.len() != classes.len() * d {
+        bail!(
+            "a head of {} values and {} biases for {} classes of width {d}",
+            head_w.len(),
+            head_b.len(),
+            classes.len()
+        );
+    }
+    Ok(VisualClassifier {
+        prompt,
+        head_w,
+        head_b,
+        classes,
+        image_size: cfg["image_size"].as_u64().context("no image_size")? as usize,
+        losses: Vec::new(),
+    })
+}
+
+/// `softprompt eval --task image-classification --prompt DIR --data fashion-mnist`.
+pub(crate) fn evaluate(a: EvalArgs) -> Result<()> {
+    let b = &a.backend;
+    let backbone = softprompt::load_vision_backbone(&b.backend, &b.model, &b.device)
+        .with_context(|| format!("loading {} on {}", b.model.display(), b.backend))?;
+    let dir = a
+        .prompt
+        .as_ref()
+        .context("--task image-classification evaluates a saved --prompt DIR")?;
+    let model = load(dir, backbone.as_ref())?;
+    let (_, test_set) = data(&a.data.display().to_string())?;
+    let test = test_set.balanced(a.test_per_class, TEST_SEED);
+    let acc = accuracy(backbone.as_ref(), &model, &test_set, &test, a.batch_size)?;
+    let report = serde_json::json!({
+        "accuracy": acc, "examples": test.len(), "image_size": model.image_size,
+        "placement": model.prompt.placement().as_str(),
+        "virtual_tokens": model.prompt.num_virtual_tokens(),
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!("accuracy {acc:.4} on {} test images", test.len());
+    }
     Ok(())
 }
 

@@ -873,6 +873,44 @@ fn image_classification_trains_a_linear_probe_and_visual_prompts() {
         };
         assert_eq!(cfg["num_virtual_tokens"], n);
         assert_eq!(cfg["classes"].as_array().unwrap().len(), 10);
+        // the saved folder evaluates to the accuracy the run reported
+        let prompt_dir = dir.join("seed-1").display().to_string();
+        let eval = |extra: &[&str]| {
+            let mut args = vec![
+                "eval",
+                "--task",
+                "image-classification",
+                "--model",
+                &model,
+                "--prompt",
+                &prompt_dir,
+                "--data",
+                "fashion-mnist",
+                "--test-per-class",
+                "20",
+            ];
+            args.extend(extra);
+            bin()
+                .args(&args)
+                .env("SOFTPROMPT_FASHION_MNIST", data.path())
+                .output()
+                .unwrap()
+        };
+        let o = eval(&["--json"]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let ev: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        assert_eq!(ev["accuracy"], lines[1]["tuned_test"], "{method}");
+        // a folder whose weights were replaced is refused
+        if method == "vpt-shallow" {
+            let w = dir.join("seed-1/adapter_model.safetensors");
+            let mut bytes = std::fs::read(&w).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+            std::fs::write(&w, bytes).unwrap();
+            let o = eval(&[]);
+            assert!(!o.status.success());
+            assert!(stderr(&o).contains("weights_sha256"), "{}", stderr(&o));
+        }
     }
     // a text method with images, and images without a vision model, are refused by name
     let o = bin()
