@@ -434,9 +434,6 @@ fn vit_features_and_prompt_gradients_match_transformers() {
         (t.shape().to_vec(), v)
     };
     for backend in softprompt::available_backends() {
-        if backend == "ort" {
-            continue;
-        }
         let b = softprompt::load_vision_backbone(backend, dir.join(VIT), "cpu").unwrap();
         let c = b.config().clone();
         assert_eq!(
@@ -488,6 +485,12 @@ fn vit_features_and_prompt_gradients_match_transformers() {
                         dfeat.clone(),
                     ))
                 };
+                assert!(diff <= 1e-3, "{backend} {size} px {kind}: {diff:e}");
+                if backend == "ort" {
+                    // forward only
+                    eprintln!("{backend} ViT-S {size} px, {kind}: max |Δ| = {diff:e}");
+                    continue;
+                }
                 let (_, grads) = b.features_grad(&ps, &[0, 1], &images, &mut loss).unwrap();
                 let want = f64s(&format!("grad_{kind}_{size}")).1;
                 let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));

@@ -86,11 +86,11 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// The fixture on every compiled-in backend that runs vision transformers (not ort).
-fn backbones() -> Vec<Box<dyn VisionBackbone>> {
+/// The fixture on every compiled-in backend (`gradients`: those that compute them, not ort).
+fn backbones(gradients: bool) -> Vec<Box<dyn VisionBackbone>> {
     softprompt::available_backends()
         .into_iter()
-        .filter(|b| *b != "ort")
+        .filter(|b| !gradients || *b != "ort")
         .map(|b| softprompt::load_vision_backbone(b, fixture_model("tiny-dinov2"), "cpu").unwrap())
         .collect()
 }
@@ -98,7 +98,7 @@ fn backbones() -> Vec<Box<dyn VisionBackbone>> {
 #[test]
 fn features_match_transformers_with_and_without_prompts_at_two_resolutions() {
     let r = Reference::load();
-    for b in backbones() {
+    for b in backbones(false) {
         let b = b.as_ref();
         let index = r.index();
         for size in [16, 24] {
@@ -122,7 +122,7 @@ fn features_match_transformers_with_and_without_prompts_at_two_resolutions() {
 #[test]
 fn prompt_gradients_match_transformers_and_finite_differences() {
     let r = Reference::load();
-    for b in backbones() {
+    for b in backbones(true) {
         let b = b.as_ref();
         let index = r.index();
         for size in [16, 24] {
@@ -176,7 +176,7 @@ fn prompt_gradients_match_transformers_and_finite_differences() {
 #[test]
 fn bad_visual_inputs_are_refused_by_name() {
     let r = Reference::load();
-    for b in backbones() {
+    for b in backbones(false) {
         let b = b.as_ref();
         let images = r.images(16);
         // a text placement, a wrong width, mismatched indices, images of another channel count
@@ -192,5 +192,22 @@ fn bad_visual_inputs_are_refused_by_name() {
         assert!(b.features(&p, &[0, 1], &images).is_err());
         let grey = Images::new(1, 1, 16, vec![0.0; 256]).unwrap();
         assert!(b.features(&p, &[0], &grey).is_err());
+    }
+}
+
+#[test]
+fn a_backend_without_gradients_says_so() {
+    for b in backbones(false) {
+        if b.backend_name() != "ort" {
+            continue;
+        }
+        let r = Reference::load();
+        let images = r.images(16);
+        let p = r.prompts("shallow");
+        let mut loss = |f: &[f32]| -> softprompt::Result<(f32, Vec<f32>)> { Ok((0.0, f.to_vec())) };
+        let err = b
+            .features_grad(&p, &[0, 1, 0], &images, &mut loss)
+            .unwrap_err();
+        assert!(err.to_string().contains("gradients"), "{err}");
     }
 }

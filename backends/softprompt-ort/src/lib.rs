@@ -10,6 +10,9 @@
 mod decoding;
 pub mod export;
 mod graph;
+mod vision;
+
+pub use crate::vision::OrtVision;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};

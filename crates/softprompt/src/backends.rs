@@ -170,7 +170,7 @@ pub fn load_vision_source(path: impl AsRef<Path>) -> Result<crate::VisionSource>
 }
 
 /// Loads the vision transformer at `path` on backend `name` and `device`, in f32. Vision
-/// transformers run on candle and tch; the others say so.
+/// transformers run on candle and tch (with gradients) and ort (forward only).
 pub fn load_vision_backbone(
     name: &str,
     path: impl AsRef<Path>,
@@ -195,10 +195,19 @@ pub fn load_vision_backbone(
                 opts,
             )?))
         }
+        #[cfg(feature = "ort")]
+        "ort" => {
+            let device = softprompt_ort::parse_device(device)?;
+            let opts = softprompt_ort::OrtOptions::new().with_device(device);
+            Ok(Box::new(softprompt_ort::OrtVision::from_source(
+                load_vision_source(path)?,
+                opts,
+            )?))
+        }
         other => Err(Error::unsupported(
             other,
             "vision transformers",
-            Some("run them with --backend candle or tch"),
+            Some("run them with --backend candle, tch or ort"),
         )),
     }
 }
