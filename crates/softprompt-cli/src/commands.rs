@@ -498,17 +498,32 @@ pub(crate) async fn inspect(a: InspectArgs) -> Result<()> {
     let mut broken: Vec<String> = Vec::new();
     let mut items = Vec::new();
     if a.path.join(ADAPTER_CONFIG).is_file() {
-        let s = read_prompt_dir(&a.path).await?;
-        items.push(summary(&a.path.display().to_string(), &s));
+        let name = a.path.display().to_string();
+        if crate::vision::is_visual(&a.path) {
+            items.push(crate::vision::summary(&name, &a.path)?);
+        } else {
+            let s = read_prompt_dir(&a.path).await?;
+            items.push(summary(&name, &s));
+        }
     } else if a.path.is_dir() {
         let store = DirectoryStore::new(&a.path);
         // every prompt that reads is shown; the broken ones are named with their reason
         for name in store.names().await? {
-            match store.load(&name).await {
-                Ok(s) => items.push(summary(&name, &s)),
+            let visual = a.path.join(&name);
+            let loaded = if crate::vision::is_visual(&visual) {
+                crate::vision::summary(&name, &visual).map_err(|e| format!("{e:#}"))
+            } else {
+                store
+                    .load(&name)
+                    .await
+                    .map(|s| summary(&name, &s))
+                    .map_err(|e| e.to_string())
+            };
+            match loaded {
+                Ok(item) => items.push(item),
                 Err(e) => {
                     broken.push(format!("{name}: {e}"));
-                    items.push(serde_json::json!({ "name": name, "error": e.to_string() }));
+                    items.push(serde_json::json!({ "name": name, "error": e }));
                 }
             }
         }
@@ -553,6 +568,14 @@ fn print_summary(v: &serde_json::Value) {
         "  mean token norm  {:.4}",
         v["mean_token_norm"].as_f64().unwrap_or(0.0)
     );
+    if let Some(classes) = v["classes"].as_array() {
+        let names: Vec<&str> = classes.iter().filter_map(|c| c.as_str()).collect();
+        println!(
+            "  head             [{}, {}] over {} px images",
+            v["head"][0], v["head"][1], v["image_size"]
+        );
+        println!("  classes          {}", names.join(", "));
+    }
     println!(
         "  peft             {} / {}",
         c["peft_type"].as_str().unwrap_or("?"),

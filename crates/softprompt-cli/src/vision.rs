@@ -126,9 +126,65 @@ fn save(
     Ok(())
 }
 
-/// Reads a folder [`save`] wrote, checking that it was trained on `backbone` and that its
-/// weights are the ones its config names.
+/// Whether `dir` holds a visual prompt (its config's `peft_type` says so).
+pub(crate) fn is_visual(dir: &std::path::Path) -> bool {
+    std::fs::read(dir.join(softprompt::store::ADAPTER_CONFIG))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|c| c["peft_type"] == "VISUAL_PROMPT_TUNING")
+}
+
+/// What `inspect` shows of a visual prompt folder (the text prompts' keys, and the classes,
+/// resolution and head).
+pub(crate) fn summary(name: &str, dir: &std::path::Path) -> Result<serde_json::Value> {
+    let (config, model) = read_folder(dir)?;
+    let p = &model.prompt;
+    let width = p.hidden_size().max(1);
+    let norms: Vec<f32> = p
+        .values()
+        .chunks(width)
+        .map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt())
+        .collect();
+    Ok(serde_json::json!({
+        "name": name,
+        "shape": [p.num_virtual_tokens(), p.hidden_size()],
+        "placement": p.placement().as_str(),
+        "bytes": 4 * (p.values().len() + model.head_w.len() + model.head_b.len()),
+        "mean_token_norm": norms.iter().sum::<f32>() / norms.len().max(1) as f32,
+        "classes": model.classes,
+        "image_size": model.image_size,
+        "head": [model.head_b.len(), model.head_w.len() / model.head_b.len().max(1)],
+        "config": config,
+    }))
+}
+
+/// Reads a folder [`save`] wrote, checking that it was trained on `backbone`.
 fn load(dir: &std::path::Path, backbone: &dyn VisionBackbone) -> Result<VisualClassifier> {
+    let (cfg, model) = read_folder(dir)?;
+    let fp = cfg["softprompt"]["backbone_fingerprint"]
+        .as_str()
+        .unwrap_or("");
+    if fp != backbone.spec().fingerprint {
+        bail!(
+            "{} was trained for backbone {fp}, this one is {}",
+            dir.display(),
+            backbone.spec().fingerprint
+        );
+    }
+    let d = backbone.spec().hidden_size;
+    if model.head_w.len() != model.classes.len() * d {
+        bail!(
+            "{}: a head of width {} for a backbone of width {d}",
+            dir.display(),
+            model.head_w.len() / model.classes.len().max(1)
+        );
+    }
+    Ok(model)
+}
+
+/// Reads a folder [`save`] wrote without a backbone: its config and classifier, checking that
+/// its weights are the ones its config names and that their shapes agree.
+fn read_folder(dir: &std::path::Path) -> Result<(serde_json::Value, VisualClassifier)> {
     use softprompt::{Placement, SoftPrompt};
     let cfg_path = dir.join(softprompt::store::ADAPTER_CONFIG);
     let cfg: serde_json::Value = serde_json::from_slice(
@@ -140,16 +196,6 @@ fn load(dir: &std::path::Path, backbone: &dyn VisionBackbone) -> Result<VisualCl
             "{} is a {} prompt, not a visual one",
             dir.display(),
             cfg["peft_type"]
-        );
-    }
-    let fp = cfg["softprompt"]["backbone_fingerprint"]
-        .as_str()
-        .unwrap_or("");
-    if fp != backbone.spec().fingerprint {
-        bail!(
-            "{} was trained for backbone {fp}, this one is {}",
-            dir.display(),
-            backbone.spec().fingerprint
         );
     }
     let weights_path = dir.join(softprompt::store::ADAPTER_WEIGHTS);
@@ -196,7 +242,7 @@ fn load(dir: &std::path::Path, backbone: &dyn VisionBackbone) -> Result<VisualCl
                 .collect()
         })
         .unwrap_or_default();
-    let d = backbone.spec().hidden_size;
+    let d = cfg["token_dim"].as_u64().context("no token_dim")? as usize;
     if head_b.len() != classes.len() || head_w.len() != classes.len() * d {
         bail!(
             "a head of {} values and {} biases for {} classes of width {d}",
@@ -205,14 +251,16 @@ fn load(dir: &std::path::Path, backbone: &dyn VisionBackbone) -> Result<VisualCl
             classes.len()
         );
     }
-    Ok(VisualClassifier {
+    let image_size = cfg["image_size"].as_u64().context("no image_size")? as usize;
+    let model = VisualClassifier {
         prompt,
         head_w,
         head_b,
         classes,
-        image_size: cfg["image_size"].as_u64().context("no image_size")? as usize,
+        image_size,
         losses: Vec::new(),
-    })
+    };
+    Ok((cfg, model))
 }
 
 /// `softprompt eval --task image-classification --prompt DIR --data fashion-mnist`.

@@ -1071,6 +1071,50 @@ fn image_classification_reads_image_folders_and_digits() {
         "{}",
         stderr(&o)
     );
+    // inspect: one visual prompt folder, and a store of them
+    let o = bin()
+        .args([
+            "inspect",
+            &out.path().join("folder-vpt-shallow").display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("after_class_token"), "{text}");
+    assert!(text.contains("classes          dark, light"), "{text}");
+    assert!(text.contains("VISUAL_PROMPT_TUNING"), "{text}");
+    let o = bin()
+        .args(["inspect", &out.path().display().to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let items: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let by_name = |n: &str| {
+        items
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("{n} not in {items}"))
+    };
+    assert_eq!(by_name("folder-linear")["shape"][0], 0);
+    assert_eq!(by_name("folder-vpt-shallow")["shape"][0], 2);
+    assert_eq!(by_name("digits")["classes"].as_array().unwrap().len(), 10);
+    assert_eq!(by_name("digits")["image_size"], 16);
+    // a visual folder whose weights were replaced is named as broken
+    let w = out.path().join("digits/adapter_model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&w, bytes).unwrap();
+    let o = bin()
+        .args(["inspect", &out.path().display().to_string()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("digits:"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("weights_sha256"), "{}", stderr(&o));
     // neither a data set name nor a folder
     let o = train("/nonexistent/images", "linear", &out.path().join("x"));
     assert!(!o.status.success());
