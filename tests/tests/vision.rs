@@ -211,3 +211,100 @@ fn a_backend_without_gradients_says_so() {
         assert!(err.to_string().contains("gradients"), "{err}");
     }
 }
+
+/// Two classes of 8×8 grey images: dark (class 0) and light (class 1), with a pattern.
+fn two_class_images(n: usize) -> softprompt::train::vision::ImageSet {
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..n {
+        let class = i % 2;
+        for p in 0..64 {
+            let base = if class == 0 { 40 } else { 200 };
+            pixels.push((base + (p * 7 + i * 13) % 40) as u8);
+        }
+        labels.push(class);
+    }
+    softprompt::train::vision::ImageSet {
+        height: 8,
+        width: 8,
+        channels: 1,
+        pixels,
+        labels,
+        classes: vec!["dark".into(), "light".into()],
+    }
+}
+
+/// Gradient-free visual prompts (SPSA from forward passes) train on every backend, ort included:
+/// the prompt moves (a pixel pattern only in its frame), and the same seed gives the same prompt,
+/// head and losses on every backend (the runs see the same losses to float rounding).
+#[test]
+fn visual_prompts_train_without_gradients_on_every_backend() {
+    use softprompt::train::vision::{
+        frame_mask, train_classifier, PromptOptimizer, VisionConfig, VisionMethod,
+    };
+    let set = two_class_images(12);
+    let train: Vec<usize> = (0..8).collect();
+    for method in [
+        VisionMethod::VptShallow(2),
+        VisionMethod::VptDeep(2),
+        VisionMethod::PixelFrame(3),
+    ] {
+        let config = VisionConfig {
+            method,
+            steps: 6,
+            batch_size: 4,
+            lr: 0.05,
+            head_lr: 0.05,
+            image_size: 16,
+            seed: 3,
+            eval_batch_size: 8,
+            head_warmup: 5,
+            prompt_optimizer: PromptOptimizer::Spsa {
+                eps: 0.01,
+                perturbations: 2,
+            },
+        };
+        let mut runs = Vec::new();
+        for b in backbones(false) {
+            let model = train_classifier(b.as_ref(), &set, &train, &config).unwrap();
+            assert_eq!(model.losses.len(), 6, "{}", b.backend_name());
+            assert!(model.losses.iter().all(|l| l.is_finite()));
+            runs.push((b.backend_name().to_string(), model));
+        }
+        // where it started: the same run with no prompt step
+        let start = train_classifier(
+            backbones(false)[0].as_ref(),
+            &set,
+            &train,
+            &VisionConfig {
+                steps: 0,
+                ..config.clone()
+            },
+        )
+        .unwrap();
+        let (first, reference) = &runs[0];
+        let moved = max_diff(reference.prompt.values(), start.prompt.values());
+        assert!(moved > 1e-4, "{method:?}: the prompt moved by {moved}");
+        if let VisionMethod::PixelFrame(w) = method {
+            let mask = frame_mask(3, 16, w);
+            let outside = reference
+                .prompt
+                .values()
+                .iter()
+                .zip(&mask)
+                .filter(|(_, m)| !**m)
+                .map(|(v, _)| v.abs())
+                .fold(0f32, f32::max);
+            assert_eq!(outside, 0.0, "the pattern is trained in its frame only");
+        }
+        for (name, model) in &runs[1..] {
+            let dp = max_diff(model.prompt.values(), reference.prompt.values());
+            let dw = max_diff(&model.head_w, &reference.head_w);
+            let dl = max_diff(&model.losses, &reference.losses);
+            assert!(
+                dp < 1e-3 && dw < 1e-3 && dl < 1e-4,
+                "{method:?}: {name} vs {first}: prompt {dp}, head {dw}, losses {dl}"
+            );
+        }
+    }
+}

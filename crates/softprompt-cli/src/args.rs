@@ -295,6 +295,7 @@ pub struct TrainArgs {
     pub init_text: Option<String>,
     /// Optimizer: adamw, adafactor (Lester et al.: --lr 0.3), sgd; gradient-free (forward passes
     /// only, any backend): spsa (MeZO; --lr is its step size) or cma-es (Black-Box Tuning; --lr unused).
+    /// Visual prompts: adamw or spsa (the head always takes AdamW at --head-lr).
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
     /// spsa: perturbation scale ε.

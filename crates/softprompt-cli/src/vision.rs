@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use softprompt::train::vision::{
     accuracy, load_digits, load_fashion_mnist, load_image_folder, train_classifier, ImageSet,
-    VisionConfig, VisionMethod, VisualClassifier,
+    PromptOptimizer, VisionConfig, VisionMethod, VisualClassifier,
 };
 use softprompt::VisionBackbone;
 
@@ -311,6 +311,16 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             "--task image-classification takes --method linear, vpt-shallow, vpt-deep or pixel-frame (not {other:?})"
         ),
     };
+    let prompt_optimizer = match a.optimizer.as_str() {
+        "adamw" => PromptOptimizer::AdamW,
+        "spsa" => PromptOptimizer::Spsa {
+            eps: a.spsa_eps,
+            perturbations: a.spsa_perturbations,
+        },
+        other => bail!(
+            "--task image-classification trains the prompt with --optimizer adamw or spsa (not {other})"
+        ),
+    };
     let images = a.images.as_deref().context(
         "--task image-classification needs --images (fashion-mnist, digits or a folder)",
     )?;
@@ -346,6 +356,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             seed,
             eval_batch_size: a.eval_batch_size,
             head_warmup: a.head_warmup,
+            prompt_optimizer,
         };
         let train = train_set.balanced(a.shots, seed);
         let started = Instant::now();

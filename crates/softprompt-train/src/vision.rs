@@ -14,6 +14,7 @@ use softprompt_core::{
     Error, Images, Optimizer, Placement, Result, Rng, SoftPrompt, VisionBackbone,
 };
 
+use crate::free::Spsa;
 use crate::optim::AdamW;
 
 /// ImageNet's per-channel mean and standard deviation (what DINOv2 models expect).
@@ -461,6 +462,25 @@ pub struct VisionConfig {
     /// Steps of the head alone on features without a prompt before a prompt method trains
     /// (a warm start; a linear probe's head is all `steps`).
     pub head_warmup: usize,
+    /// How the prompt learns (the head always takes AdamW on its exact gradient).
+    pub prompt_optimizer: PromptOptimizer,
+}
+
+/// How a visual prompt is trained.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PromptOptimizer {
+    /// AdamW on the backbone's prompt gradient ([`VisionBackbone::features_grad`]).
+    AdamW,
+    /// SPSA / MeZO two-point estimates from forward passes only (backends without gradients,
+    /// such as ONNX Runtime): every step runs the batch once per candidate prompt `θ ± ε z` in
+    /// one call, the prompt moves by `lr` times the estimate, and the head takes the mean of
+    /// its gradients at the candidates. A pixel pattern is perturbed in its frame only.
+    Spsa {
+        /// Perturbation scale `ε`.
+        eps: f32,
+        /// Two-point estimates per step.
+        perturbations: usize,
+    },
 }
 
 impl Default for VisionConfig {
@@ -475,6 +495,7 @@ impl Default for VisionConfig {
             seed: 0,
             eval_batch_size: 32,
             head_warmup: 0,
+            prompt_optimizer: PromptOptimizer::AdamW,
         }
     }
 }
@@ -558,6 +579,14 @@ fn features(
         out.extend(f);
     }
     Ok(out)
+}
+
+/// Writes `values` into the prompt's values at `at`.
+fn set_values(prompt: &mut SoftPrompt, at: &[usize], values: &[f32]) {
+    let all = prompt.values_mut();
+    for (&i, &v) in at.iter().zip(values) {
+        all[i] = v;
+    }
 }
 
 /// Which values of a `channels × size × size` pattern lie in the frame `w` pixels wide.
@@ -672,37 +701,89 @@ pub fn train_classifier(
             }
         }
     }
+    // the values the prompt optimizer moves: all of them, or a pixel pattern's frame
+    let trainable: Vec<usize> = match &frame {
+        Some(mask) => (0..mask.len()).filter(|i| mask[*i]).collect(),
+        None => (0..prompt.values().len()).collect(),
+    };
+    let mut spsa = match config.prompt_optimizer {
+        PromptOptimizer::AdamW => None,
+        PromptOptimizer::Spsa { eps, perturbations } => {
+            let mut o = Spsa::new(eps, config.seed);
+            o.perturbations = perturbations;
+            Some(o)
+        }
+    };
     for step in 0..prompt_steps {
         let batch = next(&mut rng);
         let labels: Vec<usize> = batch.iter().map(|i| set.labels[*i]).collect();
         let images = set.prepare(&batch, config.image_size, IMAGENET_MEAN, IMAGENET_STD);
-        let (mut dw, mut db) = (Vec::new(), Vec::new());
-        let mut host = |f: &[f32]| -> Result<(f32, Vec<f32>)> {
-            let (loss, df, gw, gb) = head_loss(f, &labels, &w, &b, d);
-            dw = gw;
-            db = gb;
-            Ok((loss, df))
+        let non_finite = || Error::NonFinite {
+            what: "loss or prompt gradient".into(),
+            step: step as u64 + 1,
         };
-        let (loss, grads) = backbone.features_grad(
-            std::slice::from_ref(&prompt),
-            &vec![0; batch.len()],
-            &images,
-            &mut host,
-        )?;
-        let mut g = grads.into_iter().next().unwrap_or_default();
-        if let Some(mask) = &frame {
-            g.iter_mut()
-                .zip(mask)
-                .filter(|(_, m)| !**m)
-                .for_each(|(v, _)| *v = 0.0);
-        }
-        if !loss.is_finite() || g.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: "loss or prompt gradient".into(),
-                step: step as u64 + 1,
-            });
-        }
-        opt_p.step(prompt.values_mut(), &g, config.lr)?;
+        let (loss, dw, db) = match spsa.as_mut() {
+            None => {
+                let (mut dw, mut db) = (Vec::new(), Vec::new());
+                let mut host = |f: &[f32]| -> Result<(f32, Vec<f32>)> {
+                    let (loss, df, gw, gb) = head_loss(f, &labels, &w, &b, d);
+                    dw = gw;
+                    db = gb;
+                    Ok((loss, df))
+                };
+                let (loss, grads) = backbone.features_grad(
+                    std::slice::from_ref(&prompt),
+                    &vec![0; batch.len()],
+                    &images,
+                    &mut host,
+                )?;
+                let all = grads.into_iter().next().unwrap_or_default();
+                let g: Vec<f32> = trainable.iter().map(|&i| all[i]).collect();
+                if !loss.is_finite() || g.iter().any(|v| !v.is_finite()) {
+                    return Err(non_finite());
+                }
+                let mut theta: Vec<f32> = trainable.iter().map(|&i| prompt.values()[i]).collect();
+                opt_p.step(&mut theta, &g, config.lr)?;
+                set_values(&mut prompt, &trainable, &theta);
+                (loss, dw, db)
+            }
+            Some(spsa) => {
+                let mut theta: Vec<f32> = trainable.iter().map(|&i| prompt.values()[i]).collect();
+                let candidates = spsa.ask(&theta)?;
+                let prompts: Vec<SoftPrompt> = candidates
+                    .iter()
+                    .map(|c| {
+                        let mut p = prompt.clone();
+                        set_values(&mut p, &trainable, c);
+                        p
+                    })
+                    .collect();
+                // every candidate sees the same images, in one call
+                let k = candidates.len();
+                let repeated = Images {
+                    rows: images.rows * k,
+                    channels: images.channels,
+                    size: images.size,
+                    pixels: images.pixels.repeat(k),
+                };
+                let index: Vec<usize> = (0..k).flat_map(|c| vec![c; batch.len()]).collect();
+                let f = backbone.features(&prompts, &index, &repeated)?;
+                let (mut losses, mut dw, mut db) =
+                    (Vec::new(), vec![0f32; w.len()], vec![0f32; b.len()]);
+                for fc in f.chunks(batch.len() * d) {
+                    let (l, _, gw, gb) = head_loss(fc, &labels, &w, &b, d);
+                    losses.push(l);
+                    dw.iter_mut().zip(&gw).for_each(|(a, g)| *a += g / k as f32);
+                    db.iter_mut().zip(&gb).for_each(|(a, g)| *a += g / k as f32);
+                }
+                if losses.iter().any(|l| !l.is_finite()) {
+                    return Err(non_finite());
+                }
+                spsa.tell(&mut theta, &losses, config.lr)?;
+                set_values(&mut prompt, &trainable, &theta);
+                (losses.iter().sum::<f32>() / k as f32, dw, db)
+            }
+        };
         opt_w.step(&mut w, &dw, config.head_lr)?;
         opt_b.step(&mut b, &db, config.head_lr)?;
         losses.push(loss);
