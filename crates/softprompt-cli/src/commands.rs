@@ -647,6 +647,9 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
         bail!("--store {} is not a directory", a.store.display());
     }
     let model = &a.backend.model;
+    if softprompt::is_vision_model(model) {
+        return crate::vision::serve(a, api_key).await;
+    }
     let config = if softprompt::gguf::is_gguf(model) {
         softprompt::gguf::load_config(model)?
     } else {
@@ -681,13 +684,33 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
         },
     );
     let serve_config = softprompt::serve::ServeConfig {
+        context_length: Some(config.max_positions()),
+        ..serve_config(&a, api_key)?
+    };
+    softprompt::serve::serve(
+        listener,
+        Arc::from(backbone),
+        Arc::new(tok),
+        Arc::new(store),
+        serve_config,
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The limits `serve` takes from its flags (text and vision servers).
+pub(crate) fn serve_config(
+    a: &ServeArgs,
+    api_key: Option<String>,
+) -> Result<softprompt::serve::ServeConfig> {
+    Ok(softprompt::serve::ServeConfig {
         queue_capacity: a.queue_capacity,
         max_batch_rows: a.max_batch_rows,
         max_active_sequences: a.max_active,
         max_new_tokens: a.max_new_tokens,
         max_input_tokens: a.max_input_tokens,
         max_body_bytes: a.max_body_bytes,
-        context_length: Some(config.max_positions()),
         batching: match a.batching {
             BatchingKind::Mixed => softprompt::serve::Batching::Mixed,
             BatchingKind::PerPrompt => softprompt::serve::Batching::PerPrompt,
@@ -698,8 +721,12 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
         max_connections: a.max_connections,
         shutdown_timeout: seconds("--shutdown-timeout", a.shutdown_timeout)?,
         ..Default::default()
-    };
-    let shutdown = async {
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    {
         let term = async {
             #[cfg(unix)]
             {
@@ -718,15 +745,5 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
             _ = term => {}
         }
         tracing::info!("shutting down: finishing in-flight requests");
-    };
-    softprompt::serve::serve(
-        listener,
-        Arc::from(backbone),
-        Arc::new(tok),
-        Arc::new(store),
-        serve_config,
-        shutdown,
-    )
-    .await?;
-    Ok(())
+    }
 }

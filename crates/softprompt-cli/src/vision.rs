@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use softprompt::train::vision::{
-    accuracy, load_digits, load_fashion_mnist, load_image_folder, train_classifier, ImageSet,
+    accuracy, check_classifier, is_visual_folder, load_digits, load_fashion_mnist,
+    load_image_folder, read_classifier, save_classifier, train_classifier, ImageSet,
     PromptOptimizer, VisionConfig, VisionMethod, VisualClassifier,
 };
 use softprompt::VisionBackbone;
@@ -71,73 +72,15 @@ fn data(images: &str, size: usize) -> Result<(ImageSet, ImageSet)> {
     }
 }
 
-/// The prompt folder of a trained classifier: `adapter_model.safetensors` (`prompt_embeddings
-/// [N, width]`, `head.weight [classes, d]`, `head.bias [classes]`) and `adapter_config.json`
-/// (PEFT's field names where they apply).
-fn save(
-    dir: &std::path::Path,
-    model: &VisualClassifier,
-    backbone: &dyn VisionBackbone,
-    model_path: &std::path::Path,
-) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
-    let d = backbone.spec().hidden_size;
-    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-    let (p, w, b) = (
-        bytes(model.prompt.values()),
-        bytes(&model.head_w),
-        bytes(&model.head_b),
-    );
-    let n = model.prompt.num_virtual_tokens();
-    let width = model.prompt.hidden_size();
-    let c = model.head_b.len();
-    let tensors = vec![
-        (
-            "prompt_embeddings",
-            TensorView::new(Dtype::F32, vec![n, width], &p)?,
-        ),
-        ("head.weight", TensorView::new(Dtype::F32, vec![c, d], &w)?),
-        ("head.bias", TensorView::new(Dtype::F32, vec![c], &b)?),
-    ];
-    let weights = safetensors::serialize(tensors, None)?;
-    let config = serde_json::json!({
-        "peft_type": "VISUAL_PROMPT_TUNING",
-        "task_type": "IMAGE_CLASSIFICATION",
-        "base_model_name_or_path": model_path.display().to_string(),
-        "num_virtual_tokens": n,
-        "token_dim": d,
-        "num_layers": backbone.config().num_hidden_layers,
-        "placement": model.prompt.placement().as_str(),
-        "image_size": model.image_size,
-        "classes": model.classes,
-        "softprompt": {
-            "backbone_fingerprint": backbone.spec().fingerprint,
-            "weights_sha256": softprompt::store::sha256_hex(&weights),
-        },
-    });
-    let json = serde_json::to_vec_pretty(&config)?;
-    softprompt::store::write_folder(
-        dir,
-        &[
-            (softprompt::store::ADAPTER_WEIGHTS, &weights),
-            (softprompt::store::ADAPTER_CONFIG, &json),
-        ],
-    )?;
-    Ok(())
-}
-
 /// Whether `dir` holds a visual prompt (its config's `peft_type` says so).
 pub(crate) fn is_visual(dir: &std::path::Path) -> bool {
-    std::fs::read(dir.join(softprompt::store::ADAPTER_CONFIG))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|c| c["peft_type"] == "VISUAL_PROMPT_TUNING")
+    is_visual_folder(dir)
 }
 
 /// What `inspect` shows of a visual prompt folder (the text prompts' keys, and the classes,
 /// resolution and head).
 pub(crate) fn summary(name: &str, dir: &std::path::Path) -> Result<serde_json::Value> {
-    let (config, model) = read_folder(dir)?;
+    let (config, model) = read_classifier(dir)?;
     let p = &model.prompt;
     let width = p.hidden_size().max(1);
     let norms: Vec<f32> = p
@@ -158,109 +101,12 @@ pub(crate) fn summary(name: &str, dir: &std::path::Path) -> Result<serde_json::V
     }))
 }
 
-/// Reads a folder [`save`] wrote, checking that it was trained on `backbone`.
+/// Reads a saved classifier and checks that it was trained on `backbone`.
 fn load(dir: &std::path::Path, backbone: &dyn VisionBackbone) -> Result<VisualClassifier> {
-    let (cfg, model) = read_folder(dir)?;
-    let fp = cfg["softprompt"]["backbone_fingerprint"]
-        .as_str()
-        .unwrap_or("");
-    if fp != backbone.spec().fingerprint {
-        bail!(
-            "{} was trained for backbone {fp}, this one is {}",
-            dir.display(),
-            backbone.spec().fingerprint
-        );
-    }
-    let d = backbone.spec().hidden_size;
-    if model.head_w.len() != model.classes.len() * d {
-        bail!(
-            "{}: a head of width {} for a backbone of width {d}",
-            dir.display(),
-            model.head_w.len() / model.classes.len().max(1)
-        );
-    }
+    let (cfg, model) =
+        read_classifier(dir).with_context(|| format!("reading {}", dir.display()))?;
+    check_classifier(&cfg, &model, backbone).with_context(|| format!("{}", dir.display()))?;
     Ok(model)
-}
-
-/// Reads a folder [`save`] wrote without a backbone: its config and classifier, checking that
-/// its weights are the ones its config names and that their shapes agree.
-fn read_folder(dir: &std::path::Path) -> Result<(serde_json::Value, VisualClassifier)> {
-    use softprompt::{Placement, SoftPrompt};
-    let cfg_path = dir.join(softprompt::store::ADAPTER_CONFIG);
-    let cfg: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", cfg_path.display()))?;
-    if cfg["peft_type"] != "VISUAL_PROMPT_TUNING" {
-        bail!(
-            "{} is a {} prompt, not a visual one",
-            dir.display(),
-            cfg["peft_type"]
-        );
-    }
-    let weights_path = dir.join(softprompt::store::ADAPTER_WEIGHTS);
-    let bytes = std::fs::read(&weights_path)
-        .with_context(|| format!("reading {}", weights_path.display()))?;
-    let sha = softprompt::store::sha256_hex(&bytes);
-    if cfg["softprompt"]["weights_sha256"].as_str() != Some(sha.as_str()) {
-        bail!(
-            "{} does not hold the weights its config names (weights_sha256 differs)",
-            weights_path.display()
-        );
-    }
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("parsing {}", weights_path.display()))?;
-    let tensor = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-        let t = st
-            .tensor(name)
-            .with_context(|| format!("{} has no `{name}`", weights_path.display()))?;
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Ok((t.shape().to_vec(), v))
-    };
-    let placement = match cfg["placement"].as_str() {
-        Some("after_class_token") => Placement::AfterClassToken,
-        Some("deep_after_class_token") => Placement::DeepAfterClassToken,
-        Some("pixels") => Placement::Pixels,
-        other => bail!("unknown visual prompt placement {other:?}"),
-    };
-    let (shape, values) = tensor("prompt_embeddings")?;
-    let [n, width] = shape[..] else {
-        bail!("prompt_embeddings of shape {shape:?}")
-    };
-    let prompt = SoftPrompt::new(n, width, values)?.with_placement(placement);
-    let (_, head_w) = tensor("head.weight")?;
-    let (_, head_b) = tensor("head.bias")?;
-    let classes: Vec<String> = cfg["classes"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| c.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    let d = cfg["token_dim"].as_u64().context("no token_dim")? as usize;
-    if head_b.len() != classes.len() || head_w.len() != classes.len() * d {
-        bail!(
-            "a head of {} values and {} biases for {} classes of width {d}",
-            head_w.len(),
-            head_b.len(),
-            classes.len()
-        );
-    }
-    let image_size = cfg["image_size"].as_u64().context("no image_size")? as usize;
-    let model = VisualClassifier {
-        prompt,
-        head_w,
-        head_b,
-        classes,
-        image_size,
-        losses: Vec::new(),
-    };
-    Ok((cfg, model))
 }
 
 /// `softprompt eval --task image-classification --prompt DIR --data fashion-mnist`.
@@ -376,7 +222,13 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         } else {
             a.output.clone()
         };
-        save(&out, &model, backbone.as_ref(), &b.model)?;
+        save_classifier(
+            &out,
+            &model,
+            backbone.as_ref(),
+            &b.model.display().to_string(),
+        )
+        .with_context(|| format!("saving {}", out.display()))?;
         let seen = (config.steps * config.batch_size.min(train.len())) as f64;
         let report = serde_json::json!({
             "seed": seed, "method": method.name(), "shots": a.shots,
@@ -406,5 +258,54 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
                 "tuned_test_mean": mean, "tuned_test_sd": sd})
         );
     }
+    Ok(())
+}
+
+/// `softprompt serve` with a vision transformer: the store's visual prompts over HTTP
+/// (`POST /v1/classify` with base64 images).
+pub(crate) async fn serve(a: crate::args::ServeArgs, api_key: Option<String>) -> Result<()> {
+    let b = &a.backend;
+    let backbone = softprompt::load_vision_backbone(&b.backend, &b.model, &b.device)
+        .with_context(|| format!("loading {} on {}", b.model.display(), b.backend))?;
+    let listener = tokio::net::TcpListener::bind(&a.addr)
+        .await
+        .with_context(|| format!("listening on {}", a.addr))?;
+    // prompts that read and fit this backbone, and those that do not (named, with the reason)
+    let mut count = 0;
+    let mut names: Vec<_> = std::fs::read_dir(&a.store)
+        .with_context(|| format!("reading --store {}", a.store.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(softprompt::store::ADAPTER_CONFIG).is_file())
+        .collect();
+    names.sort();
+    for dir in names {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let checked = read_classifier(&dir)
+            .and_then(|(cfg, model)| check_classifier(&cfg, &model, backbone.as_ref()));
+        match checked {
+            Ok(()) => count += 1,
+            Err(e) => tracing::warn!("prompt `{name}` will not be served: {e}"),
+        }
+    }
+    tracing::info!(
+        "serving {count} visual prompts from {} on http://{} ({} backend, vision{})",
+        a.store.display(),
+        listener.local_addr()?,
+        backbone.backend_name(),
+        if api_key.is_some() {
+            ", bearer auth"
+        } else {
+            ""
+        },
+    );
+    let config = crate::commands::serve_config(&a, api_key)?;
+    softprompt::serve::serve_vision(
+        listener,
+        std::sync::Arc::from(backbone),
+        a.store.clone(),
+        config,
+        crate::commands::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -1071,6 +1071,61 @@ fn image_classification_reads_image_folders_and_digits() {
         "{}",
         stderr(&o)
     );
+    // serve: the store's visual prompts over HTTP; a light training image is called light
+    {
+        use base64::Engine;
+        use std::io::{BufRead, Read, Write};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = bin()
+            .args([
+                "serve",
+                "--model",
+                &model,
+                "--store",
+                &out.path().display().to_string(),
+                "--addr",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut banner = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.contains("serving") {
+                banner = line;
+                break;
+            }
+        }
+        assert!(banner.contains("serving 3 visual prompts"), "{banner}");
+        let png = std::fs::read(folder.join("light/0.png")).unwrap();
+        let body = serde_json::json!({
+            "model": "folder-vpt-shallow",
+            "input": [base64::engine::general_purpose::STANDARD.encode(&png)],
+        })
+        .to_string();
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            c,
+            "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        let json: serde_json::Value =
+            serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(json["results"][0]["label"], "light", "{json}");
+    }
     // inspect: one visual prompt folder, and a store of them
     let o = bin()
         .args([

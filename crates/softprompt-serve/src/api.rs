@@ -16,9 +16,40 @@ use crate::engine::Job;
 use crate::error::ApiError;
 use crate::AppState;
 
+/// What every server (text or vision) shares with the plumbing here: its limits, metrics,
+/// request counter and engine queue.
+pub(crate) trait Shared: Clone + Send + Sync + 'static {
+    /// The engine's job type.
+    type Job: Send;
+    fn config(&self) -> &crate::ServeConfig;
+    fn metrics(&self) -> &crate::Metrics;
+    fn next_request(&self) -> &std::sync::atomic::AtomicU64;
+    fn jobs(&self) -> &std::sync::Mutex<Option<std::sync::mpsc::Sender<Self::Job>>>;
+}
+
+impl Shared for AppState {
+    type Job = Job;
+    fn config(&self) -> &crate::ServeConfig {
+        &self.config
+    }
+    fn metrics(&self) -> &crate::Metrics {
+        &self.metrics
+    }
+    fn next_request(&self) -> &std::sync::atomic::AtomicU64 {
+        &self.next_request
+    }
+    fn jobs(&self) -> &std::sync::Mutex<Option<std::sync::mpsc::Sender<Job>>> {
+        &self.jobs
+    }
+}
+
 /// The JSON body, with extractor failures turned into clear 400s (413 past the body limit, 408
 /// past the body read timeout).
-pub(crate) fn body<T>(state: &AppState, r: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub(crate) fn body<S: Shared, T>(
+    state: &S,
+    r: Result<Json<T>, JsonRejection>,
+) -> Result<T, ApiError> {
+    let config = state.config();
     match r {
         Ok(Json(t)) => Ok(t),
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
@@ -26,7 +57,7 @@ pub(crate) fn body<T>(state: &AppState, r: Result<Json<T>, JsonRejection>) -> Re
             "invalid_request_error",
             format!(
                 "request body exceeds the server's limit of {} bytes (max_body_bytes)",
-                state.config.max_body_bytes
+                config.max_body_bytes
             ),
         )),
         Err(e) if timed_out(&e) => Err(ApiError::new(
@@ -34,7 +65,7 @@ pub(crate) fn body<T>(state: &AppState, r: Result<Json<T>, JsonRejection>) -> Re
             "invalid_request_error",
             format!(
                 "the request body did not arrive within {:?} (body_read_timeout)",
-                state.config.body_read_timeout
+                config.body_read_timeout
             ),
         )),
         Err(e) => Err(ApiError::bad_request(e.body_text())),
@@ -61,11 +92,11 @@ pub(crate) fn now_secs() -> u64 {
 }
 
 /// Sends `job` to the engine unless the queue is full.
-pub(crate) fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
-    let limit = state.config.queue_capacity;
-    let depth = state.metrics.queued.fetch_add(1, Ordering::SeqCst);
+pub(crate) fn submit<S: Shared>(state: &S, job: S::Job) -> Result<(), ApiError> {
+    let limit = state.config().queue_capacity;
+    let depth = state.metrics().queued.fetch_add(1, Ordering::SeqCst);
     if depth >= limit {
-        state.metrics.queued.fetch_sub(1, Ordering::SeqCst);
+        state.metrics().queued.fetch_sub(1, Ordering::SeqCst);
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded_error",
@@ -73,14 +104,14 @@ pub(crate) fn submit(state: &AppState, job: Job) -> Result<(), ApiError> {
         ));
     }
     let sent = state
-        .jobs
+        .jobs()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .as_ref()
         .map(|tx| tx.send(job).is_ok())
         .unwrap_or(false);
     if !sent {
-        state.metrics.queued.fetch_sub(1, Ordering::SeqCst);
+        state.metrics().queued.fetch_sub(1, Ordering::SeqCst);
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded_error",
@@ -157,8 +188,8 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 }
 
 /// Checks `Authorization: Bearer <key>` when the server has a key.
-pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(key) = &state.config.api_key {
+pub(crate) async fn auth<S: Shared>(State(state): State<S>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.config().api_key {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -183,10 +214,14 @@ pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Re
 }
 
 /// Records every request's status and latency.
-pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn record<S: Shared>(
+    State(state): State<S>,
+    req: Request,
+    next: Next,
+) -> Response {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let id = state.next_request.fetch_add(1, Ordering::Relaxed);
+    let id = state.next_request().fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let mut r = next.run(req).await;
     let seconds = started.elapsed().as_secs_f64();
@@ -195,7 +230,7 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         _ => "other".to_string(),
     };
     let status = r.status().as_u16();
-    state.metrics.request(&endpoint, status, seconds);
+    state.metrics().request(&endpoint, status, seconds);
     if let Ok(v) = HeaderValue::from_str(&format!("req-{id}")) {
         r.headers_mut().insert("x-request-id", v);
     }

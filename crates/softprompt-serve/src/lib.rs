@@ -11,6 +11,9 @@
 //! gets a 503 at once. Prompts are read from a [`PromptStore`] on demand and reread when the
 //! store's tag for them changes, so they can be added, replaced and removed while the server
 //! runs. The server never writes to the store.
+//!
+//! [`serve_vision`] serves visual classifiers (visual prompt tuning) from a frozen vision
+//! transformer the same way: `POST /v1/classify` with base64 images.
 
 mod api;
 mod classify;
@@ -19,6 +22,7 @@ mod engine;
 mod error;
 mod metrics;
 mod registry;
+mod vision;
 
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
@@ -33,6 +37,7 @@ use softprompt_core::{Backbone, PromptStore, TextTokenizer};
 pub use engine::Batching;
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use vision::serve_vision;
 
 /// Server limits and behaviour.
 #[derive(Debug, Clone)]
@@ -124,7 +129,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/classify", post(classify::classify))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            api::auth,
+            api::auth::<AppState>,
         ));
     Router::new()
         .merge(v1)
@@ -138,7 +143,7 @@ fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            api::record,
+            api::record::<AppState>,
         ))
         .with_state(state)
 }

@@ -224,21 +224,31 @@ fn sorted_entries(dir: &Path, folders: bool) -> Result<Vec<std::path::PathBuf>> 
     Ok(out)
 }
 
-/// Decodes one image, converted to RGB and resized (bilinear) to `size × size`.
+/// Decodes one image file, converted to RGB and resized (bilinear) to `size × size`.
 fn read_image(path: &Path, size: usize) -> Result<Vec<u8>> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::Data {
-            path: path.to_path_buf(),
-            line: 0,
-            reason: format!("not a readable PNG/JPEG image: {e}"),
-        })?
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes, size).map_err(|reason| Error::Data {
+        path: path.to_path_buf(),
+        line: 0,
+        reason,
+    })
+}
+
+/// Decodes a PNG or JPEG image held in memory (the format is read from its first bytes), converts
+/// it to RGB and resizes it (bilinear) to `size × size`: `size · size · 3` bytes, channel-last.
+/// The error says why it is not a readable image.
+pub fn decode_image(bytes: &[u8], size: usize) -> std::result::Result<Vec<u8>, String> {
+    let side = u32::try_from(size)
+        .ok()
+        .filter(|s| *s > 0)
+        .ok_or_else(|| format!("image size {size}"))?;
+    let format = image::guess_format(bytes)
+        .ok()
+        .filter(|f| matches!(f, image::ImageFormat::Png | image::ImageFormat::Jpeg))
+        .ok_or("not a PNG or JPEG image")?;
+    let img = image::load_from_memory_with_format(bytes, format)
+        .map_err(|e| format!("not a readable PNG/JPEG image: {e}"))?
         .to_rgb8();
-    let side =
-        u32::try_from(size).map_err(|_| Error::InvalidArgument(format!("image size {size}")))?;
     Ok(image::imageops::resize(&img, side, side, image::imageops::FilterType::Triangle).into_raw())
 }
 
@@ -796,6 +806,214 @@ pub fn train_classifier(
         image_size: config.image_size,
         losses,
     })
+}
+
+/// `peft_type` of a saved visual classifier (no PEFT type exists for visual prompts).
+pub const VISUAL_PEFT_TYPE: &str = "VISUAL_PROMPT_TUNING";
+
+/// Writes a trained classifier as a prompt folder, atomically (the folder changes as one unit):
+/// `adapter_model.safetensors` (`prompt_embeddings [N, width]`, `head.weight [classes, d]`,
+/// `head.bias [classes]`) and `adapter_config.json` (PEFT's field names where they apply, the
+/// placement, resolution and classes, the backbone's fingerprint and the weights' SHA-256).
+pub fn save_classifier(
+    dir: &Path,
+    model: &VisualClassifier,
+    backbone: &dyn VisionBackbone,
+    base_model: &str,
+) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let d = backbone.spec().hidden_size;
+    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let (p, w, b) = (
+        bytes(model.prompt.values()),
+        bytes(&model.head_w),
+        bytes(&model.head_b),
+    );
+    let n = model.prompt.num_virtual_tokens();
+    let width = model.prompt.hidden_size();
+    let c = model.head_b.len();
+    fn view(shape: Vec<usize>, data: &[u8]) -> Result<TensorView<'_>> {
+        TensorView::new(Dtype::F32, shape, data).map_err(|e| Error::Shape(e.to_string()))
+    }
+    let tensors = vec![
+        ("prompt_embeddings", view(vec![n, width], &p)?),
+        ("head.weight", view(vec![c, d], &w)?),
+        ("head.bias", view(vec![c], &b)?),
+    ];
+    let weights = safetensors::serialize(tensors, None)
+        .map_err(|e| Error::InvalidArgument(format!("serializing the classifier: {e}")))?;
+    let config = serde_json::json!({
+        "peft_type": VISUAL_PEFT_TYPE,
+        "task_type": "IMAGE_CLASSIFICATION",
+        "base_model_name_or_path": base_model,
+        "num_virtual_tokens": n,
+        "token_dim": d,
+        "num_layers": backbone.config().num_hidden_layers,
+        "placement": model.prompt.placement().as_str(),
+        "image_size": model.image_size,
+        "classes": model.classes,
+        "softprompt": {
+            "backbone_fingerprint": backbone.spec().fingerprint,
+            "weights_sha256": softprompt_store::sha256_hex(&weights),
+        },
+    });
+    let json = serde_json::to_vec_pretty(&config)
+        .map_err(|e| Error::InvalidArgument(format!("writing the config: {e}")))?;
+    softprompt_store::write_folder(
+        dir,
+        &[
+            (softprompt_store::ADAPTER_WEIGHTS, &weights),
+            (softprompt_store::ADAPTER_CONFIG, &json),
+        ],
+    )
+}
+
+/// Whether `dir` holds a visual classifier (its config's `peft_type` says so).
+pub fn is_visual_folder(dir: &Path) -> bool {
+    std::fs::read(dir.join(softprompt_store::ADAPTER_CONFIG))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|c| c["peft_type"] == VISUAL_PEFT_TYPE)
+}
+
+/// Reads a folder [`save_classifier`] wrote, without a backbone: its config and classifier,
+/// checking that the weights are the ones the config names and that the shapes agree. Use
+/// [`check_classifier`] before running it on a backbone.
+pub fn read_classifier(dir: &Path) -> Result<(serde_json::Value, VisualClassifier)> {
+    let cfg_path = dir.join(softprompt_store::ADAPTER_CONFIG);
+    let bad = |path: &Path, reason: String| Error::Data {
+        path: path.to_path_buf(),
+        line: 0,
+        reason,
+    };
+    let raw = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&raw).map_err(|e| bad(&cfg_path, format!("not JSON: {e}")))?;
+    if cfg["peft_type"] != VISUAL_PEFT_TYPE {
+        return Err(bad(
+            &cfg_path,
+            format!("a {} prompt, not a visual one", cfg["peft_type"]),
+        ));
+    }
+    let weights_path = dir.join(softprompt_store::ADAPTER_WEIGHTS);
+    let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+    if cfg["softprompt"]["weights_sha256"].as_str()
+        != Some(softprompt_store::sha256_hex(&bytes).as_str())
+    {
+        return Err(bad(
+            &weights_path,
+            "not the weights its config names (weights_sha256 differs)".into(),
+        ));
+    }
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(&weights_path, format!("not safetensors: {e}")))?;
+    let tensor = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        let t = st
+            .tensor(name)
+            .map_err(|_| bad(&weights_path, format!("no `{name}`")))?;
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(&weights_path, format!("`{name}` is not f32")));
+        }
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((t.shape().to_vec(), v))
+    };
+    let placement = match cfg["placement"].as_str() {
+        Some("after_class_token") => Placement::AfterClassToken,
+        Some("deep_after_class_token") => Placement::DeepAfterClassToken,
+        Some("pixels") => Placement::Pixels,
+        other => {
+            return Err(bad(
+                &cfg_path,
+                format!("unknown visual prompt placement {other:?}"),
+            ))
+        }
+    };
+    let (shape, values) = tensor("prompt_embeddings")?;
+    let [n, width] = shape[..] else {
+        return Err(bad(
+            &weights_path,
+            format!("prompt_embeddings of shape {shape:?}"),
+        ));
+    };
+    let prompt = SoftPrompt::new(n, width, values)?.with_placement(placement);
+    let (_, head_w) = tensor("head.weight")?;
+    let (_, head_b) = tensor("head.bias")?;
+    let classes: Vec<String> = cfg["classes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let d = cfg["token_dim"].as_u64().unwrap_or(0) as usize;
+    if classes.is_empty() || head_b.len() != classes.len() || head_w.len() != classes.len() * d {
+        return Err(bad(
+            &weights_path,
+            format!(
+                "a head of {} values and {} biases for {} classes of width {d}",
+                head_w.len(),
+                head_b.len(),
+                classes.len()
+            ),
+        ));
+    }
+    let image_size = cfg["image_size"]
+        .as_u64()
+        .filter(|s| *s > 0)
+        .ok_or_else(|| bad(&cfg_path, "no image_size".into()))? as usize;
+    let model = VisualClassifier {
+        prompt,
+        head_w,
+        head_b,
+        classes,
+        image_size,
+        losses: Vec::new(),
+    };
+    Ok((cfg, model))
+}
+
+/// Checks that a classifier [`read_classifier`] returned was trained on `backbone` (its
+/// recorded fingerprint) and fits its width.
+pub fn check_classifier(
+    cfg: &serde_json::Value,
+    model: &VisualClassifier,
+    backbone: &dyn VisionBackbone,
+) -> Result<()> {
+    let spec = backbone.spec();
+    let fp = cfg["softprompt"]["backbone_fingerprint"]
+        .as_str()
+        .unwrap_or("");
+    if fp != spec.fingerprint {
+        return Err(Error::FingerprintMismatch {
+            prompt: fp.to_string(),
+            backbone: spec.fingerprint.clone(),
+        });
+    }
+    if model.head_w.len() != model.classes.len() * spec.hidden_size {
+        return Err(Error::HiddenSizeMismatch {
+            prompt: model.head_w.len() / model.classes.len().max(1),
+            backbone: spec.hidden_size,
+        });
+    }
+    Ok(())
+}
+
+/// Class log-probabilities (log-softmax of the head's logits) of `features [rows, d]`.
+pub fn class_logprobs(model: &VisualClassifier, features: &[f32], d: usize) -> Vec<Vec<f64>> {
+    let logits = head_logits(features, &model.head_w, &model.head_b, d);
+    logits
+        .chunks(model.head_b.len().max(1))
+        .map(|z| {
+            let m = z.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)) as f64;
+            let lse = m + z.iter().map(|v| (*v as f64 - m).exp()).sum::<f64>().ln();
+            z.iter().map(|v| *v as f64 - lse).collect()
+        })
+        .collect()
 }
 
 /// Predicted class of each image `indices` of `set`.

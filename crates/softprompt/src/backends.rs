@@ -169,6 +169,20 @@ pub fn load_vision_source(path: impl AsRef<Path>) -> Result<crate::VisionSource>
     }
 }
 
+/// Whether `path` names a vision transformer this build reads: an `.onnx` file, or a folder
+/// whose `config.json` says `model_type: "dinov2"` (text models are GGUF files or folders of
+/// other model types).
+pub fn is_vision_model(path: impl AsRef<Path>) -> bool {
+    let path = path.as_ref();
+    if softprompt_onnx::is_onnx(path) {
+        return true;
+    }
+    std::fs::read(path.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|c| c["model_type"] == "dinov2")
+}
+
 /// Loads the vision transformer at `path` on backend `name` and `device`, in f32. Vision
 /// transformers run on candle and tch (with gradients) and ort (forward only).
 pub fn load_vision_backbone(
