@@ -126,26 +126,63 @@ fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(api::models))
         .route("/v1/completions", post(completions::completions))
-        .route("/v1/classify", post(classify::classify))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            api::auth::<AppState>,
-        ));
-    Router::new()
-        .merge(v1)
+        .route("/v1/classify", post(classify::classify));
+    let rest = Router::new()
         .route("/health", get(api::health))
-        .route("/metrics", get(api::metrics))
-        .fallback(api::fallback)
-        .method_not_allowed_fallback(api::method_not_allowed)
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .route("/metrics", get(api::metrics));
+    finish_router(v1, rest, state, |r| {
+        r.fallback(api::fallback)
+            .method_not_allowed_fallback(api::method_not_allowed)
+    })
+}
+
+/// The server's app: the `/v1` routes behind the bearer check, the others open; `fallbacks`
+/// adds the 404/405 answers to the merged routes; then the body limit, body read timeout and
+/// request log around everything (text and vision servers alike).
+pub(crate) fn finish_router<S: api::Shared>(
+    v1: Router<S>,
+    rest: Router<S>,
+    state: S,
+    fallbacks: impl FnOnce(Router<S>) -> Router<S>,
+) -> Router {
+    let v1 = v1.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        api::auth::<S>,
+    ));
+    let config = state.config().clone();
+    fallbacks(Router::new().merge(v1).merge(rest))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            state.config.body_read_timeout,
+            config.body_read_timeout,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            api::record::<AppState>,
+            api::record::<S>,
         ))
         .with_state(state)
+}
+
+/// Serves `app` until `shutdown` (see [`accept_loop`]), then closes the engine's queue so that
+/// it finishes what it holds, and joins it.
+pub(crate) async fn run_until_shutdown<S: api::Shared>(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    state: &S,
+    engine: std::thread::JoinHandle<()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let result = accept_loop(listener, app, state.config(), shutdown).await;
+    // every connection is closed: let the engine finish what it holds and stop
+    state
+        .jobs()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let joined = tokio::task::spawn_blocking(move || engine.join())
+        .await
+        .map_err(|_| ServeError::EnginePanicked)?;
+    result?;
+    joined.map_err(|_| ServeError::EnginePanicked)
 }
 
 /// Accepts connections until `shutdown` resolves (header read timeout and connection limit
@@ -251,14 +288,6 @@ pub async fn serve(
         jobs: Arc::new(Mutex::new(Some(tx))),
         next_request: Arc::new(AtomicU64::new(1)),
     };
-    let jobs = state.jobs.clone();
-    let limits = state.config.clone();
-    let result = accept_loop(listener, router(state), &limits, shutdown).await;
-    // every connection is closed: let the engine finish what it holds and stop
-    jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let joined = tokio::task::spawn_blocking(move || engine.join())
-        .await
-        .map_err(|_| ServeError::EnginePanicked)?;
-    result?;
-    joined.map_err(|_| ServeError::EnginePanicked)
+    let app = router(state.clone());
+    run_until_shutdown(listener, app, &state, engine, shutdown).await
 }

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 use crate::api::{body, submit, Shared};
 use crate::completions::OneOrMany;
 use crate::error::ApiError;
-use crate::{accept_loop, Metrics, ServeConfig, ServeError};
+use crate::{Metrics, ServeConfig, ServeError};
 
 /// One loaded version of a stored visual classifier.
 #[derive(Debug)]
@@ -500,34 +500,13 @@ pub async fn serve_vision(
     };
     let v1 = Router::new()
         .route("/v1/models", get(models))
-        .route("/v1/classify", post(classify))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::api::auth::<VisionState>,
-        ));
-    let app = Router::new()
-        .merge(v1)
+        .route("/v1/classify", post(classify));
+    let rest = Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(prometheus))
-        .fallback(fallback)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(
-            state.config.max_body_bytes,
-        ))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            state.config.body_read_timeout,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::api::record::<VisionState>,
-        ))
-        .with_state(state.clone());
-    let jobs = state.jobs.clone();
-    let result = accept_loop(listener, app, &state.config, shutdown).await;
-    jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let joined = tokio::task::spawn_blocking(move || engine.join())
-        .await
-        .map_err(|_| ServeError::EnginePanicked)?;
-    result?;
-    joined.map_err(|_| ServeError::EnginePanicked)
+        .route("/metrics", get(prometheus));
+    let app = crate::finish_router(v1, rest, state.clone(), |r| {
+        r.fallback(fallback)
+            .method_not_allowed_fallback(method_not_allowed)
+    });
+    crate::run_until_shutdown(listener, app, &state, engine, shutdown).await
 }

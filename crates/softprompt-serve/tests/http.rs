@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use softprompt::serve::{serve, Batching, ServeConfig};
+use softprompt_serve::{serve, Batching, ServeConfig};
 use softprompt::store::DirectoryStore;
 use softprompt::{
     Backbone, BackboneSpec, Batch, BatchRow, Capabilities, DecodeSession, GenerationParams,
@@ -169,7 +169,7 @@ struct Server {
     backbone: Arc<Gated>,
     tok: Arc<softprompt::HfTokenizer>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), softprompt::serve::ServeError>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), softprompt_serve::ServeError>>>,
 }
 
 impl Server {
