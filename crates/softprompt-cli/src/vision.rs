@@ -231,7 +231,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         .with_context(|| format!("saving {}", out.display()))?;
         let seen = (config.steps * config.batch_size.min(train.len())) as f64;
         let report = serde_json::json!({
-            "seed": seed, "method": method.name(), "shots": a.shots,
+            "seed": seed, "images": images, "method": method.name(), "shots": a.shots,
             "train_images": train.len(), "test_images": test.len(), "image_size": a.image_size,
             "steps": config.steps, "final_train_loss": model.losses.last(),
             "tuned_test": acc, "train_seconds": train_secs,
@@ -254,7 +254,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         );
         println!(
             "{}",
-            serde_json::json!({"seeds": seeds, "method": method.name(), "shots": a.shots,
+            serde_json::json!({"seeds": seeds, "images": images, "method": method.name(), "shots": a.shots,
                 "tuned_test_mean": mean, "tuned_test_sd": sd})
         );
     }

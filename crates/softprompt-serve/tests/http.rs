@@ -7,12 +7,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use softprompt_serve::{serve, Batching, ServeConfig};
 use softprompt::store::DirectoryStore;
 use softprompt::{
     Backbone, BackboneSpec, Batch, BatchRow, Capabilities, DecodeSession, GenerationParams,
     PromptConfig, PromptStore, RowScores, SoftPrompt, StoredPrompt, TextTokenizer,
 };
+use softprompt_serve::{serve, Batching, ServeConfig};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama")
