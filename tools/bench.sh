@@ -66,4 +66,14 @@ for r in [x["results"][0] for x in runs] + [peft]:
         if ratio:
             line += f" {v / p if v is not None and p else float('nan'):7.2f}"
     print(line)
+# the same starting prompt and steps: the losses must agree (a check of every timed run)
+steps = len(peft.get("train_losses_all") or [])
+if steps:
+    print(f"losses of the first {min(steps, 3)} steps (same starting prompt, AdamW 0.03, clip 1.0):")
+    for r in [x["results"][0] for x in runs] + [peft]:
+        ls = r.get("train_losses_all")
+        if ls:
+            rel = max(abs(a - b) / abs(b) for a, b in zip(ls, peft["train_losses_all"]))
+            print(f"  {r['backend']:8} " + " ".join(f"{l:.5f}" for l in ls[:3])
+                  + f"   max relative difference to PEFT over {len(ls)} steps: {rel:.1e}")
 PY

@@ -47,13 +47,18 @@ def main():
                              num_virtual_tokens=spec["num_virtual_tokens"],
                              prompt_tuning_init=PromptTuningInit.RANDOM)
     peft_model = get_peft_model(model, cfg)
+    if "prompt" in spec:
+        # softprompt's starting prompt, so that both runs take the same steps (their losses are
+        # printed side by side as a correctness check)
+        with torch.no_grad():
+            peft_model.prompt_encoder["default"].embedding.weight.copy_(torch.tensor(spec["prompt"]))
     load_s = time.perf_counter() - t0
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.03, weight_decay=0.01)
     ids, mask, labels = padded(spec["train"], True)
     warmup, repeats = spec["warmup"], spec["repeats"]
     peft_model.train()
-    times, losses = [], []
+    times, losses, all_losses = [], [], []
     for i in range(warmup + repeats):
         t = time.perf_counter()
         loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -62,6 +67,7 @@ def main():
         opt.step()
         opt.zero_grad()
         dt = time.perf_counter() - t
+        all_losses.append(loss.item())
         if i >= warmup:
             times.append(dt)
             losses.append(loss.item())
@@ -117,6 +123,7 @@ def main():
         "train_step_all": times,
         "train_tokens_per_second": tokens / med,
         "train_losses": losses,
+        "train_losses_all": all_losses,
         "eval_seconds": eval_med,
         "eval_examples_per_second": examples / eval_med,
         "generate_tokens_per_second": gen_tps,

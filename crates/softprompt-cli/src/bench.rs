@@ -151,17 +151,21 @@ fn bench_one(
         let mut opt = AdamW::new();
         let mut times = Vec::new();
         let mut losses = Vec::new();
+        // every step's loss, warmup included: from the same prompt, PEFT's first steps must match
+        let mut all_losses = Vec::new();
         for i in 0..a.warmup + a.repeats {
             let t0 = Instant::now();
             let mut lg = b.loss_and_grad(std::slice::from_ref(&p), train)?;
             clip_grad_norm(&mut lg.grads[0], 1.0);
             opt.step(p.values_mut(), &lg.grads[0], 0.03)?;
             let dt = t0.elapsed().as_secs_f64();
+            all_losses.push(lg.loss);
             if i >= a.warmup {
                 times.push(dt);
                 losses.push(lg.loss);
             }
         }
+        out.insert("train_losses_all".into(), json!(all_losses));
         let step = median(&times);
         let tokens = train.rows() * (prompt.num_virtual_tokens() + train.seq_len());
         out.insert("train_step_seconds".into(), json!(step));
@@ -242,23 +246,8 @@ pub async fn bench(a: BenchArgs) -> Result<()> {
     }
     let candidates: Vec<u32> = set.candidates.iter().map(|c| c[0]).collect();
     let (train, eval, reference_eval) = batches(&set, a.batch_size, a.eval_examples)?;
-    if let Some(path) = &a.batch_out {
-        let doc = json!({
-            "model": a.model,
-            "num_virtual_tokens": a.num_virtual_tokens,
-            "train": batch_json(&train),
-            "eval": reference_eval.iter().map(batch_json).collect::<Vec<_>>(),
-            "candidates": candidates,
-            "warmup": a.warmup,
-            "gen_tokens": a.gen_tokens,
-            "matmul_size": a.matmul_size,
-            "repeats": a.repeats,
-            "threads": a.threads,
-        });
-        std::fs::write(path, serde_json::to_string(&doc)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
     let mut results = Vec::new();
+    let mut first_prompt: Option<SoftPrompt> = None;
     for name in &names {
         let opts = BackendOptions {
             device: a.device.clone(),
@@ -269,13 +258,41 @@ pub async fn bench(a: BenchArgs) -> Result<()> {
         let b = load_backbone_with(name, &a.model, &opts)
             .with_context(|| format!("loading {} on {name}", a.model.display()))?;
         let load_s = t0.elapsed().as_secs_f64();
-        let prompt = SoftPrompt::initialize(
-            &PromptInit::Vocab,
-            a.num_virtual_tokens,
-            b.as_ref(),
-            None,
-            &mut Rng::seed_from_u64(0),
-        )?;
+        // the same starting values on every backend (and in PEFT, through --batch-out): drawn
+        // once from the first backend's vocabulary embeddings (the weights are the same)
+        let prompt = match &first_prompt {
+            Some(p) => SoftPrompt::clone(p),
+            None => {
+                let p = SoftPrompt::initialize(
+                    &PromptInit::Vocab,
+                    a.num_virtual_tokens,
+                    b.as_ref(),
+                    None,
+                    &mut Rng::seed_from_u64(0),
+                )?;
+                if let Some(path) = &a.batch_out {
+                    let prompt = &p;
+                    let doc = json!({
+                        "model": a.model,
+                        "num_virtual_tokens": a.num_virtual_tokens,
+                        // the starting prompt every runner takes (PEFT's prompt encoder is set to it)
+                        "prompt": prompt.values().chunks(prompt.hidden_size()).collect::<Vec<_>>(),
+                        "train": batch_json(&train),
+                        "eval": reference_eval.iter().map(batch_json).collect::<Vec<_>>(),
+                        "candidates": candidates,
+                        "warmup": a.warmup,
+                        "gen_tokens": a.gen_tokens,
+                        "matmul_size": a.matmul_size,
+                        "repeats": a.repeats,
+                        "threads": a.threads,
+                    });
+                    std::fs::write(path, serde_json::to_string(&doc)?)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                first_prompt = Some(p.clone());
+                p
+            }
+        };
         let mut r = bench_one(b.as_ref(), &prompt, &train, &eval, &candidates, &a)?;
         r["load_seconds"] = json!(load_s);
         if let Some(step) = r.get("train_step_seconds").and_then(|v| v.as_f64()) {
