@@ -2,8 +2,10 @@
 # Every backend beside PyTorch + PEFT, in one run, on the same batch of the real task (SmolLM2-135M,
 # Rotten Tomatoes), with the same thread count: train step, train FLOP/s against an f32 matmul
 # measured in the same process, rank-classification throughput, greedy generation with a KV cache,
-# and peak resident memory (one process per backend, so that each peak is its own). Prints medians
-# and ratios (ours / PEFT); the raw JSON stays in runs/bench/.
+# and peak resident memory (one process per backend, so that each peak is its own), and llama.cpp
+# (npm's node-llama-cpp) on the same GGUF and token ids as the CPU speed anchor. Prints medians,
+# ratios (ours / PEFT, ours / llama.cpp) and the first steps' losses of every runner from the same
+# starting prompt; the raw JSON stays in runs/bench/.
 #   bash tools/bench.sh                 # candle, tch and ort, 2 threads, batch 8, 20 virtual tokens
 #   THREADS=1 BACKENDS=tch bash tools/bench.sh --repeats 9
 #   MODEL=gemma3-270m bash tools/bench.sh       # Gemma 3 270M (Q4_K_M) instead of SmolLM2-135M
@@ -34,6 +36,21 @@ for b in ${backends//,/ }; do
     --backends "$b" --threads "$threads" --batch-out "$out/batch.json" "$@" > "$out/ours-$b.json"
 done
 .venv/bin/python tools/peft_bench.py "$out/batch.json" > "$out/peft.json"
+# llama.cpp through npm's node-llama-cpp (pinned; its prebuilt CPU library, nothing compiled): the
+# CPU speed anchor on the same GGUF, threads and token ids (ANCHOR=0 skips it)
+rm -f "$out/llama.json"
+if [ "${ANCHOR:-1}" = 1 ]; then
+  anchor=".cache/llama-anchor"
+  if [ ! -d "$anchor/node_modules/node-llama-cpp" ]; then
+    echo "installing node-llama-cpp@3.21.1 and its prebuilt linux-x64 library (npm) into $anchor" >&2
+    mkdir -p "$anchor"
+    echo '{"name": "softprompt-llama-anchor", "private": true, "type": "module"}' > "$anchor/package.json"
+    (cd "$anchor" && npm install --no-audit --no-fund --ignore-scripts --omit=optional \
+      node-llama-cpp@3.21.1 @node-llama-cpp/linux-x64@3.21.1 >&2)
+  fi
+  cp tools/llama_anchor.mjs "$anchor/"
+  node "$anchor/llama_anchor.mjs" "$PWD/$assets/$gguf" "$PWD/$out/batch.json" > "$out/llama.json"
+fi
 python3 - "$out" "$backends" <<'PY'
 import json, sys
 out, backends = sys.argv[1], sys.argv[2].split(",")
@@ -66,6 +83,19 @@ for r in [x["results"][0] for x in runs] + [peft]:
         if ratio:
             line += f" {v / p if v is not None and p else float('nan'):7.2f}"
     print(line)
+try:
+    llama = json.load(open(f"{out}/llama.json"))
+except FileNotFoundError:
+    llama = None
+if llama:
+    print(f"llama.cpp ({llama['runtime']}, {llama['threads']} threads): "
+          f"prompt processing {llama['prompt_tokens_per_second']:.1f} tok/s "
+          f"({llama['eval_examples_per_second']:.1f} eval rows/s, one sequence at a time), "
+          f"decode {llama['generate_tokens_per_second']:.1f} tok/s, peak {llama['peak_rss_mib']:.0f} MiB")
+    for r in [x["results"][0] for x in runs]:
+        ev, gen = r.get("eval_examples_per_second"), r.get("generate_tokens_per_second")
+        print(f"  {r['backend']:8} x llama.cpp: eval rows/s {ev / llama['eval_examples_per_second']:.2f}, "
+              f"decode tok/s " + (f"{gen / llama['generate_tokens_per_second']:.2f}" if gen else "-"))
 # the same starting prompt and steps: the losses must agree (a check of every timed run)
 steps = len(peft.get("train_losses_all") or [])
 if steps:
