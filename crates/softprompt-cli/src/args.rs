@@ -247,8 +247,8 @@ pub struct TrainArgs {
     /// Input resolution of the vision transformer (224 native; 112 is 4× cheaper).
     #[arg(long, default_value_t = 224)]
     pub image_size: usize,
-    /// Steps of the head alone on prompt-free features before a visual prompt trains (a warm
-    /// start: the prompt starts from the linear probe's head).
+    /// Steps of the head alone, on the features under the initial prompt, before a visual
+    /// prompt trains (a warm start: the prompt starts with a fitted head).
     #[arg(long, default_value_t = 300)]
     pub head_warmup: usize,
     /// Width of the pixel frame of `--method pixel-frame` (default 30 px at 224, scaled).

@@ -469,8 +469,8 @@ pub struct VisionConfig {
     pub seed: u64,
     /// Images per forward pass when computing features without gradients.
     pub eval_batch_size: usize,
-    /// Steps of the head alone on features without a prompt before a prompt method trains
-    /// (a warm start; a linear probe's head is all `steps`).
+    /// Steps of the head alone, on the features under the initial prompt, before a prompt
+    /// method trains (a warm start; a linear probe's head is all `steps`).
     pub head_warmup: usize,
     /// How the prompt learns (the head always takes AdamW on its exact gradient).
     pub prompt_optimizer: PromptOptimizer,
@@ -686,8 +686,9 @@ pub fn train_classifier(
         _ => (config.head_warmup, config.steps),
     };
     if warm > 0 {
-        let plain = SoftPrompt::empty(d).with_placement(Placement::AfterClassToken);
-        let all = features(backbone, &plain, set, train, config)?;
+        // the features the prompt starts from (a linear probe's: no prompt), so that the head
+        // fits where prompt training begins: random deep prompts move the features
+        let all = features(backbone, &prompt, set, train, config)?;
         let position: std::collections::HashMap<usize, usize> =
             train.iter().enumerate().map(|(k, i)| (*i, k)).collect();
         for step in 0..warm {
