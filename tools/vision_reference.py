@@ -121,12 +121,12 @@ def main():
         cursor += bs
         return order[cursor - bs : cursor]
 
-    # the head alone on prompt-free features: a linear probe's training, a prompt's warm start
+    # the head alone on the features under the initial prompt: a linear probe's training, a
+    # prompt's warm start (as softprompt's trainer does)
     warm, prompt_steps = (a.steps, 0) if a.method == "linear" else (a.head_warmup, a.steps)
     if warm:
-        with torch.no_grad():
-            cached = torch.cat([model(pixel_values=prepare(train_x[train[i : i + a.eval_batch_size]], a.size)).pooler_output
-                                for i in range(0, len(train), a.eval_batch_size)])
+        cached = torch.cat([feats(prepare(train_x[train[i : i + a.eval_batch_size]], a.size), False)
+                            for i in range(0, len(train), a.eval_batch_size)])
         for _ in range(warm):
             batch = next_batch()
             loss = torch.nn.functional.cross_entropy(head(cached[batch]), train_y[train[batch]].long())

@@ -233,7 +233,9 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         let report = serde_json::json!({
             "seed": seed, "images": images, "method": method.name(), "shots": a.shots,
             "train_images": train.len(), "test_images": test.len(), "image_size": a.image_size,
-            "steps": config.steps, "final_train_loss": model.losses.last(),
+            "steps": config.steps, "lr": config.lr, "head_lr": config.head_lr,
+            "optimizer": a.optimizer, "first_train_loss": model.losses.first(),
+            "final_train_loss": model.losses.last(),
             "tuned_test": acc, "train_seconds": train_secs,
             "train_images_per_s": if method == VisionMethod::Linear { serde_json::Value::Null } else { (seen / train_secs).into() },
             "eval_images_per_s": test.len() as f64 / eval_secs,
