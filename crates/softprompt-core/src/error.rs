@@ -11,6 +11,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A collective operation of data-parallel training failed: a rank timed out, left, or
+    /// brought a buffer of another length.
+    #[error("collective operation failed: {0}")]
+    Collective(String),
     /// An operating-system I/O failure on `path`.
     #[error("I/O error on {path}: {source}")]
     Io {

@@ -8,6 +8,7 @@
 
 pub mod backbone;
 pub mod batch;
+pub mod collective;
 pub mod decode;
 pub mod error;
 pub mod generate;
@@ -23,6 +24,7 @@ pub mod vision;
 
 pub use backbone::{Backbone, Capabilities, DecodeSession, LossAndGrad, RowScores};
 pub use batch::{input_rows, prompt_slots, Batch, BatchRow, Positions};
+pub use collective::{shard, Collective, SingleProcess, ThreadGroup};
 pub use decode::{
     batch_decoder, BatchDecoder, Batcher, DecodeKernels, OneSequence, PrefillPlan, SeqId,
     SessionDecoder,

@@ -8,8 +8,8 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use softprompt_core::{
-    Backbone, Batch, BatchRow, Error, Optimizer, OptimizerKind, Placement, PromptMethod, Result,
-    Rng, SoftPrompt,
+    shard, Backbone, Batch, BatchRow, Collective, Error, Optimizer, OptimizerKind, Placement,
+    PromptMethod, Result, Rng, SingleProcess, SoftPrompt,
 };
 
 use crate::checkpoint::{write_checkpoint, TrainState};
@@ -122,6 +122,8 @@ pub struct Trainer<'a> {
     backbone: &'a dyn Backbone,
     optimizer: Box<dyn Optimizer>,
     config: TrainConfig,
+    /// The ranks training together (one: this process alone).
+    collective: std::sync::Arc<dyn Collective>,
 }
 
 impl std::fmt::Debug for Trainer<'_> {
@@ -163,7 +165,19 @@ impl<'a> Trainer<'a> {
             backbone,
             optimizer,
             config,
+            collective: std::sync::Arc::new(SingleProcess),
         })
+    }
+
+    /// Trains data-parallel with the other ranks of `collective`: every rank takes its share of
+    /// each global batch (the same global order as one process: `batch_size` stays the global
+    /// batch), gradients and losses are summed and averaged by target count, and every rank takes
+    /// the same optimizer step; gradient-free optimizers split a step's candidates across the
+    /// ranks. Only rank 0 writes checkpoints and metrics. Every rank must call [`Trainer::run`]
+    /// with the same data, config and state.
+    pub fn with_collective(mut self, collective: std::sync::Arc<dyn Collective>) -> Self {
+        self.collective = collective;
+        self
     }
 
     /// A fresh state starting from `prompt`, trained directly (prompt tuning, or prefix tuning
@@ -316,6 +330,9 @@ impl<'a> Trainer<'a> {
     }
 
     fn log(&self, line: serde_json::Value) -> Result<()> {
+        if !self.collective.is_root() {
+            return Ok(());
+        }
         if let Some(dir) = &self.config.run_dir {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             let path = dir.join("metrics.jsonl");
@@ -336,6 +353,9 @@ impl<'a> Trainer<'a> {
         let Some(dir) = &self.config.run_dir else {
             return Ok(());
         };
+        if !self.collective.is_root() {
+            return Ok(());
+        }
         let path = dir.join("metrics.jsonl");
         let text = match std::fs::read(&path) {
             Ok(bytes) => bytes,
@@ -363,10 +383,54 @@ impl<'a> Trainer<'a> {
     }
 
     fn checkpoint(&self, state: &TrainState) -> Result<()> {
+        if !self.collective.is_root() {
+            return Ok(());
+        }
         match &self.config.run_dir {
             Some(dir) => write_checkpoint(&dir.join("checkpoint.json"), state),
             None => Ok(()),
         }
+    }
+
+    /// Loss and gradient of the global batch `rows` under `prompt`: on one rank, one call; on
+    /// several, each rank's share of the rows, summed over the ranks weighted by target count
+    /// (the mean over every target of the global batch, as one process computes it).
+    fn loss_and_grad(
+        &self,
+        prompt: &SoftPrompt,
+        rows: &[BatchRow],
+        pad: u32,
+    ) -> Result<softprompt_core::LossAndGrad> {
+        let (ws, rank) = (self.collective.world_size(), self.collective.rank());
+        if ws == 1 {
+            let batch = Batch::from_rows(rows, pad)?;
+            return self
+                .backbone
+                .loss_and_grad(std::slice::from_ref(prompt), &batch);
+        }
+        let (lo, hi) = shard(rows.len(), rank, ws);
+        // [loss · targets, targets, gradient · targets]: one sum carries all three
+        let mut buf = vec![0f64; 2 + prompt.values().len()];
+        if lo < hi {
+            let batch = Batch::from_rows(&rows[lo..hi], pad)?;
+            let count = batch.num_targets() as f64;
+            let lg = self
+                .backbone
+                .loss_and_grad(std::slice::from_ref(prompt), &batch)?;
+            buf[0] = lg.loss as f64 * count;
+            buf[1] = count;
+            if let Some(g) = lg.grads.first() {
+                for (b, v) in buf[2..].iter_mut().zip(g) {
+                    *b = *v as f64 * count;
+                }
+            }
+        }
+        self.collective.all_reduce_sum(&mut buf)?;
+        let count = buf[1].max(1.0);
+        Ok(softprompt_core::LossAndGrad {
+            loss: (buf[0] / count) as f32,
+            grads: vec![buf[2..].iter().map(|v| (v / count) as f32).collect()],
+        })
     }
 
     /// Mean cross-entropy of the gold label over the label words, for each candidate prompt on
@@ -462,7 +526,7 @@ impl<'a> Trainer<'a> {
         let n = state.num_virtual_tokens;
         let mut theta = state.prompt.clone();
         let mut prompt = encoder.prompt(&theta)?;
-        let bar = if self.config.progress {
+        let bar = if self.config.progress && self.collective.is_root() {
             ProgressBar::with_draw_target(Some(self.config.max_steps), ProgressDrawTarget::stderr())
         } else {
             ProgressBar::hidden()
@@ -499,11 +563,8 @@ impl<'a> Trainer<'a> {
             let lr = self.config.lr * self.config.schedule.factor(state.step);
             let (loss, grad_norm, candidates) = match self.optimizer.kind() {
                 OptimizerKind::Gradient => {
-                    let batch = Batch::from_rows(&rows, pad)?;
                     let (encoded, tape) = encoder.forward(&theta)?;
-                    let lg = self
-                        .backbone
-                        .loss_and_grad(std::slice::from_ref(&encoded), &batch)?;
+                    let lg = self.loss_and_grad(&encoded, &rows, pad)?;
                     if !lg.loss.is_finite() {
                         bar.abandon();
                         return Err(Error::NonFinite {
@@ -540,8 +601,15 @@ impl<'a> Trainer<'a> {
                         .iter()
                         .map(|v| encoder.prompt(v))
                         .collect::<Result<Vec<_>>>()?;
-                    let losses = if label_loss {
-                        self.label_losses(&prompts, train, &picked)?
+                    // this rank's share of the candidates; the others' losses come by the sum
+                    let (ws, rank) = (self.collective.world_size(), self.collective.rank());
+                    let all_prompts = prompts;
+                    let (lo, hi) = shard(all_prompts.len(), rank, ws);
+                    let prompts = &all_prompts[lo..hi];
+                    let mine = if prompts.is_empty() {
+                        Vec::new()
+                    } else if label_loss {
+                        self.label_losses(prompts, train, &picked)?
                     } else {
                         let all: Vec<BatchRow> = (0..prompts.len())
                             .flat_map(|k| {
@@ -554,7 +622,7 @@ impl<'a> Trainer<'a> {
                             .collect();
                         let scores = self
                             .backbone
-                            .score(&prompts, &Batch::from_rows(&all, pad)?)?;
+                            .score(prompts, &Batch::from_rows(&all, pad)?)?;
                         let m = rows.len();
                         (0..prompts.len())
                             .map(|k| {
@@ -564,6 +632,17 @@ impl<'a> Trainer<'a> {
                             })
                             .collect()
                     };
+                    let losses = if ws == 1 {
+                        mine
+                    } else {
+                        let mut buf = vec![0f64; all_prompts.len()];
+                        for (b, l) in buf[lo..hi].iter_mut().zip(&mine) {
+                            *b = *l as f64;
+                        }
+                        self.collective.all_reduce_sum(&mut buf)?;
+                        buf.into_iter().map(|v| v as f32).collect()
+                    };
+                    let prompts = all_prompts;
                     if losses.iter().any(|l| !l.is_finite()) {
                         bar.abandon();
                         return Err(Error::NonFinite {
