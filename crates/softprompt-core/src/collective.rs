@@ -122,17 +122,40 @@ impl ThreadGroup {
             .collect()
     }
 
+    /// Marks the group broken (every pending and later call fails) and returns the error.
+    fn break_group(&self, round: &mut Round, why: String) -> Error {
+        round.broken.get_or_insert(why.clone());
+        self.shared.changed.notify_all();
+        Error::Collective(why)
+    }
+
+    /// Waits for a change of the round until `deadline`; past it the group is broken.
+    fn wait<'a>(
+        &'a self,
+        guard: std::sync::MutexGuard<'a, Round>,
+        deadline: Instant,
+    ) -> Result<std::sync::MutexGuard<'a, Round>> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut round = match self.shared.changed.wait_timeout(guard, left) {
+            Ok((g, _)) => g,
+            Err(p) => p.into_inner().0,
+        };
+        if Instant::now() >= deadline {
+            let why = format!(
+                "rank {} timed out after {:?} waiting for the other ranks",
+                self.rank, self.shared.timeout
+            );
+            return Err(self.break_group(&mut round, why));
+        }
+        Ok(round)
+    }
+
     /// Contributes `values` and `bytes` to this rank's next round and returns the round's
     /// result: the element-wise sum of the values (in rank order) and `root`'s bytes.
     fn exchange(&self, values: &[f64], bytes: Vec<u8>, root: usize) -> Result<(Vec<f64>, Vec<u8>)> {
         let s = &self.shared;
         let deadline = Instant::now() + s.timeout;
         let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let fail = |round: &mut Round, why: String| {
-            round.broken.get_or_insert(why.clone());
-            s.changed.notify_all();
-            Error::Collective(why)
-        };
         let mut round = s.round.lock().unwrap_or_else(|p| p.into_inner());
         // the previous round's result must be read by everyone before this one starts
         loop {
@@ -142,14 +165,7 @@ impl ThreadGroup {
             if round.generation == call && round.result.is_none() {
                 break;
             }
-            round = wait(s, round, deadline).unwrap_or_else(|r| r);
-            if Instant::now() >= deadline {
-                let why = format!(
-                    "rank {} timed out after {:?} waiting for the other ranks",
-                    self.rank, s.timeout
-                );
-                return Err(fail(&mut round, why));
-            }
+            round = self.wait(round, deadline)?;
         }
         if round
             .parts
@@ -162,7 +178,7 @@ impl ThreadGroup {
                 self.rank,
                 values.len()
             );
-            return Err(fail(&mut round, why));
+            return Err(self.break_group(&mut round, why));
         }
         round.parts[self.rank] = Some(values.to_vec());
         round.bytes[self.rank] = Some(bytes);
@@ -200,28 +216,8 @@ impl ThreadGroup {
                     return Ok(out);
                 }
             }
-            round = wait(s, round, deadline).unwrap_or_else(|r| r);
-            if Instant::now() >= deadline {
-                let why = format!(
-                    "rank {} timed out after {:?} waiting for the other ranks",
-                    self.rank, s.timeout
-                );
-                return Err(fail(&mut round, why));
-            }
+            round = self.wait(round, deadline)?;
         }
-    }
-}
-
-/// Waits on the group's condition variable until `deadline` (returns the guard either way).
-fn wait<'a>(
-    s: &'a Shared,
-    guard: std::sync::MutexGuard<'a, Round>,
-    deadline: Instant,
-) -> std::result::Result<std::sync::MutexGuard<'a, Round>, std::sync::MutexGuard<'a, Round>> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    match s.changed.wait_timeout(guard, left) {
-        Ok((g, _)) => Ok(g),
-        Err(p) => Err(p.into_inner().0),
     }
 }
 
