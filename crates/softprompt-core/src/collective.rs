@@ -47,6 +47,23 @@ pub fn shard(n: usize, rank: usize, world_size: usize) -> (usize, usize) {
     (lo, lo + base + usize::from(rank < extra))
 }
 
+/// Whether this process was started by a launcher with more than one rank (Open MPI's,
+/// MPICH's/PMI's or Slurm's environment says so): a program that cannot join the group must
+/// refuse to run rather than train alone N times over.
+pub fn launched_with_ranks() -> bool {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "MPI_LOCALNRANKS",
+        "SLURM_NTASKS",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok())
+    .filter_map(|v| v.trim().parse::<usize>().ok())
+    .any(|n| n > 1)
+}
+
 /// A group of one process: every operation is the identity.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SingleProcess;
