@@ -569,6 +569,48 @@ fn data_parallel_ranks_train_the_prompt_one_process_trains() {
         let d = max_diff(&out.prompt, &single.prompt);
         assert!(d <= 2e-6 * scale, "resumed rank {rank}: {d}");
     }
+    // dev evaluations sharded over 3 ranks (24 dev rows: 8 each) give one process's values
+    let (_, dev) = sets(&tok);
+    for metric in [Metric::NegLoss, Metric::Accuracy] {
+        let dev_cfg = TrainConfig {
+            eval_every: 3,
+            metric,
+            ..cfg(6, None)
+        };
+        let mut one = Trainer::new(b.as_ref(), adamw(), dev_cfg.clone()).unwrap();
+        let want = one
+            .run(one.init_state(&p0), &train, Some(&dev))
+            .unwrap()
+            .evals;
+        let group = ThreadGroup::new(3, std::time::Duration::from_secs(60));
+        let got: Vec<Vec<softprompt::train::EvalRecord>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .map(|g| {
+                    let (b, train, dev, p0, dev_cfg) =
+                        (b.as_ref(), &train, &dev, &p0, dev_cfg.clone());
+                    scope.spawn(move || {
+                        let mut t = Trainer::new(b, adamw(), dev_cfg)
+                            .unwrap()
+                            .with_collective(Arc::new(g));
+                        t.run(t.init_state(p0), train, Some(dev)).unwrap().evals
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(want.len(), 2, "{metric:?}");
+        for evals in &got {
+            assert_eq!(evals.len(), want.len());
+            for (a, w) in evals.iter().zip(&want) {
+                assert_eq!(a.step, w.step);
+                assert!(
+                    (a.value - w.value).abs() <= 1e-5,
+                    "{metric:?}: {a:?} vs {w:?}"
+                );
+            }
+        }
+    }
     // SPSA: 4 candidates a step (2 perturbations), split over 2 ranks
     let fwd = ForwardOnly(b.as_ref());
     let spsa = || {

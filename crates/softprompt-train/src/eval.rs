@@ -96,13 +96,25 @@ pub fn accuracy(
     set: &EncodedSet,
     batch_size: usize,
 ) -> Result<f64> {
+    let (correct, n) = accuracy_counts(backbone, prompt, set, batch_size)?;
+    Ok(correct / n.max(1.0))
+}
+
+/// Correctly classified examples and examples (the parts of [`accuracy`], to be summed over
+/// the shards of a data-parallel evaluation).
+pub fn accuracy_counts(
+    backbone: &dyn Backbone,
+    prompt: &SoftPrompt,
+    set: &EncodedSet,
+    batch_size: usize,
+) -> Result<(f64, f64)> {
     let preds = rank_classify(backbone, prompt, set, batch_size)?;
     let correct = preds
         .iter()
         .zip(&set.examples)
         .filter(|(p, ex)| Some(p.predicted) == ex.label)
         .count();
-    Ok(correct as f64 / set.examples.len().max(1) as f64)
+    Ok((correct as f64, set.examples.len() as f64))
 }
 
 /// Fraction of examples whose greedy generation reproduces the target ids exactly.
@@ -112,6 +124,17 @@ pub fn exact_match(
     set: &EncodedSet,
     stop: Option<u32>,
 ) -> Result<f64> {
+    let (hits, n) = exact_match_counts(backbone, prompt, set, stop)?;
+    Ok(hits / n.max(1.0))
+}
+
+/// Exact matches and examples (the parts of [`exact_match`]).
+pub fn exact_match_counts(
+    backbone: &dyn Backbone,
+    prompt: &SoftPrompt,
+    set: &EncodedSet,
+    stop: Option<u32>,
+) -> Result<(f64, f64)> {
     let mut hits = 0;
     for ex in &set.examples {
         let params = GenerationParams {
@@ -123,7 +146,7 @@ pub fn exact_match(
             hits += 1;
         }
     }
-    Ok(hits as f64 / set.examples.len().max(1) as f64)
+    Ok((hits as f64, set.examples.len() as f64))
 }
 
 /// Mean negative log-likelihood of the gold targets over the whole set.
@@ -133,6 +156,18 @@ pub fn mean_loss(
     set: &EncodedSet,
     batch_size: usize,
 ) -> Result<f64> {
+    let (sum, count) = loss_sums(backbone, prompt, set, batch_size)?;
+    Ok(sum / count.max(1.0))
+}
+
+/// Summed negative log-likelihood of the gold targets and the number of targets (the parts of
+/// [`mean_loss`]).
+pub fn loss_sums(
+    backbone: &dyn Backbone,
+    prompt: &SoftPrompt,
+    set: &EncodedSet,
+    batch_size: usize,
+) -> Result<(f64, f64)> {
     let (mut sum, mut count) = (0.0, 0usize);
     for chunk in set.examples.chunks(batch_size.max(1)) {
         let rows: Vec<BatchRow> = chunk
@@ -148,5 +183,5 @@ pub fn mean_loss(
             what: "target log-likelihoods".into(),
         });
     }
-    Ok(sum / count.max(1) as f64)
+    Ok((sum, count as f64))
 }
