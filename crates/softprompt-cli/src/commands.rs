@@ -11,8 +11,8 @@ use softprompt::train::{
 };
 use softprompt::{
     generate, load_backbone_with, Backbone, BackendOptions, EncoderKind, GenerationParams,
-    HfTokenizer, PromptConfig, PromptInit, PromptMethod, PromptStore, Rng, SoftPrompt,
-    StoredPrompt, TextTokenizer,
+    HfTokenizer, PromptConfig, PromptInit, PromptMethod, PromptStore, Rng, SingleProcess,
+    SoftPrompt, StoredPrompt, TextTokenizer,
 };
 
 use crate::args::{
@@ -48,10 +48,13 @@ fn score(
     bs: usize,
     eos: Option<u32>,
 ) -> Result<f64> {
-    Ok(match task {
-        Task::Classification { .. } => eval::accuracy(b, prompt, set, bs)?,
-        Task::Generation { .. } => eval::exact_match(b, prompt, set, eos)?,
-    })
+    // under mpirun each rank scores its share of the rows
+    let group = crate::dist::group()?.unwrap_or_else(|| std::sync::Arc::new(SingleProcess));
+    let (num, den) = eval::sharded_counts(group.as_ref(), set, |part| match task {
+        Task::Classification { .. } => eval::accuracy_counts(b, prompt, part, bs),
+        Task::Generation { .. } => eval::exact_match_counts(b, prompt, part, eos),
+    })?;
+    Ok(num / den.max(1.0))
 }
 
 pub(crate) async fn train(a: TrainArgs) -> Result<()> {

@@ -1182,7 +1182,8 @@ fn image_classification_reads_image_folders_and_digits() {
 
 /// `mpirun -np 2 softprompt train …` (a build with the `mpi` feature): two ranks, each taking
 /// half of every global batch, end at the prompt one process trains (within 2e-6 of the largest
-/// value: the halves' sums round differently); rank 0 alone prints and writes. A run refused
+/// value: the halves' sums round differently) and the same test scores (each rank scoring half
+/// of the rows); rank 0 alone prints and writes. A run refused
 /// before training (a missing file) ends every rank with the error, not a hang.
 #[cfg(feature = "mpi")]
 #[test]
@@ -1192,6 +1193,7 @@ fn mpirun_ranks_train_the_prompt_one_process_trains() {
     let s = |p: &std::path::Path| p.display().to_string();
     let model = s(&f.join("tiny-llama"));
     let train = s(&f.join("data/sentiment-train.jsonl"));
+    let test = s(&f.join("data/sentiment-dev.jsonl"));
     let args = |output: &str| -> Vec<String> {
         [
             "train",
@@ -1199,6 +1201,8 @@ fn mpirun_ranks_train_the_prompt_one_process_trains() {
             &model,
             "--train",
             &train,
+            "--test",
+            &test,
             "--output",
             output,
             "--num-virtual-tokens",
@@ -1234,6 +1238,7 @@ fn mpirun_ranks_train_the_prompt_one_process_trains() {
     let single = out.path().join("single");
     let o = bin().args(args(&s(&single))).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    let alone: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     let ranks = out.path().join("ranks");
     let o = mpirun(&args(&s(&ranks)));
     assert!(o.status.success(), "{}", stderr(&o));
@@ -1243,6 +1248,9 @@ fn mpirun_ranks_train_the_prompt_one_process_trains() {
     assert_eq!(reports.len(), 1, "{}", stdout(&o));
     let report: serde_json::Value = serde_json::from_str(reports[0]).unwrap();
     assert_eq!(report["steps"], 10);
+    // the test scores, each rank scoring half of the rows, are one process's
+    assert_eq!(report["zero_shot_test"], alone["zero_shot_test"]);
+    assert_eq!(report["tuned_test"], alone["tuned_test"]);
     assert!(stderr(&o).contains("rank 1 of 2 (MPI)"), "{}", stderr(&o));
     let values = |dir: &std::path::Path| -> Vec<f32> {
         let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();

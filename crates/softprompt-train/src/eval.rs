@@ -185,3 +185,30 @@ pub fn loss_sums(
     }
     Ok((sum, count as f64))
 }
+
+/// `counts` (a metric's numerator and denominator, as [`accuracy_counts`] returns them) over this
+/// rank's share of `set`, summed over the ranks of `group`: a data-parallel evaluation, each
+/// example scored once in the whole group.
+pub fn sharded_counts(
+    group: &dyn softprompt_core::Collective,
+    set: &EncodedSet,
+    counts: impl FnOnce(&EncodedSet) -> Result<(f64, f64)>,
+) -> Result<(f64, f64)> {
+    if group.world_size() == 1 {
+        return counts(set);
+    }
+    let (lo, hi) = softprompt_core::shard(set.examples.len(), group.rank(), group.world_size());
+    let part = EncodedSet {
+        examples: set.examples[lo..hi].to_vec(),
+        candidates: set.candidates.clone(),
+        source: set.source.clone(),
+    };
+    let mut buf = if part.examples.is_empty() {
+        [0.0, 0.0]
+    } else {
+        let (num, den) = counts(&part)?;
+        [num, den]
+    };
+    group.all_reduce_sum(&mut buf)?;
+    Ok((buf[0], buf[1]))
+}

@@ -318,31 +318,20 @@ impl<'a> Trainer<'a> {
     }
 
     fn evaluate(&self, prompt: &SoftPrompt, dev: &EncodedSet) -> Result<f64> {
-        let (ws, rank) = (self.collective.world_size(), self.collective.rank());
-        if ws > 1 {
+        if self.collective.world_size() > 1 {
             // each rank its share of the examples; the metric's parts summed over the ranks
-            let (lo, hi) = shard(dev.examples.len(), rank, ws);
-            let part = EncodedSet {
-                examples: dev.examples[lo..hi].to_vec(),
-                candidates: dev.candidates.clone(),
-                source: dev.source.clone(),
-            };
-            let b = self.backbone;
-            let batch = self.config.eval_batch_size;
-            let (num, den) = if part.examples.is_empty() {
-                (0.0, 0.0)
-            } else {
-                match self.config.metric {
-                    Metric::Accuracy => eval::accuracy_counts(b, prompt, &part, batch)?,
-                    Metric::ExactMatch => {
-                        eval::exact_match_counts(b, prompt, &part, self.config.eos_id)?
+            let (b, batch) = (self.backbone, self.config.eval_batch_size);
+            let (num, den) =
+                eval::sharded_counts(self.collective.as_ref(), dev, |part| {
+                    match self.config.metric {
+                        Metric::Accuracy => eval::accuracy_counts(b, prompt, part, batch),
+                        Metric::ExactMatch => {
+                            eval::exact_match_counts(b, prompt, part, self.config.eos_id)
+                        }
+                        Metric::NegLoss => eval::loss_sums(b, prompt, part, batch),
                     }
-                    Metric::NegLoss => eval::loss_sums(b, prompt, &part, batch)?,
-                }
-            };
-            let mut buf = [num, den];
-            self.collective.all_reduce_sum(&mut buf)?;
-            let value = buf[0] / buf[1].max(1.0);
+                })?;
+            let value = num / den.max(1.0);
             return Ok(if self.config.metric == Metric::NegLoss {
                 -value
             } else {
