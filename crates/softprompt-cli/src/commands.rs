@@ -415,6 +415,7 @@ pub(crate) async fn evaluate(a: EvalArgs) -> Result<()> {
     if a.task.task == crate::args::TaskKind::ImageClassification {
         return crate::vision::evaluate(a);
     }
+    crate::dist::group()?;
     let (backbone, tok) = load(&a.backend)?;
     let b = backbone.as_ref();
     let stored = match &a.prompt {
@@ -428,8 +429,16 @@ pub(crate) async fn evaluate(a: EvalArgs) -> Result<()> {
         .map(|s| s.prompt.clone())
         .unwrap_or_else(|| SoftPrompt::empty(b.spec().hidden_size));
     let (name, _) = metric_name(&task);
+    // under mpirun each rank scores its share of the rows and rank 0 prints
     let value = score(b, &prompt, &task, &set, a.batch_size, tok.eos_id())?;
-    let loss = eval::mean_loss(b, &prompt, &set, a.batch_size)?;
+    let group = crate::dist::group()?.unwrap_or_else(|| std::sync::Arc::new(SingleProcess));
+    let (sum, targets) = eval::sharded_counts(group.as_ref(), &set, |part| {
+        eval::loss_sums(b, &prompt, part, a.batch_size)
+    })?;
+    let loss = sum / targets.max(1.0);
+    if !group.is_root() {
+        return Ok(());
+    }
     if a.json {
         println!(
             "{}",

@@ -1271,6 +1271,36 @@ fn mpirun_ranks_train_the_prompt_one_process_trains() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(d <= 2e-6 * scale, "ranks vs one process: {d}");
+    // `eval` under mpirun: each rank scores half, rank 0 prints one process's figures
+    let eval_args: Vec<String> = [
+        "eval",
+        "--model",
+        &model,
+        "--prompt",
+        &s(&ranks),
+        "--data",
+        &test,
+        "--json",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let o = bin().args(&eval_args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let alone: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let o = mpirun(&eval_args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let printed = stdout(&o);
+    let lines: Vec<&str> = printed.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 1, "{printed}");
+    let both: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(both["accuracy"], alone["accuracy"]);
+    assert_eq!(both["examples"], alone["examples"]);
+    let (l1, l2) = (
+        both["loss"].as_f64().unwrap(),
+        alone["loss"].as_f64().unwrap(),
+    );
+    assert!((l1 - l2).abs() <= 1e-6 * l2.abs(), "{l1} vs {l2}");
     // a refused run ends every rank with the error
     let mut bad = args(&s(&out.path().join("bad")));
     let at = bad.iter().position(|x| x == &train).unwrap();
