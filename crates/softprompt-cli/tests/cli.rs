@@ -1183,7 +1183,7 @@ fn image_classification_reads_image_folders_and_digits() {
 /// `mpirun -np 2 softprompt train …` (a build with the `mpi` feature): two ranks, each taking
 /// half of every global batch, end at the prompt one process trains (within 2e-6 of the largest
 /// value: the halves' sums round differently) and the same test scores (each rank scoring half
-/// of the rows); rank 0 alone prints and writes. A run refused
+/// of the rows); rank 0 alone prints and writes. One rank failing ends the job. A run refused
 /// before training (a missing file) ends every rank with the error, not a hang.
 #[cfg(feature = "mpi")]
 #[test]
@@ -1301,6 +1301,36 @@ fn mpirun_ranks_train_the_prompt_one_process_trains() {
         alone["loss"].as_f64().unwrap(),
     );
     assert!((l1 - l2).abs() <= 1e-6 * l2.abs(), "{l1} vs {l2}");
+    // one rank failing (rank 1's data file is missing; rank 0 is ready to train) ends the whole
+    // job with the error, never a hang: launched MPMD under a 120 s guard
+    let mut broken = args(&s(&out.path().join("one-fails")));
+    let at = broken.iter().position(|x| x == &train).unwrap();
+    broken[at] = "/nonexistent/rank1.jsonl".into();
+    let started = std::time::Instant::now();
+    let o = Command::new("timeout")
+        .args([
+            "120",
+            "mpirun",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "1",
+        ])
+        .arg(env!("CARGO_BIN_EXE_softprompt"))
+        .args(args(&s(&out.path().join("one-fails"))))
+        .args([":", "-np", "1"])
+        .arg(env!("CARGO_BIN_EXE_softprompt"))
+        .args(&broken)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert_ne!(o.status.code(), Some(124), "the job hung: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/rank1.jsonl"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(120));
     // a refused run ends every rank with the error
     let mut bad = args(&s(&out.path().join("bad")));
     let at = bad.iter().position(|x| x == &train).unwrap();
