@@ -528,7 +528,7 @@ pub(crate) async fn inspect(a: InspectArgs) -> Result<()> {
     let mut items = Vec::new();
     if a.path.join(ADAPTER_CONFIG).is_file() {
         let name = a.path.display().to_string();
-        if crate::vision::is_visual(&a.path) {
+        if softprompt::train::vision::is_visual_folder(&a.path) {
             items.push(crate::vision::summary(&name, &a.path)?);
         } else {
             let s = read_prompt_dir(&a.path).await?;
@@ -539,7 +539,7 @@ pub(crate) async fn inspect(a: InspectArgs) -> Result<()> {
         // every prompt that reads is shown; the broken ones are named with their reason
         for name in store.names().await? {
             let visual = a.path.join(&name);
-            let loaded = if crate::vision::is_visual(&visual) {
+            let loaded = if softprompt::train::vision::is_visual_folder(&visual) {
                 crate::vision::summary(&name, &visual).map_err(|e| format!("{e:#}"))
             } else {
                 store

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use softprompt::train::vision::{
-    accuracy, check_classifier, is_visual_folder, load_digits, load_fashion_mnist,
-    load_image_folder, read_classifier, save_classifier, train_classifier, ImageSet,
-    PromptOptimizer, VisionConfig, VisionMethod, VisualClassifier,
+    accuracy, check_classifier, load_digits, load_fashion_mnist, load_image_folder,
+    read_classifier, save_classifier, train_classifier, ImageSet, PromptOptimizer, VisionConfig,
+    VisionMethod, VisualClassifier,
 };
 use softprompt::VisionBackbone;
 
@@ -70,11 +70,6 @@ fn data(images: &str, size: usize) -> Result<(ImageSet, ImageSet)> {
             "--images {other}: not `fashion-mnist`, `digits` or a folder of class sub-folders"
         ),
     }
-}
-
-/// Whether `dir` holds a visual prompt (its config's `peft_type` says so).
-pub(crate) fn is_visual(dir: &std::path::Path) -> bool {
-    is_visual_folder(dir)
 }
 
 /// What `inspect` shows of a visual prompt folder (the text prompts' keys, and the classes,
