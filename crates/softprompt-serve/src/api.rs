@@ -134,13 +134,13 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /metrics`.
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub(crate) async fn metrics<S: Shared>(State(state): State<S>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.metrics().render(),
     )
 }
 

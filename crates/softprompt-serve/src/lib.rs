@@ -129,7 +129,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/classify", post(classify::classify));
     let rest = Router::new()
         .route("/health", get(api::health))
-        .route("/metrics", get(api::metrics));
+        .route("/metrics", get(api::metrics::<AppState>));
     finish_router(v1, rest, state, |r| {
         r.fallback(api::fallback)
             .method_not_allowed_fallback(api::method_not_allowed)

@@ -443,16 +443,6 @@ async fn health(State(state): State<VisionState>) -> Json<Value> {
     }))
 }
 
-async fn prometheus(State(state): State<VisionState>) -> impl axum::response::IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-}
-
 async fn fallback() -> ApiError {
     ApiError::not_found("no such route (see /v1/models, /v1/classify, /health, /metrics)")
 }
@@ -503,7 +493,7 @@ pub async fn serve_vision(
         .route("/v1/classify", post(classify));
     let rest = Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(prometheus));
+        .route("/metrics", get(crate::api::metrics::<VisionState>));
     let app = crate::finish_router(v1, rest, state.clone(), |r| {
         r.fallback(fallback)
             .method_not_allowed_fallback(method_not_allowed)
