@@ -26,6 +26,9 @@ export SOFTPROMPT_CACHE_DIR="${SOFTPROMPT_CACHE_DIR:-$PWD/.cache}"
 # Open MPI runs as root here only when told so (CI machines run as root)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 cargo test --workspace --features softprompt-tests/tch,softprompt-tests/ort,softprompt-cli/mpi
+# NCCL's collective (compiled against cudarc's run-time loading): without a GPU it must refuse
+# cleanly, with one a group of one sums as the identity
+cargo test -p softprompt-mpi --features nccl
 # the default build (candle only) still names the backends it lacks
 cargo test -p softprompt-tests --test interop
 # built by `cargo test` with the workspace's features; `cargo run -p` would resolve them anew and rebuild

@@ -308,3 +308,101 @@ fn visual_prompts_train_without_gradients_on_every_backend() {
         }
     }
 }
+
+/// Data-parallel visual prompt tuning over in-process ranks (`ThreadGroup`): each rank takes
+/// its share of every global batch (5 images over 2 ranks: shares of 3 and 2; over 3 ranks:
+/// 2, 2, 1) and every rank ends with the classifier one process trains, to float rounding of
+/// the weighted sums; the ranks agree bit for bit. Sharded accuracy counts equal one process's.
+#[test]
+fn data_parallel_ranks_train_the_visual_prompt_one_process_trains() {
+    use softprompt::train::vision::{
+        accuracy, accuracy_with, train_classifier, train_classifier_with, PromptOptimizer,
+        VisionConfig, VisionMethod, VisualClassifier,
+    };
+    use softprompt::{Collective, ThreadGroup};
+    let set = two_class_images(12);
+    let train: Vec<usize> = (0..10).collect();
+    let test: Vec<usize> = (0..12).collect();
+    let spsa = PromptOptimizer::Spsa {
+        eps: 0.01,
+        perturbations: 2,
+    };
+    for b in backbones(false) {
+        let gradients = b.backend_name() != "ort";
+        for (method, optimizer) in [
+            (VisionMethod::Linear, PromptOptimizer::AdamW),
+            (VisionMethod::VptShallow(2), PromptOptimizer::AdamW),
+            (VisionMethod::VptDeep(2), PromptOptimizer::AdamW),
+            (VisionMethod::PixelFrame(3), PromptOptimizer::AdamW),
+            (VisionMethod::VptDeep(2), spsa),
+        ] {
+            if !gradients && optimizer == PromptOptimizer::AdamW && method != VisionMethod::Linear {
+                continue;
+            }
+            let config = VisionConfig {
+                method,
+                steps: 6,
+                batch_size: 5,
+                lr: 0.05,
+                head_lr: 0.05,
+                image_size: 16,
+                seed: 5,
+                eval_batch_size: 4,
+                head_warmup: 4,
+                prompt_optimizer: optimizer,
+            };
+            let one = train_classifier(b.as_ref(), &set, &train, &config).unwrap();
+            // the prompt moved: the comparison is not of two untouched starts
+            if method != VisionMethod::Linear {
+                let start = VisionConfig {
+                    steps: 0,
+                    ..config.clone()
+                };
+                let start = train_classifier(b.as_ref(), &set, &train, &start).unwrap();
+                let moved = max_diff(one.prompt.values(), start.prompt.values());
+                assert!(moved > 1e-3, "{method:?}: the prompt moved by {moved}");
+            }
+            let acc = accuracy(b.as_ref(), &one, &set, &test, 4).unwrap();
+            for ranks in [2, 3] {
+                let group = ThreadGroup::new(ranks, std::time::Duration::from_secs(60));
+                let runs: Vec<(VisualClassifier, f64)> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = group
+                        .into_iter()
+                        .map(|g| {
+                            let (b, set, train, test, config) =
+                                (b.as_ref(), &set, &train, &test, &config);
+                            scope.spawn(move || {
+                                let m = train_classifier_with(b, set, train, config, &g).unwrap();
+                                let a = accuracy_with(b, &m, set, test, 4, &g).unwrap();
+                                assert_eq!(g.world_size(), ranks);
+                                (m, a)
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                let what = format!(
+                    "{} {method:?} {optimizer:?} on {ranks} ranks",
+                    b.backend_name()
+                );
+                for (m, a) in &runs[1..] {
+                    assert_eq!(m, &runs[0].0, "{what}: the ranks differ");
+                    assert_eq!(*a, runs[0].1, "{what}");
+                }
+                let (m, a) = &runs[0];
+                let scale = one.prompt.values().iter().fold(1f32, |s, v| s.max(v.abs()));
+                let dp = max_diff(m.prompt.values(), one.prompt.values());
+                let dw = max_diff(&m.head_w, &one.head_w);
+                let db = max_diff(&m.head_b, &one.head_b);
+                let dl = max_diff(&m.losses, &one.losses);
+                assert!(
+                    dp <= 2e-6 * scale && dw <= 1e-6 && db <= 1e-6 && dl <= 1e-6,
+                    "{what}: prompt {dp}, head {dw} / {db}, losses {dl}"
+                );
+                assert_eq!(m.losses.len(), one.losses.len());
+                assert_eq!(*a, acc, "{what}: sharded accuracy");
+                eprintln!("{what}: prompt {dp:.2e}, head {dw:.2e}, losses {dl:.2e}");
+            }
+        }
+    }
+}

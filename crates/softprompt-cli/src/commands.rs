@@ -57,12 +57,13 @@ fn score(
     Ok(num / den.max(1.0))
 }
 
-pub(crate) async fn train(a: TrainArgs) -> Result<()> {
+pub(crate) async fn train(mut a: TrainArgs) -> Result<()> {
+    a.backend.device = crate::dist::device_for_rank(&a.backend.device);
     if a.task.task == crate::args::TaskKind::ImageClassification {
         return crate::vision::train(a);
     }
     // under mpirun: join the job's ranks before the (long) model load
-    crate::dist::group()?;
+    crate::dist::join(&a.backend.device)?;
     let (backbone, tok) = load(&a.backend)?;
     let b = backbone.as_ref();
     let root = crate::dist::is_root();
@@ -411,11 +412,12 @@ async fn load_prompt(path: &Path, backbone: &dyn Backbone) -> Result<StoredPromp
     Ok(stored)
 }
 
-pub(crate) async fn evaluate(a: EvalArgs) -> Result<()> {
+pub(crate) async fn evaluate(mut a: EvalArgs) -> Result<()> {
+    a.backend.device = crate::dist::device_for_rank(&a.backend.device);
     if a.task.task == crate::args::TaskKind::ImageClassification {
         return crate::vision::evaluate(a);
     }
-    crate::dist::group()?;
+    crate::dist::join(&a.backend.device)?;
     let (backbone, tok) = load(&a.backend)?;
     let b = backbone.as_ref();
     let stored = match &a.prompt {

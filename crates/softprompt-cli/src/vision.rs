@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use softprompt::train::vision::{
-    accuracy, check_classifier, load_digits, load_fashion_mnist, load_image_folder,
-    read_classifier, save_classifier, train_classifier, ImageSet, PromptOptimizer, VisionConfig,
-    VisionMethod, VisualClassifier,
+    accuracy_with, check_classifier, load_digits, load_fashion_mnist, load_image_folder,
+    read_classifier, save_classifier, train_classifier_with, ImageSet, PromptOptimizer,
+    VisionConfig, VisionMethod, VisualClassifier,
 };
-use softprompt::VisionBackbone;
+use softprompt::{Collective, SingleProcess, VisionBackbone};
 
 use crate::args::{EvalArgs, MethodKind, TrainArgs};
 
@@ -105,7 +105,14 @@ fn load(dir: &std::path::Path, backbone: &dyn VisionBackbone) -> Result<VisualCl
 }
 
 /// `softprompt eval --task image-classification --prompt DIR --data fashion-mnist`.
+/// The job's ranks under mpirun / srun (each trains or classifies its share), else this
+/// process alone.
+fn ranks(device: &str) -> Result<std::sync::Arc<dyn Collective>> {
+    Ok(crate::dist::join(device)?.unwrap_or_else(|| std::sync::Arc::new(SingleProcess)))
+}
+
 pub(crate) fn evaluate(a: EvalArgs) -> Result<()> {
+    let group = ranks(&a.backend.device)?;
     let b = &a.backend;
     let backbone = softprompt::load_vision_backbone(&b.backend, &b.model, &b.device)
         .with_context(|| format!("loading {} on {}", b.model.display(), b.backend))?;
@@ -125,7 +132,17 @@ pub(crate) fn evaluate(a: EvalArgs) -> Result<()> {
         );
     }
     let test = test_set.balanced(a.test_per_class, TEST_SEED);
-    let acc = accuracy(backbone.as_ref(), &model, &test_set, &test, a.batch_size)?;
+    let acc = accuracy_with(
+        backbone.as_ref(),
+        &model,
+        &test_set,
+        &test,
+        a.batch_size,
+        group.as_ref(),
+    )?;
+    if !group.is_root() {
+        return Ok(());
+    }
     let report = serde_json::json!({
         "accuracy": acc, "examples": test.len(), "image_size": model.image_size,
         "placement": model.prompt.placement().as_str(),
@@ -165,6 +182,9 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let images = a.images.as_deref().context(
         "--task image-classification needs --images (fashion-mnist, digits or a folder)",
     )?;
+    // under mpirun: join the job's ranks before the model load; rank 0 alone writes and prints
+    let group = ranks(&a.backend.device)?;
+    let root = group.is_root();
     let b = &a.backend;
     let backbone = softprompt::load_vision_backbone(&b.backend, &b.model, &b.device)
         .with_context(|| format!("loading {} on {}", b.model.display(), b.backend))?;
@@ -175,16 +195,23 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     } else {
         a.seeds.clone()
     };
-    tracing::info!(
-        "{} on {} ({} backend): {} shots per class, {} test images, {} px, {} steps",
-        method.name(),
-        b.model.display(),
-        backbone.backend_name(),
-        a.shots,
-        test.len(),
-        a.image_size,
-        a.steps
-    );
+    if root {
+        tracing::info!(
+            "{} on {} ({} backend): {} shots per class, {} test images, {} px, {} steps{}",
+            method.name(),
+            b.model.display(),
+            backbone.backend_name(),
+            a.shots,
+            test.len(),
+            a.image_size,
+            a.steps,
+            if group.world_size() > 1 {
+                format!(", {} ranks", group.world_size())
+            } else {
+                String::new()
+            }
+        );
+    }
     let mut scores = Vec::new();
     for &seed in &seeds {
         let config = VisionConfig {
@@ -201,17 +228,28 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         };
         let train = train_set.balanced(a.shots, seed);
         let started = Instant::now();
-        let model = train_classifier(backbone.as_ref(), &train_set, &train, &config)?;
+        let model = train_classifier_with(
+            backbone.as_ref(),
+            &train_set,
+            &train,
+            &config,
+            group.as_ref(),
+        )?;
         let train_secs = started.elapsed().as_secs_f64();
         let started = Instant::now();
-        let acc = accuracy(
+        let acc = accuracy_with(
             backbone.as_ref(),
             &model,
             &test_set,
             &test,
             a.eval_batch_size,
+            group.as_ref(),
         )?;
         let eval_secs = started.elapsed().as_secs_f64();
+        scores.push(acc);
+        if !root {
+            continue;
+        }
         let out = if seeds.len() > 1 {
             a.output.join(format!("seed-{seed}"))
         } else {
@@ -236,9 +274,8 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             "eval_images_per_s": test.len() as f64 / eval_secs,
         });
         println!("{report}");
-        scores.push(acc);
     }
-    if scores.len() > 1 {
+    if scores.len() > 1 && root {
         let mean = scores.iter().sum::<f64>() / scores.len() as f64;
         let sd = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>()
             / (scores.len() - 1) as f64)

@@ -1343,3 +1343,155 @@ fn mpirun_ranks_train_the_prompt_one_process_trains() {
         stderr(&o)
     );
 }
+
+/// `mpirun -np 2 softprompt train --task image-classification …`: two ranks, each taking its
+/// share of every batch of images, save the visual prompt and head one process saves (to float
+/// rounding of the summed shares) and print one report with the same test accuracy; `eval`
+/// under mpirun classifies half the images per rank and prints one process's accuracy.
+#[cfg(feature = "mpi")]
+#[test]
+fn mpirun_ranks_train_a_visual_prompt_one_process_trains() {
+    let f = fixtures();
+    let model = f.join("tiny-dinov2").display().to_string();
+    let data = tempfile::tempdir().unwrap();
+    // 40 synthetic digit rows: even digits dark, odd ones bright, with a per-row pattern
+    let digits = data.path().join("digits.csv");
+    let rows: Vec<String> = (0..40)
+        .map(|r| {
+            let digit = r % 10;
+            let base = if digit % 2 == 0 { 1 } else { 12 };
+            let mut row: Vec<String> = (0..64).map(|p| (base + (p + r) % 5).to_string()).collect();
+            row.push(digit.to_string());
+            row.join(",")
+        })
+        .collect();
+    std::fs::write(&digits, rows.join("\n")).unwrap();
+    let s = |p: &std::path::Path| p.display().to_string();
+    let args = |output: &std::path::Path| -> Vec<String> {
+        [
+            "train",
+            "--task",
+            "image-classification",
+            "--images",
+            "digits",
+            "--model",
+            &model,
+            "--method",
+            "vpt-deep",
+            "--num-virtual-tokens",
+            "2",
+            "--shots",
+            "3",
+            "--image-size",
+            "16",
+            "--steps",
+            "8",
+            "--batch-size",
+            "10",
+            "--lr",
+            "0.05",
+            "--head-lr",
+            "0.1",
+            "--head-warmup",
+            "5",
+            "--output",
+            &s(output),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let mpirun = |args: &[String]| {
+        Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+            .args(["-x", "SOFTPROMPT_DIGITS"])
+            .arg(env!("CARGO_BIN_EXE_softprompt"))
+            .args(args)
+            .env("SOFTPROMPT_DIGITS", &digits)
+            .output()
+            .expect("mpirun runs (Open MPI: openmpi-bin)")
+    };
+    let single = data.path().join("single");
+    let o = bin()
+        .args(args(&single))
+        .env("SOFTPROMPT_DIGITS", &digits)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let alone: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let ranks = data.path().join("ranks");
+    let o = mpirun(&args(&ranks));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let printed = stdout(&o);
+    let reports: Vec<&str> = printed.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(reports.len(), 1, "{printed}");
+    let report: serde_json::Value = serde_json::from_str(reports[0]).unwrap();
+    assert_eq!(report["tuned_test"], alone["tuned_test"]);
+    assert_eq!(
+        report["train_images"], 24,
+        "3 of each digit held in training"
+    );
+    assert!(stderr(&o).contains("2 ranks"), "{}", stderr(&o));
+    let tensors = |dir: &std::path::Path| -> Vec<(String, Vec<f32>)> {
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|n| {
+                let v = st
+                    .tensor(&n)
+                    .unwrap()
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                (n, v)
+            })
+            .collect()
+    };
+    let (a, b) = (tensors(&single), tensors(&ranks));
+    assert_eq!(a.len(), 3, "prompt, head weight and bias");
+    for ((name, x), (other, y)) in a.iter().zip(&b) {
+        assert_eq!(name, other);
+        assert_eq!(x.len(), y.len());
+        let scale = x.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let d = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 2e-6 * scale, "{name}: ranks vs one process: {d}");
+    }
+    let eval: Vec<String> = [
+        "eval",
+        "--task",
+        "image-classification",
+        "--model",
+        &model,
+        "--prompt",
+        &s(&ranks),
+        "--data",
+        "digits",
+        "--json",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let o = bin()
+        .args(&eval)
+        .env("SOFTPROMPT_DIGITS", &digits)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let alone: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let o = mpirun(&eval);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let printed = stdout(&o);
+    let lines: Vec<&str> = printed.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 1, "{printed}");
+    let both: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(both["accuracy"], alone["accuracy"]);
+    assert_eq!(both["examples"], 8);
+}

@@ -64,6 +64,23 @@ pub fn launched_with_ranks() -> bool {
     .any(|n| n > 1)
 }
 
+/// This process's rank among the ranks on its node, as the launcher numbers them (Open MPI's
+/// `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, Slurm's `SLURM_LOCALID`, PMIx's
+/// `PMIX_LOCAL_RANK`; 0 when none is set): the GPU a rank takes when each node runs one rank
+/// per GPU.
+pub fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "PMIX_LOCAL_RANK",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok())
+    .find_map(|v| v.trim().parse::<usize>().ok())
+    .unwrap_or(0)
+}
+
 /// A group of one process: every operation is the identity.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SingleProcess;

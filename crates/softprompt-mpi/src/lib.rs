@@ -6,8 +6,16 @@
 //! same bits (an `MPI_Allreduce` may add in another order per rank). MPI has no timeouts: a rank
 //! that fails calls [`MpiCollective::abort`], which ends every rank of the job with its error
 //! code instead of leaving them blocked in a collective.
+//!
+//! With the `nccl` feature, [`NcclCollective`] runs the sums on the GPUs through NCCL (MPI
+//! still starts the group).
 
 use std::sync::Mutex;
+
+#[cfg(feature = "nccl")]
+mod nccl;
+#[cfg(feature = "nccl")]
+pub use nccl::NcclCollective;
 
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;

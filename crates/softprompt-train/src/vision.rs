@@ -11,7 +11,8 @@ use std::io::Read;
 use std::path::Path;
 
 use softprompt_core::{
-    Error, Images, Optimizer, Placement, Result, Rng, SoftPrompt, VisionBackbone,
+    shard, Collective, Error, Images, Optimizer, Placement, Result, Rng, SingleProcess, SoftPrompt,
+    VisionBackbone,
 };
 
 use crate::free::Spsa;
@@ -653,6 +654,43 @@ pub fn train_classifier(
     train: &[usize],
     config: &VisionConfig,
 ) -> Result<VisualClassifier> {
+    train_classifier_with(backbone, set, train, config, &SingleProcess)
+}
+
+/// Sums `parts` (each scaled by `weight`) over the ranks of `group` and splits the sums back
+/// into vectors of the same lengths (exact with one rank: f32 → f64 → f32 round-trips).
+fn reduce_scaled(group: &dyn Collective, weight: f64, parts: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+    if group.world_size() == 1 {
+        return Ok(parts.iter().map(|p| p.to_vec()).collect());
+    }
+    let mut buf: Vec<f64> = parts
+        .iter()
+        .flat_map(|p| p.iter().map(|v| *v as f64 * weight))
+        .collect();
+    group.all_reduce_sum(&mut buf)?;
+    let mut out = Vec::with_capacity(parts.len());
+    let mut at = 0;
+    for p in parts {
+        out.push(buf[at..at + p.len()].iter().map(|v| *v as f32).collect());
+        at += p.len();
+    }
+    Ok(out)
+}
+
+/// Trains `config.method` data-parallel with the other ranks of `group`: every step's global
+/// batch (the same images, in the same order, as one process draws) is split into contiguous
+/// shares; each rank computes the loss and gradients of its share, the sums weighted by the
+/// share's size are all-reduced, and every rank applies the same update (SPSA: every rank runs
+/// all candidates on its share). The head's warm-start features are computed a share per rank
+/// and gathered. Every rank returns the same classifier; with one rank this is
+/// [`train_classifier`].
+pub fn train_classifier_with(
+    backbone: &dyn VisionBackbone,
+    set: &ImageSet,
+    train: &[usize],
+    config: &VisionConfig,
+    group: &dyn Collective,
+) -> Result<VisualClassifier> {
     if train.is_empty() {
         return Err(Error::InvalidArgument("no training images".into()));
     }
@@ -688,7 +726,19 @@ pub fn train_classifier(
     if warm > 0 {
         // the features the prompt starts from (a linear probe's: no prompt), so that the head
         // fits where prompt training begins: random deep prompts move the features
-        let all = features(backbone, &prompt, set, train, config)?;
+        let all = if group.world_size() == 1 {
+            features(backbone, &prompt, set, train, config)?
+        } else {
+            let (lo, hi) = shard(train.len(), group.rank(), group.world_size());
+            let mine = features(backbone, &prompt, set, &train[lo..hi], config)?;
+            // gathered: each rank fills its rows of a zero table and the tables are summed
+            let mut table = vec![0f64; train.len() * d];
+            for (slot, v) in table[lo * d..hi * d].iter_mut().zip(&mine) {
+                *slot = *v as f64;
+            }
+            group.all_reduce_sum(&mut table)?;
+            table.into_iter().map(|v| v as f32).collect()
+        };
         let position: std::collections::HashMap<usize, usize> =
             train.iter().enumerate().map(|(k, i)| (*i, k)).collect();
         for step in 0..warm {
@@ -726,30 +776,47 @@ pub fn train_classifier(
         }
     };
     for step in 0..prompt_steps {
-        let batch = next(&mut rng);
+        let global = next(&mut rng);
+        // this rank's share of the global batch, and its weight in the global mean
+        let (lo, hi) = shard(global.len(), group.rank(), group.world_size());
+        let batch = &global[lo..hi];
+        let weight = batch.len() as f64 / global.len() as f64;
         let labels: Vec<usize> = batch.iter().map(|i| set.labels[*i]).collect();
-        let images = set.prepare(&batch, config.image_size, IMAGENET_MEAN, IMAGENET_STD);
+        let images = set.prepare(batch, config.image_size, IMAGENET_MEAN, IMAGENET_STD);
         let non_finite = || Error::NonFinite {
             what: "loss or prompt gradient".into(),
             step: step as u64 + 1,
         };
         let (loss, dw, db) = match spsa.as_mut() {
             None => {
-                let (mut dw, mut db) = (Vec::new(), Vec::new());
-                let mut host = |f: &[f32]| -> Result<(f32, Vec<f32>)> {
-                    let (loss, df, gw, gb) = head_loss(f, &labels, &w, &b, d);
-                    dw = gw;
-                    db = gb;
-                    Ok((loss, df))
-                };
-                let (loss, grads) = backbone.features_grad(
-                    std::slice::from_ref(&prompt),
-                    &vec![0; batch.len()],
-                    &images,
-                    &mut host,
-                )?;
-                let all = grads.into_iter().next().unwrap_or_default();
-                let g: Vec<f32> = trainable.iter().map(|&i| all[i]).collect();
+                let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; b.len()]);
+                let (mut loss, mut g) = (0f32, vec![0f32; trainable.len()]);
+                // a rank whose share is empty (more ranks than images) adds zeros
+                if !batch.is_empty() {
+                    let mut host = |f: &[f32]| -> Result<(f32, Vec<f32>)> {
+                        let (loss, df, gw, gb) = head_loss(f, &labels, &w, &b, d);
+                        dw = gw;
+                        db = gb;
+                        Ok((loss, df))
+                    };
+                    let (l, grads) = backbone.features_grad(
+                        std::slice::from_ref(&prompt),
+                        &vec![0; batch.len()],
+                        &images,
+                        &mut host,
+                    )?;
+                    let all = grads.into_iter().next().unwrap_or_default();
+                    g = trainable.iter().map(|&i| all[i]).collect();
+                    loss = l;
+                }
+                let mut sums = reduce_scaled(group, weight, &[&[loss], &g, &dw, &db])?;
+                let (db, dw, g) = (sums.pop(), sums.pop(), sums.pop());
+                let (dw, db, g) = (
+                    dw.unwrap_or_default(),
+                    db.unwrap_or_default(),
+                    g.unwrap_or_default(),
+                );
+                let loss = sums[0][0];
                 if !loss.is_finite() || g.iter().any(|v| !v.is_finite()) {
                     return Err(non_finite());
                 }
@@ -778,15 +845,24 @@ pub fn train_classifier(
                     pixels: images.pixels.repeat(k),
                 };
                 let index: Vec<usize> = (0..k).flat_map(|c| vec![c; batch.len()]).collect();
-                let f = backbone.features(&prompts, &index, &repeated)?;
                 let (mut losses, mut dw, mut db) =
-                    (Vec::new(), vec![0f32; w.len()], vec![0f32; b.len()]);
-                for fc in f.chunks(batch.len() * d) {
-                    let (l, _, gw, gb) = head_loss(fc, &labels, &w, &b, d);
-                    losses.push(l);
-                    dw.iter_mut().zip(&gw).for_each(|(a, g)| *a += g / k as f32);
-                    db.iter_mut().zip(&gb).for_each(|(a, g)| *a += g / k as f32);
+                    (vec![0f32; k], vec![0f32; w.len()], vec![0f32; b.len()]);
+                if !batch.is_empty() {
+                    let f = backbone.features(&prompts, &index, &repeated)?;
+                    for (c, fc) in f.chunks(batch.len() * d).enumerate() {
+                        let (l, _, gw, gb) = head_loss(fc, &labels, &w, &b, d);
+                        losses[c] = l;
+                        dw.iter_mut().zip(&gw).for_each(|(a, g)| *a += g / k as f32);
+                        db.iter_mut().zip(&gb).for_each(|(a, g)| *a += g / k as f32);
+                    }
                 }
+                let mut sums = reduce_scaled(group, weight, &[&losses, &dw, &db])?;
+                let (db, dw, losses) = (sums.pop(), sums.pop(), sums.pop());
+                let (dw, db, losses) = (
+                    dw.unwrap_or_default(),
+                    db.unwrap_or_default(),
+                    losses.unwrap_or_default(),
+                );
                 if losses.iter().any(|l| !l.is_finite()) {
                     return Err(non_finite());
                 }
@@ -1054,13 +1130,40 @@ pub fn accuracy(
     indices: &[usize],
     eval_batch_size: usize,
 ) -> Result<f64> {
-    let pred = predict(backbone, model, set, indices, eval_batch_size)?;
-    let right = pred
-        .iter()
-        .zip(indices)
-        .filter(|(p, i)| **p == set.labels[**i])
-        .count();
-    Ok(right as f64 / indices.len().max(1) as f64)
+    accuracy_with(
+        backbone,
+        model,
+        set,
+        indices,
+        eval_batch_size,
+        &SingleProcess,
+    )
+}
+
+/// [`accuracy`] with the images shared among the ranks of `group` (each classifies its
+/// contiguous share; the counts are summed): every rank returns the same figure.
+pub fn accuracy_with(
+    backbone: &dyn VisionBackbone,
+    model: &VisualClassifier,
+    set: &ImageSet,
+    indices: &[usize],
+    eval_batch_size: usize,
+    group: &dyn Collective,
+) -> Result<f64> {
+    let (lo, hi) = shard(indices.len(), group.rank(), group.world_size());
+    let mine = &indices[lo..hi];
+    let right = if mine.is_empty() {
+        0
+    } else {
+        let pred = predict(backbone, model, set, mine, eval_batch_size)?;
+        pred.iter()
+            .zip(mine)
+            .filter(|(p, i)| **p == set.labels[**i])
+            .count()
+    };
+    let mut counts = [right as f64];
+    group.all_reduce_sum(&mut counts)?;
+    Ok(counts[0] / indices.len().max(1) as f64)
 }
 
 #[cfg(test)]
