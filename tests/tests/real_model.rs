@@ -583,3 +583,58 @@ fn data_parallel_ranks_train_the_real_prompt_one_process_trains() {
         }
     }
 }
+
+/// `--dtype quantized`: the projection matrices stay in their GGUF blocks (Q4_1 in SmolLM2's
+/// file; Q5_0, Q8_0, Q4_K and Q6_K in Gemma 3's) and compute tile by tile. Same fingerprint as
+/// the f32 load; three training steps give the f32 path's losses and prompt to float rounding
+/// (the same dequantized values, multiplied in other tile orders), and the weights take a
+/// fraction of the memory.
+#[test]
+fn quantized_weights_train_as_the_dequantized_ones() {
+    let Some(dir) = assets() else { return };
+    for file in [GGUF, GEMMA] {
+        let opts = |dtype: &str| softprompt::BackendOptions {
+            dtype: dtype.into(),
+            ..Default::default()
+        };
+        let f32_model =
+            softprompt::load_backbone_with("candle", dir.join(file), &opts("f32")).unwrap();
+        let quant =
+            softprompt::load_backbone_with("candle", dir.join(file), &opts("quantized")).unwrap();
+        assert_eq!(
+            f32_model.spec().fingerprint,
+            quant.spec().fingerprint,
+            "{file}"
+        );
+        let tok = load_tokenizer(dir.join(file)).unwrap();
+        let a = train_three_steps(f32_model.as_ref(), &tok, &dir);
+        let b = train_three_steps(quant.as_ref(), &tok, &dir);
+        for (x, y) in a.losses.iter().zip(&b.losses) {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                "{file}: loss {x} vs {y}"
+            );
+        }
+        let d = a
+            .prompt
+            .values()
+            .iter()
+            .zip(b.prompt.values())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{file}: losses {:?} vs {:?}, prompt within {d:e}",
+            a.losses, b.losses
+        );
+        assert!(d <= 1e-4, "{file}: prompts differ by {d}");
+        assert_eq!(a.evals[0].value, b.evals[0].value, "{file}: dev accuracy");
+    }
+    // the weights held: quantized blocks, not f32 copies
+    let source = softprompt::load_quantized_model_source(dir.join(GGUF)).unwrap();
+    let held = source.weights.quantized_bytes();
+    assert!(
+        held > 50_000_000 && held < 80_000_000,
+        "{held} bytes of Q4_1 blocks"
+    );
+    assert!(softprompt::load_quantized_model_source(dir.join("rotten-tomatoes")).is_err());
+}

@@ -90,7 +90,9 @@ impl Model {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let ops = CandleOps::new(device, dtype);
+        let mut ops = CandleOps::new(device, dtype);
+        // projection weights a GGUF file's loader kept in blocks stay so where the kernels run
+        ops.quantized = weights.quantized_bytes() > 0;
         Ok(Model {
             nn: softprompt_nn::Model::load(&ops, config, &mut weights)?,
             device: device.clone(),

@@ -82,6 +82,29 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(out)
 }
 
+/// `x · Wᵀ + b` over the last dimension of `x` with `W` `[out, in]` in quantized blocks (CPU,
+/// f32 or f64): only the gradient with respect to `x` is propagated, tile by tile.
+pub fn quantized_linear(
+    x: &Tensor,
+    q: &std::sync::Arc<softprompt_core::QuantMatrix>,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    if !fused::supported(x) {
+        candle_core::bail!(
+            "quantized weights compute on the CPU in f32 or f64, not {:?} on {:?}",
+            x.dtype(),
+            x.device()
+        );
+    }
+    let y = x
+        .contiguous()?
+        .apply_op1(fused::QuantMatmul { q: q.clone() })?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 /// The frozen-weight matmul for the dtypes the fused kernels do not cover (bf16, f16): the input
 /// is copied into a tensor and multiplied by candle.
 struct FrozenMatmulAny {

@@ -19,6 +19,8 @@ pub(crate) struct CandleOps<'h> {
     pub dtype: DType,
     /// Set for a packed pass over host caches (see [`HostPass`]).
     host: Option<RefCell<HostPass<'h>>>,
+    /// Whether projection weights held in quantized blocks stay so (CPU, f32/f64 only).
+    pub quantized: bool,
 }
 
 /// New tokens of several sequences as one unpadded batch `[total, 1, d]`: `counts[s]` consecutive
@@ -48,6 +50,7 @@ impl CandleOps<'static> {
             device: device.clone(),
             dtype,
             host: None,
+            quantized: false,
         }
     }
 }
@@ -58,6 +61,7 @@ impl<'h> CandleOps<'h> {
         CandleOps {
             device: device.clone(),
             dtype,
+            quantized: false,
             host: Some(RefCell::new(pass)),
         }
     }
@@ -126,7 +130,7 @@ impl<'h> CandleOps<'h> {
         if !fits {
             return Ok(None);
         }
-        let owned = |l: &Linear<Tensor>| (l.w.clone(), l.b.clone());
+        let owned = |l: &Linear<Tensor>| (l.w.clone(), l.b.clone(), l.quant.clone());
         let op = fused::TokenLayer {
             w: fused::LayerWeights {
                 input_norm: b.input_norm.clone(),
@@ -179,8 +183,25 @@ impl Ops for CandleOps<'_> {
             .and_then(|t| t.to_dtype(self.dtype)))
     }
 
+    fn keeps_quantized(&self) -> bool {
+        self.quantized && self.device.is_cpu() && matches!(self.dtype, DType::F32 | DType::F64)
+    }
+
+    fn quantized_linear_weight(
+        &self,
+        _name: &str,
+        q: &softprompt_core::QuantMatrix,
+    ) -> Result<Tensor> {
+        // the layer's shape without its values: one element broadcast (no memory)
+        c(Tensor::zeros((1, 1), self.dtype, &self.device)
+            .and_then(|t| t.broadcast_as((q.rows(), q.cols))))
+    }
+
     fn linear(&self, x: &Tensor, layer: &Linear<Tensor>) -> Result<Tensor> {
-        c(ops::linear(x, &layer.w, layer.b.as_ref()))
+        match &layer.quant {
+            Some(q) => c(ops::quantized_linear(x, q, layer.b.as_ref())),
+            None => c(ops::linear(x, &layer.w, layer.b.as_ref())),
+        }
     }
 
     fn head(&self, x: &Tensor, table: &Tensor) -> Result<Tensor> {

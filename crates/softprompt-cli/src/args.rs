@@ -143,7 +143,8 @@ pub struct BackendArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Precision of the frozen weights: f32, f64, bf16, f16.
+    /// Precision of the frozen weights: f32, f64, bf16, f16, or quantized (candle, CPU: a GGUF
+    /// file's projection matrices stay in their blocks; compute in f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Intra-op threads of the backend (default: the runtime's own choice).
@@ -444,7 +445,8 @@ pub struct BenchArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Precision of the frozen weights: f32, f64, bf16, f16.
+    /// Precision of the frozen weights: f32, f64, bf16, f16, or quantized (candle, CPU: a GGUF
+    /// file's projection matrices stay in their blocks; compute in f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Intra-op threads of every backend.

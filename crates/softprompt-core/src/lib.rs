@@ -16,6 +16,7 @@ pub mod mask;
 pub mod model;
 pub mod optimizer;
 pub mod prompt;
+pub mod quant;
 pub mod rng;
 pub mod spec;
 pub mod store;
@@ -38,6 +39,7 @@ pub use model::{
 };
 pub use optimizer::{Optimizer, OptimizerKind};
 pub use prompt::{EncoderKind, Placement, PrefixCache, PromptInit, PromptMethod, SoftPrompt};
+pub use quant::{QuantKind, QuantMatrix, QuantSegment};
 pub use rng::Rng;
 pub use spec::BackboneSpec;
 pub use store::{process_alive, PromptConfig, PromptInfo, PromptStore, StoredPrompt};

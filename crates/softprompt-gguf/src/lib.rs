@@ -347,19 +347,95 @@ fn hf_name(arch: &str, gguf: &str) -> Option<String> {
 /// Undoes llama.cpp's RoPE permutation of Q/K rows: within each head, GGUF row `2i + j`
 /// holds Hugging Face row `j·half + i`.
 fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let hd = rows / heads;
-    let half = hd / 2;
     let mut out = vec![0f32; data.len()];
+    for (dst, src) in unpermute_order(rows, heads).into_iter().enumerate() {
+        out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+    }
+    out
+}
+
+/// The source row of each row of [`unpermute_rows`]' result.
+fn unpermute_order(rows: usize, heads: usize) -> Vec<usize> {
+    let hd = rows / heads.max(1);
+    let half = hd / 2;
+    let mut order = vec![0; rows];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = (h * hd + 2 * i + j) * cols;
-                let dst = (h * hd + j * half + i) * cols;
-                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+                order[h * hd + j * half + i] = h * hd + 2 * i + j;
             }
         }
     }
-    out
+    order
+}
+
+/// The block format a projection matrix keeps in memory, if it is one softprompt computes
+/// with in quantized form.
+fn kept_kind(dtype: candle_core::quantized::GgmlDType) -> Option<softprompt_core::QuantKind> {
+    use candle_core::quantized::GgmlDType as G;
+    use softprompt_core::QuantKind as K;
+    Some(match dtype {
+        G::Q4_0 => K::Q4_0,
+        G::Q4_1 => K::Q4_1,
+        G::Q5_0 => K::Q5_0,
+        G::Q5_1 => K::Q5_1,
+        G::Q8_0 => K::Q8_0,
+        G::Q4K => K::Q4K,
+        G::Q5K => K::Q5K,
+        G::Q6K => K::Q6K,
+        _ => return None,
+    })
+}
+
+/// Whether `gguf` names a decoder block's projection weight (attention q/k/v/output, MLP
+/// gate/up/down): the matrices kept quantized.
+fn is_projection(gguf: &str) -> bool {
+    [
+        "attn_q.weight",
+        "attn_k.weight",
+        "attn_v.weight",
+        "attn_output.weight",
+        "ffn_gate.weight",
+        "ffn_up.weight",
+        "ffn_down.weight",
+    ]
+    .iter()
+    .any(|s| gguf.starts_with("blk.") && gguf.ends_with(s))
+}
+
+/// The raw blocks of a projection matrix, if its type is kept quantized.
+fn raw_blocks(
+    content: &Content,
+    file: &mut std::fs::File,
+    name: &str,
+    path: &Path,
+) -> Result<Option<softprompt_core::QuantMatrix>> {
+    let Some(info) = content.tensor_infos.get(name) else {
+        return Ok(None);
+    };
+    let Some(kind) = kept_kind(info.ggml_dtype) else {
+        return Ok(None);
+    };
+    let dims = info.shape.dims();
+    let [rows, cols] = dims else {
+        return Ok(None);
+    };
+    let q = content
+        .tensor(file, name, &Device::Cpu)
+        .map_err(|e| Error::Gguf {
+            path: path.to_path_buf(),
+            reason: format!("tensor `{name}`: {e}"),
+        })?;
+    let bytes = q
+        .data()
+        .map_err(|e| Error::backend("gguf", format!("reading `{name}`: {e}")))?
+        .into_owned();
+    softprompt_core::QuantMatrix::new(kind, *rows, *cols, bytes)
+        .map(Some)
+        .map_err(|e| Error::Gguf {
+            path: path.to_path_buf(),
+            reason: format!("tensor `{name}`: {e}"),
+        })
 }
 
 /// The model configuration of a GGUF file, from its metadata alone.
@@ -423,8 +499,17 @@ pub fn for_each_tensor(
     Ok(())
 }
 
-/// Reads a GGUF file into a model description with Hugging Face tensor names.
+/// Reads a GGUF file into a model description with Hugging Face tensor names, every tensor
+/// dequantized to f32.
 pub fn load_model(path: impl AsRef<Path>) -> Result<ModelSource> {
+    load_model_with(path, false)
+}
+
+/// [`load_model`]; with `keep_quantized`, the decoder blocks' projection matrices of the types
+/// in [`softprompt_core::QuantKind`] stay in their blocks ([`ModelWeights::insert_quantized`]):
+/// a runtime that computes with them reads them as they are, any other gets f32 on demand.
+/// Embeddings, norms and other types are dequantized as before. The fingerprint is the same.
+pub fn load_model_with(path: impl AsRef<Path>, keep_quantized: bool) -> Result<ModelSource> {
     let path = path.as_ref();
     let (content, mut file) = read_content(path)?;
     let config = config_of(&content, path)?;
@@ -441,6 +526,18 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<ModelSource> {
             // rope_freqs and other derived tables are recomputed, not loaded
             continue;
         };
+        if keep_quantized && is_projection(name) {
+            if let Some(mut q) = raw_blocks(&content, &mut file, name, path)? {
+                let rows = q.rows();
+                if permuted && name.ends_with("attn_q.weight") {
+                    q.permute_rows(&unpermute_order(rows, config.num_attention_heads()))?;
+                } else if permuted && name.ends_with("attn_k.weight") {
+                    q.permute_rows(&unpermute_order(rows, config.num_key_value_heads()))?;
+                }
+                weights.insert_quantized(hf, q);
+                continue;
+            }
+        }
         let HostTensor { shape, mut data } = dequantize(&content, &mut file, name, path)?;
         if permuted && shape.len() == 2 {
             if name.ends_with("attn_q.weight") {
@@ -517,6 +614,59 @@ mod tests {
         }
         assert_ne!(gguf, hf);
         assert_eq!(unpermute_rows(&gguf, rows, cols, heads), hf);
+    }
+
+    /// Every kept block format dequantizes exactly as candle's (llama.cpp's) reference code:
+    /// random values quantized by candle, read back by softprompt-core's kernels.
+    #[test]
+    fn kept_block_formats_dequantize_as_candle_does() {
+        use candle_core::quantized::{GgmlDType as G, QTensor};
+        let (rows, cols) = (3, 512);
+        let mut rng = softprompt_core::Rng::seed_from_u64(7);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| (rng.normal() * 0.7) as f32)
+            .collect();
+        let t = candle_core::Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        for dtype in [
+            G::Q4_0,
+            G::Q4_1,
+            G::Q5_0,
+            G::Q5_1,
+            G::Q8_0,
+            G::Q4K,
+            G::Q5K,
+            G::Q6K,
+        ] {
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let want: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let kind = kept_kind(dtype).unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            let m = softprompt_core::QuantMatrix::new(kind, rows, cols, bytes).unwrap();
+            assert_eq!(m.dequantize(), want, "{dtype:?}");
+            let mut two = vec![0f32; 2 * cols];
+            m.dequantize_rows(1, 3, &mut two);
+            assert_eq!(two, want[cols..], "{dtype:?} rows 1..3");
+        }
+        assert!(kept_kind(G::F16).is_none());
+    }
+
+    #[test]
+    fn unpermute_order_matches_unpermute_rows() {
+        let (rows, cols, heads) = (8, 2, 2);
+        let data: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let by_rows = unpermute_rows(&data, rows, cols, heads);
+        let order = unpermute_order(rows, heads);
+        for (dst, src) in order.iter().enumerate() {
+            assert_eq!(by_rows[dst * cols], data[src * cols]);
+        }
+        assert!(is_projection("blk.3.ffn_down.weight"));
+        assert!(!is_projection("token_embd.weight"));
     }
 
     #[test]

@@ -63,6 +63,17 @@ impl<'a, O: Ops> Loader<'a, O> {
         inp: usize,
         bias: bool,
     ) -> Result<Linear<O::Tensor>> {
+        if let Some(q) = self.quantized_cat(parts, inp)? {
+            let w = self
+                .ops
+                .quantized_linear_weight(&format!("{name}.weight"), &q)?;
+            let b = self.bias_cat(name, parts, bias)?;
+            return Ok(Linear {
+                w,
+                b,
+                quant: Some(std::sync::Arc::new(q)),
+            });
+        }
         let mut w = Vec::new();
         let mut b = Vec::new();
         for (prefix, out) in parts {
@@ -86,7 +97,54 @@ impl<'a, O: Ops> Loader<'a, O> {
         } else {
             None
         };
-        Ok(Linear { w, b })
+        Ok(Linear { w, b, quant: None })
+    }
+
+    /// The parts' weights stacked in their quantized blocks, when the runtime keeps them so and
+    /// every part is held quantized (else `None` and nothing taken).
+    fn quantized_cat(
+        &mut self,
+        parts: &[(&str, usize)],
+        inp: usize,
+    ) -> Result<Option<softprompt_core::QuantMatrix>> {
+        let all = parts
+            .iter()
+            .all(|(prefix, _)| self.weights.is_quantized(&format!("{prefix}.weight")));
+        if !self.ops.keeps_quantized() || !all {
+            return Ok(None);
+        }
+        let mut stacked: Option<softprompt_core::QuantMatrix> = None;
+        for (prefix, out) in parts {
+            let name = format!("{prefix}.weight");
+            let q = self
+                .weights
+                .take_quantized(&name, &[*out, inp])?
+                .ok_or(softprompt_core::Error::MissingTensor { name })?;
+            stacked = Some(match stacked {
+                None => q,
+                Some(s) => s.stack(q)?,
+            });
+        }
+        Ok(stacked)
+    }
+
+    /// The parts' biases side by side, if `bias`.
+    fn bias_cat(
+        &mut self,
+        name: &str,
+        parts: &[(&str, usize)],
+        bias: bool,
+    ) -> Result<Option<O::Tensor>> {
+        if !bias {
+            return Ok(None);
+        }
+        let mut b = Vec::new();
+        for (prefix, out) in parts {
+            b.extend(self.weights.take(&format!("{prefix}.bias"), &[*out])?.data);
+        }
+        let len = b.len();
+        let b = HostTensor::new(vec![len], b)?;
+        Ok(Some(self.ops.constant(&format!("{name}.bias"), b)?))
     }
 
     /// A layer stored as `weight [out, ...]` (a convolution whose stride equals its kernel: a
@@ -100,7 +158,11 @@ impl<'a, O: Ops> Loader<'a, O> {
             .ops
             .linear_weight(&name, HostTensor::new(vec![out, inp], w.data)?)?;
         let b = self.tensor(&format!("{prefix}.bias"), &[out])?;
-        Ok(Linear { w, b: Some(b) })
+        Ok(Linear {
+            w,
+            b: Some(b),
+            quant: None,
+        })
     }
 
     /// A weight kept on the host as it is stored (a table the model reshapes per input).
@@ -123,7 +185,11 @@ impl<'a, O: Ops> Loader<'a, O> {
             .ops
             .linear_weight(&name, HostTensor::new(vec![out, inp], t)?)?;
         let b = self.tensor(&format!("{prefix}.bias"), &[out])?;
-        Ok(Linear { w, b: Some(b) })
+        Ok(Linear {
+            w,
+            b: Some(b),
+            quant: None,
+        })
     }
 
     /// The output head `[vocab, width]`: `lm_head.weight` unless the embeddings are tied (or the

@@ -16,10 +16,13 @@ use softprompt_core::{HostTensor, Positions, Result};
 /// is stored when it was loaded ([`Ops::linear_weight`]).
 #[derive(Debug, Clone)]
 pub struct Linear<T> {
-    /// The weight, in the runtime's layout.
+    /// The weight, in the runtime's layout (for a quantized layer, whatever
+    /// [`Ops::quantized_linear_weight`] made of it: its shape, not its values).
     pub w: T,
     /// The bias `[out]`, if any.
     pub b: Option<T>,
+    /// The weight in GGUF blocks, when the runtime keeps it so ([`Ops::keeps_quantized`]).
+    pub quant: Option<std::sync::Arc<softprompt_core::QuantMatrix>>,
 }
 
 /// Attention geometry: query heads, key/value heads (grouped-query attention when fewer) and the
@@ -194,6 +197,26 @@ pub trait Ops {
     /// [`Ops::linear`] wants (the default keeps `[out, in]`).
     fn linear_weight(&self, name: &str, value: HostTensor) -> Result<Self::Tensor> {
         self.constant(name, value)
+    }
+
+    /// Whether this runtime computes with weights kept in quantized blocks: the loader then
+    /// hands it [`Linear::quant`] layers (through [`Ops::quantized_linear_weight`]) wherever
+    /// the checkpoint has them.
+    fn keeps_quantized(&self) -> bool {
+        false
+    }
+
+    /// The runtime's stand-in for a quantized weight `[out, in]` (its `Linear::w`): what the
+    /// layer's shape is read from. Only called when [`Ops::keeps_quantized`].
+    fn quantized_linear_weight(
+        &self,
+        name: &str,
+        q: &softprompt_core::QuantMatrix,
+    ) -> Result<Self::Tensor> {
+        let _ = q;
+        Err(softprompt_core::Error::InvalidArgument(format!(
+            "`{name}`: this runtime does not compute with quantized weights"
+        )))
     }
 
     /// `x · Wᵀ + b` over the last dimension of `x`. Only the gradient with respect to `x` is

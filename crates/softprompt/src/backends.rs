@@ -15,6 +15,19 @@ pub fn load_model_source(path: impl AsRef<Path>) -> Result<ModelSource> {
     }
 }
 
+/// [`load_model_source`] for a GGUF file whose projection matrices stay in their quantized
+/// blocks (`--dtype quantized`); anything else is refused.
+pub fn load_quantized_model_source(path: impl AsRef<Path>) -> Result<ModelSource> {
+    let path = path.as_ref();
+    if !softprompt_gguf::is_gguf(path) {
+        return Err(Error::InvalidArgument(format!(
+            "--dtype quantized keeps a GGUF file's quantized blocks; {} is not a .gguf file",
+            path.display()
+        )));
+    }
+    softprompt_gguf::load_model_with(path, true)
+}
+
 /// The configuration of a model (a Hugging Face directory or a `.gguf` file) without its weights.
 pub fn load_model_config(path: impl AsRef<Path>) -> Result<ModelConfig> {
     let path = path.as_ref();
@@ -101,19 +114,31 @@ pub fn load_backbone_with(
         #[cfg(feature = "candle")]
         "candle" => {
             let dtype = match options.dtype.as_str() {
-                "f32" => candle_core_dtype::F32,
+                "f32" | "quantized" => candle_core_dtype::F32,
                 "f64" => candle_core_dtype::F64,
                 "bf16" => candle_core_dtype::BF16,
                 "f16" => candle_core_dtype::F16,
                 other => {
                     return Err(Error::InvalidArgument(format!(
-                        "unknown dtype `{other}`: expected f32, f64, bf16 or f16"
+                        "unknown dtype `{other}`: expected f32, f64, bf16, f16 or quantized"
                     )))
                 }
             };
             let device = softprompt_candle::parse_device(&options.device)?;
+            let source = if options.dtype == "quantized" {
+                if !device.is_cpu() {
+                    return Err(Error::unsupported(
+                        "candle",
+                        "quantized weights on a GPU",
+                        Some("run --dtype quantized on the CPU, or --dtype f32 on the GPU"),
+                    ));
+                }
+                load_quantized_model_source(path)?
+            } else {
+                load_model_source(path)?
+            };
             let opts = softprompt_candle::CandleOptions::new().with_device(device).with_dtype(dtype);
-            Ok(Box::new(softprompt_candle::CandleBackbone::from_source(load_model_source(path)?, opts)?))
+            Ok(Box::new(softprompt_candle::CandleBackbone::from_source(source, opts)?))
         }
         #[cfg(feature = "tch")]
         "tch" => {

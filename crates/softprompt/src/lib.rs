@@ -15,8 +15,9 @@ mod backends;
 
 pub use backends::{
     available_backends, export_onnx, is_vision_model, load_backbone, load_backbone_with,
-    load_model_config, load_model_source, load_tokenizer, load_vision_backbone, load_vision_source,
-    matmul_flops, tch_cuda_available, BackendOptions, BACKENDS,
+    load_model_config, load_model_source, load_quantized_model_source, load_tokenizer,
+    load_vision_backbone, load_vision_source, matmul_flops, tch_cuda_available, BackendOptions,
+    BACKENDS,
 };
 pub use softprompt_conformance as conformance;
 pub use softprompt_core::*;

@@ -45,6 +45,22 @@ pub(super) fn linear(x: &[f32], w: &[f32], n: usize) -> Option<Vec<f32>> {
     Some(y)
 }
 
+/// `x [m, k] · wbᵀ` for one block of weight rows `wb [cols, k]`, column-major `[cols, m]`, when
+/// [`linear`] would take it (AVX2 and FMA, `1 ≤ m ≤ MAX_ROWS`, `k % 8 == 0`); `false` (and
+/// `out` untouched) otherwise.
+pub(super) fn block_into(x: &[f32], wb: &[f32], m: usize, k: usize, out: &mut [f32]) -> bool {
+    if k == 0 || k % 8 != 0 || m == 0 || m > MAX_ROWS || !detected() {
+        return false;
+    }
+    assert!(
+        x.len() == m * k && wb.len() % k == 0 && out.len() == wb.len() / k * m,
+        "few-rows block: sizes"
+    );
+    // SAFETY: `detected()` checked AVX2 and FMA; the sizes are asserted above
+    unsafe { avx2::block(x, wb, m, k, out) };
+    true
+}
+
 #[cfg(target_arch = "x86_64")]
 fn detected() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")

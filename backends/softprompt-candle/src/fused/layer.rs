@@ -5,19 +5,27 @@ use rayon::prelude::*;
 
 use super::*;
 
+/// A projection's weight, its bias, and its quantized blocks (then the weight tensor is a
+/// shape-only stand-in).
+pub(crate) type Projection = (
+    Tensor,
+    Option<Tensor>,
+    Option<std::sync::Arc<softprompt_core::QuantMatrix>>,
+);
+
 /// The frozen weights of one Llama decoder layer, as the model holds them.
 #[derive(Clone)]
 pub(crate) struct LayerWeights {
     pub input_norm: Tensor,
     /// `[(h + 2·kv)·hd, d]` and its bias
-    pub qkv: (Tensor, Option<Tensor>),
+    pub qkv: Projection,
     /// `[d, h·hd]`
-    pub o: (Tensor, Option<Tensor>),
+    pub o: Projection,
     pub post_norm: Tensor,
     /// `[2·i, d]`, gate rows then up rows
-    pub gate_up: (Tensor, Option<Tensor>),
+    pub gate_up: Projection,
     /// `[d, i]`
-    pub down: (Tensor, Option<Tensor>),
+    pub down: Projection,
     pub eps: f64,
     pub heads: (usize, usize, usize),
 }
@@ -76,13 +84,23 @@ impl TokenLayer {
     /// The layer's tensors in a fixed order for [`with_all`]; optional biases at the end.
     pub(super) fn tensors(&self) -> Vec<&Tensor> {
         let w = &self.w;
+        // a quantized projection's stand-in has no values to view: the norm (any contiguous
+        // tensor) holds its place, and `weight` reads the blocks instead
+        fn weight<'t>(p: &'t Projection, stand_in: &'t Tensor) -> &'t Tensor {
+            if p.2.is_some() {
+                stand_in
+            } else {
+                &p.0
+            }
+        }
+        let n = &w.input_norm;
         let mut ts = vec![
             &w.input_norm,
-            &w.qkv.0,
-            &w.o.0,
+            weight(&w.qkv, n),
+            weight(&w.o, n),
             &w.post_norm,
-            &w.gate_up.0,
-            &w.down.0,
+            weight(&w.gate_up, n),
+            weight(&w.down, n),
             &self.rope.0,
             &self.rope.1,
             &self.bias,
@@ -97,17 +115,21 @@ impl TokenLayer {
     }
 
     /// Splits [`Self::tensors`]' slices back into named parts.
-    pub(super) fn parts<'a, T>(&self, t: &[&'a [T]]) -> Parts<'a, T> {
+    pub(super) fn parts<'a, T>(&'a self, t: &[&'a [T]]) -> Parts<'a, T> {
         let w = &self.w;
         let mut extra = t[9..].iter().copied();
         let mut bias_of = |b: &Option<Tensor>| b.as_ref().and_then(|_| extra.next());
+        let weight = |p: &'a Projection, dense: &'a [T]| match &p.2 {
+            Some(q) => Weight::Quant(q),
+            None => Weight::Dense(dense),
+        };
         Parts {
             input_norm: t[0],
-            qkv: t[1],
-            o: t[2],
+            qkv: weight(&w.qkv, t[1]),
+            o: weight(&w.o, t[2]),
             post_norm: t[3],
-            gate_up: t[4],
-            down: t[5],
+            gate_up: weight(&w.gate_up, t[4]),
+            down: weight(&w.down, t[5]),
             cos: t[6],
             sin: t[7],
             bias: t[8],
@@ -144,11 +166,11 @@ impl TokenLayer {
 
 pub(super) struct Parts<'a, T> {
     pub(super) input_norm: &'a [T],
-    pub(super) qkv: &'a [T],
-    pub(super) o: &'a [T],
+    pub(super) qkv: Weight<'a, T>,
+    pub(super) o: Weight<'a, T>,
     pub(super) post_norm: &'a [T],
-    pub(super) gate_up: &'a [T],
-    pub(super) down: &'a [T],
+    pub(super) gate_up: Weight<'a, T>,
+    pub(super) down: Weight<'a, T>,
     pub(super) cos: &'a [T],
     pub(super) sin: &'a [T],
     pub(super) bias: &'a [T],
@@ -192,7 +214,7 @@ pub(super) fn token_layer_fwd<T: Elem>(
     let (out, saved) = with_all::<T, _>(&op.tensors(), |t| {
         let p = op.parts(t);
         let hn = rms_rows(x, p.input_norm, op.w.eps);
-        let qkv = linear_rows(&hn, p.qkv, p.qkv_b, (h + 2 * kv) * hd);
+        let qkv = linear_w(&hn, p.qkv, p.qkv_b, (h + 2 * kv) * hd);
         let mut q = vec![T::zero(); d.b * h * d.s * hd];
         let mut k = vec![T::zero(); d.b * kv * d.t * hd];
         let mut v = vec![T::zero(); k.len()];
@@ -206,12 +228,12 @@ pub(super) fn token_layer_fwd<T: Elem>(
         );
         let scale = T::from(1.0 / (hd as f64).sqrt()).expect("scale is finite");
         let att = attention_rows(&d, (&q, &k, &v), Some(p.bias), scale);
-        let mut x2 = linear_rows(&att, p.o, p.o_b, dm);
+        let mut x2 = linear_w(&att, p.o, p.o_b, dm);
         add_into(&mut x2, x);
         let hn2 = rms_rows(&x2, p.post_norm, op.w.eps);
-        let gu = linear_rows(&hn2, p.gate_up, p.gate_up_b, 2 * inter);
+        let gu = linear_w(&hn2, p.gate_up, p.gate_up_b, 2 * inter);
         let m = swiglu_rows(&gu, inter);
-        let mut out = linear_rows(&m, p.down, p.down_b, dm);
+        let mut out = linear_w(&m, p.down, p.down_b, dm);
         add_into(&mut out, &x2);
         Ok((out, Saved { q, k, v, x2, gu }))
     })?;
@@ -249,13 +271,13 @@ pub(super) fn token_layer_bwd<T: Elem>(
         let p = op.parts(&t[..t.len() - 2]);
         let (x, g) = (t[t.len() - 2], t[t.len() - 1]);
         // MLP: out = x2 + down(swiglu(gate_up(rms(x2))))
-        let gm = linear_grad(g, p.down, dm);
+        let gm = linear_grad_w(g, p.down, dm);
         let dgu = swiglu_bwd_rows(&sv.gu, &gm, inter);
-        let dhn2 = linear_grad(&dgu, p.gate_up, 2 * inter);
+        let dhn2 = linear_grad_w(&dgu, p.gate_up, 2 * inter);
         let mut dx2 = rms_bwd_rows(&sv.x2, &dhn2, p.post_norm, op.w.eps);
         add_into(&mut dx2, g);
         // attention: x2 = x + o(attention(split(qkv(rms(x)))))
-        let datt = linear_grad(&dx2, p.o, dm);
+        let datt = linear_grad_w(&dx2, p.o, dm);
         let scale = T::from(1.0 / (hd as f64).sqrt()).expect("scale is finite");
         let all = attention_grads(&d, (&sv.q, &sv.k, &sv.v), &datt, Some(p.bias), scale);
         let (nq, nk) = (d.b * h * d.s * hd, d.b * kv * d.t * hd);
@@ -271,7 +293,7 @@ pub(super) fn token_layer_bwd<T: Elem>(
         let (dpk, dpv) = (prefix(dk), prefix(dv));
         let dx = if want_dx {
             let dqkv = split_heads_grad([dq, dk, dv], hl, Some((p.cos, p.sin, true)));
-            let dhn = linear_grad(&dqkv, p.qkv, (h + 2 * kv) * hd);
+            let dhn = linear_grad_w(&dqkv, p.qkv, (h + 2 * kv) * hd);
             let mut dx = rms_bwd_rows(x, &dhn, p.input_norm, op.w.eps);
             add_into(&mut dx, &dx2);
             Some(dx)

@@ -38,6 +38,8 @@ mod heads;
 mod layer;
 mod matmul;
 mod norm;
+mod qdot;
+mod qmatmul;
 mod rope;
 mod swiglu;
 #[cfg(test)]
@@ -49,6 +51,7 @@ pub(crate) use heads::SplitHeads;
 pub(crate) use layer::{LayerWeights, TokenLayer};
 pub(crate) use matmul::FrozenMatmul;
 pub(crate) use norm::RmsNorm;
+pub(crate) use qmatmul::{QuantMatmul, Weight};
 pub(crate) use rope::Rope;
 pub(crate) use swiglu::SwiGlu;
 // what the ops share with each other (the whole layer reuses every slice kernel)
@@ -71,6 +74,8 @@ use self::matmul::{frozen_matmul_fwd, linear_grad, linear_rows, COLUMN_MAJOR_ROW
 #[allow(unused_imports)]
 use self::norm::{rms_bwd, rms_bwd_rows, rms_fwd, rms_rows, RmsNormBwd};
 #[allow(unused_imports)]
+use self::qmatmul::{linear_grad_w, linear_w, q_linear_grad, q_linear_rows};
+#[allow(unused_imports)]
 use self::swiglu::{
     half_width, sigmoid, swiglu_bwd, swiglu_bwd_rows, swiglu_fwd, swiglu_rows, SwiGluBwd,
 };
@@ -88,10 +93,33 @@ pub(crate) trait Elem:
     fn few_rows(_x: &[Self], _w: &[Self], _n: usize) -> Option<Vec<Self>> {
         None
     }
+    /// The values as f32, when `Self` is f32.
+    fn as_f32(_x: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// The values as f32 to write, when `Self` is f32.
+    fn as_f32_mut(_x: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
+    /// f32 values as `Self`.
+    fn from_f32_vec(v: Vec<f32>) -> Vec<Self> {
+        v.into_iter()
+            .map(|x| Self::from(x).unwrap_or_else(Self::zero))
+            .collect()
+    }
 }
 impl Elem for f32 {
     fn few_rows(x: &[f32], w: &[f32], n: usize) -> Option<Vec<f32>> {
         few_rows::linear(x, w, n)
+    }
+    fn as_f32(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
+    }
+    fn as_f32_mut(x: &mut [f32]) -> Option<&mut [f32]> {
+        Some(x)
+    }
+    fn from_f32_vec(v: Vec<f32>) -> Vec<f32> {
+        v
     }
 }
 impl Elem for f64 {}

@@ -227,11 +227,16 @@ fn token_layer_matches_composition_and_finite_differences() {
         qkv: (
             (rand(&[(h + 2 * kv) * hd, d], 21) * 0.5).unwrap(),
             Some(rand(&[(h + 2 * kv) * hd], 26)),
+            None,
         ),
-        o: ((rand(&[d, h * hd], 22) * 0.5).unwrap(), None),
+        o: ((rand(&[d, h * hd], 22) * 0.5).unwrap(), None, None),
         post_norm: (rand(&[d], 23) + 1.0).unwrap(),
-        gate_up: ((rand(&[2 * i, d], 24) * 0.5).unwrap(), None),
-        down: ((rand(&[d, i], 25) * 0.5).unwrap(), Some(rand(&[d], 27))),
+        gate_up: ((rand(&[2 * i, d], 24) * 0.5).unwrap(), None, None),
+        down: (
+            (rand(&[d, i], 25) * 0.5).unwrap(),
+            Some(rand(&[d], 27)),
+            None,
+        ),
         eps: 1e-6,
         heads: (h, kv, hd),
     };
@@ -247,7 +252,7 @@ fn token_layer_matches_composition_and_finite_differences() {
     }
     bias[(s + 1) * (n + s)] = -1e9; // row 1 query 1 does not see the first prompt key
     let bias = Tensor::from_vec(bias, (b, 1, s, n + s), &Device::Cpu).unwrap();
-    let lin = |x: &Tensor, (w, bb): &(Tensor, Option<Tensor>)| {
+    let lin = |x: &Tensor, (w, bb, _): &super::layer::Projection| {
         let y = x.broadcast_matmul(&w.t().unwrap()).unwrap();
         match bb {
             Some(bb) => y.broadcast_add(bb).unwrap(),
@@ -405,5 +410,165 @@ fn rope_matches_composition_and_finite_differences() {
         assert!(max_diff(&y1, &y2) < 1e-12, "per_row {per_row}");
         assert!(max_diff(&g1[0], &g2[0]) < 1e-12, "per_row {per_row}");
         check_fd(std::slice::from_ref(&x), 0, &wts, &g1[0], &fused);
+    }
+}
+
+/// A quantized matrix of random blocks of `kinds` (one segment each, `rows` rows apiece) with
+/// sane f16 scales.
+fn random_quant(
+    kinds: &[softprompt_core::QuantKind],
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> softprompt_core::QuantMatrix {
+    use softprompt_core::{QuantKind as K, QuantMatrix};
+    let mut rng = softprompt_core::Rng::seed_from_u64(seed);
+    let mut out: Option<QuantMatrix> = None;
+    for kind in kinds {
+        let bb = kind.block_bytes();
+        let mut bytes: Vec<u8> = (0..rows * kind.row_bytes(cols))
+            .map(|_| (rng.uniform(0.0, 256.0) as u32).min(255) as u8)
+            .collect();
+        let scales: &[usize] = match kind {
+            K::Q4_1 | K::Q5_1 | K::Q4K | K::Q5K => &[0, 2],
+            K::Q6K => &[208],
+            _ => &[0],
+        };
+        for blk in bytes.chunks_mut(bb) {
+            for at in scales {
+                let v = half::f16::from_f32(rng.uniform(-0.05, 0.05)).to_le_bytes();
+                blk[*at..*at + 2].copy_from_slice(&v);
+            }
+        }
+        let m = QuantMatrix::new(*kind, rows, cols, bytes).unwrap();
+        out = Some(match out {
+            None => m,
+            Some(o) => o.stack(m).unwrap(),
+        });
+    }
+    out.unwrap()
+}
+
+/// Products with quantized weights (the direct decode kernel, the dequantized-tile few-rows
+/// path and the tiled gemm) and their input gradients equal the f32 products with the
+/// dequantized matrix, for every kept format and for stacked segments of mixed formats.
+#[test]
+fn quantized_products_match_the_dequantized_weights() {
+    use super::{linear_grad, linear_rows, q_linear_grad, q_linear_rows};
+    use softprompt_core::QuantKind as K;
+    let cols = 512;
+    let cases: Vec<Vec<K>> = vec![
+        vec![K::Q4_0],
+        vec![K::Q4_1],
+        vec![K::Q5_0],
+        vec![K::Q5_1],
+        vec![K::Q8_0],
+        vec![K::Q4K],
+        vec![K::Q5K],
+        vec![K::Q6K],
+        vec![K::Q4_1, K::Q8_0, K::Q4_0],
+        vec![K::Q5_0, K::Q8_0],
+    ];
+    for (i, kinds) in cases.iter().enumerate() {
+        let q = random_quant(kinds, 37, cols, i as u64);
+        let n = q.rows();
+        let w = q.dequantize();
+        for m in [1, 3, 4, 7, 130] {
+            let x: Vec<f32> = rand(&[m, cols], 10 + m as u64)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+                .into_iter()
+                .map(|v| v as f32)
+                .collect();
+            let want = linear_rows(&x, &w, None, n);
+            let got = q_linear_rows(&x, &q, None);
+            let scale = want.iter().fold(1f32, |s, v| s.max(v.abs()));
+            let d = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                d <= 1e-5 * scale,
+                "{kinds:?}, {m} rows: {d} (scale {scale})"
+            );
+            let g: Vec<f32> = x
+                .iter()
+                .take(m * n.min(cols))
+                .copied()
+                .cycle()
+                .take(m * n)
+                .collect();
+            let want = linear_grad(&g, &w, n);
+            let got = q_linear_grad(&g, &q);
+            let d = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let scale = want.iter().fold(1f32, |s, v| s.max(v.abs()));
+            assert!(d <= 1e-5 * scale, "{kinds:?} grad, {m} rows: {d}");
+        }
+    }
+}
+
+/// The quantized op in a candle graph: forward as the dense frozen matmul, and its backward
+/// (the input gradient, tile by tile) against central finite differences in f64.
+#[test]
+fn quantized_matmul_op_gradient_matches_finite_differences() {
+    use softprompt_core::QuantKind as K;
+    let q = std::sync::Arc::new(random_quant(&[K::Q4_1, K::Q6K], 5, 256, 3));
+    let w = Tensor::from_vec(
+        q.dequantize()
+            .into_iter()
+            .map(f64::from)
+            .collect::<Vec<_>>(),
+        (10, 256),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = Var::from_tensor(&rand(&[2, 3, 256], 4)).unwrap();
+    let dy = rand(&[2, 3, 10], 5);
+    let f = |x: &Tensor| -> Tensor {
+        crate::ops::quantized_linear(x, &q, None)
+            .unwrap()
+            .mul(&dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let dense = crate::ops::linear(x.as_tensor(), &w, None).unwrap();
+    let quant = crate::ops::quantized_linear(x.as_tensor(), &q, None).unwrap();
+    assert!(max_diff(&dense, &quant) < 1e-10);
+    let grads = f(x.as_tensor()).backward().unwrap();
+    let g = grads
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let base = x
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let eps = 1e-5;
+    for i in [0, 17, 300, 767, 1535] {
+        let at = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            let t = Tensor::from_vec(v, (2, 3, 256), &Device::Cpu).unwrap();
+            f(&t).to_scalar::<f64>().unwrap()
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+        assert!(
+            (fd - g[i]).abs() <= 1e-6 * fd.abs().max(1.0),
+            "x[{i}]: {fd} vs {}",
+            g[i]
+        );
     }
 }

@@ -35,6 +35,9 @@ impl HostTensor {
 #[derive(Debug, Default, Clone)]
 pub struct ModelWeights {
     tensors: BTreeMap<String, HostTensor>,
+    /// Matrices kept in quantized blocks (names disjoint from `tensors`'): [`Self::take`]
+    /// dequantizes them, [`Self::take_quantized`] hands them over as they are.
+    quantized: BTreeMap<String, crate::QuantMatrix>,
 }
 
 /// Converts little-endian bytes of `dtype` to f32.
@@ -132,11 +135,51 @@ impl ModelWeights {
 
     /// True when `name` is present.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.quantized.contains_key(name)
     }
 
-    /// Removes and returns `name`, checking its shape.
+    /// Adds or replaces a matrix kept in quantized blocks.
+    pub fn insert_quantized(&mut self, name: impl Into<String>, matrix: crate::QuantMatrix) {
+        let name = name.into();
+        self.tensors.remove(&name);
+        self.quantized.insert(name, matrix);
+    }
+
+    /// Whether `name` is held in quantized blocks.
+    pub fn is_quantized(&self, name: &str) -> bool {
+        self.quantized.contains_key(name)
+    }
+
+    /// Bytes of the matrices held in quantized blocks.
+    pub fn quantized_bytes(&self) -> usize {
+        self.quantized.values().map(|q| q.nbytes()).sum()
+    }
+
+    /// Removes and returns `name` as quantized blocks, checking its shape; `None` (and nothing
+    /// removed) when it is held as f32.
+    pub fn take_quantized(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<crate::QuantMatrix>> {
+        let Some(q) = self.quantized.get(name) else {
+            return Ok(None);
+        };
+        if q.shape() != shape {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: q.shape().to_vec(),
+            });
+        }
+        Ok(self.quantized.remove(name))
+    }
+
+    /// Removes and returns `name`, checking its shape (a quantized matrix is dequantized).
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        if let Some(q) = self.take_quantized(name, shape)? {
+            return HostTensor::new(q.shape().to_vec(), q.dequantize());
+        }
         let t = self
             .tensors
             .remove(name)
@@ -155,6 +198,16 @@ impl ModelWeights {
 
     /// A copy of `name`, checking its shape (for tensors used twice, like tied embeddings).
     pub fn get_checked(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        if let Some(q) = self.quantized.get(name) {
+            if q.shape() != shape {
+                return Err(Error::TensorShape {
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    actual: q.shape().to_vec(),
+                });
+            }
+            return HostTensor::new(q.shape().to_vec(), q.dequantize());
+        }
         let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
         })?;
@@ -168,15 +221,27 @@ impl ModelWeights {
         Ok(t.clone())
     }
 
-    /// Tensor names, sorted.
+    /// Tensor names (f32 and quantized), sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+        let mut all: Vec<&str> = self
+            .tensors
+            .keys()
+            .chain(self.quantized.keys())
+            .map(String::as_str)
+            .collect();
+        all.sort_unstable();
+        all.into_iter()
     }
 
     /// Renames `prefix.x` to `x` (GPT-2 checkpoints come with and without `transformer.`).
     pub fn strip_prefix(&mut self, prefix: &str) {
         let tensors = std::mem::take(&mut self.tensors);
         self.tensors = tensors
+            .into_iter()
+            .map(|(k, v)| (k.strip_prefix(prefix).map(str::to_string).unwrap_or(k), v))
+            .collect();
+        let quantized = std::mem::take(&mut self.quantized);
+        self.quantized = quantized
             .into_iter()
             .map(|(k, v)| (k.strip_prefix(prefix).map(str::to_string).unwrap_or(k), v))
             .collect();
@@ -190,11 +255,21 @@ impl ModelWeights {
             .into_iter()
             .map(|(k, v)| (k.replacen(from, to, 1), v))
             .collect();
+        let quantized = std::mem::take(&mut self.quantized);
+        self.quantized = quantized
+            .into_iter()
+            .map(|(k, v)| (k.replacen(from, to, 1), v))
+            .collect();
     }
 
     /// Total number of values.
     pub fn num_parameters(&self) -> usize {
-        self.tensors.values().map(|t| t.data.len()).sum()
+        self.tensors.values().map(|t| t.data.len()).sum::<usize>()
+            + self
+                .quantized
+                .values()
+                .map(|q| q.rows() * q.cols)
+                .sum::<usize>()
     }
 
     /// Hex SHA-256 over every tensor's name, shape and f32 values, in name order: the same
@@ -202,17 +277,38 @@ impl ModelWeights {
     pub fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
         let mut buf = Vec::with_capacity(1 << 16);
-        for (name, t) in &self.tensors {
-            h.update((name.len() as u64).to_le_bytes());
-            h.update(name.as_bytes());
-            h.update((t.shape.len() as u64).to_le_bytes());
-            for d in &t.shape {
-                h.update((*d as u64).to_le_bytes());
-            }
-            for chunk in t.data.chunks(1 << 14) {
+        let mut values = |h: &mut Sha256, data: &[f32]| {
+            for chunk in data.chunks(1 << 14) {
                 buf.clear();
                 buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
                 h.update(&buf);
+            }
+        };
+        // one name order over both maps; a quantized matrix hashes as its f32 values, a few
+        // rows at a time (the same fingerprint as the dequantized weights)
+        for name in self.names() {
+            let shape = match (self.tensors.get(name), self.quantized.get(name)) {
+                (Some(t), _) => t.shape.clone(),
+                (None, Some(q)) => q.shape().to_vec(),
+                (None, None) => continue,
+            };
+            h.update((name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+            h.update((shape.len() as u64).to_le_bytes());
+            for d in &shape {
+                h.update((*d as u64).to_le_bytes());
+            }
+            if let Some(t) = self.tensors.get(name) {
+                values(&mut h, &t.data);
+            } else if let Some(q) = self.quantized.get(name) {
+                let step = (1 << 16) / q.cols.max(1) + 1;
+                let mut rows = vec![0f32; step * q.cols];
+                for lo in (0..q.rows()).step_by(step) {
+                    let hi = (lo + step).min(q.rows());
+                    let out = &mut rows[..(hi - lo) * q.cols];
+                    q.dequantize_rows(lo, hi, out);
+                    values(&mut h, out);
+                }
             }
         }
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
