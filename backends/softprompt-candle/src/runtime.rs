@@ -197,6 +197,38 @@ impl Ops for CandleOps<'_> {
             .and_then(|t| t.broadcast_as((q.rows(), q.cols))))
     }
 
+    fn table_rows(&self, table: &Linear<Tensor>, ids: &Tensor) -> Result<Tensor> {
+        let Some(q) = &table.quant else {
+            return self.embedding(&table.w, ids);
+        };
+        // the rows asked for, dequantized one by one
+        let list = c(ids
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::U32)?.to_vec1::<u32>()))?;
+        let d = q.cols;
+        let mut out = vec![0f32; list.len() * d];
+        for (row, id) in out.chunks_mut(d.max(1)).zip(&list) {
+            let id = *id as usize;
+            if id >= q.rows() {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {id} outside the embedding table of {} rows",
+                    q.rows()
+                )));
+            }
+            q.dequantize_rows(id, id + 1, row);
+        }
+        let mut shape = ids.dims().to_vec();
+        shape.push(d);
+        c(Tensor::from_vec(out, shape, &self.device).and_then(|t| t.to_dtype(self.dtype)))
+    }
+
+    fn table_head(&self, x: &Tensor, table: &Linear<Tensor>) -> Result<Tensor> {
+        match &table.quant {
+            Some(q) => c(ops::quantized_linear(x, q, None)),
+            None => self.head(x, &table.w),
+        }
+    }
+
     fn linear(&self, x: &Tensor, layer: &Linear<Tensor>) -> Result<Tensor> {
         match &layer.quant {
             Some(q) => c(ops::quantized_linear(x, q, layer.b.as_ref())),

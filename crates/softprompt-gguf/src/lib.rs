@@ -387,8 +387,8 @@ fn kept_kind(dtype: candle_core::quantized::GgmlDType) -> Option<softprompt_core
     })
 }
 
-/// Whether `gguf` names a decoder block's projection weight (attention q/k/v/output, MLP
-/// gate/up/down): the matrices kept quantized.
+/// Whether `gguf` names a matrix kept quantized: a decoder block's projection weight
+/// (attention q/k/v/output, MLP gate/up/down), the token embeddings or the output head.
 fn is_projection(gguf: &str) -> bool {
     [
         "attn_q.weight",
@@ -401,6 +401,8 @@ fn is_projection(gguf: &str) -> bool {
     ]
     .iter()
     .any(|s| gguf.starts_with("blk.") && gguf.ends_with(s))
+        || gguf == "token_embd.weight"
+        || gguf == "output.weight"
 }
 
 /// The raw blocks of a projection matrix, if its type is kept quantized.
@@ -508,7 +510,8 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<ModelSource> {
 /// [`load_model`]; with `keep_quantized`, the decoder blocks' projection matrices of the types
 /// in [`softprompt_core::QuantKind`] stay in their blocks ([`ModelWeights::insert_quantized`]):
 /// a runtime that computes with them reads them as they are, any other gets f32 on demand.
-/// Embeddings, norms and other types are dequantized as before. The fingerprint is the same.
+/// So do the token embeddings and an untied output head; norms and other types are
+/// dequantized as before. The fingerprint is the same.
 pub fn load_model_with(path: impl AsRef<Path>, keep_quantized: bool) -> Result<ModelSource> {
     let path = path.as_ref();
     let (content, mut file) = read_content(path)?;
@@ -666,7 +669,8 @@ mod tests {
             assert_eq!(by_rows[dst * cols], data[src * cols]);
         }
         assert!(is_projection("blk.3.ffn_down.weight"));
-        assert!(!is_projection("token_embd.weight"));
+        assert!(is_projection("token_embd.weight"));
+        assert!(!is_projection("blk.0.attn_norm.weight"));
     }
 
     #[test]

@@ -192,6 +192,42 @@ impl<'a, O: Ops> Loader<'a, O> {
         })
     }
 
+    /// A table `[vocab, width]` (token embeddings, an untied output head) as a [`Linear`]
+    /// without bias: in quantized blocks where the runtime keeps them and the checkpoint has
+    /// them so, else f32.
+    pub fn table(&mut self, name: &str, shape: &[usize]) -> Result<Linear<O::Tensor>> {
+        if self.ops.keeps_quantized() && self.weights.is_quantized(name) {
+            if let Some(q) = self.weights.take_quantized(name, shape)? {
+                let w = self.ops.quantized_linear_weight(name, &q)?;
+                return Ok(Linear {
+                    w,
+                    b: None,
+                    quant: Some(std::sync::Arc::new(q)),
+                });
+            }
+        }
+        Ok(Linear {
+            w: self.tensor(name, shape)?,
+            b: None,
+            quant: None,
+        })
+    }
+
+    /// [`Loader::head`] over [`Loader::table`]s: the embeddings themselves when tied (sharing
+    /// their blocks), else `name`.
+    pub fn head_table(
+        &mut self,
+        name: &str,
+        tied: bool,
+        embedding: &Linear<O::Tensor>,
+        shape: &[usize],
+    ) -> Result<Linear<O::Tensor>> {
+        if tied || !self.contains(name) {
+            return Ok(embedding.clone());
+        }
+        self.table(name, shape)
+    }
+
     /// The output head `[vocab, width]`: `lm_head.weight` unless the embeddings are tied (or the
     /// checkpoint has no separate head), in which case `embedding` itself.
     pub fn head(

@@ -230,6 +230,17 @@ pub trait Ops {
     /// Rows of `table` at integer `ids` (any shape): `ids.shape ++ [width]`.
     fn embedding(&self, table: &Self::Tensor, ids: &Self::Tensor) -> Result<Self::Tensor>;
 
+    /// [`Ops::embedding`] of a table that may be held in quantized blocks ([`Linear::quant`]):
+    /// a runtime that keeps them overrides this.
+    fn table_rows(&self, table: &Linear<Self::Tensor>, ids: &Self::Tensor) -> Result<Self::Tensor> {
+        self.embedding(&table.w, ids)
+    }
+
+    /// [`Ops::head`] with a table that may be held in quantized blocks.
+    fn table_head(&self, x: &Self::Tensor, table: &Linear<Self::Tensor>) -> Result<Self::Tensor> {
+        self.head(x, &table.w)
+    }
+
     /// `x / sqrt(mean(x²) + eps) · w` over the last dimension, in f32 or wider.
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f64) -> Result<Self::Tensor>;
 

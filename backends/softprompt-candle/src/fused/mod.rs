@@ -101,6 +101,11 @@ pub(crate) trait Elem:
     fn as_f32_mut(_x: &mut [Self]) -> Option<&mut [f32]> {
         None
     }
+    /// Runs `f` on a scratch buffer of `len` values (contents unspecified): f32 reuses one
+    /// per thread, so that the dequantized tiles of every product do not fault in fresh pages.
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+        f(&mut vec![Self::zero(); len])
+    }
     /// f32 values as `Self`.
     fn from_f32_vec(v: Vec<f32>) -> Vec<Self> {
         v.into_iter()
@@ -120,6 +125,21 @@ impl Elem for f32 {
     }
     fn from_f32_vec(v: Vec<f32>) -> Vec<f32> {
         v
+    }
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
+                f(&mut buf[..len])
+            }
+            // re-entered on this thread (a nested product): a buffer of its own
+            Err(_) => f(&mut vec![0f32; len]),
+        })
     }
 }
 impl Elem for f64 {}

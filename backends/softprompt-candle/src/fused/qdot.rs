@@ -1,6 +1,6 @@
 //! A decode step's product with quantized weights, straight from the blocks: each weight row's
 //! 4-bit or 8-bit values are unpacked in registers and multiplied into the few input rows (AVX2
-//! and FMA, detected at run time), with no dequantized copy of the row. Q4_0, Q4_1 and Q8_0;
+//! FMA and F16C, detected at run time), with no dequantized copy of the row. Q4_0, Q4_1 and Q8_0;
 //! other formats go through a dequantized tile ([`super::qmatmul`]).
 //!
 //! Per block of 32 values and input row `x`: `Σ (d·q + m)·x = d·(q·x) + m·Σx`. The partial sums
@@ -24,12 +24,25 @@ pub(super) fn applies(q: &QuantMatrix, m: usize) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 fn detected() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detected() -> bool {
     false
+}
+
+/// Dequantizes whole blocks `bytes` of `kind` into `out` with AVX2 where this machine has it
+/// and `kind` is Q4_0, Q4_1 or Q8_0; `false` (and `out` untouched) otherwise.
+pub(super) fn dequantize(kind: QuantKind, bytes: &[u8], out: &mut [f32]) -> bool {
+    if !matches!(kind, QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q8_0) || !detected() {
+        return false;
+    }
+    // SAFETY: `detected()` checked AVX2, FMA and F16C; the sizes are asserted inside
+    unsafe { avx2::dequantize(kind, bytes, out) };
+    true
 }
 
 /// `x [m, k] · Wᵀ` for `W [n, k]` in Q4_0 / Q4_1 / Q8_0 blocks; call only where [`applies`].
@@ -69,7 +82,7 @@ pub(super) fn linear(x: &[f32], q: &QuantMatrix, m: usize) -> Vec<f32> {
                 let rb = seg.kind.row_bytes(k);
                 let row = &seg.bytes[(o - starts[si]) * rb..][..rb];
                 let dst = &mut out[(o - lo) * m..][..m];
-                // SAFETY: `applies` checked AVX2 and FMA; `row` holds `blocks` blocks of
+                // SAFETY: `applies` checked AVX2, FMA and F16C; `row` holds `blocks` blocks of
                 // `seg.kind`, `x` is [m, k] and `xl` [m, blocks, 8] (checked in `row_dot`)
                 unsafe { avx2::row_dot(seg.kind, row, x, &xl, k, dst) };
             }
@@ -93,36 +106,28 @@ mod avx2 {
 
     use softprompt_core::QuantKind;
 
-    fn f16(b: &[u8], at: usize) -> f32 {
-        half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-    }
-
-    /// `out[r] = Σ_b (d_b·(q_b · x_r,b) + m_b·Σx_r,b)` over the blocks of one weight row.
+    /// The f16 at `b[at..at + 2]` (F16C's conversion, in registers).
     ///
     /// # Safety
-    /// AVX2 and FMA present (the sizes are asserted).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn row_dot(
-        kind: QuantKind,
-        row: &[u8],
-        x: &[f32],
-        xl: &[f32],
-        k: usize,
-        out: &mut [f32],
-    ) {
-        let m = out.len();
-        let blocks = k / 32;
-        let bb = kind.block_bytes();
-        assert!(
-            row.len() == blocks * bb && x.len() >= m * k && xl.len() >= m * blocks * 8 && m <= 4,
-            "row_dot: sizes"
-        );
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let nib = _mm_set1_epi8(0x0F);
-        for b in 0..blocks {
-            let blk = &row[b * bb..(b + 1) * bb];
-            // the block's 32 values as four groups of eight f32, its scale and its offset term
-            let (q, d, mn) = match kind {
+    /// F16C present.
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn f16(b: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[at], b[at + 1]]) as i32;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+
+    /// One block `$blk` of `$kind` as four groups of eight f32 values, its scale `d` and the
+    /// offset `m` of `d·q + m` (`None` for Q8_0). A macro so that it inlines into the
+    /// `target_feature` functions that use it (a function call per block cost a third of a
+    /// decode step). Use only in functions with AVX2 and F16C enabled; `$blk` is one whole
+    /// block (asserted).
+    macro_rules! unpack {
+        ($kind:expr, $blk:expr) => {{
+            let (kind, blk): (QuantKind, &[u8]) = ($kind, $blk);
+            assert_eq!(blk.len(), kind.block_bytes(), "unpack: one block");
+            let nib = _mm_set1_epi8(0x0F);
+            match kind {
                 QuantKind::Q8_0 => {
                     let qs = &blk[2..34];
                     // SAFETY: `qs` holds 32 bytes: four loads of eight
@@ -133,13 +138,16 @@ mod avx2 {
                             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
                         })
                     };
-                    (q, f16(blk, 0), None)
+                    // SAFETY: F16C is enabled (this function's contract)
+                    (q, unsafe { f16(blk, 0) }, None)
                 }
                 QuantKind::Q4_0 | QuantKind::Q4_1 => {
                     let (qs, d, mn) = if kind == QuantKind::Q4_1 {
-                        (&blk[4..20], f16(blk, 0), f16(blk, 2))
+                        // SAFETY: F16C is enabled (this function's contract)
+                        unsafe { (&blk[4..20], f16(blk, 0), f16(blk, 2)) }
                     } else {
-                        let d = f16(blk, 0);
+                        // SAFETY: F16C is enabled (this function's contract)
+                        let d = unsafe { f16(blk, 0) };
                         (&blk[2..18], d, -8.0 * d)
                     };
                     // SAFETY: `qs` holds 16 bytes
@@ -156,7 +164,59 @@ mod avx2 {
                     (q, d, Some(mn))
                 }
                 _ => unreachable!("row_dot: {kind:?} is not a direct format"),
-            };
+            }
+        }};
+    }
+
+    /// Dequantizes whole blocks of a Q4_0, Q4_1 or Q8_0 row into `out`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C present (the sizes are asserted).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize(kind: QuantKind, bytes: &[u8], out: &mut [f32]) {
+        let bb = kind.block_bytes();
+        assert_eq!(bytes.len() / bb * 32, out.len(), "dequantize: sizes");
+        for (blk, y) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {
+            // the macro's unsafe blocks rely on the features this function enables; `blk` is
+            // one block
+            let (q, d, mn) = unpack!(kind, blk);
+            let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(mn.unwrap_or(0.0)));
+            for (g, qg) in q.iter().enumerate() {
+                // SAFETY: `y` holds 32 floats: four stores of eight
+                unsafe {
+                    _mm256_storeu_ps(y.as_mut_ptr().add(8 * g), _mm256_fmadd_ps(*qg, dv, mv))
+                };
+            }
+        }
+    }
+
+    /// `out[r] = Σ_b (d_b·(q_b · x_r,b) + m_b·Σx_r,b)` over the blocks of one weight row.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C present (the sizes are asserted).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn row_dot(
+        kind: QuantKind,
+        row: &[u8],
+        x: &[f32],
+        xl: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let m = out.len();
+        let blocks = k / 32;
+        let bb = kind.block_bytes();
+        assert!(
+            row.len() == blocks * bb && x.len() >= m * k && xl.len() >= m * blocks * 8 && m <= 4,
+            "row_dot: sizes"
+        );
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..blocks {
+            let blk = &row[b * bb..(b + 1) * bb];
+            // the block's 32 values as four groups of eight f32, its scale and its offset term
+            // the macro's unsafe blocks rely on the features this function enables; `blk` is
+            // one block
+            let (q, d, mn) = unpack!(kind, blk);
             let dv = _mm256_set1_ps(d);
             for (r, a) in acc.iter_mut().enumerate().take(m) {
                 let xs = &x[r * k + b * 32..][..32];

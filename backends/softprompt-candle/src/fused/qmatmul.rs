@@ -47,6 +47,27 @@ fn tile_rows(k: usize, n: usize) -> usize {
     (TILE_VALUES / k.max(1)).clamp(1, n.max(1))
 }
 
+/// Rows `lo..hi` of `q` into `out` (`(hi − lo) · cols` values): AVX2 for Q4_0, Q4_1 and Q8_0
+/// where the machine has it, the portable code otherwise.
+fn dequantize_rows(q: &QuantMatrix, lo: usize, hi: usize, out: &mut [f32]) {
+    let k = q.cols;
+    let mut first = 0;
+    let mut at = 0;
+    for s in &q.segments {
+        let (a, b) = (lo.max(first), hi.min(first + s.rows));
+        if a < b {
+            let rb = s.kind.row_bytes(k);
+            let bytes = &s.bytes[(a - first) * rb..(b - first) * rb];
+            let dst = &mut out[at..at + (b - a) * k];
+            if !super::qdot::dequantize(s.kind, bytes, dst) {
+                s.kind.dequantize(bytes, dst);
+            }
+            at += (b - a) * k;
+        }
+        first += s.rows;
+    }
+}
+
 /// Rows `lo..hi` of `q` as `T`, into `buf` (`(hi − lo) · k` values), in parallel.
 fn dequantize_tile<T: Elem>(q: &QuantMatrix, lo: usize, hi: usize, buf: &mut [T]) {
     let k = q.cols;
@@ -57,10 +78,10 @@ fn dequantize_tile<T: Elem>(q: &QuantMatrix, lo: usize, hi: usize, buf: &mut [T]
             let a = lo + i * DEQUANT_ROWS;
             let b = a + chunk.len() / k;
             if let Some(out) = T::as_f32_mut(chunk) {
-                q.dequantize_rows(a, b, out);
+                dequantize_rows(q, a, b, out);
             } else {
                 let mut f = vec![0f32; chunk.len()];
-                q.dequantize_rows(a, b, &mut f);
+                dequantize_rows(q, a, b, &mut f);
                 for (c, v) in chunk.iter_mut().zip(&f) {
                     *c = T::from(*v).unwrap_or_else(T::zero);
                 }
@@ -83,23 +104,24 @@ pub(super) fn q_linear_rows<T: Elem>(x: &[T], q: &QuantMatrix, bias: Option<&[T]
     .unwrap_or_else(|| {
         let mut y = vec![T::zero(); m * n];
         let tile = tile_rows(k, n);
-        let mut buf = vec![T::zero(); tile * k];
-        for lo in (0..n).step_by(tile) {
-            let hi = (lo + tile).min(n);
-            dequantize_tile(q, lo, hi, &mut buf);
-            // SAFETY: x is [m, k]; buf holds rows lo..hi of W ([hi - lo, k], read transposed);
-            // y is [m, n] and columns lo..hi of it are written (row stride n)
-            unsafe {
-                matmul(
-                    (m, hi - lo, k),
-                    Out::rows(y.as_mut_ptr().add(lo), n),
-                    false,
-                    Mat::rows(x.as_ptr(), k),
-                    Mat::t(buf.as_ptr(), k),
-                    threads(),
-                )
-            };
-        }
+        T::with_scratch(tile * k, |buf| {
+            for lo in (0..n).step_by(tile) {
+                let hi = (lo + tile).min(n);
+                dequantize_tile(q, lo, hi, buf);
+                // SAFETY: x is [m, k]; buf holds rows lo..hi of W ([hi - lo, k], read
+                // transposed); y is [m, n] and columns lo..hi of it are written (row stride n)
+                unsafe {
+                    matmul(
+                        (m, hi - lo, k),
+                        Out::rows(y.as_mut_ptr().add(lo), n),
+                        false,
+                        Mat::rows(x.as_ptr(), k),
+                        Mat::t(buf.as_ptr(), k),
+                        threads(),
+                    )
+                };
+            }
+        });
         y
     });
     if let Some(bias) = bias {
@@ -119,7 +141,7 @@ fn few_rows(x: &[f32], q: &QuantMatrix, m: usize) -> Option<Vec<f32>> {
             let lo = b * FEW_ROWS_BLOCK;
             let hi = (lo + FEW_ROWS_BLOCK).min(n);
             let mut w = vec![0f32; (hi - lo) * k];
-            q.dequantize_rows(lo, hi, &mut w);
+            dequantize_rows(q, lo, hi, &mut w);
             let mut out = vec![0f32; (hi - lo) * m];
             super::few_rows::block_into(x, &w, m, k, &mut out).then_some(out)
         })
@@ -143,23 +165,24 @@ pub(super) fn q_linear_grad<T: Elem>(g: &[T], q: &QuantMatrix) -> Vec<T> {
     assert!(g.len() == m * n, "quantized linear grad: sizes");
     let mut dx = vec![T::zero(); m * k];
     let tile = tile_rows(k, n);
-    let mut buf = vec![T::zero(); tile * k];
-    for lo in (0..n).step_by(tile) {
-        let hi = (lo + tile).min(n);
-        dequantize_tile(q, lo, hi, &mut buf);
-        // SAFETY: g is [m, n] and its columns lo..hi are read (row stride n); buf holds rows
-        // lo..hi of W ([hi - lo, k]); dx is [m, k]
-        unsafe {
-            matmul(
-                (m, k, hi - lo),
-                Out::rows(dx.as_mut_ptr(), k),
-                lo > 0,
-                Mat::rows(g.as_ptr().add(lo), n),
-                Mat::rows(buf.as_ptr(), k),
-                threads(),
-            )
-        };
-    }
+    T::with_scratch(tile * k, |buf| {
+        for lo in (0..n).step_by(tile) {
+            let hi = (lo + tile).min(n);
+            dequantize_tile(q, lo, hi, buf);
+            // SAFETY: g is [m, n] and its columns lo..hi are read (row stride n); buf holds
+            // rows lo..hi of W ([hi - lo, k]); dx is [m, k]
+            unsafe {
+                matmul(
+                    (m, k, hi - lo),
+                    Out::rows(dx.as_mut_ptr(), k),
+                    lo > 0,
+                    Mat::rows(g.as_ptr().add(lo), n),
+                    Mat::rows(buf.as_ptr(), k),
+                    threads(),
+                )
+            };
+        }
+    });
     dx
 }
 

@@ -44,7 +44,7 @@ pub struct Gemma3<T> {
     /// Hyper-parameters.
     pub cfg: Gemma3Config,
     /// Token embeddings `[vocab, d]` (unscaled, as stored).
-    pub embed: T,
+    pub embed: Linear<T>,
     /// `√hidden` (in f32), the embeddings' scale.
     pub embed_scale: T,
     /// `√head_dim / √query_pre_attn_scalar`, applied to the queries when it is not 1.
@@ -54,7 +54,7 @@ pub struct Gemma3<T> {
     /// Final RMSNorm (`1 + w`).
     pub norm: T,
     /// Output head `[vocab, d]` (the embeddings when tied).
-    pub head: T,
+    pub head: Linear<T>,
 }
 
 impl<T: Clone> Gemma3<T> {
@@ -62,7 +62,7 @@ impl<T: Clone> Gemma3<T> {
     pub fn load<O: Ops<Tensor = T>>(cfg: &Gemma3Config, l: &mut Loader<'_, O>) -> Result<Self> {
         let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (qo, kvo) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let embed = l.tensor(LLAMA_EMBED, &[cfg.vocab_size, d])?;
+        let embed = l.table(LLAMA_EMBED, &[cfg.vocab_size, d])?;
         let scalar = |l: &mut Loader<'_, O>, name: &str, v: f32| -> Result<T> {
             l.constant(name, HostTensor::new(vec![1], vec![v])?)
         };
@@ -110,7 +110,7 @@ impl<T: Clone> Gemma3<T> {
             });
         }
         let norm = l.norm_plus_one(LLAMA_FINAL_NORM, d)?;
-        let head = l.head(
+        let head = l.head_table(
             LM_HEAD,
             cfg.tie_word_embeddings,
             &embed,
@@ -138,7 +138,7 @@ impl<T: Clone> Gemma3<T> {
 
     /// Input embeddings of integer `ids`: rows of the table times `√hidden`.
     pub fn embed<O: Ops<Tensor = T>>(&self, ops: &O, ids: &T) -> Result<T> {
-        ops.mul(&ops.embedding(&self.embed, ids)?, &self.embed_scale)
+        ops.mul(&ops.table_rows(&self.embed, ids)?, &self.embed_scale)
     }
 
     /// The residual stream after every block, `[rows, tokens, d]`, for input embeddings `x`.
@@ -178,6 +178,6 @@ impl<T: Clone> Gemma3<T> {
     /// Logits of residual-stream rows (final norm, then the head).
     pub fn logits<O: Ops<Tensor = T>>(&self, ops: &O, h: &T) -> Result<T> {
         let h = ops.rms_norm(h, &self.norm, self.cfg.rms_norm_eps)?;
-        ops.head(&h, &self.head)
+        ops.table_head(&h, &self.head)
     }
 }

@@ -30,13 +30,13 @@ pub struct Llama<T> {
     /// Hyper-parameters.
     pub cfg: LlamaConfig,
     /// Token embeddings `[vocab, d]`.
-    pub embed: T,
+    pub embed: Linear<T>,
     /// Decoder blocks.
     pub blocks: Vec<Block<T>>,
     /// Final RMSNorm.
     pub norm: T,
     /// Output head `[vocab, d]` (the embeddings when tied).
-    pub head: T,
+    pub head: Linear<T>,
 }
 
 impl<T: Clone> Llama<T> {
@@ -44,7 +44,7 @@ impl<T: Clone> Llama<T> {
     pub fn load<O: Ops<Tensor = T>>(cfg: &LlamaConfig, l: &mut Loader<'_, O>) -> Result<Self> {
         let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (qo, kvo) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let embed = l.tensor(LLAMA_EMBED, &[cfg.vocab_size, d])?;
+        let embed = l.table(LLAMA_EMBED, &[cfg.vocab_size, d])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for layer in 0..cfg.num_hidden_layers {
             let n = llama_names(layer);
@@ -69,7 +69,7 @@ impl<T: Clone> Llama<T> {
             });
         }
         let norm = l.tensor(LLAMA_FINAL_NORM, &[d])?;
-        let head = l.head(
+        let head = l.head_table(
             LM_HEAD,
             cfg.tie_word_embeddings,
             &embed,
@@ -143,6 +143,6 @@ impl<T: Clone> Llama<T> {
     /// Logits of residual-stream rows (final norm, then the head).
     pub fn logits<O: Ops<Tensor = T>>(&self, ops: &O, h: &T) -> Result<T> {
         let h = ops.rms_norm(h, &self.norm, self.cfg.rms_norm_eps)?;
-        ops.head(&h, &self.head)
+        ops.table_head(&h, &self.head)
     }
 }

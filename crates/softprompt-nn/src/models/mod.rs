@@ -57,12 +57,13 @@ impl<T: Clone> Model<T> {
         })
     }
 
-    /// The token-embedding table `[vocab, d]`, as stored.
+    /// The token-embedding table `[vocab, d]`, as stored (for a table held in quantized
+    /// blocks, the runtime's shape-only stand-in: read rows through [`Model::embed`]).
     pub fn embedding_table(&self) -> &T {
         match self {
-            Model::Llama(m) => &m.embed,
+            Model::Llama(m) => &m.embed.w,
             Model::Gpt2(m) => &m.wte,
-            Model::Gemma3(m) => &m.embed,
+            Model::Gemma3(m) => &m.embed.w,
         }
     }
 
@@ -71,7 +72,8 @@ impl<T: Clone> Model<T> {
     pub fn embed<O: Ops<Tensor = T>>(&self, ops: &O, ids: &T) -> Result<T> {
         match self {
             Model::Gemma3(m) => m.embed(ops, ids),
-            _ => ops.embedding(self.embedding_table(), ids),
+            Model::Llama(m) => ops.table_rows(&m.embed, ids),
+            Model::Gpt2(m) => ops.embedding(&m.wte, ids),
         }
     }
 
