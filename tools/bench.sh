@@ -9,6 +9,7 @@
 #   bash tools/bench.sh                 # candle, tch and ort, 2 threads, batch 8, 20 virtual tokens
 #   THREADS=1 BACKENDS=tch bash tools/bench.sh --repeats 9
 #   MODEL=gemma3-270m bash tools/bench.sh       # Gemma 3 270M (Q4_K_M) instead of SmolLM2-135M
+# candle also runs with --dtype quantized (the GGUF's blocks kept in memory) as `candle-q`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tools/setup-python.sh
@@ -27,6 +28,7 @@ case "${MODEL:-smollm2}" in
 esac
 mkdir -p "$out"
 rm -f "$out"/ours-*.json
+# the backends' runs are labelled by name; candle on quantized weights as candle-q
 cargo build --release -p softprompt-cli --features tch,ort
 for b in ${backends//,/ }; do
   target/release/softprompt bench --model "$assets/$gguf" \
@@ -35,6 +37,15 @@ for b in ${backends//,/ }; do
     --labels "negative= negative,positive= positive" \
     --backends "$b" --threads "$threads" --batch-out "$out/batch.json" "$@" > "$out/ours-$b.json"
 done
+# candle again with the GGUF's quantized blocks kept in memory (QUANTIZED=0 skips it)
+if [ "${QUANTIZED:-1}" = 1 ] && [[ ",$backends," == *",candle,"* ]]; then
+  target/release/softprompt bench --model "$assets/$gguf" \
+    --data "$assets/rotten-tomatoes/train.jsonl" \
+    --template $'Review: {text}\nIs this movie review positive or negative? Answer:' \
+    --labels "negative= negative,positive= positive" \
+    --backends candle --dtype quantized --threads "$threads" "$@" > "$out/ours-candle-q.json"
+  backends="$backends,candle-q"
+fi
 .venv/bin/python tools/peft_bench.py "$out/batch.json" > "$out/peft.json"
 # llama.cpp through npm's node-llama-cpp (pinned; its prebuilt CPU library, nothing compiled): the
 # CPU speed anchor on the same GGUF, threads and token ids (ANCHOR=0 skips it)
@@ -55,6 +66,8 @@ python3 - "$out" "$backends" <<'PY'
 import json, sys
 out, backends = sys.argv[1], sys.argv[2].split(",")
 runs = [json.load(open(f"{out}/ours-{b}.json")) for b in backends]
+for name, run in zip(backends, runs):
+    run["results"][0]["backend"] = name
 peft = json.load(open(f"{out}/peft.json"))
 first = runs[0]
 flops = next((r["results"][0]["train_step_flops"] for r in runs if "train_step_flops" in r["results"][0]), None)
@@ -74,9 +87,9 @@ cols = [("train step s", "train_step_seconds", 1, "{:.3f}", True),
         ("eval ex/s", "eval_examples_per_second", 1, "{:.1f}", True),
         ("gen tok/s", "generate_tokens_per_second", 1, "{:.1f}", True),
         ("peak MiB", "peak_rss_mib", 1, "{:.0f}", True)]
-print(f"{'backend':8}" + "".join(f" {t:>14}" + (f" {'x PEFT':>7}" if r else "") for t, _, _, _, r in cols))
+print(f"{'backend':9}" + "".join(f" {t:>14}" + (f" {'x PEFT':>7}" if r else "") for t, _, _, _, r in cols))
 for r in [x["results"][0] for x in runs] + [peft]:
-    line = f"{r['backend']:8}"
+    line = f"{r['backend']:9}"
     for _, key, scale, fmt, ratio in cols:
         v, p = r.get(key), peft.get(key)
         line += f" {fmt.format(v * scale) if v is not None else '-':>14}"

@@ -7,7 +7,10 @@
 #   TASKS=nyt-editorials MODEL=smollm2 bash tools/seeds.sh   # 3 classes (negative/neutral/positive)
 #   METHOD=prefix MODEL=smollm2 bash tools/seeds.sh       # prompt (default), prefix,
 #                                                         # prefix-projection, p-tuning
-# STEPS (60) and LR (0.03) apply to both runners; results go to runs/seeds/MODEL[-METHOD].
+#   DTYPE=quantized PEFT=0 TASKS=rotten-tomatoes MODEL=smollm2 bash tools/seeds.sh
+#                          # softprompt on the GGUF's quantized blocks (PEFT=0: PEFT not rerun)
+# STEPS (60) and LR (0.03) apply to both runners; results go to
+# runs/seeds/MODEL[-METHOD][-STEPS][-DTYPE].
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets="$(python3 tools/fetch_assets.py)"
@@ -23,6 +26,7 @@ threads="${THREADS:-2}"
 method="${METHOD:-prompt}"
 steps="${STEPS:-60}"
 lr="${LR:-0.03}"
+dtype="${DTYPE:-f32}"
 case "$method" in
   prompt) ours=(--method prompt); theirs=(--method prompt) ;;
   prefix) ours=(--method prefix); theirs=(--method prefix) ;;
@@ -35,6 +39,7 @@ esac
 out="runs/seeds/${MODEL:-gemma3-270m}"
 if [ "$method" != prompt ]; then out="$out-$method"; fi
 if [ "$steps" != 60 ]; then out="$out-$steps"; fi
+if [ "$dtype" != f32 ]; then out="$out-$dtype"; fi
 mkdir -p "$out"
 # A copy of the binary, so that rebuilding the workspace during a long run changes nothing
 # (BIN=path runs that binary instead of building one).
@@ -71,10 +76,10 @@ for task in $tasks; do
     line="$("$bin" train --model "$assets/$gguf" --train "$assets/$task/train.jsonl" \
       --test "$assets/$task/test.jsonl" --template "$template" --labels "$labels" \
       --num-virtual-tokens 20 --init text --init-text "$init" --optimizer adamw --lr "$lr" --steps "$steps" \
-      --batch-size 8 --seed "$seed" --threads "$threads" --output "$out/$task-$seed" --quiet "${ours[@]}" | tail -n 1)"
+      --batch-size 8 --seed "$seed" --threads "$threads" --dtype "$dtype" --output "$out/$task-$seed" --quiet "${ours[@]}" | tail -n 1)"
     echo "{\"runner\":\"softprompt\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
     fi
-    if ! done_run peft "$task" "$seed"; then
+    if [ "${PEFT:-1}" = 1 ] && ! done_run peft "$task" "$seed"; then
     line="$(.venv/bin/python tools/peft_reference.py --model "$gguf" --data "$task" --seed "$seed" \
       --threads "$threads" --steps "$steps" --lr "$lr" "${theirs[@]}" 2>/dev/null | tail -n 1)"
     echo "{\"runner\":\"peft\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
