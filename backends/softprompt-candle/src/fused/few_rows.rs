@@ -34,15 +34,20 @@ pub(super) fn linear(x: &[f32], w: &[f32], n: usize) -> Option<Vec<f32>> {
             out
         })
         .collect();
+    Some(gather_columns(&blocks, m, n, BLOCK))
+}
+
+/// `y [m, n]` from per-task blocks of `width` output columns, each column-major `[cols, m]`.
+pub(super) fn gather_columns(blocks: &[Vec<f32>], m: usize, n: usize, width: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     for (b, out) in blocks.iter().enumerate() {
-        for (j, col) in out.chunks(m).enumerate() {
+        for (j, col) in out.chunks(m.max(1)).enumerate() {
             for (r, v) in col.iter().enumerate() {
-                y[r * n + b * BLOCK + j] = *v;
+                y[r * n + b * width + j] = *v;
             }
         }
     }
-    Some(y)
+    y
 }
 
 /// `x [m, k] · wbᵀ` for one block of weight rows `wb [cols, k]`, column-major `[cols, m]`, when

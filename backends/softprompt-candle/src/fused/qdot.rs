@@ -89,15 +89,7 @@ pub(super) fn linear(x: &[f32], q: &QuantMatrix, m: usize) -> Vec<f32> {
             out
         })
         .collect();
-    let mut y = vec![0f32; m * n];
-    for (t, out) in tasks.iter().enumerate() {
-        for (j, col) in out.chunks(m).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                y[r * n + t * ROWS_PER_TASK + j] = *v;
-            }
-        }
-    }
-    y
+    super::few_rows::gather_columns(&tasks, m, n, ROWS_PER_TASK)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -89,6 +89,20 @@ fn dequantize_tile<T: Elem>(q: &QuantMatrix, lo: usize, hi: usize, buf: &mut [T]
         });
 }
 
+/// Calls `f(lo, hi, tile)` for consecutive runs of `W`'s rows, `tile` holding rows `lo..hi`
+/// dequantized (`[hi − lo, k]`, in a per-thread scratch buffer of at most [`TILE_VALUES`]).
+fn for_each_tile<T: Elem>(q: &QuantMatrix, mut f: impl FnMut(usize, usize, &[T])) {
+    let (n, k) = (q.rows(), q.cols);
+    let rows = tile_rows(k, n);
+    T::with_scratch(rows * k, |buf| {
+        for lo in (0..n).step_by(rows) {
+            let hi = (lo + rows).min(n);
+            dequantize_tile(q, lo, hi, buf);
+            f(lo, hi, &buf[..(hi - lo) * k]);
+        }
+    });
+}
+
 /// `x [m, k] · Wᵀ (+ b)` with `W [n, k]` in quantized blocks.
 pub(super) fn q_linear_rows<T: Elem>(x: &[T], q: &QuantMatrix, bias: Option<&[T]>) -> Vec<T> {
     let (n, k) = (q.rows(), q.cols);
@@ -103,24 +117,19 @@ pub(super) fn q_linear_rows<T: Elem>(x: &[T], q: &QuantMatrix, bias: Option<&[T]
     }
     .unwrap_or_else(|| {
         let mut y = vec![T::zero(); m * n];
-        let tile = tile_rows(k, n);
-        T::with_scratch(tile * k, |buf| {
-            for lo in (0..n).step_by(tile) {
-                let hi = (lo + tile).min(n);
-                dequantize_tile(q, lo, hi, buf);
-                // SAFETY: x is [m, k]; buf holds rows lo..hi of W ([hi - lo, k], read
-                // transposed); y is [m, n] and columns lo..hi of it are written (row stride n)
-                unsafe {
-                    matmul(
-                        (m, hi - lo, k),
-                        Out::rows(y.as_mut_ptr().add(lo), n),
-                        false,
-                        Mat::rows(x.as_ptr(), k),
-                        Mat::t(buf.as_ptr(), k),
-                        threads(),
-                    )
-                };
-            }
+        for_each_tile(q, |lo, hi, tile| {
+            // SAFETY: x is [m, k]; `tile` holds rows lo..hi of W ([hi - lo, k], read
+            // transposed); y is [m, n] and columns lo..hi of it are written (row stride n)
+            unsafe {
+                matmul(
+                    (m, hi - lo, k),
+                    Out::rows(y.as_mut_ptr().add(lo), n),
+                    false,
+                    Mat::rows(x.as_ptr(), k),
+                    Mat::t(tile.as_ptr(), k),
+                    threads(),
+                )
+            };
         });
         y
     });
@@ -146,15 +155,13 @@ fn few_rows(x: &[f32], q: &QuantMatrix, m: usize) -> Option<Vec<f32>> {
             super::few_rows::block_into(x, &w, m, k, &mut out).then_some(out)
         })
         .collect();
-    let mut y = vec![0f32; m * n];
-    for (b, out) in blocks.into_iter().enumerate() {
-        for (j, col) in out?.chunks(m).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                y[r * n + b * FEW_ROWS_BLOCK + j] = *v;
-            }
-        }
-    }
-    Some(y)
+    let blocks: Option<Vec<Vec<f32>>> = blocks.into_iter().collect();
+    Some(super::few_rows::gather_columns(
+        &blocks?,
+        m,
+        n,
+        FEW_ROWS_BLOCK,
+    ))
 }
 
 /// `g [m, n] · W` with `W [n, k]` in quantized blocks: the input gradient of
@@ -164,24 +171,19 @@ pub(super) fn q_linear_grad<T: Elem>(g: &[T], q: &QuantMatrix) -> Vec<T> {
     let m = g.len() / n.max(1);
     assert!(g.len() == m * n, "quantized linear grad: sizes");
     let mut dx = vec![T::zero(); m * k];
-    let tile = tile_rows(k, n);
-    T::with_scratch(tile * k, |buf| {
-        for lo in (0..n).step_by(tile) {
-            let hi = (lo + tile).min(n);
-            dequantize_tile(q, lo, hi, buf);
-            // SAFETY: g is [m, n] and its columns lo..hi are read (row stride n); buf holds
-            // rows lo..hi of W ([hi - lo, k]); dx is [m, k]
-            unsafe {
-                matmul(
-                    (m, k, hi - lo),
-                    Out::rows(dx.as_mut_ptr(), k),
-                    lo > 0,
-                    Mat::rows(g.as_ptr().add(lo), n),
-                    Mat::rows(buf.as_ptr(), k),
-                    threads(),
-                )
-            };
-        }
+    for_each_tile(q, |lo, hi, tile| {
+        // SAFETY: g is [m, n] and its columns lo..hi are read (row stride n); `tile` holds rows
+        // lo..hi of W ([hi - lo, k]); dx is [m, k]
+        unsafe {
+            matmul(
+                (m, k, hi - lo),
+                Out::rows(dx.as_mut_ptr(), k),
+                lo > 0,
+                Mat::rows(g.as_ptr().add(lo), n),
+                Mat::rows(tile.as_ptr(), k),
+                threads(),
+            )
+        };
     });
     dx
 }
