@@ -7,6 +7,7 @@
 #   KINDS=complete MAX_TOKENS=64 GEN_REQUESTS=64 bash tools/serve-bench.sh   # longer generations
 #   BACKEND=ort KINDS=complete bash tools/serve-bench.sh                     # on ONNX Runtime
 #   SOFTPROMPT_BIN=/path/to/softprompt bash tools/serve-bench.sh             # another build's server
+#   DTYPE=quantized bash tools/serve-bench.sh      # candle on the GGUF's quantized blocks
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets="$(python3 tools/fetch_assets.py)"
@@ -21,6 +22,7 @@ port="${PORT:-18080}"
 threads="${THREADS:-2}"
 kinds="${KINDS:-classify complete}"
 backend="${BACKEND:-candle}"
+dtype="${DTYPE:-f32}"
 features=()
 if [ "$backend" != candle ]; then
   features=(--features "$backend")
@@ -44,7 +46,7 @@ from=()
 
 results="$work/results.jsonl"
 for mode in mixed per-prompt; do
-  "$bin" serve --model "$model" --backend "$backend" --store "$work/store" --threads "$threads" \
+  "$bin" serve --model "$model" --backend "$backend" --dtype "$dtype" --store "$work/store" --threads "$threads" \
     --addr "127.0.0.1:$port" --batching "$mode" --queue-capacity 512 2>"$work/serve-$mode.log" &
   server=$!
   for _ in $(seq 1 120); do
