@@ -204,6 +204,31 @@ fn bad_inputs_give_clear_errors() {
     let err = stderr(&o);
     assert!(err.contains("bad.jsonl:2: not valid JSON"), "{err}");
 
+    // quantized weights: a GGUF file's blocks, on candle only
+    for (backend, says) in [
+        ("candle", "not a .gguf file"),
+        ("tch", "quantized frozen weights"),
+    ] {
+        let o = run(&[
+            "eval",
+            "--model",
+            &model,
+            "--backend",
+            backend,
+            "--dtype",
+            "quantized",
+            "--data",
+            &bad.display().to_string(),
+            "--template",
+            "Review: {text}\nSentiment:",
+            "--labels",
+            "negative= negative,positive= positive",
+        ]);
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(err.contains(says), "{backend}: {err}");
+    }
+
     let o = run(&[
         "eval",
         "--model",

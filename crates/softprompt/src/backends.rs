@@ -110,6 +110,13 @@ pub fn load_backbone_with(
     path: impl AsRef<Path>,
     options: &BackendOptions,
 ) -> Result<Box<dyn Backbone>> {
+    if options.dtype == "quantized" && name != "candle" {
+        return Err(Error::unsupported(
+            name,
+            "quantized frozen weights",
+            Some("run --dtype quantized with --backend candle, or --dtype f32 here"),
+        ));
+    }
     match name {
         #[cfg(feature = "candle")]
         "candle" => {
