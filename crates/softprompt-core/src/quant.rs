@@ -335,6 +335,19 @@ impl QuantMatrix {
 
     /// Dequantizes rows `lo..hi` into `out` (`(hi − lo) · cols` values).
     pub fn dequantize_rows(&self, lo: usize, hi: usize, out: &mut [f32]) {
+        self.dequantize_rows_with(lo, hi, out, |kind, bytes, out| kind.dequantize(bytes, out));
+    }
+
+    /// [`Self::dequantize_rows`] with the per-segment kernel given: `kernel(kind, blocks, out)`
+    /// fills `out` from whole blocks of one kind (a runtime's SIMD version of
+    /// [`QuantKind::dequantize`]).
+    pub fn dequantize_rows_with(
+        &self,
+        lo: usize,
+        hi: usize,
+        out: &mut [f32],
+        kernel: impl Fn(QuantKind, &[u8], &mut [f32]),
+    ) {
         debug_assert_eq!(out.len(), (hi - lo) * self.cols);
         let mut first = 0;
         let mut at = 0;
@@ -343,8 +356,7 @@ impl QuantMatrix {
             if a < b {
                 let rb = s.kind.row_bytes(self.cols);
                 let bytes = &s.bytes[(a - first) * rb..(b - first) * rb];
-                s.kind
-                    .dequantize(bytes, &mut out[at..at + (b - a) * self.cols]);
+                kernel(s.kind, bytes, &mut out[at..at + (b - a) * self.cols]);
                 at += (b - a) * self.cols;
             }
             first += s.rows;

@@ -422,12 +422,7 @@ fn raw_blocks(
     let [rows, cols] = dims else {
         return Ok(None);
     };
-    let q = content
-        .tensor(file, name, &Device::Cpu)
-        .map_err(|e| Error::Gguf {
-            path: path.to_path_buf(),
-            reason: format!("tensor `{name}`: {e}"),
-        })?;
+    let q = read_blocks(content, file, name, path)?;
     let bytes = q
         .data()
         .map_err(|e| Error::backend("gguf", format!("reading `{name}`: {e}")))?
@@ -447,6 +442,21 @@ pub fn load_config(path: impl AsRef<Path>) -> Result<ModelConfig> {
     config_of(&content, path)
 }
 
+/// One tensor of an open GGUF file as candle reads it (its blocks, unconverted).
+fn read_blocks(
+    content: &Content,
+    file: &mut std::fs::File,
+    name: &str,
+    path: &Path,
+) -> Result<candle_core::quantized::QTensor> {
+    content
+        .tensor(file, name, &Device::Cpu)
+        .map_err(|e| Error::Gguf {
+            path: path.to_path_buf(),
+            reason: format!("tensor `{name}`: {e}"),
+        })
+}
+
 /// Dequantizes one tensor of an open GGUF file to f32 (candle's kernels), shape as stored.
 fn dequantize(
     content: &Content,
@@ -454,12 +464,7 @@ fn dequantize(
     name: &str,
     path: &Path,
 ) -> Result<HostTensor> {
-    let q = content
-        .tensor(file, name, &Device::Cpu)
-        .map_err(|e| Error::Gguf {
-            path: path.to_path_buf(),
-            reason: format!("tensor `{name}`: {e}"),
-        })?;
+    let q = read_blocks(content, file, name, path)?;
     let t = q
         .dequantize(&Device::Cpu)
         .and_then(|t| t.to_dtype(DType::F32))

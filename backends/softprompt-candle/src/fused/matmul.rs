@@ -17,20 +17,26 @@ pub(super) fn frozen_matmul_fwd<T: Elem>(
     l: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
     let x = view::<T>(s, l)?;
-    // leading dimensions are rows: `[.., k]` → `[.., n]` without reshape nodes in the graph
-    let dims = l.shape().dims();
-    let (k, lead) = dims
-        .split_last()
-        .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: scalar input".into()))?;
-    let k = *k;
     let (n, wk) = w.dims2()?;
-    if wk != k {
-        candle_core::bail!("frozen-matmul: input has {k} columns, weight {wk}");
-    }
+    let out = rows_shape(l, wk, n, "frozen-matmul")?;
     let y = with_data::<T, _>(w, |w| Ok(linear_rows(x, w, None, n)))?;
+    Ok((T::to_cpu_storage_owned(y), out))
+}
+
+/// The output shape of a frozen product over the last dimension of an input laid out as `l`:
+/// leading dimensions are rows, `[.., k]` → `[.., n]` (no reshape nodes in the graph); errors
+/// unless the input has `k` columns.
+pub(super) fn rows_shape(l: &Layout, k: usize, n: usize, what: &str) -> Result<Shape> {
+    let dims = l.shape().dims();
+    let (cols, lead) = dims
+        .split_last()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: scalar input")))?;
+    if *cols != k {
+        candle_core::bail!("{what}: input has {cols} columns, weight {k}");
+    }
     let mut out = lead.to_vec();
     out.push(n);
-    Ok((T::to_cpu_storage_owned(y), Shape::from(out)))
+    Ok(Shape::from(out))
 }
 
 impl CustomOp1 for FrozenMatmul {

@@ -50,22 +50,11 @@ fn tile_rows(k: usize, n: usize) -> usize {
 /// Rows `lo..hi` of `q` into `out` (`(hi − lo) · cols` values): AVX2 for Q4_0, Q4_1 and Q8_0
 /// where the machine has it, the portable code otherwise.
 fn dequantize_rows(q: &QuantMatrix, lo: usize, hi: usize, out: &mut [f32]) {
-    let k = q.cols;
-    let mut first = 0;
-    let mut at = 0;
-    for s in &q.segments {
-        let (a, b) = (lo.max(first), hi.min(first + s.rows));
-        if a < b {
-            let rb = s.kind.row_bytes(k);
-            let bytes = &s.bytes[(a - first) * rb..(b - first) * rb];
-            let dst = &mut out[at..at + (b - a) * k];
-            if !super::qdot::dequantize(s.kind, bytes, dst) {
-                s.kind.dequantize(bytes, dst);
-            }
-            at += (b - a) * k;
+    q.dequantize_rows_with(lo, hi, out, |kind, bytes, dst| {
+        if !super::qdot::dequantize(kind, bytes, dst) {
+            kind.dequantize(bytes, dst);
         }
-        first += s.rows;
-    }
+    });
 }
 
 /// Rows `lo..hi` of `q` as `T`, into `buf` (`(hi − lo) · k` values), in parallel.
@@ -200,17 +189,9 @@ fn quant_matmul_fwd<T: Elem>(
     l: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
     let x = view::<T>(s, l)?;
-    let dims = l.shape().dims();
-    let (k, lead) = dims
-        .split_last()
-        .ok_or_else(|| candle_core::Error::Msg("quantized matmul: scalar input".into()))?;
-    if *k != q.cols {
-        candle_core::bail!("quantized matmul: input has {k} columns, weight {}", q.cols);
-    }
+    let out = super::matmul::rows_shape(l, q.cols, q.rows(), "quantized matmul")?;
     let y = q_linear_rows(x, q, None);
-    let mut out = lead.to_vec();
-    out.push(q.rows());
-    Ok((T::to_cpu_storage_owned(y), Shape::from(out)))
+    Ok((T::to_cpu_storage_owned(y), out))
 }
 
 impl CustomOp1 for QuantMatmul {
