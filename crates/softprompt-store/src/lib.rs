@@ -10,8 +10,8 @@ mod peft;
 use std::path::{Path, PathBuf};
 
 pub use peft::{
-    clean_stale, parse_prompt_safetensors, prompt_safetensors, read_prompt_dir, sha256_hex,
-    write_folder, write_prompt_dir, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROMPT_TENSOR,
+    clean_stale, parse_prompt_safetensors, prompt_safetensors, read_folder_pair, read_prompt_dir,
+    sha256_hex, write_folder, write_prompt_dir, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROMPT_TENSOR,
 };
 use softprompt_core::{Error, PromptInfo, PromptStore, Result, StoredPrompt};
 

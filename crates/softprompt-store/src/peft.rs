@@ -270,17 +270,78 @@ pub async fn write_prompt_dir(dir: &Path, stored: &StoredPrompt) -> Result<()> {
     .map_err(|e| Error::InvalidArgument(format!("the prompt writer stopped: {e}")))?
 }
 
+/// The bytes of a prompt folder's config and of its weights (`None` when the folder has no
+/// weights file), as one save wrote them. On Unix both files are opened through one handle of the folder, so a writer that
+/// swaps a new folder in between cannot hand over the config of one save and the weights of
+/// another (a saved folder's files never change; a new save is a new folder); a file missing
+/// from a folder that is no longer the one at `dir` (the old folder, being removed after a
+/// swap) sends the reader to the folder now there.
+pub fn read_folder_pair(dir: &Path) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let w_path = dir.join(ADAPTER_WEIGHTS);
+    let not_found = |r: &std::io::Result<Vec<u8>>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    #[cfg(unix)]
+    {
+        use rustix::fs::{fstat, open, openat, stat, Mode, OFlags};
+        let mut attempt = 0;
+        loop {
+            let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+            let folder = open(dir, flags | OFlags::DIRECTORY, Mode::empty())
+                .map_err(|e| Error::io(dir, e.into()))?;
+            let slurp = |name: &str| -> std::io::Result<Vec<u8>> {
+                let fd = openat(&folder, name, flags, Mode::empty())?;
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes)?;
+                Ok(bytes)
+            };
+            let (cfg, weights) = (slurp(ADAPTER_CONFIG), slurp(ADAPTER_WEIGHTS));
+            if (not_found(&cfg) || not_found(&weights)) && attempt < 16 {
+                let held = fstat(&folder).map(|m| (m.st_dev, m.st_ino));
+                let there = stat(dir).map(|m| (m.st_dev, m.st_ino));
+                if held.ok() != there.ok() {
+                    attempt += 1;
+                    continue;
+                }
+            }
+            let cfg = cfg.map_err(|e| Error::io(&cfg_path, e))?;
+            let weights = match weights {
+                Ok(bytes) => Some(bytes),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(Error::io(&w_path, e)),
+            };
+            return Ok((cfg, weights));
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let cfg = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let weights = std::fs::read(&w_path);
+        if !not_found(&weights) {
+            let weights = weights.map_err(|e| Error::io(&w_path, e))?;
+            return Ok((cfg, Some(weights)));
+        }
+        Ok((cfg, None))
+    }
+}
+
 /// Reads a prompt directory written by softprompt or by PEFT's `save_pretrained`.
 pub async fn read_prompt_dir(dir: &Path) -> Result<StoredPrompt> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
-    let text = tokio::fs::read_to_string(&cfg_path)
-        .await
-        .map_err(|e| Error::io(&cfg_path, e))?;
-    let config: PromptConfig = serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: cfg_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let method = config
+    let w_path = dir.join(ADAPTER_WEIGHTS);
+    let read = |dir: PathBuf| async move {
+        tokio::task::spawn_blocking(move || read_folder_pair(&dir))
+            .await
+            .map_err(|e| Error::InvalidArgument(format!("the prompt reader stopped: {e}")))?
+    };
+    let parse = |text: &[u8]| -> Result<PromptConfig> {
+        serde_json::from_slice(text).map_err(|e| Error::Json {
+            path: cfg_path.clone(),
+            reason: e.to_string(),
+        })
+    };
+    let (text, weights) = read(dir.to_path_buf()).await?;
+    let mut config = parse(&text)?;
+    let mut method = config
         .method()
         .map_err(|e| invalid(&cfg_path, e.to_string()))?;
     if config.num_transformer_submodules.unwrap_or(1) != 1 {
@@ -289,20 +350,20 @@ pub async fn read_prompt_dir(dir: &Path) -> Result<StoredPrompt> {
             "num_transformer_submodules != 1 (encoder-decoder prompts) is not supported",
         ));
     }
-    let w_path = dir.join(ADAPTER_WEIGHTS);
-    if !w_path.is_file() && dir.join("adapter_model.bin").is_file() {
-        return Err(invalid(
+    let missing = |weights: Option<Vec<u8>>| match weights {
+        Some(bytes) => Ok(bytes),
+        None if dir.join("adapter_model.bin").is_file() => Err(invalid(
             dir,
             "only adapter_model.bin (pickle) found: re-save with safe_serialization=True",
-        ));
-    }
-    let mut bytes = tokio::fs::read(&w_path)
-        .await
-        .map_err(|e| Error::io(&w_path, e))?;
-    let mut config = config;
-    let mut method = method;
-    // a folder swapped between the two reads shows as weights that are not the config's: read
-    // both again (the swap is one step), and refuse a pair that still differs
+        )),
+        None => Err(Error::io(
+            &w_path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )),
+    };
+    let mut bytes = missing(weights)?;
+    // both files come from one folder (see [`read_folder_pair`]), so weights that are not the config's
+    // were replaced alone; where folders cannot be held open the pair is read again first
     let recorded = |c: &PromptConfig| c.softprompt.as_ref().and_then(|p| p.weights_sha256.clone());
     let mut attempts = 0;
     while let Some(want) = recorded(&config) {
@@ -310,7 +371,7 @@ pub async fn read_prompt_dir(dir: &Path) -> Result<StoredPrompt> {
             break;
         }
         attempts += 1;
-        if attempts > 3 {
+        if cfg!(unix) || attempts > 3 {
             // a damaged file says so; a whole one that is not the config's is the mix
             parse_prompt_safetensors(&bytes, &w_path)?;
             return Err(invalid(
@@ -322,19 +383,12 @@ pub async fn read_prompt_dir(dir: &Path) -> Result<StoredPrompt> {
             ));
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        let text = tokio::fs::read_to_string(&cfg_path)
-            .await
-            .map_err(|e| Error::io(&cfg_path, e))?;
-        config = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: cfg_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let (text, weights) = read(dir.to_path_buf()).await?;
+        config = parse(&text)?;
         method = config
             .method()
             .map_err(|e| invalid(&cfg_path, e.to_string()))?;
-        bytes = tokio::fs::read(&w_path)
-            .await
-            .map_err(|e| Error::io(&w_path, e))?;
+        bytes = missing(weights)?;
     }
     // checked: a property of the file pair, recomputed by every save
     if let Some(p) = config.softprompt.as_mut() {

@@ -963,7 +963,9 @@ pub fn read_classifier(dir: &Path) -> Result<(serde_json::Value, VisualClassifie
         line: 0,
         reason,
     };
-    let raw = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let weights_path = dir.join(softprompt_store::ADAPTER_WEIGHTS);
+    // both files of one save, even while another save replaces the folder
+    let (raw, bytes) = softprompt_store::read_folder_pair(dir)?;
     let cfg: serde_json::Value =
         serde_json::from_slice(&raw).map_err(|e| bad(&cfg_path, format!("not JSON: {e}")))?;
     if cfg["peft_type"] != VISUAL_PEFT_TYPE {
@@ -972,8 +974,12 @@ pub fn read_classifier(dir: &Path) -> Result<(serde_json::Value, VisualClassifie
             format!("a {} prompt, not a visual one", cfg["peft_type"]),
         ));
     }
-    let weights_path = dir.join(softprompt_store::ADAPTER_WEIGHTS);
-    let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+    let bytes = bytes.ok_or_else(|| {
+        Error::io(
+            &weights_path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )
+    })?;
     if cfg["softprompt"]["weights_sha256"].as_str()
         != Some(softprompt_store::sha256_hex(&bytes).as_str())
     {
