@@ -53,7 +53,8 @@ impl CandleBackbone {
             spec,
             ..
         } = source;
-        let model = Model::load(&config, weights, &options.device, options.dtype)?;
+        let mut model = Model::load(&config, weights, &options.device, options.dtype)?;
+        model.int8_decode = options.int8_decode;
         Ok(CandleBackbone {
             model,
             config,

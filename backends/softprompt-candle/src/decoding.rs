@@ -220,7 +220,7 @@ impl CandleKernels<'_> {
             }
             // row r sees its own cached keys, not the padding, and its new token
             let bias = b.step_bias(&starts)?;
-            let h = b.model.forward_at(
+            let h = b.model.forward_step(
                 &x,
                 Positions::PerRow(&starts),
                 Some(&bias),
@@ -228,7 +228,7 @@ impl CandleKernels<'_> {
             )?;
             let logits = b
                 .model
-                .head(&h.reshape((rows, b.spec.hidden_size))?)?
+                .head_step(&h.reshape((rows, b.spec.hidden_size))?)?
                 .to_dtype(DType::F32)?
                 .to_vec2()?;
             let fresh = packed
@@ -311,7 +311,7 @@ impl CandleKernels<'_> {
                 .reshape((rows, 1, b.spec.hidden_size))?;
             let h = b.model.decode_host(&x, &mut host)?;
             Ok(b.model
-                .head(&h.reshape((rows, b.spec.hidden_size))?)?
+                .head_step(&h.reshape((rows, b.spec.hidden_size))?)?
                 .to_dtype(DType::F32)?
                 .to_vec2()?)
         };
@@ -358,19 +358,21 @@ impl DecodeKernels for CandleKernels<'_> {
     }
 
     fn prefill(&self, group: &[(&SoftPrompt, &[u32])]) -> Result<Vec<(SeqCache, Vec<f32>)>> {
-        match group {
+        crate::in_pool(|| match group {
             [(prompt, ids)] if ids.is_empty() => Ok(vec![self.prefill_one(prompt, ids)?]),
             _ if self.host => self.prefill_host(group),
             _ => self.prefill_padded(group),
-        }
+        })
     }
 
     fn step(&self, caches: &mut [&mut SeqCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        if self.host {
-            self.step_host(caches, tokens)
-        } else {
-            self.step_padded(caches, tokens)
-        }
+        crate::in_pool(|| {
+            if self.host {
+                self.step_host(caches, tokens)
+            } else {
+                self.step_padded(caches, tokens)
+            }
+        })
     }
 
     fn cache_len(&self, cache: &SeqCache) -> usize {

@@ -75,6 +75,9 @@ pub struct Model {
     nn: softprompt_nn::Model<Tensor>,
     device: Device,
     dtype: DType,
+    /// Decode steps round their activations to 8 bits before quantized weights (see
+    /// [`crate::CandleOptions::with_int8_decode`]).
+    pub(crate) int8_decode: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -97,11 +100,19 @@ impl Model {
             nn: softprompt_nn::Model::load(&ops, config, &mut weights)?,
             device: device.clone(),
             dtype,
+            int8_decode: false,
         })
     }
 
     fn ops(&self) -> CandleOps<'static> {
         CandleOps::new(&self.device, self.dtype)
+    }
+
+    /// The ops of a decode step (one new token per sequence).
+    fn step_ops(&self) -> CandleOps<'static> {
+        let mut ops = self.ops();
+        ops.int8_rows = self.int8_decode;
+        ops
     }
 
     /// Token embeddings of `ids` (u32, any shape) as `ids.shape ++ [d]`.
@@ -129,6 +140,28 @@ impl Model {
         bias: Option<&Bias>,
         cache: Option<(&mut [LayerCache], bool)>,
     ) -> CResult<Tensor> {
+        self.forward_with(&self.ops(), x, positions, bias, cache)
+    }
+
+    /// [`Model::forward_at`] for a decode step: one new token per row.
+    pub fn forward_step(
+        &self,
+        x: &Tensor,
+        positions: Positions<'_>,
+        bias: Option<&Bias>,
+        cache: Option<(&mut [LayerCache], bool)>,
+    ) -> CResult<Tensor> {
+        self.forward_with(&self.step_ops(), x, positions, bias, cache)
+    }
+
+    fn forward_with(
+        &self,
+        ops: &CandleOps<'_>,
+        x: &Tensor,
+        positions: Positions<'_>,
+        bias: Option<&Bias>,
+        cache: Option<(&mut [LayerCache], bool)>,
+    ) -> CResult<Tensor> {
         let tokens = x.dim(1)?;
         let mut pass = Pass::new(PositionIds::Host { positions, tokens });
         pass.bias = bias.map(|b| &b.global);
@@ -136,12 +169,17 @@ impl Model {
         if let Some((cache, extend)) = cache {
             pass = pass.with_cache(cache, extend);
         }
-        Ok(self.nn.forward(&self.ops(), x, &mut pass)?)
+        Ok(self.nn.forward(ops, x, &mut pass)?)
     }
 
     /// Logits `[n, vocab]` of residual-stream rows `[n, d]` (final norm and head).
     pub fn head(&self, h: &Tensor) -> CResult<Tensor> {
         Ok(self.nn.logits(&self.ops(), h)?)
+    }
+
+    /// [`Model::head`] for a decode step's rows.
+    pub fn head_step(&self, h: &Tensor) -> CResult<Tensor> {
+        Ok(self.nn.logits(&self.step_ops(), h)?)
     }
 
     /// Whether [`Model::extend_host`] runs this model on `device` in `dtype`.
@@ -156,7 +194,7 @@ impl Model {
     /// at position `caches[r].len`): [`Model::extend_host`] with one token per sequence.
     pub fn decode_host(&self, x: &Tensor, caches: &mut [&mut HostCache]) -> CResult<Tensor> {
         let counts = vec![1; caches.len()];
-        self.extend_host(x, &counts, caches)
+        self.extend_host_with(x, &counts, caches, self.int8_decode)
     }
 
     /// Runs new tokens of several sequences over their [`HostCache`]s: `x [total, 1, d]` holds
@@ -170,6 +208,16 @@ impl Model {
         x: &Tensor,
         counts: &[usize],
         caches: &mut [&mut HostCache],
+    ) -> CResult<Tensor> {
+        self.extend_host_with(x, counts, caches, false)
+    }
+
+    fn extend_host_with(
+        &self,
+        x: &Tensor,
+        counts: &[usize],
+        caches: &mut [&mut HostCache],
+        int8_rows: bool,
     ) -> CResult<Tensor> {
         let (rows, one, _) = x.dims3()?;
         if one != 1 || counts.len() != caches.len() || counts.iter().sum::<usize>() != rows {
@@ -200,11 +248,12 @@ impl Model {
             .collect();
         let result = {
             let own: Vec<&mut HostCache> = caches.iter_mut().map(|c| &mut **c).collect();
-            let ops = CandleOps::with_host(
+            let mut ops = CandleOps::with_host(
                 &self.device,
                 self.dtype,
                 HostPass::new(own, counts.to_vec()),
             );
+            ops.int8_rows = int8_rows;
             let mut pass = Pass::new(PositionIds::Host {
                 positions: Positions::PerRow(&positions),
                 tokens: 1,

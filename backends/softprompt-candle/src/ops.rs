@@ -83,11 +83,14 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// `x · Wᵀ + b` over the last dimension of `x` with `W` `[out, in]` in quantized blocks (CPU,
-/// f32 or f64): only the gradient with respect to `x` is propagated, tile by tile.
+/// f32 or f64): only the gradient with respect to `x` is propagated, tile by tile. With
+/// `int8_rows`, a product of at most four f32 rows with Q4_0/Q4_1/Q8_0 blocks rounds the rows
+/// to 8 bits first (a decode step: see [`crate::CandleOptions::with_int8_decode`]).
 pub fn quantized_linear(
     x: &Tensor,
     q: &std::sync::Arc<softprompt_core::QuantMatrix>,
     b: Option<&Tensor>,
+    int8_rows: bool,
 ) -> Result<Tensor> {
     if !fused::supported(x) {
         candle_core::bail!(
@@ -96,9 +99,10 @@ pub fn quantized_linear(
             x.device()
         );
     }
-    let y = x
-        .contiguous()?
-        .apply_op1(fused::QuantMatmul { q: q.clone() })?;
+    let y = x.contiguous()?.apply_op1(fused::QuantMatmul {
+        q: q.clone(),
+        int8_rows,
+    })?;
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),

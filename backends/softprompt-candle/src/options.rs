@@ -41,6 +41,7 @@ fn cuda_device(_ordinal: usize) -> Result<Device> {
 pub struct CandleOptions {
     pub(crate) device: Device,
     pub(crate) dtype: DType,
+    pub(crate) int8_decode: bool,
 }
 
 impl Default for CandleOptions {
@@ -48,6 +49,7 @@ impl Default for CandleOptions {
         CandleOptions {
             device: Device::Cpu,
             dtype: DType::F32,
+            int8_decode: false,
         }
     }
 }
@@ -68,6 +70,17 @@ impl CandleOptions {
     /// gradient checks; bf16/f16 to save memory). Prompts and gradients stay f32 on the host.
     pub fn with_dtype(mut self, dtype: DType) -> Self {
         self.dtype = dtype;
+        self
+    }
+
+    /// Rounds a decode step's activations to 8 bits per block of 32 before they meet weights
+    /// held in Q4_0, Q4_1 or Q8_0 blocks, and multiplies the codes as integers (llama.cpp's
+    /// scheme: about twice as fast a decode step, outputs within `Σ_blocks max|x|/254 · Σ|w|`
+    /// of the f32 product). Only decode steps (one new token per sequence, at most four
+    /// sequences per product) and only quantized weights: prefill, scoring and training stay
+    /// exact. Off by default.
+    pub fn with_int8_decode(mut self, on: bool) -> Self {
+        self.int8_decode = on;
         self
     }
 }

@@ -21,6 +21,9 @@ pub(crate) struct CandleOps<'h> {
     host: Option<RefCell<HostPass<'h>>>,
     /// Whether projection weights held in quantized blocks stay so (CPU, f32/f64 only).
     pub quantized: bool,
+    /// Whether products of a few rows with quantized weights round the rows to 8 bits (a decode
+    /// step; see [`crate::CandleOptions::with_int8_decode`]).
+    pub int8_rows: bool,
 }
 
 /// New tokens of several sequences as one unpadded batch `[total, 1, d]`: `counts[s]` consecutive
@@ -51,6 +54,7 @@ impl CandleOps<'static> {
             dtype,
             host: None,
             quantized: false,
+            int8_rows: false,
         }
     }
 }
@@ -62,6 +66,7 @@ impl<'h> CandleOps<'h> {
             device: device.clone(),
             dtype,
             quantized: false,
+            int8_rows: false,
             host: Some(RefCell::new(pass)),
         }
     }
@@ -224,14 +229,19 @@ impl Ops for CandleOps<'_> {
 
     fn table_head(&self, x: &Tensor, table: &Linear<Tensor>) -> Result<Tensor> {
         match &table.quant {
-            Some(q) => c(ops::quantized_linear(x, q, None)),
+            Some(q) => c(ops::quantized_linear(x, q, None, self.int8_rows)),
             None => self.head(x, &table.w),
         }
     }
 
     fn linear(&self, x: &Tensor, layer: &Linear<Tensor>) -> Result<Tensor> {
         match &layer.quant {
-            Some(q) => c(ops::quantized_linear(x, q, layer.b.as_ref())),
+            Some(q) => c(ops::quantized_linear(
+                x,
+                q,
+                layer.b.as_ref(),
+                self.int8_rows,
+            )),
             None => c(ops::linear(x, &layer.w, layer.b.as_ref())),
         }
     }

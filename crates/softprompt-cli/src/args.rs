@@ -143,8 +143,9 @@ pub struct BackendArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Precision of the frozen weights: f32, f64, bf16, f16, or quantized (candle, CPU: a GGUF
-    /// file's projection matrices stay in their blocks; compute in f32).
+    /// Precision of the frozen weights: f32, f64, bf16, f16, quantized or quantized-exact
+    /// (candle, CPU: a GGUF file's projection matrices stay in their blocks and compute in f32;
+    /// `quantized` also rounds decode steps' activations to 8 bits, as llama.cpp does).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Intra-op threads of the backend (default: the runtime's own choice).
@@ -445,8 +446,9 @@ pub struct BenchArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Precision of the frozen weights: f32, f64, bf16, f16, or quantized (candle, CPU: a GGUF
-    /// file's projection matrices stay in their blocks; compute in f32).
+    /// Precision of the frozen weights: f32, f64, bf16, f16, quantized or quantized-exact
+    /// (candle, CPU: a GGUF file's projection matrices stay in their blocks and compute in f32;
+    /// `quantized` also rounds decode steps' activations to 8 bits, as llama.cpp does).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Intra-op threads of every backend.

@@ -71,7 +71,10 @@ pub fn available_backends() -> Vec<&'static str> {
 pub struct BackendOptions {
     /// `cpu` or `cuda:N`.
     pub device: String,
-    /// `f32` (default), `f64`, `bf16` or `f16` for the frozen weights.
+    /// `f32` (default), `f64`, `bf16` or `f16` for the frozen weights; on candle (CPU) also
+    /// `quantized` (a GGUF file's blocks stay in memory; decode steps round activations to
+    /// 8 bits before Q4_0/Q4_1/Q8_0 blocks, as llama.cpp does) or `quantized-exact` (the blocks,
+    /// with f32 activations everywhere: the f32 path's results to float rounding).
     pub dtype: String,
     /// Intra-op threads of the runtime (`None`: the runtime's default). libtorch's setting is
     /// process-wide; candle reads `RAYON_NUM_THREADS` once, before its first operation.
@@ -110,7 +113,8 @@ pub fn load_backbone_with(
     path: impl AsRef<Path>,
     options: &BackendOptions,
 ) -> Result<Box<dyn Backbone>> {
-    if options.dtype == "quantized" && name != "candle" {
+    let quantized = matches!(options.dtype.as_str(), "quantized" | "quantized-exact");
+    if quantized && name != "candle" {
         return Err(Error::unsupported(
             name,
             "quantized frozen weights",
@@ -121,18 +125,18 @@ pub fn load_backbone_with(
         #[cfg(feature = "candle")]
         "candle" => {
             let dtype = match options.dtype.as_str() {
-                "f32" | "quantized" => candle_core_dtype::F32,
+                "f32" | "quantized" | "quantized-exact" => candle_core_dtype::F32,
                 "f64" => candle_core_dtype::F64,
                 "bf16" => candle_core_dtype::BF16,
                 "f16" => candle_core_dtype::F16,
                 other => {
                     return Err(Error::InvalidArgument(format!(
-                        "unknown dtype `{other}`: expected f32, f64, bf16, f16 or quantized"
+                        "unknown dtype `{other}`: expected f32, f64, bf16, f16, quantized or quantized-exact"
                     )))
                 }
             };
             let device = softprompt_candle::parse_device(&options.device)?;
-            let source = if options.dtype == "quantized" {
+            let source = if quantized {
                 if !device.is_cpu() {
                     return Err(Error::unsupported(
                         "candle",
@@ -144,7 +148,10 @@ pub fn load_backbone_with(
             } else {
                 load_model_source(path)?
             };
-            let opts = softprompt_candle::CandleOptions::new().with_device(device).with_dtype(dtype);
+            let opts = softprompt_candle::CandleOptions::new()
+                .with_device(device)
+                .with_dtype(dtype)
+                .with_int8_decode(options.dtype == "quantized");
             Ok(Box::new(softprompt_candle::CandleBackbone::from_source(source, opts)?))
         }
         #[cfg(feature = "tch")]

@@ -30,7 +30,7 @@ pub(crate) enum Weight<'a, T> {
 pub(super) fn linear_w<T: Elem>(x: &[T], w: Weight<'_, T>, bias: Option<&[T]>, n: usize) -> Vec<T> {
     match w {
         Weight::Dense(w) => linear_rows(x, w, bias, n),
-        Weight::Quant(q) => q_linear_rows(x, q, bias),
+        Weight::Quant(q) => q_linear_rows(x, q, bias, false),
     }
 }
 
@@ -92,12 +92,21 @@ fn for_each_tile<T: Elem>(q: &QuantMatrix, mut f: impl FnMut(usize, usize, &[T])
     });
 }
 
-/// `x [m, k] · Wᵀ (+ b)` with `W [n, k]` in quantized blocks.
-pub(super) fn q_linear_rows<T: Elem>(x: &[T], q: &QuantMatrix, bias: Option<&[T]>) -> Vec<T> {
+/// `x [m, k] · Wᵀ (+ b)` with `W [n, k]` in quantized blocks; `int8_rows`: a few f32 rows go
+/// through the 8-bit-activation kernel ([`super::qdot::linear_q8`]) where it applies.
+pub(super) fn q_linear_rows<T: Elem>(
+    x: &[T],
+    q: &QuantMatrix,
+    bias: Option<&[T]>,
+    int8_rows: bool,
+) -> Vec<T> {
     let (n, k) = (q.rows(), q.cols);
     let m = x.len() / k.max(1);
     assert!(x.len() == m * k, "quantized linear: sizes");
     let mut y = match T::as_f32(x) {
+        Some(xf) if int8_rows && super::qdot::applies(q, m) => {
+            Some(T::from_f32_vec(super::qdot::linear_q8(xf, q, m)))
+        }
         Some(xf) if super::qdot::applies(q, m) => {
             Some(T::from_f32_vec(super::qdot::linear(xf, q, m)))
         }
@@ -181,16 +190,19 @@ pub(super) fn q_linear_grad<T: Elem>(g: &[T], q: &QuantMatrix) -> Vec<T> {
 /// computes only `∂L/∂x`, tile by tile.
 pub(crate) struct QuantMatmul {
     pub q: std::sync::Arc<QuantMatrix>,
+    /// Rounds a few f32 input rows to 8 bits (forward only; see [`super::qdot::linear_q8`]).
+    pub int8_rows: bool,
 }
 
 fn quant_matmul_fwd<T: Elem>(
     q: &QuantMatrix,
+    int8_rows: bool,
     s: &CpuStorage,
     l: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
     let x = view::<T>(s, l)?;
     let out = super::matmul::rows_shape(l, q.cols, q.rows(), "quantized matmul")?;
-    let y = q_linear_rows(x, q, None);
+    let y = q_linear_rows(x, q, None, int8_rows);
     Ok((T::to_cpu_storage_owned(y), out))
 }
 
@@ -200,7 +212,7 @@ impl CustomOp1 for QuantMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s, quant_matmul_fwd(&self.q, s, l))
+        dispatch!(s, quant_matmul_fwd(&self.q, self.int8_rows, s, l))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

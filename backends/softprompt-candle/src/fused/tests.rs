@@ -483,7 +483,7 @@ fn quantized_products_match_the_dequantized_weights() {
                 .map(|v| v as f32)
                 .collect();
             let want = linear_rows(&x, &w, None, n);
-            let got = q_linear_rows(&x, &q, None);
+            let got = q_linear_rows(&x, &q, None, false);
             let scale = want.iter().fold(1f32, |s, v| s.max(v.abs()));
             let d = want
                 .iter()
@@ -514,6 +514,91 @@ fn quantized_products_match_the_dequantized_weights() {
     }
 }
 
+/// A decode step's product with 8-bit input rows: equal (to f32 rounding) to the f32 product
+/// of the rows' 8-bit values with the dequantized weights, within the rounding bound
+/// `Σ_blocks max|x|/254 · Σ|w|` of the exact product, and the exact path wherever the 8-bit
+/// kernel does not apply (more than four rows, other formats).
+#[test]
+fn int8_decode_products_stay_within_the_rounding_bound() {
+    use super::qdot::{applies, quantize_rows};
+    use super::{linear_rows, q_linear_rows};
+    use softprompt_core::QuantKind as K;
+    let cols = 512;
+    let cases: Vec<Vec<K>> = vec![
+        vec![K::Q4_0],
+        vec![K::Q4_1],
+        vec![K::Q8_0],
+        vec![K::Q4_1, K::Q8_0, K::Q4_0],
+        vec![K::Q6K],
+    ];
+    for (i, kinds) in cases.iter().enumerate() {
+        let q = random_quant(kinds, 37, cols, 100 + i as u64);
+        let n = q.rows();
+        let w = q.dequantize();
+        for m in [1, 2, 4, 5] {
+            let mut x: Vec<f32> = rand(&[m, cols], 20 + m as u64)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+                .into_iter()
+                .map(|v| v as f32)
+                .collect();
+            // a block of zeros and a block of one large value: scales 0 and far from 1
+            x[32..64].iter_mut().for_each(|v| *v = 0.0);
+            x[64] = 40.0;
+            let exact = linear_rows(&x, &w, None, n);
+            let got = q_linear_rows(&x, &q, None, true);
+            if !applies(&q, m) {
+                assert_eq!(
+                    got,
+                    q_linear_rows(&x, &q, None, false),
+                    "{kinds:?}, {m} rows"
+                );
+                continue;
+            }
+            // the same arithmetic in f32: the rows' 8-bit values times the dequantized weights
+            let xq = quantize_rows(&x, cols);
+            let rounded: Vec<f32> =
+                xq.q.iter()
+                    .enumerate()
+                    .map(|(j, c)| *c as f32 * xq.d[j / 32])
+                    .collect();
+            let want = linear_rows(&rounded, &w, None, n);
+            let mut moved = 0f32;
+            for r in 0..m {
+                for o in 0..n {
+                    let (g, e, t) = (got[r * n + o], exact[r * n + o], want[r * n + o]);
+                    let wo = &w[o * cols..][..cols];
+                    let xr = &x[r * cols..][..cols];
+                    let size: f32 = wo.iter().zip(xr).map(|(a, b)| (a * b).abs()).sum();
+                    assert!(
+                        (g - t).abs() <= 1e-5 * size.max(1e-3),
+                        "{kinds:?}, {m} rows, ({r}, {o}): integer {g} vs f32 of codes {t}"
+                    );
+                    let bound: f32 = wo
+                        .chunks(32)
+                        .zip(xr.chunks(32))
+                        .map(|(wb, xb)| {
+                            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                            amax / 254.0 * wb.iter().map(|v| v.abs()).sum::<f32>()
+                        })
+                        .sum();
+                    assert!(
+                        (g - e).abs() <= bound * 1.001 + 1e-5 * size,
+                        "{kinds:?}, {m} rows, ({r}, {o}): {g} vs exact {e}, bound {bound}"
+                    );
+                    moved = moved.max((g - e).abs());
+                }
+            }
+            assert!(
+                moved > 0.0,
+                "{kinds:?}, {m} rows: the 8-bit kernel did not run"
+            );
+        }
+    }
+}
+
 /// The quantized op in a candle graph: forward as the dense frozen matmul, and its backward
 /// (the input gradient, tile by tile) against central finite differences in f64.
 #[test]
@@ -532,7 +617,7 @@ fn quantized_matmul_op_gradient_matches_finite_differences() {
     let x = Var::from_tensor(&rand(&[2, 3, 256], 4)).unwrap();
     let dy = rand(&[2, 3, 10], 5);
     let f = |x: &Tensor| -> Tensor {
-        crate::ops::quantized_linear(x, &q, None)
+        crate::ops::quantized_linear(x, &q, None, false)
             .unwrap()
             .mul(&dy)
             .unwrap()
@@ -540,7 +625,7 @@ fn quantized_matmul_op_gradient_matches_finite_differences() {
             .unwrap()
     };
     let dense = crate::ops::linear(x.as_tensor(), &w, None).unwrap();
-    let quant = crate::ops::quantized_linear(x.as_tensor(), &q, None).unwrap();
+    let quant = crate::ops::quantized_linear(x.as_tensor(), &q, None, false).unwrap();
     assert!(max_diff(&dense, &quant) < 1e-10);
     let grads = f(x.as_tensor()).backward().unwrap();
     let g = grads
