@@ -584,6 +584,72 @@ fn data_parallel_ranks_train_the_real_prompt_one_process_trains() {
     }
 }
 
+/// Decode steps on quantized weights: `quantized-exact` gives the f32 path's logits; `quantized`
+/// (8-bit activations before Q4_0/Q4_1/Q8_0 blocks, as llama.cpp) stays within a measured
+/// bound of them and picks the same greedy token at almost every step. Teacher-forced: both
+/// replay the tokens the f32 model chose greedily, so one early difference cannot derail the
+/// comparison.
+#[test]
+fn int8_decode_steps_stay_near_the_exact_ones() {
+    let Some(dir) = assets() else { return };
+    let text = "The history of the Roman empire is";
+    // (file, bound on max |Δlogit| for 8-bit activations, least greedy agreement)
+    for (file, bound, agree) in [(GGUF, 2.0, 0.85), (GEMMA, 0.5, 0.85)] {
+        let load = |dtype: &str| {
+            let opts = softprompt::BackendOptions {
+                dtype: dtype.into(),
+                ..Default::default()
+            };
+            softprompt::load_backbone_with("candle", dir.join(file), &opts).unwrap()
+        };
+        let (f32_model, exact, int8) = (load("f32"), load("quantized-exact"), load("quantized"));
+        let tok = load_tokenizer(dir.join(file)).unwrap();
+        let ids = tok.encode(text, true).unwrap();
+        let empty = SoftPrompt::empty(f32_model.spec().hidden_size);
+        let mut sessions: Vec<_> = [&f32_model, &exact, &int8]
+            .iter()
+            .map(|b| b.start_decode(&empty, &ids).unwrap())
+            .collect();
+        let argmax = |l: &[f32]| {
+            l.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |a, (i, v)| if *v > a.1 { (i, *v) } else { a })
+                .0
+        };
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        let (mut exact_worst, mut int8_worst, mut same, mut scale) = (0f32, 0f32, 0, 0f32);
+        let steps = 48;
+        for step in 0..steps {
+            let reference = sessions[0].logits().to_vec();
+            scale = reference.iter().fold(scale, |s, v| s.max(v.abs()));
+            exact_worst = exact_worst.max(diff(&reference, sessions[1].logits()));
+            int8_worst = int8_worst.max(diff(&reference, sessions[2].logits()));
+            let next = argmax(&reference);
+            same += usize::from(argmax(sessions[2].logits()) == next);
+            if step + 1 < steps {
+                for s in sessions.iter_mut() {
+                    s.advance(next as u32).unwrap();
+                }
+            }
+        }
+        let agreement = same as f32 / steps as f32;
+        eprintln!(
+            "{file}: {steps} decode steps, logits up to {scale:.1}: quantized-exact within \
+             {exact_worst:e}, quantized (8-bit activations) within {int8_worst:e}, same greedy \
+             token at {same}/{steps}"
+        );
+        assert!(exact_worst <= 2e-3, "{file}: exact path moved {exact_worst}");
+        assert!(int8_worst <= bound, "{file}: 8-bit activations moved {int8_worst}");
+        assert!(int8_worst > 0.0, "{file}: the 8-bit kernel did not run");
+        assert!(agreement >= agree, "{file}: greedy agreement {agreement}");
+    }
+}
+
 /// `--dtype quantized`: the projection matrices stay in their GGUF blocks (Q4_1 in SmolLM2's
 /// file; Q5_0, Q8_0, Q4_K and Q6_K in Gemma 3's) and compute tile by tile. Same fingerprint as
 /// the f32 load; three training steps give the f32 path's losses and prompt to float rounding
