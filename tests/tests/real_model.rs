@@ -613,7 +613,10 @@ fn int8_decode_steps_stay_near_the_exact_ones() {
         let argmax = |l: &[f32]| {
             l.iter()
                 .enumerate()
-                .fold((0, f32::MIN), |a, (i, v)| if *v > a.1 { (i, *v) } else { a })
+                .fold(
+                    (0, f32::MIN),
+                    |a, (i, v)| if *v > a.1 { (i, *v) } else { a },
+                )
                 .0
         };
         let diff = |a: &[f32], b: &[f32]| {
@@ -643,8 +646,14 @@ fn int8_decode_steps_stay_near_the_exact_ones() {
              {exact_worst:e}, quantized (8-bit activations) within {int8_worst:e}, same greedy \
              token at {same}/{steps}"
         );
-        assert!(exact_worst <= 2e-3, "{file}: exact path moved {exact_worst}");
-        assert!(int8_worst <= bound, "{file}: 8-bit activations moved {int8_worst}");
+        assert!(
+            exact_worst <= 2e-3,
+            "{file}: exact path moved {exact_worst}"
+        );
+        assert!(
+            int8_worst <= bound,
+            "{file}: 8-bit activations moved {int8_worst}"
+        );
         assert!(int8_worst > 0.0, "{file}: the 8-bit kernel did not run");
         assert!(agreement >= agree, "{file}: greedy agreement {agreement}");
     }

@@ -82,10 +82,63 @@ pub fn matmul_flops(device: &Device, n: usize, repeats: usize) -> Result<f64> {
     run().map_err(to_core)
 }
 
-/// Runs `f` on a thread of rayon's pool, so that the kernels' parallel loops inside it start
-/// from a worker (the other workers steal while awake) instead of each handing its work to the
-/// pool from outside and waiting to be woken: one hand-over per call instead of one per op,
-/// which on two cores was a third of a decode step's product time.
+/// Runs `f` on a thread of rayon's pool with the pool's other threads kept awake until it
+/// returns: each of them runs a helper that takes whatever parallel work `f`'s kernels hand out
+/// (`rayon::yield_now`) and otherwise spins. A decode step is ~120 parallel products of tens of
+/// microseconds each; started from outside the pool each paid a hand-over, and even from inside
+/// it a sleeping worker's wake-up (a third of a decode step's product time on two cores before
+/// this). The spinning lasts only while `f` runs.
 pub(crate) fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let helpers = rayon::current_num_threads().saturating_sub(1);
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        let owner = rayon::current_thread_index();
+        let done = &done;
+        for _ in 0..helpers {
+            s.spawn(move |_| {
+                // a helper that `f`'s own thread picks up while it waits inside `f` must not
+                // spin there: `done` is set only when `f` returns
+                if rayon::current_thread_index() == owner {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) {
+                    if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        // set however `f` ends (a panic too), or the scope would wait on spinning helpers
+        struct Release<'a>(&'a AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _release = Release(done);
+        f()
+    })
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use rayon::prelude::*;
+
+    /// Work inside [`super::in_pool`] gives the same results as outside, nested calls and
+    /// a panic inside end (the helpers stop) instead of hanging.
+    #[test]
+    fn in_pool_runs_nested_work_and_ends_on_panic() {
+        let sum = |n: u64| (0..n).into_par_iter().map(|i| i * i).sum::<u64>();
+        let want = sum(100_000);
+        let got = super::in_pool(|| {
+            (0..50)
+                .map(|_| super::in_pool(|| sum(100_000)))
+                .collect::<Vec<_>>()
+        });
+        assert!(got.iter().all(|g| *g == want));
+        let caught = std::panic::catch_unwind(|| super::in_pool(|| panic!("inside the pool")));
+        assert!(caught.is_err());
+        assert_eq!(super::in_pool(|| sum(1000)), sum(1000));
+    }
 }
