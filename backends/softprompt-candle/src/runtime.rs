@@ -8,6 +8,7 @@ use std::cell::RefCell;
 
 use candle_core::{DType, Device, Tensor};
 use softprompt_core::{Error, HostTensor, Positions, Result};
+use softprompt_nn::models::VitBlock;
 use softprompt_nn::{Gelu, Heads, Linear, Ops, Pass, PositionIds, PreNormBlock, Rope};
 
 use crate::model::HostCache;
@@ -417,6 +418,37 @@ impl Ops for CandleOps<'_> {
             return c(self.host_attention(&mut hp, qkv, heads, rope, layer));
         }
         softprompt_nn::ops::self_attention_composed(self, qkv, heads, rope, layer, pass)
+    }
+
+    fn fused_vit_block(
+        &self,
+        block: &VitBlock<Tensor>,
+        x: &Tensor,
+        heads: Heads,
+        eps: f64,
+    ) -> Result<Option<Tensor>> {
+        let linears = [&block.qkv, &block.o, &block.fc1, &block.fc2];
+        if !fused::supported(x) || linears.iter().any(|l| l.quant.is_some()) {
+            return Ok(None);
+        }
+        let owned = |l: &Linear<Tensor>| (l.w.clone(), l.b.clone());
+        let op = fused::VitLayer {
+            w: fused::VitWeights {
+                norm1: (block.norm1.w.clone(), block.norm1.b.clone()),
+                qkv: owned(&block.qkv),
+                o: owned(&block.o),
+                ls1: block.ls1.clone(),
+                norm2: (block.norm2.w.clone(), block.norm2.b.clone()),
+                fc1: owned(&block.fc1),
+                fc2: owned(&block.fc2),
+                ls2: block.ls2.clone(),
+                eps,
+                heads: (heads.q, heads.dim),
+            },
+            train: x.track_op(),
+            saved: Default::default(),
+        };
+        c(x.contiguous().and_then(|x| x.apply_op1(op)).map(Some))
     }
 
     fn fused_block(

@@ -50,7 +50,28 @@ fn init_logging(cli: &Cli) {
     };
 }
 
+/// mimalloc's `mi_option_purge_delay` (`mimalloc.h`'s `mi_option_e` of the pinned
+/// libmimalloc-sys 0.1.49, mimalloc v3; the crate names no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+// the option after it is one the crate names
+const _: () = assert!(MI_OPTION_PURGE_DELAY + 1 == libmimalloc_sys::mi_option_use_numa_nodes);
+
+/// Keeps the memory of freed buffers instead of handing it back to the kernel after a delay:
+/// a training step frees its activations at its end and asks for as much again at the start of
+/// the next, and the pages handed back had to be faulted in and zeroed again (a sixth of a ViT
+/// training step went to the kernel's `clear_page`; the step ran 1.2× faster without it). The
+/// process's peak memory is unchanged: freed memory is reused, not added to.
+fn keep_freed_memory() {
+    #[allow(unsafe_code)]
+    // SAFETY: `mi_option_set` takes an option index and a value and has no other
+    // precondition; an index it does not know is ignored
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1)
+    };
+}
+
 fn main() -> std::process::ExitCode {
+    keep_freed_memory();
     let cli = args::Cli::parse();
     if let Some(threads) = cli.threads() {
         // candle sizes its thread pool from this variable at its first operation; set it

@@ -365,6 +365,20 @@ pub trait Ops {
         self_attention_composed(self, qkv, heads, rope, layer, pass)
     }
 
+    /// A whole vision-transformer block ([`crate::models::VitBlock`]: LayerNorm, bidirectional
+    /// attention over every row of `x [b, s, d]`, LayerScale, exact-GELU MLP) as one kernel,
+    /// when the runtime has one: `Some` with the block's output, or `None` to run the
+    /// composition. The default has none.
+    fn fused_vit_block(
+        &self,
+        _block: &crate::models::VitBlock<Self::Tensor>,
+        _x: &Self::Tensor,
+        _heads: Heads,
+        _eps: f64,
+    ) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
+
     /// A whole pre-norm block as one kernel, when the runtime has one for this pass: `Some`
     /// with the block's output (the residual stream after it), or `None` to run the
     /// composition. The default has none.

@@ -44,6 +44,7 @@ mod rope;
 mod swiglu;
 #[cfg(test)]
 mod tests;
+mod vit;
 
 pub(crate) use attention::{decode_attention_row, Attention};
 pub(crate) use geglu::GeGlu;
@@ -54,6 +55,7 @@ pub(crate) use norm::RmsNorm;
 pub(crate) use qmatmul::{QuantMatmul, Weight};
 pub(crate) use rope::Rope;
 pub(crate) use swiglu::SwiGlu;
+pub(crate) use vit::{VitLayer, VitWeights};
 // what the ops share with each other (the whole layer reuses every slice kernel)
 #[allow(unused_imports)]
 use self::attention::{
@@ -107,6 +109,11 @@ pub(crate) trait Elem:
         f(&mut vec![Self::zero(); len])
     }
     /// f32 values as `Self`.
+    /// The error function.
+    fn erf(self) -> Self {
+        let x = self.to_f64();
+        Self::from(candle_core::cpu::erf::erf_f64(x)).unwrap_or_else(Self::zero)
+    }
     fn from_f32_vec(v: Vec<f32>) -> Vec<Self> {
         v.into_iter()
             .map(|x| Self::from(x).unwrap_or_else(Self::zero))
@@ -125,6 +132,9 @@ impl Elem for f32 {
     }
     fn from_f32_vec(v: Vec<f32>) -> Vec<f32> {
         v
+    }
+    fn erf(self) -> f32 {
+        candle_core::cpu::erf::erf_f32(self)
     }
     fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         thread_local! {

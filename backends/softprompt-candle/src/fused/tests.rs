@@ -657,3 +657,117 @@ fn quantized_matmul_op_gradient_matches_finite_differences() {
         );
     }
 }
+
+/// The ViT block (LayerNorm, biases, LayerScale on one branch and none on the other, exact
+/// GELU) against its composition from candle ops, and against finite differences; its f32 run
+/// against the f64 one.
+#[test]
+fn vit_layer_matches_composition_and_finite_differences() {
+    use super::{VitLayer, VitWeights};
+    let (b, s, d, h, hd, i) = (2, 5, 8, 4, 2, 12);
+    let w = VitWeights {
+        norm1: ((rand(&[d], 40) + 1.0).unwrap(), rand(&[d], 41)),
+        qkv: (
+            (rand(&[3 * d, d], 42) * 0.5).unwrap(),
+            Some(rand(&[3 * d], 43)),
+        ),
+        o: ((rand(&[d, d], 44) * 0.5).unwrap(), Some(rand(&[d], 45))),
+        ls1: Some(rand(&[d], 46)),
+        norm2: ((rand(&[d], 47) + 1.0).unwrap(), rand(&[d], 48)),
+        fc1: ((rand(&[i, d], 49) * 2.0).unwrap(), Some(rand(&[i], 50))),
+        fc2: ((rand(&[d, i], 51) * 0.5).unwrap(), None),
+        ls2: None,
+        eps: 1e-6,
+        heads: (h, hd),
+    };
+    let lin = |x: &Tensor, (w, bb): &(Tensor, Option<Tensor>)| {
+        let y = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        match bb {
+            Some(bb) => y.broadcast_add(bb).unwrap(),
+            None => y,
+        }
+    };
+    let ls = |x: Tensor, s: &Option<Tensor>| match s {
+        Some(s) => x.broadcast_mul(s).unwrap(),
+        None => x,
+    };
+    let composed = |t: &[Tensor]| {
+        let x = &t[0];
+        let hn = crate::ops::layer_norm(x, &w.norm1.0, &w.norm1.1, w.eps).unwrap();
+        let (q, k, v) = split_heads_composed(&lin(&hn, &w.qkv), (h, h, hd), None).unwrap();
+        let att = attention_composed(&q, &k, &v, None)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, s, h * hd))
+            .unwrap();
+        let x2 = (x + ls(lin(&att, &w.o), &w.ls1)).unwrap();
+        let hn2 = crate::ops::layer_norm(&x2, &w.norm2.0, &w.norm2.1, w.eps).unwrap();
+        let m = lin(&lin(&hn2, &w.fc1).gelu_erf().unwrap(), &w.fc2);
+        (&x2 + ls(m, &w.ls2)).unwrap()
+    };
+    let fused_with = |w: &VitWeights, x: &Tensor| {
+        let op = VitLayer {
+            w: w.clone(),
+            train: x.track_op(),
+            saved: Default::default(),
+        };
+        x.apply_op1(op).unwrap()
+    };
+    let fused = |t: &[Tensor]| fused_with(&w, &t[0]);
+    let ins = [(rand(&[b, s, d], 52) * 2.0).unwrap()];
+    let wts = rand(&[b, s, d], 53);
+    let (y1, g1) = grads(&ins, &wts, &fused);
+    let (y2, g2) = grads(&ins, &wts, &composed);
+    assert!(max_diff(&y1, &y2) < 1e-12, "{}", max_diff(&y1, &y2));
+    // candle's GELU backward uses 1/sqrt(2π) rounded to 0.398942 (7e-7 relative): the
+    // composition's gradient is the less exact one here, the finite differences decide
+    let gap = max_diff(&g1[0], &g2[0]);
+    assert!(gap < 2e-6, "{gap}");
+    check_fd(&ins, 0, &wts, &g1[0], &fused);
+    // inference (untracked input) gives the same values and keeps nothing for a backward pass
+    assert!(max_diff(&fused(&ins), &y1) < 1e-15);
+    // f32
+    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let o = |(w, b): &(Tensor, Option<Tensor>)| (f(w), b.as_ref().map(f));
+    let w32 = VitWeights {
+        norm1: (f(&w.norm1.0), f(&w.norm1.1)),
+        qkv: o(&w.qkv),
+        o: o(&w.o),
+        ls1: w.ls1.as_ref().map(f),
+        norm2: (f(&w.norm2.0), f(&w.norm2.1)),
+        fc1: o(&w.fc1),
+        fc2: o(&w.fc2),
+        ls2: w.ls2.as_ref().map(f),
+        ..w.clone()
+    };
+    let y32 = fused_with(&w32, &f(&ins[0]));
+    assert!(max_diff(&y32.to_dtype(DType::F64).unwrap(), &y1) < 1e-5);
+}
+
+/// The f32 GELU (no library calls) against erf/exp in f64 over the range activations take.
+#[test]
+fn fast_gelu_matches_the_exact_one() {
+    let xs: Vec<f32> = (-20_000..=20_000).map(|i| i as f32 * 6e-4).collect();
+    let (mut g, mut s) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+    super::vit::fast_gelu::run(&mut g, Some(&mut s), &xs);
+    let mut g_only = vec![0f32; xs.len()];
+    super::vit::fast_gelu::run(&mut g_only, None, &xs);
+    let (mut worst_g, mut worst_s) = (0f64, 0f64);
+    for (i, x) in xs.iter().map(|x| *x as f64).enumerate() {
+        let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x / 2f64.sqrt()));
+        let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        worst_g = worst_g.max((g[i] as f64 - x * cdf).abs() / x.abs().max(1.0));
+        worst_s = worst_s.max((s[i] as f64 - (cdf + x * pdf)).abs());
+        assert_eq!(g[i], g_only[i]);
+    }
+    assert!(worst_g < 5e-7, "gelu: {worst_g}");
+    assert!(worst_s < 1e-6, "slope: {worst_s}");
+    // NaN stays NaN, the tails saturate
+    let mut out = [0f32; 3];
+    super::vit::fast_gelu::run(&mut out, None, &[f32::NAN, -200.0, 200.0]);
+    assert!(
+        out[0].is_nan() && out[1] == 0.0 && out[2] == 200.0,
+        "{out:?}"
+    );
+}

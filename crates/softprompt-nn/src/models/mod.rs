@@ -17,7 +17,7 @@ use crate::ops::{Heads, Ops, Pass};
 pub use gemma3::Gemma3;
 pub use gpt2::Gpt2;
 pub use llama::Llama;
-pub use vit::{Vit, VitPrompt};
+pub use vit::{Vit, VitBlock, VitPrompt};
 
 /// A decoder of any supported family, its weights held as the runtime's tensors `T`.
 #[derive(Debug, Clone)]

@@ -187,6 +187,10 @@ impl<T: Clone> Vit<T> {
                 let tail = ops.narrow(&x, 1, 1 + *n, np)?;
                 x = ops.cat(&[&head, &fresh, &tail], 1)?;
             }
+            if let Some(y) = ops.fused_vit_block(b, &x, self.heads(), eps)? {
+                x = y;
+                continue;
+            }
             let h = ops.layer_norm(&x, &b.norm1.w, &b.norm1.b, eps)?;
             let qkv = ops.linear(&h, &b.qkv)?;
             let att = ops.self_attention(&qkv, self.heads(), None, layer, &mut pass)?;
