@@ -426,6 +426,7 @@ impl Ops for CandleOps<'_> {
         x: &Tensor,
         heads: Heads,
         eps: f64,
+        cls_only: bool,
     ) -> Result<Option<Tensor>> {
         let linears = [&block.qkv, &block.o, &block.fc1, &block.fc2];
         if !fused::supported(x) || linears.iter().any(|l| l.quant.is_some()) {
@@ -446,6 +447,7 @@ impl Ops for CandleOps<'_> {
                 heads: (heads.q, heads.dim),
             },
             train: x.track_op(),
+            cls_only,
             saved: Default::default(),
         };
         c(x.contiguous().and_then(|x| x.apply_op1(op)).map(Some))

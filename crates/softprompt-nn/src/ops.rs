@@ -368,13 +368,15 @@ pub trait Ops {
     /// A whole vision-transformer block ([`crate::models::VitBlock`]: LayerNorm, bidirectional
     /// attention over every row of `x [b, s, d]`, LayerScale, exact-GELU MLP) as one kernel,
     /// when the runtime has one: `Some` with the block's output, or `None` to run the
-    /// composition. The default has none.
+    /// composition. With `cls_only` (the last block, of which only the class token is read) the
+    /// output may be each image's first row alone, `[b, 1, d]`. The default has none.
     fn fused_vit_block(
         &self,
         _block: &crate::models::VitBlock<Self::Tensor>,
         _x: &Self::Tensor,
         _heads: Heads,
         _eps: f64,
+        _cls_only: bool,
     ) -> Result<Option<Self::Tensor>> {
         Ok(None)
     }

@@ -706,27 +706,35 @@ fn vit_layer_matches_composition_and_finite_differences() {
         let m = lin(&lin(&hn2, &w.fc1).gelu_erf().unwrap(), &w.fc2);
         (&x2 + ls(m, &w.ls2)).unwrap()
     };
-    let fused_with = |w: &VitWeights, x: &Tensor| {
+    let fused_with = |w: &VitWeights, x: &Tensor, cls_only: bool| {
         let op = VitLayer {
             w: w.clone(),
             train: x.track_op(),
+            cls_only,
             saved: Default::default(),
         };
         x.apply_op1(op).unwrap()
     };
-    let fused = |t: &[Tensor]| fused_with(&w, &t[0]);
     let ins = [(rand(&[b, s, d], 52) * 2.0).unwrap()];
-    let wts = rand(&[b, s, d], 53);
-    let (y1, g1) = grads(&ins, &wts, &fused);
-    let (y2, g2) = grads(&ins, &wts, &composed);
-    assert!(max_diff(&y1, &y2) < 1e-12, "{}", max_diff(&y1, &y2));
-    // candle's GELU backward uses 1/sqrt(2π) rounded to 0.398942 (7e-7 relative): the
-    // composition's gradient is the less exact one here, the finite differences decide
-    let gap = max_diff(&g1[0], &g2[0]);
-    assert!(gap < 2e-6, "{gap}");
-    check_fd(&ins, 0, &wts, &g1[0], &fused);
-    // inference (untracked input) gives the same values and keeps nothing for a backward pass
-    assert!(max_diff(&fused(&ins), &y1) < 1e-15);
+    // every row, and the class rows alone (the last block of a classifier)
+    for cls_only in [false, true] {
+        let rows = if cls_only { 1 } else { s };
+        let fused = |t: &[Tensor]| fused_with(&w, &t[0], cls_only);
+        let composed = |t: &[Tensor]| composed(t).narrow(1, 0, rows).unwrap();
+        let wts = rand(&[b, rows, d], 53);
+        let (y1, g1) = grads(&ins, &wts, &fused);
+        let (y2, g2) = grads(&ins, &wts, &composed);
+        assert_eq!(y1.dims(), &[b, rows, d]);
+        assert!(max_diff(&y1, &y2) < 1e-12, "{}", max_diff(&y1, &y2));
+        // candle's GELU backward uses 1/sqrt(2π) rounded to 0.398942 (7e-7 relative): the
+        // composition's gradient is the less exact one here, the finite differences decide
+        let gap = max_diff(&g1[0], &g2[0]);
+        assert!(gap < 2e-6, "cls_only {cls_only}: {gap}");
+        check_fd(&ins, 0, &wts, &g1[0], &fused);
+        // inference (untracked input) gives the same values and keeps nothing for a backward
+        assert!(max_diff(&fused(&ins), &y1) < 1e-15);
+    }
+    let y1 = fused_with(&w, &ins[0], false);
     // f32
     let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
     let o = |(w, b): &(Tensor, Option<Tensor>)| (f(w), b.as_ref().map(f));
@@ -741,7 +749,7 @@ fn vit_layer_matches_composition_and_finite_differences() {
         ls2: w.ls2.as_ref().map(f),
         ..w.clone()
     };
-    let y32 = fused_with(&w32, &f(&ins[0]));
+    let y32 = fused_with(&w32, &f(&ins[0]), false);
     assert!(max_diff(&y32.to_dtype(DType::F64).unwrap(), &y1) < 1e-5);
 }
 

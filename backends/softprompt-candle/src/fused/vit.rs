@@ -268,6 +268,10 @@ pub(crate) struct VitLayer {
     /// Whether the forward pass keeps what the backward pass needs (the input is tracked);
     /// inference keeps nothing.
     pub train: bool,
+    /// Only each image's class row leaves the block (`[b, 1, d]`): the last block of a
+    /// classifier, whose other rows nothing reads. Every row's key and value are still computed;
+    /// the query, the output projection and the MLP run on the class rows alone.
+    pub cls_only: bool,
     pub saved: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
@@ -339,19 +343,22 @@ impl VitLayer {
             candle_core::bail!("fused ViT block: input {x:?} does not fit {h} heads of {hd}");
         }
         let inter = self.w.fc1.0.dim(0)?;
+        // queries: every row, or each image's class row; keys: every row
         let dims = Dims {
             b,
             h,
             kv: h,
-            s,
+            s: if self.cls_only { 1 } else { s },
             t: s,
             hd,
             bias_rows: 0,
         };
+        // where the projection's heads go: q, k, v, or (class row only) k and v, the query
+        // projected apart
         let hl = HeadLayout {
             b,
             s,
-            h,
+            h: if self.cls_only { 0 } else { h },
             kv: h,
             hd,
             t: s,
@@ -360,8 +367,28 @@ impl VitLayer {
         Ok((dims, hl, d, inter))
     }
 
+    /// `[b, s, d]`, or `[b, 1, d]` with [`Self::cls_only`].
+    fn out_shape(&self, x: &Shape) -> Result<Shape> {
+        let (b, s, d) = x.dims3()?;
+        Ok(Shape::from((b, if self.cls_only { 1 } else { s }, d)))
+    }
+
     fn scale<T: Elem>(&self) -> T {
         T::from(1.0 / (self.w.heads.1 as f64).sqrt()).expect("scale is finite")
+    }
+}
+
+/// Rows `0, s, 2s, …` (each image's class token) of `x [b·s, d]`.
+fn class_rows<T: Elem>(x: &[T], s: usize, d: usize) -> Vec<T> {
+    x.chunks(s * d)
+        .flat_map(|img| img[..d].iter().copied())
+        .collect()
+}
+
+/// `acc [b·s, d]` at each image's class row `+= rows [b, d]`.
+fn add_class_rows<T: Elem>(acc: &mut [T], rows: &[T], s: usize, d: usize) {
+    for (img, r) in acc.chunks_mut(s * d).zip(rows.chunks(d)) {
+        img[..d].iter_mut().zip(r).for_each(|(a, r)| *a += *r);
     }
 }
 
@@ -376,16 +403,28 @@ fn vit_layer_fwd<T: Elem>(
     let (out, saved) = with_all::<T, _>(&op.tensors(), |t| {
         let p = op.parts(t);
         let h1 = layer_norm_rows(x, p.n1.0, p.n1.1, eps);
-        let qkv = linear_rows(&h1, p.qkv.0, p.qkv.1, 3 * d);
+        let nk = dims.b * dims.h * dims.t * dims.hd;
+        let (mut k, mut v) = (vec![T::zero(); nk], vec![T::zero(); nk]);
+        let (q, residual) = if op.cls_only {
+            // keys and values of every row, the query of the class row only: q [b, h, 1, hd]
+            // is laid out as the projection's rows [b, d]
+            let (wq, wkv) = p.qkv.0.split_at(d * d);
+            let (bq, bkv) = p.qkv.1.map(|b| b.split_at(d)).unzip();
+            let kv = linear_rows(&h1, wkv, bkv, 2 * d);
+            split_heads_into(&kv, hl, None, [&mut [], &mut k, &mut v]);
+            let q = linear_rows(&class_rows(&h1, dims.t, d), wq, bq, d);
+            (q, class_rows(x, dims.t, d))
+        } else {
+            let qkv = linear_rows(&h1, p.qkv.0, p.qkv.1, 3 * d);
+            let mut q = vec![T::zero(); nk];
+            split_heads_into(&qkv, hl, None, [&mut q, &mut k, &mut v]);
+            (q, x.to_vec())
+        };
         drop(h1);
-        let n = dims.b * dims.h * dims.s * dims.hd;
-        let (mut q, mut k, mut v) = (vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]);
-        split_heads_into(&qkv, hl, None, [&mut q, &mut k, &mut v]);
-        drop(qkv);
         let att = attention_rows(&dims, (&q, &k, &v), None, op.scale());
         let o = linear_rows(&att, p.o.0, p.o.1, d);
         drop(att);
-        let mut x2 = x.to_vec();
+        let mut x2 = residual;
         add_scaled(&mut x2, &o, p.ls1);
         drop(o);
         let h2 = layer_norm_rows(&x2, p.n2.0, p.n2.1, eps);
@@ -402,7 +441,7 @@ fn vit_layer_fwd<T: Elem>(
     if let Some(saved) = saved {
         *op.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(saved));
     }
-    Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+    Ok((T::to_cpu_storage_owned(out), op.out_shape(l.shape())?))
 }
 
 fn vit_layer_bwd<T: Elem>(op: &VitLayer, x: &Tensor, grad: &Tensor) -> Result<Vec<T>> {
@@ -444,14 +483,22 @@ fn vit_layer_bwd<T: Elem>(op: &VitLayer, x: &Tensor, grad: &Tensor) -> Result<Ve
         let datt = linear_grad(&scaled(&dx2, p.ls1), p.o.0, d);
         let all = attention_grads(&dims, (&sv.q, &sv.k, &sv.v), &datt, None, op.scale());
         drop(datt);
-        let nq = sv.q.len();
-        let (dq, rest) = all.split_at(nq);
-        let (dk, dv) = rest.split_at(nq);
-        let dqkv = split_heads_grad([dq, dk, dv], hl, None);
-        drop(all);
-        let dh1 = linear_grad(&dqkv, p.qkv.0, 3 * d);
-        drop(dqkv);
-        let mut dx = layer_norm_bwd_rows(x, &dh1, p.n1.0, eps);
+        let (dq, rest) = all.split_at(sv.q.len());
+        let (dk, dv) = rest.split_at(sv.k.len());
+        let mut dx = if op.cls_only {
+            let (wq, wkv) = p.qkv.0.split_at(d * d);
+            let dkv = split_heads_grad([&[], dk, dv], hl, None);
+            let mut dh1 = linear_grad(&dkv, wkv, 2 * d);
+            drop(dkv);
+            add_class_rows(&mut dh1, &linear_grad(dq, wq, d), dims.t, d);
+            let mut dx = layer_norm_bwd_rows(x, &dh1, p.n1.0, eps);
+            add_class_rows(&mut dx, &dx2, dims.t, d);
+            return Ok(dx);
+        } else {
+            let dqkv = split_heads_grad([dq, dk, dv], hl, None);
+            let dh1 = linear_grad(&dqkv, p.qkv.0, 3 * d);
+            layer_norm_bwd_rows(x, &dh1, p.n1.0, eps)
+        };
         add_into(&mut dx, &dx2);
         Ok(dx)
     })

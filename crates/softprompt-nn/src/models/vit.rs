@@ -187,7 +187,8 @@ impl<T: Clone> Vit<T> {
                 let tail = ops.narrow(&x, 1, 1 + *n, np)?;
                 x = ops.cat(&[&head, &fresh, &tail], 1)?;
             }
-            if let Some(y) = ops.fused_vit_block(b, &x, self.heads(), eps)? {
+            let last = layer + 1 == self.blocks.len();
+            if let Some(y) = ops.fused_vit_block(b, &x, self.heads(), eps, last)? {
                 x = y;
                 continue;
             }
@@ -206,7 +207,9 @@ impl<T: Clone> Vit<T> {
             }
             x = ops.add(&x, &m)?;
         }
-        let f = ops.layer_norm(&ops.narrow(&x, 1, 0, 1)?, &self.norm.w, &self.norm.b, eps)?;
+        // the class row (a fused last block may have returned it alone)
+        let cls = ops.narrow(&x, 1, 0, 1)?;
+        let f = ops.layer_norm(&cls, &self.norm.w, &self.norm.b, eps)?;
         ops.reshape(&f, &[-1, d as i64])
     }
 }
