@@ -427,9 +427,12 @@ impl Ops for CandleOps<'_> {
         heads: Heads,
         eps: f64,
         cls_only: bool,
+        replace: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
         let linears = [&block.qkv, &block.o, &block.fc1, &block.fc2];
-        if !fused::supported(x) || linears.iter().any(|l| l.quant.is_some()) {
+        let fits = fused::supported(x)
+            && replace.is_none_or(|r| r.dtype() == x.dtype() && r.device().is_cpu());
+        if !fits || linears.iter().any(|l| l.quant.is_some()) {
             return Ok(None);
         }
         let owned = |l: &Linear<Tensor>| (l.w.clone(), l.b.clone());
@@ -446,11 +449,18 @@ impl Ops for CandleOps<'_> {
                 eps,
                 heads: (heads.q, heads.dim),
             },
-            train: x.track_op(),
+            train: x.track_op() || replace.is_some_and(|r| r.track_op()),
             cls_only,
             saved: Default::default(),
         };
-        c(x.contiguous().and_then(|x| x.apply_op1(op)).map(Some))
+        c((|| {
+            let x = x.contiguous()?;
+            match replace {
+                Some(rows) => x.apply_op2(&rows.contiguous()?, op),
+                None => x.apply_op1(op),
+            }
+        })()
+        .map(Some))
     }
 
     fn fused_block(

@@ -369,7 +369,9 @@ pub trait Ops {
     /// attention over every row of `x [b, s, d]`, LayerScale, exact-GELU MLP) as one kernel,
     /// when the runtime has one: `Some` with the block's output, or `None` to run the
     /// composition. With `cls_only` (the last block, of which only the class token is read) the
-    /// output may be each image's first row alone, `[b, 1, d]`. The default has none.
+    /// output may be each image's first row alone, `[b, 1, d]`. With `replace` (`[b, n, d]`:
+    /// VPT-deep's prompt for this block) rows `1..1 + n` of every image are replaced by it
+    /// before the block runs. The default has none.
     fn fused_vit_block(
         &self,
         _block: &crate::models::VitBlock<Self::Tensor>,
@@ -377,6 +379,7 @@ pub trait Ops {
         _heads: Heads,
         _eps: f64,
         _cls_only: bool,
+        _replace: Option<&Self::Tensor>,
     ) -> Result<Option<Self::Tensor>> {
         Ok(None)
     }

@@ -734,6 +734,45 @@ fn vit_layer_matches_composition_and_finite_differences() {
         // inference (untracked input) gives the same values and keeps nothing for a backward
         assert!(max_diff(&fused(&ins), &y1) < 1e-15);
     }
+    // VPT-deep: rows 1..1 + n replaced by a second input before the block (that input's
+    // gradient is the replaced rows', x gets none there)
+    let n = 2;
+    for cls_only in [false, true] {
+        let rows = if cls_only { 1 } else { s };
+        let fused = |t: &[Tensor]| {
+            let op = VitLayer {
+                w: w.clone(),
+                train: t[0].track_op() || t[1].track_op(),
+                cls_only,
+                saved: Default::default(),
+            };
+            t[0].apply_op2(&t[1], op).unwrap()
+        };
+        let composed = |t: &[Tensor]| {
+            let x = Tensor::cat(
+                &[
+                    &t[0].narrow(1, 0, 1).unwrap(),
+                    &t[1],
+                    &t[0].narrow(1, 1 + n, s - 1 - n).unwrap(),
+                ],
+                1,
+            )
+            .unwrap();
+            composed(&[x]).narrow(1, 0, rows).unwrap()
+        };
+        let ins = [ins[0].clone(), rand(&[b, n, d], 54)];
+        let wts = rand(&[b, rows, d], 55);
+        let (y1, g1) = grads(&ins, &wts, &fused);
+        let (y2, g2) = grads(&ins, &wts, &composed);
+        assert!(max_diff(&y1, &y2) < 1e-12, "{}", max_diff(&y1, &y2));
+        for k in 0..2 {
+            let gap = max_diff(&g1[k], &g2[k]);
+            assert!(gap < 2e-6, "deep, cls_only {cls_only}, input {k}: {gap}");
+            check_fd(&ins, k, &wts, &g1[k], &fused);
+        }
+        let replaced = g1[0].narrow(1, 1, n).unwrap().abs().unwrap();
+        assert_eq!(replaced.sum_all().unwrap().to_scalar::<f64>().unwrap(), 0.0);
+    }
     let y1 = fused_with(&w, &ins[0], false);
     // f32
     let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();

@@ -1,7 +1,7 @@
 //! A whole vision-transformer block (DINOv2: pre-norm LayerNorm, bidirectional attention with
 //! biases, LayerScale, exact-GELU MLP) as one op, with LayerNorm's and GELU's row kernels.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::*;
@@ -283,6 +283,8 @@ struct VitSaved<T> {
     v: Vec<T>,
     x2: Vec<T>,
     slope: Vec<T>,
+    /// The block's input when it was made here (prompt rows put in), not the op's argument.
+    input: Option<Vec<T>>,
 }
 
 /// The block's weights as slices, in [`VitLayer::tensors`]' order.
@@ -392,15 +394,16 @@ fn add_class_rows<T: Elem>(acc: &mut [T], rows: &[T], s: usize, d: usize) {
     }
 }
 
-fn vit_layer_fwd<T: Elem>(
+/// The block's output over rows `x` of shape `shape`, and what its backward pass reads (when
+/// training).
+fn block_fwd<T: Elem>(
     op: &VitLayer,
-    s: &CpuStorage,
-    l: &Layout,
-) -> Result<(CpuStorage, Shape)> {
-    let (dims, hl, d, inter) = op.dims(l.shape())?;
-    let x = view::<T>(s, l)?;
+    x: &[T],
+    shape: &Shape,
+) -> Result<(Vec<T>, Option<VitSaved<T>>)> {
+    let (dims, hl, d, inter) = op.dims(shape)?;
     let eps = op.w.eps;
-    let (out, saved) = with_all::<T, _>(&op.tensors(), |t| {
+    with_all::<T, _>(&op.tensors(), |t| {
         let p = op.parts(t);
         let h1 = layer_norm_rows(x, p.n1.0, p.n1.1, eps);
         let nk = dims.b * dims.h * dims.t * dims.hd;
@@ -436,17 +439,63 @@ fn vit_layer_fwd<T: Elem>(
         drop(g);
         let mut out = x2.clone();
         add_scaled(&mut out, &m, p.ls2);
-        Ok((out, slope.map(|slope| VitSaved { q, k, v, x2, slope })))
-    })?;
+        let saved = slope.map(|slope| VitSaved {
+            q,
+            k,
+            v,
+            x2,
+            slope,
+            input: None,
+        });
+        Ok((out, saved))
+    })
+}
+
+fn vit_layer_fwd<T: Elem>(
+    op: &VitLayer,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (out, saved) = block_fwd(op, view::<T>(s, l)?, l.shape())?;
     if let Some(saved) = saved {
         *op.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(saved));
     }
     Ok((T::to_cpu_storage_owned(out), op.out_shape(l.shape())?))
 }
 
-fn vit_layer_bwd<T: Elem>(op: &VitLayer, x: &Tensor, grad: &Tensor) -> Result<Vec<T>> {
-    let (dims, hl, d, inter) = op.dims(x.shape())?;
-    let eps = op.w.eps;
+/// Checks `rows [b, n, d]` against `x [b, s, d]` (`1 + n ≤ s`); returns `n`.
+fn replaced_rows(x: &Shape, rows: &Shape) -> Result<usize> {
+    let (b, s, d) = x.dims3()?;
+    let (rb, n, rd) = rows.dims3()?;
+    if rb != b || rd != d || 1 + n > s {
+        candle_core::bail!("fused ViT block: prompt rows {rows:?} do not fit the input {x:?}");
+    }
+    Ok(n)
+}
+
+/// With the rows after each image's class token replaced by `rows` (VPT-deep's prompt of this
+/// block) before the block runs.
+fn vit_layer_fwd2<T: Elem>(
+    op: &VitLayer,
+    (sx, lx): (&CpuStorage, &Layout),
+    (sr, lr): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let n = replaced_rows(lx.shape(), lr.shape())?;
+    let (_, s, d) = lx.shape().dims3()?;
+    let (x, rows) = (view::<T>(sx, lx)?, view::<T>(sr, lr)?);
+    let mut input = x.to_vec();
+    for (img, r) in input.chunks_mut(s * d).zip(rows.chunks(n * d)) {
+        img[d..(1 + n) * d].copy_from_slice(r);
+    }
+    let (out, saved) = block_fwd(op, &input, lx.shape())?;
+    if let Some(mut saved) = saved {
+        saved.input = Some(input);
+        *op.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(saved));
+    }
+    Ok((T::to_cpu_storage_owned(out), op.out_shape(lx.shape())?))
+}
+
+fn take_saved<T: Elem>(op: &VitLayer) -> Result<Box<VitSaved<T>>> {
     let saved = op
         .saved
         .lock()
@@ -457,16 +506,54 @@ fn vit_layer_bwd<T: Elem>(op: &VitLayer, x: &Tensor, grad: &Tensor) -> Result<Ve
                 "fused ViT block: no saved activations (backward ran twice)".into(),
             )
         })?;
-    let sv = saved.downcast::<VitSaved<T>>().map_err(|_| {
+    saved.downcast::<VitSaved<T>>().map_err(|_| {
         candle_core::Error::Msg("fused ViT block: saved activations of another dtype".into())
+    })
+}
+
+fn vit_layer_bwd<T: Elem>(op: &VitLayer, x: &Tensor, grad: &Tensor) -> Result<Vec<T>> {
+    let sv = take_saved::<T>(op)?;
+    let (xc, g) = (x.contiguous()?, grad.contiguous()?);
+    with_all::<T, _>(&[&xc, &g], |t| block_bwd(op, x.shape(), &sv, t[0], t[1]))
+}
+
+/// `(∂x, ∂rows)` of [`vit_layer_fwd2`]: the replaced rows' gradient goes to the prompt rows,
+/// none to `x` there.
+fn vit_layer_bwd2<T: Elem>(
+    op: &VitLayer,
+    x: &Tensor,
+    rows: &Tensor,
+    grad: &Tensor,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let n = replaced_rows(x.shape(), rows.shape())?;
+    let (_, s, d) = x.dims3()?;
+    let sv = take_saved::<T>(op)?;
+    let input = sv.input.as_deref().ok_or_else(|| {
+        candle_core::Error::Msg("fused ViT block: the replaced input was not kept".into())
     })?;
-    let (x, g) = (x.contiguous()?, grad.contiguous()?);
-    let mut ts = op.tensors();
-    ts.push(&x);
-    ts.push(&g);
-    with_all::<T, _>(&ts, |t| {
-        let p = op.parts(&t[..t.len() - 2]);
-        let (x, g) = (t[t.len() - 2], t[t.len() - 1]);
+    let g = grad.contiguous()?;
+    let mut dx = with_all::<T, _>(&[&g], |t| block_bwd(op, x.shape(), &sv, input, t[0]))?;
+    let mut drows = Vec::with_capacity(rows.elem_count());
+    for img in dx.chunks_mut(s * d) {
+        let at = &mut img[d..(1 + n) * d];
+        drows.extend_from_slice(at);
+        at.fill(T::zero());
+    }
+    Ok((dx, drows))
+}
+
+/// `∂x` of the block from its input `x` and `∂out`.
+fn block_bwd<T: Elem>(
+    op: &VitLayer,
+    shape: &Shape,
+    sv: &VitSaved<T>,
+    x: &[T],
+    g: &[T],
+) -> Result<Vec<T>> {
+    let (dims, hl, d, inter) = op.dims(shape)?;
+    let eps = op.w.eps;
+    with_all::<T, _>(&op.tensors(), |t| {
+        let p = op.parts(t);
         // MLP: out = x2 + ls2 ⊙ fc2(gelu(fc1(LN₂(x2))))
         let dm = scaled(g, p.ls2);
         let mut df = linear_grad(&dm, p.fc2.0, d);
@@ -524,5 +611,46 @@ impl CustomOp1 for VitLayer {
             other => candle_core::bail!("fused ViT block: {other:?} is not supported"),
         };
         Ok(Some(dx))
+    }
+}
+
+/// The block with the rows after each class token replaced by a second input (VPT-deep).
+impl CustomOp2 for VitLayer {
+    fn name(&self) -> &'static str {
+        "fused-vit-layer-deep-prompt"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, vit_layer_fwd2(self, (s1, l1), (s2, l2)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        rows: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        macro_rules! run {
+            ($t:ty) => {{
+                let (dx, dr) = vit_layer_bwd2::<$t>(self, x, rows, grad)?;
+                (
+                    Tensor::from_vec(dx, x.shape(), x.device())?,
+                    Tensor::from_vec(dr, rows.shape(), rows.device())?,
+                )
+            }};
+        }
+        let (dx, dr) = match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            other => candle_core::bail!("fused ViT block: {other:?} is not supported"),
+        };
+        Ok((Some(dx), Some(dr)))
     }
 }

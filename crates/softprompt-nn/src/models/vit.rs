@@ -180,17 +180,21 @@ impl<T: Clone> Vit<T> {
             tokens: 0,
         });
         for (layer, b) in self.blocks.iter().enumerate() {
-            if let (VitPrompt::Deep(p, n), true) = (&prompt, layer > 0) {
-                // [cls][the previous block's prompt][patches] -> this block's prompt
-                let fresh = ops.narrow(p, 2, layer * d, d)?;
-                let head = ops.narrow(&x, 1, 0, 1)?;
-                let tail = ops.narrow(&x, 1, 1 + *n, np)?;
-                x = ops.cat(&[&head, &fresh, &tail], 1)?;
-            }
+            // VPT-deep: this block's prompt takes the place of the previous block's
+            let fresh = match (&prompt, layer > 0) {
+                (VitPrompt::Deep(p, _), true) => Some(ops.narrow(p, 2, layer * d, d)?),
+                _ => None,
+            };
             let last = layer + 1 == self.blocks.len();
-            if let Some(y) = ops.fused_vit_block(b, &x, self.heads(), eps, last)? {
+            if let Some(y) = ops.fused_vit_block(b, &x, self.heads(), eps, last, fresh.as_ref())? {
                 x = y;
                 continue;
+            }
+            if let (Some(fresh), VitPrompt::Deep(_, n)) = (&fresh, &prompt) {
+                // [cls][the previous block's prompt][patches] -> [cls][this block's][patches]
+                let head = ops.narrow(&x, 1, 0, 1)?;
+                let tail = ops.narrow(&x, 1, 1 + *n, np)?;
+                x = ops.cat(&[&head, fresh, &tail], 1)?;
             }
             let h = ops.layer_norm(&x, &b.norm1.w, &b.norm1.b, eps)?;
             let qkv = ops.linear(&h, &b.qkv)?;
