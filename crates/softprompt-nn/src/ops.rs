@@ -8,7 +8,7 @@
 //! Provided methods are compositions of the required ones (splitting a fused projection into
 //! heads, SwiGLU, self-attention over a cache); a runtime may override any of them with a fused
 //! kernel that computes the same thing, and may take over a whole decoder block
-//! ([`Ops::fused_block`]).
+//! ([`Ops::fused_block`]) or vision-transformer block ([`Ops::fused_vit_block`]).
 
 use softprompt_core::{HostTensor, Positions, Result};
 

@@ -12,7 +12,8 @@
 //! One file per op (its forward and hand-written backward): [`matmul`] (the frozen-weight
 //! product, with [`few_rows`] for decode-sized products), [`norm`], [`swiglu`], [`heads`]
 //! (split q/k/v into heads with RoPE), [`attention`] (training and the decode row over a host
-//! cache) and [`layer`] (a whole Llama block in training). Each op is checked against the
+//! cache), [`layer`] (a whole Llama block in training) and [`vit`] (a whole vision-transformer
+//! block, with LayerNorm and exact GELU). Each op is checked against the
 //! composition it replaces and against central finite differences in [`tests`].
 //!
 //! `unsafe` is allowed here only: `gemm` takes raw pointers, the few-rows kernel uses AVX2

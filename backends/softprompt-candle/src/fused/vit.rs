@@ -572,7 +572,9 @@ fn block_bwd<T: Elem>(
         drop(datt);
         let (dq, rest) = all.split_at(sv.q.len());
         let (dk, dv) = rest.split_at(sv.k.len());
-        let mut dx = if op.cls_only {
+        // x2's gradient reaches x through the residual: at every row, or at the class rows
+        // when only they left the block
+        Ok(if op.cls_only {
             let (wq, wkv) = p.qkv.0.split_at(d * d);
             let dkv = split_heads_grad([&[], dk, dv], hl, None);
             let mut dh1 = linear_grad(&dkv, wkv, 2 * d);
@@ -580,14 +582,14 @@ fn block_bwd<T: Elem>(
             add_class_rows(&mut dh1, &linear_grad(dq, wq, d), dims.t, d);
             let mut dx = layer_norm_bwd_rows(x, &dh1, p.n1.0, eps);
             add_class_rows(&mut dx, &dx2, dims.t, d);
-            return Ok(dx);
+            dx
         } else {
             let dqkv = split_heads_grad([dq, dk, dv], hl, None);
             let dh1 = linear_grad(&dqkv, p.qkv.0, 3 * d);
-            layer_norm_bwd_rows(x, &dh1, p.n1.0, eps)
-        };
-        add_into(&mut dx, &dx2);
-        Ok(dx)
+            let mut dx = layer_norm_bwd_rows(x, &dh1, p.n1.0, eps);
+            add_into(&mut dx, &dx2);
+            dx
+        })
     })
 }
 
