@@ -1206,9 +1206,14 @@ fn image_classification_reads_image_folders_and_digits() {
 }
 
 /// `mpirun -np 2 softprompt train …` (a build with the `mpi` feature): two ranks, each taking
-/// half of every global batch, end at the prompt one process trains (within 2e-6 of the largest
-/// value: the halves' sums round differently) and the same test scores (each rank scoring half
-/// of the rows); rank 0 alone prints and writes. One rank failing ends the job. A run refused
+/// half of every global batch, end at the prompt one process trains and the same test scores
+/// (each rank scoring half of the rows); rank 0 alone prints and writes. The halves' sums round
+/// differently, and AdamW divides each gradient element by its own RMS, so an element whose
+/// gradient is a near-cancelling sum carries that rounding into its update almost undamped: the
+/// prompts agree within 1e-5 of the largest value element by element (measured 1.9e-6 and 3.1e-6
+/// with gemm's AVX-512 kernels, on 8 of 256 elements above 1e-6) and within 1e-6 on average
+/// (measured 2.7e-7); training on half of each batch instead (`--batch-size 4`, one process)
+/// ends 0.29 away on average. One rank failing ends the job. A run refused
 /// before training (a missing file) ends every rank with the error, not a hang.
 #[cfg(feature = "mpi")]
 #[test]
@@ -1290,12 +1295,13 @@ fn mpirun_ranks_train_the_prompt_one_process_trains() {
     let (a, b) = (values(&single), values(&ranks));
     assert_eq!(a.len(), b.len());
     let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
-    let d = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    assert!(d <= 2e-6 * scale, "ranks vs one process: {d}");
+    let diffs: Vec<f32> = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).collect();
+    let d = diffs.iter().copied().fold(0f32, f32::max);
+    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    assert!(
+        d <= 1e-5 * scale && mean <= 1e-6 * scale,
+        "ranks vs one process: largest {d}, mean {mean}"
+    );
     // `eval` under mpirun: each rank scores half, rank 0 prints one process's figures
     let eval_args: Vec<String> = [
         "eval",
