@@ -68,6 +68,22 @@ def accuracy(model, tok, template, labels, data, batch, max_context, pad):
     return correct / len(data)
 
 
+def set_prefix_from_text(peft_model, model, tok, text, n):
+    """Li & Liang's initialisation: the prefix's keys and values are the frozen model's own at
+    PEFT's TEXT init tokens (tokenized, tiled and cut to n), in PEFT's prefix layout
+    [n, layers*2*kv*hd] (per virtual token: layer-major, keys before values, then heads)."""
+    ids = tok(text)["input_ids"]
+    ids = (ids * (n // len(ids) + 1))[:n]
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+        rows = []
+        for layer in cache.layers:
+            for t in (layer.keys, layer.values):  # [1, kv, n, hd]
+                rows.append(t[0].permute(1, 0, 2).reshape(n, -1))
+        weight = peft_model.prompt_encoder["default"].embedding.weight
+        weight.copy_(torch.cat(rows, dim=1).to(weight.dtype))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=GGUF, help="a GGUF file in the assets folder")
@@ -81,7 +97,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--method", default="prompt",
-                    choices=["prompt", "prefix", "prefix-projection", "p-tuning", "p-tuning-lstm"])
+                    choices=["prompt", "prefix", "prefix-text", "prefix-projection", "p-tuning", "p-tuning-lstm"],
+                    help="prefix-text: prefix tuning started at the keys and values of the task's init text "
+                         "(Li & Liang; PEFT's TEXT tokens, tiled to the virtual tokens, through the frozen model)")
     ap.add_argument("--encoder-hidden-size", type=int, default=None,
                     help="prefix-projection / p-tuning encoder width (PEFT's default: token_dim)")
     a = ap.parse_args()
@@ -108,6 +126,8 @@ def main():
                                   encoder_hidden_size=a.encoder_hidden_size,
                                   encoder_reparameterization_type="LSTM" if a.method == "p-tuning-lstm" else "MLP")
     peft_model = get_peft_model(model, cfg)
+    if a.method == "prefix-text":
+        set_prefix_from_text(peft_model, model, tok, init_text, n)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
     order = list(range(len(train)))

@@ -6,7 +6,8 @@
 #   SEEDS="0 1" TASKS=sms-spam MODEL=smollm2 bash tools/seeds.sh
 #   TASKS=nyt-editorials MODEL=smollm2 bash tools/seeds.sh   # 3 classes (negative/neutral/positive)
 #   METHOD=prefix MODEL=smollm2 bash tools/seeds.sh       # prompt (default), prefix,
-#                                                         # prefix-projection, p-tuning
+#                                                         # prefix-text, prefix-projection, p-tuning
+#                          (prefix-text: the prefix starts at the init text's keys and values)
 #   DTYPE=quantized PEFT=0 TASKS=rotten-tomatoes MODEL=smollm2 bash tools/seeds.sh
 #                          # softprompt on the GGUF's quantized blocks (PEFT=0: PEFT not rerun)
 # STEPS (60) and LR (0.03) apply to both runners; results go to
@@ -30,11 +31,13 @@ dtype="${DTYPE:-f32}"
 case "$method" in
   prompt) ours=(--method prompt); theirs=(--method prompt) ;;
   prefix) ours=(--method prefix); theirs=(--method prefix) ;;
+  # Li & Liang's initialisation: the prefix starts at the keys and values of the init text
+  prefix-text) ours=(--method prefix); theirs=(--method prefix-text) ;;
   # Li & Liang's reparameterisation, 512 wide in both
   prefix-projection) ours=(--method prefix --prefix-projection 512)
     theirs=(--method prefix-projection --encoder-hidden-size 512) ;;
   p-tuning) ours=(--method p-tuning); theirs=(--method p-tuning) ;;
-  *) echo "unknown METHOD=$method (prompt, prefix, prefix-projection, p-tuning)" >&2; exit 2 ;;
+  *) echo "unknown METHOD=$method (prompt, prefix, prefix-text, prefix-projection, p-tuning)" >&2; exit 2 ;;
 esac
 out="runs/seeds/${MODEL:-gemma3-270m}"
 if [ "$method" != prompt ]; then out="$out-$method"; fi
@@ -71,11 +74,16 @@ for task in $tasks; do
       init="Classify the sentiment of the sentence as negative, neutral or positive" ;;
     *) echo "unknown task $task (rotten-tomatoes, sms-spam, nyt-editorials)" >&2; exit 2 ;;
   esac
+  # prompt tuning and the text-initialised prefix start from the task's text; the others as PEFT
+  case "$method" in
+    prompt|prefix-text) init_args=(--init text --init-text "$init") ;;
+    *) init_args=() ;;
+  esac
   for seed in $seeds; do
     if ! done_run softprompt "$task" "$seed"; then
     line="$("$bin" train --model "$assets/$gguf" --train "$assets/$task/train.jsonl" \
       --test "$assets/$task/test.jsonl" --template "$template" --labels "$labels" \
-      --num-virtual-tokens 20 --init text --init-text "$init" --optimizer adamw --lr "$lr" --steps "$steps" \
+      --num-virtual-tokens 20 "${init_args[@]}" --optimizer adamw --lr "$lr" --steps "$steps" \
       --batch-size 8 --seed "$seed" --threads "$threads" --dtype "$dtype" --output "$out/$task-$seed" --quiet "${ours[@]}" | tail -n 1)"
     echo "{\"runner\":\"softprompt\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
     fi

@@ -472,6 +472,7 @@ macro_rules! contract_tests {
         $crate::contract_test!(cached_decoding_matches_scoring, $gen);
         $crate::contract_test!(continuous_batching_matches_one_sequence_at_a_time, $gen);
         $crate::contract_test!(mismatched_prompts_are_typed_errors, true);
+        $crate::contract_test!(key_value_prefix_acts_as_its_prompt, true);
     };
 }
 

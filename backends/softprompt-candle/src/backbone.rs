@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use softprompt_core::backbone::{check_next_token, check_prompts};
+use softprompt_core::backbone::{
+    check_next_token, check_prefix_source, check_prompts, pack_key_value_prefix,
+};
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
     prompt_slots, AttentionMask, Backbone, BackboneSpec, Batch, BatchDecoder, Batcher,
@@ -487,6 +489,25 @@ impl Backbone for CandleBackbone {
             Ok(logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
         };
         run().map_err(to_core)
+    }
+
+    fn key_value_prefix(&self, prompt: &SoftPrompt) -> Result<SoftPrompt> {
+        let n = check_prefix_source(self, prompt)?;
+        self.check_length(n)?;
+        let p = self.prompts_tensor(std::slice::from_ref(prompt), n)?;
+        let flat = |t: &Tensor| -> CResult<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let run = || -> CResult<Vec<(Vec<f32>, Vec<f32>)>> {
+            self.prompt_kv(&p, Placement::InputEmbeddings, None, &[0], n)?
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| Ok((flat(&k.contiguous()?)?, flat(&v.contiguous()?)?)))
+                .collect()
+        };
+        let layers = run().map_err(to_core)?;
+        let heads = self.model.heads();
+        pack_key_value_prefix(&layers, n, heads.kv, heads.dim)
     }
 
     fn batch_decoder(&self) -> Option<Box<dyn BatchDecoder + '_>> {

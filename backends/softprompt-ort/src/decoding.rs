@@ -70,21 +70,31 @@ impl OrtKernels<'_> {
         SeqCache { past, len }
     }
 
-    /// `[prompt][ids]` of one sequence in one call (no input tokens allowed).
-    fn prefill_one(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqCache, Vec<f32>)> {
-        if prompt.placement() == Placement::KeyValuePrefix {
-            if ids.is_empty() {
-                return Err(Error::InvalidBatch(
-                    "a key/value prefix predicts nothing by itself: give at least one token".into(),
-                ));
-            }
-            let mut one = self.prefill_group(&[(prompt, ids)])?;
-            return Ok(one.remove(0));
-        }
+    /// Every layer's keys and values `[kv_heads, N, head_dim]` at an input-embedding prompt's own
+    /// positions: one call over `[prompt][token 0]`, whose token cannot change the positions
+    /// before it (causal attention), read before any layer's window drops a position.
+    pub(crate) fn prompt_keys_values(
+        &self,
+        prompt: &SoftPrompt,
+    ) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        let n = prompt.num_virtual_tokens();
+        let out = self.backbone.run_decode(self.prompt_inputs(prompt, &[0]))?;
+        Ok(out[1..]
+            .chunks(2)
+            .map(|kv| {
+                let own = |x: &[f32]| self.slice_row(x, 0, n + 1, 0..n, None);
+                (own(&kv[0].1), own(&kv[1].1))
+            })
+            .collect())
+    }
+
+    /// The graph's inputs for `[prompt][ids]` of one sequence (input embeddings), the logits
+    /// picked at its last position.
+    fn prompt_inputs(&self, prompt: &SoftPrompt, ids: &[u32]) -> Inputs {
         let b = self.backbone;
         let n = prompt.num_virtual_tokens();
         let s = n + ids.len();
-        let inputs = Inputs {
+        Inputs {
             rows: 1,
             input_ids: ids.iter().map(|i| *i as i64).collect(),
             tokens: ids.len(),
@@ -98,8 +108,22 @@ impl OrtKernels<'_> {
             candidates: 1,
             past: Vec::new(),
             past_len: 0,
-        };
-        let mut out = b.run_decode(inputs)?;
+        }
+    }
+
+    /// `[prompt][ids]` of one sequence in one call (no input tokens allowed).
+    fn prefill_one(&self, prompt: &SoftPrompt, ids: &[u32]) -> Result<(SeqCache, Vec<f32>)> {
+        if prompt.placement() == Placement::KeyValuePrefix {
+            if ids.is_empty() {
+                return Err(Error::InvalidBatch(
+                    "a key/value prefix predicts nothing by itself: give at least one token".into(),
+                ));
+            }
+            let mut one = self.prefill_group(&[(prompt, ids)])?;
+            return Ok(one.remove(0));
+        }
+        let s = prompt.num_virtual_tokens() + ids.len();
+        let mut out = self.backbone.run_decode(self.prompt_inputs(prompt, ids))?;
         let logits = std::mem::take(&mut out[0].1);
         Ok((self.own_cache(&out[1..], 0, s, s), logits))
     }

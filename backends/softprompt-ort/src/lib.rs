@@ -21,7 +21,9 @@ use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, Tensor};
-use softprompt_core::backbone::{check_next_token, check_prompts, check_token_ids};
+use softprompt_core::backbone::{
+    check_next_token, check_prefix_source, check_prompts, check_token_ids, pack_key_value_prefix,
+};
 use softprompt_core::model::{ModelConfig, ModelSource};
 
 use crate::decoding::OrtKernels;
@@ -679,6 +681,13 @@ impl Backbone for OrtBackbone {
         inputs.candidate_ids = vec![0; rows * s];
         inputs.candidates = 1;
         Ok(self.run(inputs, &["logits"])?.remove(0).1)
+    }
+
+    fn key_value_prefix(&self, prompt: &SoftPrompt) -> Result<SoftPrompt> {
+        let n = check_prefix_source(self, prompt)?;
+        self.check_length(n + 1)?;
+        let layers = OrtKernels { backbone: self }.prompt_keys_values(prompt)?;
+        pack_key_value_prefix(&layers, n, self.kv_heads, self.head_dim)
     }
 
     fn batch_decoder(&self) -> Option<Box<dyn BatchDecoder + '_>> {

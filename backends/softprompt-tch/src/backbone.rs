@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use softprompt_core::backbone::{check_next_token, check_prompts, check_token_ids};
+use softprompt_core::backbone::{
+    check_next_token, check_prefix_source, check_prompts, check_token_ids, pack_key_value_prefix,
+};
 use softprompt_core::model::ModelSource;
 use softprompt_core::{
     Backbone, BackboneSpec, Batch, BatchDecoder, Batcher, Capabilities, Error, LossAndGrad,
@@ -558,6 +560,24 @@ impl Backbone for TchBackbone {
             loss,
             grads: flat.chunks(per).map(<[f32]>::to_vec).collect(),
         })
+    }
+
+    fn key_value_prefix(&self, prompt: &SoftPrompt) -> Result<SoftPrompt> {
+        let n = check_prefix_source(self, prompt)?;
+        self.check_length(n)?;
+        let _guard = tch::no_grad_guard();
+        let p = self.prompts_tensor(std::slice::from_ref(prompt), n)?;
+        let causal = self
+            .bias(&[1, 1, n as i64, n as i64], |m| m.chunk_bias(n, n))
+            .map_err(to_core)?;
+        let model = self.model();
+        let per_layer = self.prompt_kv(&model, &p, None, &causal).map_err(to_core)?;
+        let layers = per_layer
+            .iter()
+            .map(|(k, v)| Ok((to_f32(k)?, to_f32(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let heads = model.heads();
+        pack_key_value_prefix(&layers, n, heads.kv, heads.dim)
     }
 
     fn logits(&self, prompts: &[SoftPrompt], batch: &Batch) -> Result<Vec<f32>> {

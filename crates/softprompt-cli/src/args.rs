@@ -287,10 +287,13 @@ pub struct TrainArgs {
     /// --method p-tuning --encoder lstm: LSTM layers.
     #[arg(long, default_value_t = 2)]
     pub encoder_num_layers: usize,
-    /// Prompt initialisation (--method prompt; the other methods start as PEFT does: N(0, 1)
-    /// embeddings and PyTorch's default linear initialisation).
-    #[arg(long, value_enum, default_value_t = InitKind::Text)]
-    pub init: InitKind,
+    /// Prompt initialisation (default: text). --method prefix (without --prefix-projection)
+    /// takes it too when given (or when --init-text is): the prefix starts as the keys and values
+    /// that prompt produces at every layer (Li & Liang's initialisation from real words'
+    /// activations); without either it starts as PEFT's does (N(0, 1)), as P-tuning and the
+    /// projected prefix always do (N(0, 1) embeddings, PyTorch's default linear initialisation).
+    #[arg(long, value_enum)]
+    pub init: Option<InitKind>,
     /// Text for --init text (default: "Classify as <label words joined by or>" for
     /// classification, the template's own words for generation).
     #[arg(long)]

@@ -144,7 +144,7 @@ async fn train_one(
         .transpose()?;
     let spec = b.spec().clone();
     let n = a.num_virtual_tokens;
-    let init = match a.init {
+    let init = match a.init.unwrap_or(InitKind::Text) {
         InitKind::Text => PromptInit::Text {
             // without --init-text: a description of the task from its own words
             text: a.init_text.clone().unwrap_or_else(|| match &task {
@@ -190,6 +190,17 @@ async fn train_one(
             dropout: 0.0,
         },
     };
+    // an input-embedding prompt to start from: prompt tuning's, or a prefix's source
+    let init_given = a.init.is_some() || a.init_text.is_some();
+    let from_prompt = match method {
+        PromptMethod::PromptTuning => true,
+        PromptMethod::PrefixTuning { projection: None } => init_given,
+        _ if init_given => bail!(
+            "--init/--init-text start --method prompt and --method prefix without \
+             --prefix-projection; P-tuning and the projected prefix start as PEFT's do"
+        ),
+        _ => false,
+    };
     let encoder = PromptEncoder::new(method, n, &spec)?;
     let optimizer: OptimizerChoice = a.optimizer.parse()?;
     let (metric_label, metric) = metric_name(&task);
@@ -217,7 +228,7 @@ async fn train_one(
         );
     }
     identity.insert("max_context".into(), a.task.max_context.to_string());
-    if method == PromptMethod::PromptTuning {
+    if from_prompt {
         identity.insert("init".into(), format!("{init:?}"));
     }
     identity.insert("method".into(), serde_json::to_string(&method)?);
@@ -282,10 +293,15 @@ async fn train_one(
             .with_context(|| format!("--resume: reading {}", path.display()))?;
         tracing::info!("resuming from step {} ({})", s.step, path.display());
         s
-    } else if method == PromptMethod::PromptTuning {
+    } else if from_prompt {
         let prompt =
             SoftPrompt::initialize(&init, n, b, Some(tok), &mut Rng::seed_from_u64(a.seed))?;
-        trainer.init_state(&prompt)
+        if method == PromptMethod::PromptTuning {
+            trainer.init_state(&prompt)
+        } else {
+            // Li & Liang: the prefix starts as the keys and values of that prompt
+            trainer.init_state(&b.key_value_prefix(&prompt)?)
+        }
     } else {
         let theta = encoder.init(None, &mut Rng::seed_from_u64(a.seed))?;
         trainer.init_encoded(&encoder, theta)?

@@ -463,6 +463,7 @@ fn prefix_and_p_tuning_train_resume_and_run_over_seeds() {
     };
     for method in [
         vec!["--method", "prefix"],
+        vec!["--method", "prefix", "--init-text", "Classify the review"],
         vec!["--method", "prefix", "--prefix-projection", "8"],
         vec!["--method", "p-tuning", "--encoder-hidden-size", "8"],
         vec![
@@ -529,6 +530,76 @@ fn prefix_and_p_tuning_train_resume_and_run_over_seeds() {
             .join(format!("seed-{seed}"))
             .join("adapter_model.safetensors")
             .is_file());
+    }
+}
+
+/// `--method prefix --init-text T` starts the prefix at the keys and values that T's prompt
+/// produces at every layer (Li & Liang): its first step's loss is prompt tuning's from the same
+/// text, on the same batch (to 1e-4), where PEFT's N(0, 1) prefix starts elsewhere. The
+/// projected prefix and P-tuning refuse an initialisation they cannot take.
+#[test]
+fn prefix_starts_at_the_keys_and_values_of_its_init_text() {
+    let f = fixtures();
+    let out = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.display().to_string();
+    let args = |dir: &std::path::Path, method: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--model",
+            &s(&f.join("tiny-llama")),
+            "--train",
+            &s(&f.join("data/sentiment-train.jsonl")),
+            "--output",
+            &s(dir),
+            "--num-virtual-tokens",
+            "6",
+            "--steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--template",
+            "Review: {text}\nSentiment:",
+            "--labels",
+            "negative= negative,positive= positive",
+            "--quiet",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(method.iter().map(|x| x.to_string()));
+        v
+    };
+    let first_loss = |method: &[&str], name: &str| -> f64 {
+        let dir = out.path().join(name);
+        let o = bin().args(args(&dir, method)).output().unwrap();
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+        let line: serde_json::Value =
+            serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        line["loss"].as_f64().unwrap()
+    };
+    let text = ["--init-text", "Classify the movie review"];
+    let prompt = first_loss(&[&["--method", "prompt"][..], &text].concat(), "prompt");
+    let prefix = first_loss(&[&["--method", "prefix"][..], &text].concat(), "prefix");
+    let noise = first_loss(&["--method", "prefix"], "noise");
+    assert!(
+        (prefix - prompt).abs() <= 1e-4 * prompt.abs().max(1.0),
+        "prefix from the text {prefix} vs prompt from the text {prompt}"
+    );
+    assert!(
+        (noise - prompt).abs() > 1e-2,
+        "an N(0, 1) prefix starts where the text does: {noise} vs {prompt}"
+    );
+    for method in [
+        &["--method", "prefix", "--prefix-projection", "8"][..],
+        &["--method", "p-tuning"][..],
+    ] {
+        let o = bin()
+            .args(args(&out.path().join("refused"), &[method, &text].concat()))
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{method:?} took --init-text");
+        assert!(stderr(&o).contains("--init/--init-text"), "{}", stderr(&o));
     }
 }
 

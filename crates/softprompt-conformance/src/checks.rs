@@ -603,3 +603,82 @@ pub fn unsupported_placements_are_refused(l: Load<'_>, probe: &Probe) -> Outcome
         Ok(Outcome::Passed)
     })
 }
+
+/// [`Backbone::key_value_prefix`]: a backbone that takes key/value prefixes turns each
+/// input-embedding prompt into the prefix that scores every row as the prompt does (two prompts,
+/// one per row, in one call), of the prompt's length and the prefix width, and refuses a prompt
+/// that is already a prefix with a typed error; a backbone that does not take prefixes answers
+/// `Unsupported`. Skipped when a backbone takes prefixes but cannot make them.
+pub fn key_value_prefix_acts_as_its_prompt(l: Load<'_>, probe: &Probe) -> Outcome {
+    outcome(|| {
+        let b = load(l)?;
+        let takes = b
+            .capabilities()
+            .placements
+            .contains(&Placement::KeyValuePrefix);
+        let shape = |r: &softprompt_core::Result<SoftPrompt>| {
+            r.as_ref()
+                .map(|p| (p.num_virtual_tokens(), p.hidden_size()))
+                .map_err(ToString::to_string)
+        };
+        if probe.prompts[0].placement() != Placement::InputEmbeddings {
+            let r = b.key_value_prefix(&probe.prompts[0]);
+            return match r {
+                Err(Error::InvalidArgument(_)) | Err(Error::Unsupported { .. }) => {
+                    Ok(Outcome::Passed)
+                }
+                _ => Err(format!("a prefix taken as a source: {:?}", shape(&r))),
+            };
+        }
+        if !takes {
+            let r = b.key_value_prefix(&probe.prompts[0]);
+            return match r {
+                Err(Error::Unsupported { .. }) => Ok(Outcome::Passed),
+                _ => Err(format!(
+                    "takes no key/value prefixes, yet made one: {:?}",
+                    shape(&r)
+                )),
+            };
+        }
+        let mut prefixes = Vec::new();
+        for p in &probe.prompts {
+            match b.key_value_prefix(p) {
+                Err(Error::Unsupported { .. }) => {
+                    return Ok(Outcome::Skipped(
+                        "takes key/value prefixes but cannot make one from a prompt".into(),
+                    ))
+                }
+                r => prefixes.push(call("key_value_prefix", r)?),
+            }
+        }
+        let width = Placement::KeyValuePrefix.width(b.spec());
+        for (p, q) in probe.prompts.iter().zip(&prefixes) {
+            ensure(
+                q.placement() == Placement::KeyValuePrefix
+                    && q.num_virtual_tokens() == p.num_virtual_tokens()
+                    && q.hidden_size() == width,
+                || {
+                    format!(
+                        "a prefix {}×{} at `{}`, not {}×{width} at `key_value_prefix`",
+                        q.num_virtual_tokens(),
+                        q.hidden_size(),
+                        q.placement().as_str(),
+                        p.num_virtual_tokens()
+                    )
+                },
+            )?;
+        }
+        let batch = probe.batch(&[0, 1]);
+        let want = call(
+            "scoring behind the prompts",
+            b.score(&probe.prompts, &batch),
+        )?;
+        let got = call("scoring behind their prefixes", b.score(&prefixes, &batch))?;
+        for (r, (g, w)) in got.logprob_sum.iter().zip(&want.logprob_sum).enumerate() {
+            close(*g, *w, || {
+                format!("row {r}: log p behind the prefix vs behind its prompt")
+            })?;
+        }
+        Ok(Outcome::Passed)
+    })
+}

@@ -235,6 +235,10 @@ pub const CHECKS: &[(&str, CheckFn)] = &[
         "unsupported_placements_are_refused",
         checks::unsupported_placements_are_refused,
     ),
+    (
+        "key_value_prefix_acts_as_its_prompt",
+        checks::key_value_prefix_acts_as_its_prompt,
+    ),
 ];
 
 /// Runs every check of [`CHECKS`] on backbones from `load` with a probe from `seed`: with

@@ -152,12 +152,85 @@ pub trait Backbone: Send + Sync {
         }
     }
 
+    /// The key/value prefix that acts as `prompt` (input embeddings): every layer's keys and
+    /// values of its virtual tokens, in PEFT's `past_key_values` layout `[N, layers·2·kv·hd]`
+    /// ([`Placement::KeyValuePrefix`]). A batch behind the returned prefix scores as behind
+    /// `prompt` (the tokens attend to the same keys and values at the same positions); prefix
+    /// tuning starts from it to begin at a text's activations (Li & Liang's initialisation)
+    /// rather than from noise. Backends without a key/value cache answer with
+    /// [`Error::Unsupported`].
+    fn key_value_prefix(&self, _prompt: &SoftPrompt) -> Result<SoftPrompt> {
+        Err(Error::unsupported(
+            self.backend_name(),
+            "key/value prefixes of a prompt",
+            Some("use the candle or tch backend"),
+        ))
+    }
+
     /// A decoder that advances many sequences (each with its own prompt) in one forward pass
     /// per step. `None` (the default) lets [`crate::batch_decoder`] fall back to one
     /// [`DecodeSession`] per sequence.
     fn batch_decoder(&self) -> Option<Box<dyn crate::BatchDecoder + '_>> {
         None
     }
+}
+
+/// Checks a prompt for [`Backbone::key_value_prefix`]: input embeddings of the backbone's
+/// width, at least one virtual token. Returns its number of virtual tokens.
+pub fn check_prefix_source<B: Backbone + ?Sized>(
+    backbone: &B,
+    prompt: &SoftPrompt,
+) -> Result<usize> {
+    if prompt.placement() != Placement::InputEmbeddings {
+        return Err(Error::InvalidArgument(format!(
+            "a key/value prefix is made from input embeddings, not from a prompt placed at `{}`",
+            prompt.placement().as_str()
+        )));
+    }
+    prompt.check_fits(backbone.spec())?;
+    match prompt.num_virtual_tokens() {
+        0 => Err(Error::InvalidArgument(
+            "a key/value prefix needs at least one virtual token".into(),
+        )),
+        n => Ok(n),
+    }
+}
+
+/// Lays out per-layer keys and values as PEFT's `past_key_values` prefix: `layers[l]` holds
+/// layer `l`'s keys and values, each row-major `[kv_heads, N, head_dim]`; the result is `[N,
+/// layers·2·kv_heads·head_dim]` (per virtual token: layer-major, keys before values, then
+/// heads), a [`Placement::KeyValuePrefix`] prompt.
+pub fn pack_key_value_prefix(
+    layers: &[(Vec<f32>, Vec<f32>)],
+    n: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<SoftPrompt> {
+    let part = kv_heads * head_dim;
+    if let Some((k, v)) = layers
+        .iter()
+        .find(|(k, v)| k.len() != n * part || v.len() != n * part)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "keys/values of {} and {} values, not {n}·{kv_heads}·{head_dim}",
+            k.len(),
+            v.len()
+        )));
+    }
+    let width = layers.len() * 2 * part;
+    let mut out = vec![0f32; n * width];
+    for (l, (k, v)) in layers.iter().enumerate() {
+        for (which, src) in [k, v].into_iter().enumerate() {
+            for h in 0..kv_heads {
+                for t in 0..n {
+                    let from = (h * n + t) * head_dim;
+                    let to = t * width + (2 * l + which) * part + h * head_dim;
+                    out[to..to + head_dim].copy_from_slice(&src[from..from + head_dim]);
+                }
+            }
+        }
+    }
+    Ok(SoftPrompt::new(n, width, out)?.with_placement(Placement::KeyValuePrefix))
 }
 
 /// Errors ([`Error::InvalidBatch`]) on the first token id outside a vocabulary of `vocab_size`.
