@@ -9,7 +9,8 @@
 #                                                         # prefix-text, prefix-projection, p-tuning
 #                          (prefix-text: the prefix starts at the init text's keys and values)
 #   DTYPE=quantized PEFT=0 TASKS=rotten-tomatoes MODEL=smollm2 bash tools/seeds.sh
-#                          # softprompt on the GGUF's quantized blocks (PEFT=0: PEFT not rerun)
+#                          # softprompt on the GGUF's quantized blocks (PEFT=0: PEFT not rerun;
+#                          # OURS=0: softprompt not run, e.g. PEFT in a second process beside it)
 # STEPS (60) and LR (0.03) apply to both runners; results go to
 # runs/seeds/MODEL[-METHOD][-STEPS][-DTYPE].
 set -euo pipefail
@@ -47,7 +48,9 @@ mkdir -p "$out"
 # A copy of the binary, so that rebuilding the workspace during a long run changes nothing
 # (BIN=path runs that binary instead of building one).
 bin="$out/softprompt"
-if [ -n "${BIN:-}" ]; then
+if [ "${OURS:-1}" != 1 ]; then
+  :
+elif [ -n "${BIN:-}" ]; then
   cp "$BIN" "$bin"
 else
   cargo build --release -q -p softprompt-cli
@@ -80,7 +83,7 @@ for task in $tasks; do
     *) init_args=() ;;
   esac
   for seed in $seeds; do
-    if ! done_run softprompt "$task" "$seed"; then
+    if [ "${OURS:-1}" = 1 ] && ! done_run softprompt "$task" "$seed"; then
     line="$("$bin" train --model "$assets/$gguf" --train "$assets/$task/train.jsonl" \
       --test "$assets/$task/test.jsonl" --template "$template" --labels "$labels" \
       --num-virtual-tokens 20 "${init_args[@]}" --optimizer adamw --lr "$lr" --steps "$steps" \
