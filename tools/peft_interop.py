@@ -119,8 +119,12 @@ def main():
             with tempfile.TemporaryDirectory() as out:
                 # ours -> PEFT
                 prompt = os.path.join(out, "ours")
+                # a text start where the method takes one (prompt tuning, the plain prefix: its keys
+                # and values); the projected prefix and P-tuning start as PEFT's do
+                init = ([] if "--prefix-projection" in flags or method.startswith("p-tuning")
+                        else ["--init-text", "Classify the review"])
                 subprocess.run([binary, "train", "--backend", backend, "--model", model, "--train", train,
-                                "--output", prompt, "--num-virtual-tokens", "5", "--init-text", "Classify the review",
+                                "--output", prompt, "--num-virtual-tokens", "5", *init,
                                 "--template", TEMPLATE, "--labels", ",".join(f"{k}={v}" for k, v in LABELS.items()),
                                 "--lr", "0.1", "--steps", "15", "--quiet", *flags],
                                check=True, stdout=subprocess.DEVNULL)
