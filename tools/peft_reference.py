@@ -4,8 +4,13 @@ without projection, P-tuning) on the same model, data, template, split, steps, b
 and virtual-token count as softprompt's main job, for docs/results.md.
 
 Usage: .venv/bin/python tools/peft_reference.py [--model FILE.gguf] [--data rotten-tomatoes|sms-spam|nyt-editorials]
-       [--method prompt|prefix|prefix-projection|p-tuning|p-tuning-lstm] [--encoder-hidden-size N] [--steps 60] ...
+       [--method prompt|prefix|prefix-projection|p-tuning|p-tuning-lstm] [--encoder-hidden-size N] [--steps 60]
+       [--schedule constant|linear --warmup N] [--dev-every N] ...
 Prints one JSON object: zero-shot and tuned test accuracy and seconds per train step.
+The schedule and the dev-set selection follow softprompt's trainer step for step: step s (1-based)
+trains at lr·s/warmup while s ≤ warmup, then lr·(steps−s+1)/(steps−warmup); with --dev-every N
+the prompt is scored on the task's dev.jsonl after every N-th step and the last, and the test
+accuracy is that of the best-scoring prompt (the earliest of ties).
 """
 import argparse
 import json
@@ -102,6 +107,11 @@ def main():
                          "(Li & Liang; PEFT's TEXT tokens, tiled to the virtual tokens, through the frozen model)")
     ap.add_argument("--encoder-hidden-size", type=int, default=None,
                     help="prefix-projection / p-tuning encoder width (PEFT's default: token_dim)")
+    ap.add_argument("--schedule", default="constant", choices=["constant", "linear"],
+                    help="linear: warmup over --warmup steps, then linear decay to zero (softprompt's --schedule linear)")
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--dev-every", type=int, default=0,
+                    help="score the dev split every N steps and keep the best prompt (softprompt's --dev --eval-every)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -130,6 +140,18 @@ def main():
         set_prefix_from_text(peft_model, model, tok, init_text, n)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
+
+    def factor(s):  # s: 0-based index of the step about to run, as softprompt's Schedule
+        if a.schedule == "constant":
+            return 1.0
+        if s < a.warmup:
+            return (s + 1) / a.warmup
+        if a.steps <= a.warmup:
+            return 1.0
+        return min(max((a.steps - s) / (a.steps - a.warmup), 0.0), 1.0)
+
+    dev = rows(os.path.join(ASSETS, a.data, "dev.jsonl")) if a.dev_every > 0 else []
+    best, best_step, evals = None, None, []
     order = list(range(len(train)))
     random.Random(a.seed).shuffle(order)
     times, losses = [], []
@@ -150,6 +172,8 @@ def main():
             ids[j, : len(s)] = torch.tensor(s)
             mask[j, : len(s)] = 1
             lab[j, : len(l)] = torch.tensor(l)
+        for g in opt.param_groups:
+            g["lr"] = a.lr * factor(step)
         t0 = time.perf_counter()
         loss = peft_model(input_ids=ids, attention_mask=mask, labels=lab).loss
         loss.backward()
@@ -158,10 +182,23 @@ def main():
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+        done = step + 1
+        if a.dev_every > 0 and (done % a.dev_every == 0 or done == a.steps):
+            value = accuracy(peft_model, tok, template, labels, dev, 16, a.max_context, pad)
+            peft_model.train()
+            evals.append({"step": done, "dev_accuracy": value})
+            if best is None or value > best[0]:
+                best = (value, [p.detach().clone() for p in params])
+                best_step = done
+    if best is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best[1]):
+                p.copy_(b)
     tuned = accuracy(peft_model, tok, template, labels, test, 16, a.max_context, pad)
     times.sort()
     print(json.dumps({"model": a.model, "method": a.method, "seed": a.seed, "task": a.data, "steps": a.steps,
-                      "batch_size": a.batch_size, "lr": a.lr,
+                      "batch_size": a.batch_size, "lr": a.lr, "schedule": a.schedule, "warmup": a.warmup,
+                      "dev_evals": evals, "best_dev_step": best_step,
                       "trainable_parameters": sum(p.numel() for p in params),
                       "num_virtual_tokens": a.num_virtual_tokens, "test_examples": len(test),
                       "zero_shot_accuracy": zero, "tuned_accuracy": tuned,

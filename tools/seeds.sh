@@ -11,8 +11,11 @@
 #   DTYPE=quantized PEFT=0 TASKS=rotten-tomatoes MODEL=smollm2 bash tools/seeds.sh
 #                          # softprompt on the GGUF's quantized blocks (PEFT=0: PEFT not rerun;
 #                          # OURS=0: softprompt not run, e.g. PEFT in a second process beside it)
-# STEPS (60) and LR (0.03) apply to both runners; results go to
-# runs/seeds/MODEL[-METHOD][-STEPS][-DTYPE].
+# STEPS (60), LR (0.03), SCHEDULE (constant, or linear with WARMUP steps) and DEV_EVERY (0, or
+# score the task's dev split every N steps and keep the best prompt) apply to both runners;
+# results go to runs/seeds/MODEL[-METHOD][-STEPS][-linearWARMUP][-devN][-DTYPE].
+#   STEPS=300 SCHEDULE=linear WARMUP=30 DEV_EVERY=25 METHOD=prefix-text MODEL=smollm2 \
+#     TASKS=rotten-tomatoes THREADS=1 bash tools/seeds.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets="$(python3 tools/fetch_assets.py)"
@@ -29,6 +32,9 @@ method="${METHOD:-prompt}"
 steps="${STEPS:-60}"
 lr="${LR:-0.03}"
 dtype="${DTYPE:-f32}"
+schedule="${SCHEDULE:-constant}"
+warmup="${WARMUP:-0}"
+dev_every="${DEV_EVERY:-0}"
 case "$method" in
   prompt) ours=(--method prompt); theirs=(--method prompt) ;;
   prefix) ours=(--method prefix); theirs=(--method prefix) ;;
@@ -43,6 +49,8 @@ esac
 out="runs/seeds/${MODEL:-gemma3-270m}"
 if [ "$method" != prompt ]; then out="$out-$method"; fi
 if [ "$steps" != 60 ]; then out="$out-$steps"; fi
+if [ "$schedule" != constant ]; then out="$out-$schedule$warmup"; fi
+if [ "$dev_every" != 0 ]; then out="$out-dev$dev_every"; fi
 if [ "$dtype" != f32 ]; then out="$out-$dtype"; fi
 mkdir -p "$out"
 # A copy of the binary, so that rebuilding the workspace during a long run changes nothing
@@ -50,11 +58,10 @@ mkdir -p "$out"
 bin="$out/softprompt"
 if [ "${OURS:-1}" != 1 ]; then
   :
-elif [ -n "${BIN:-}" ]; then
-  cp "$BIN" "$bin"
 else
-  cargo build --release -q -p softprompt-cli
-  cp target/release/softprompt "$bin"
+  if [ -z "${BIN:-}" ]; then cargo build --release -q -p softprompt-cli; fi
+  # copied then renamed: a second seeds.sh on the same folder may be running the old copy
+  cp "${BIN:-target/release/softprompt}" "$bin.$$" && mv -f "$bin.$$" "$bin"
 fi
 results="$out/results.jsonl"
 # Runs already in results.jsonl are kept and skipped (RESET=1 starts over).
@@ -82,17 +89,21 @@ for task in $tasks; do
     prompt|prefix-text) init_args=(--init text --init-text "$init") ;;
     *) init_args=() ;;
   esac
+  sched_ours=(--schedule "$schedule" --warmup "$warmup"); sched_theirs=(--schedule "$schedule" --warmup "$warmup")
+  if [ "$dev_every" != 0 ]; then
+    sched_ours+=(--dev "$assets/$task/dev.jsonl" --eval-every "$dev_every"); sched_theirs+=(--dev-every "$dev_every")
+  fi
   for seed in $seeds; do
     if [ "${OURS:-1}" = 1 ] && ! done_run softprompt "$task" "$seed"; then
     line="$("$bin" train --model "$assets/$gguf" --train "$assets/$task/train.jsonl" \
       --test "$assets/$task/test.jsonl" --template "$template" --labels "$labels" \
       --num-virtual-tokens 20 "${init_args[@]}" --optimizer adamw --lr "$lr" --steps "$steps" \
-      --batch-size 8 --seed "$seed" --threads "$threads" --dtype "$dtype" --output "$out/$task-$seed" --quiet "${ours[@]}" | tail -n 1)"
+      --batch-size 8 --seed "$seed" --threads "$threads" --dtype "$dtype" --output "$out/$task-$seed" --quiet "${ours[@]}" "${sched_ours[@]}" | tail -n 1)"
     echo "{\"runner\":\"softprompt\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
     fi
     if [ "${PEFT:-1}" = 1 ] && ! done_run peft "$task" "$seed"; then
     line="$(.venv/bin/python tools/peft_reference.py --model "$gguf" --data "$task" --seed "$seed" \
-      --threads "$threads" --steps "$steps" --lr "$lr" "${theirs[@]}" 2>/dev/null | tail -n 1)"
+      --threads "$threads" --steps "$steps" --lr "$lr" "${theirs[@]}" "${sched_theirs[@]}" 2>/dev/null | tail -n 1)"
     echo "{\"runner\":\"peft\",\"task\":\"$task\",\"seed\":$seed,\"result\":$line}" | tee -a "$results"
     fi
   done
