@@ -13,7 +13,7 @@
 #                          # OURS=0: softprompt not run, e.g. PEFT in a second process beside it)
 # STEPS (60), LR (0.03), SCHEDULE (constant, or linear with WARMUP steps) and DEV_EVERY (0, or
 # score the task's dev split every N steps and keep the best prompt) apply to both runners;
-# results go to runs/seeds/MODEL[-METHOD][-STEPS][-linearWARMUP][-devN][-DTYPE].
+# results go to runs/seeds/MODEL[-METHOD][-STEPS][-lrLR][-linearWARMUP][-devN][-DTYPE].
 #   STEPS=300 SCHEDULE=linear WARMUP=30 DEV_EVERY=25 METHOD=prefix-text MODEL=smollm2 \
 #     TASKS=rotten-tomatoes THREADS=1 bash tools/seeds.sh
 set -euo pipefail
@@ -49,6 +49,7 @@ esac
 out="runs/seeds/${MODEL:-gemma3-270m}"
 if [ "$method" != prompt ]; then out="$out-$method"; fi
 if [ "$steps" != 60 ]; then out="$out-$steps"; fi
+if [ "$lr" != 0.03 ]; then out="$out-lr$lr"; fi
 if [ "$schedule" != constant ]; then out="$out-$schedule$warmup"; fi
 if [ "$dev_every" != 0 ]; then out="$out-dev$dev_every"; fi
 if [ "$dtype" != f32 ]; then out="$out-$dtype"; fi

@@ -60,7 +60,9 @@ const _: () = assert!(MI_OPTION_PURGE_DELAY + 1 == libmimalloc_sys::mi_option_us
 /// a training step frees its activations at its end and asks for as much again at the start of
 /// the next, and the pages handed back had to be faulted in and zeroed again (a sixth of a ViT
 /// training step went to the kernel's `clear_page`; the step ran 1.2× faster without it). The
-/// process's peak memory is unchanged: freed memory is reused, not added to.
+/// process's peak memory is unchanged: freed memory is reused, not added to. Not for `serve`:
+/// a long-lived server's bursts would hold their peak for the process's life, so it keeps
+/// mimalloc's default (freed memory handed back after a short delay).
 fn keep_freed_memory() {
     #[allow(unsafe_code)]
     // SAFETY: `mi_option_set` takes an option index and a value and has no other
@@ -71,8 +73,10 @@ fn keep_freed_memory() {
 }
 
 fn main() -> std::process::ExitCode {
-    keep_freed_memory();
     let cli = args::Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        keep_freed_memory();
+    }
     if let Some(threads) = cli.threads() {
         // candle sizes its thread pool from this variable at its first operation; set it
         // before any thread starts (libtorch's count is set when the backbone loads)
