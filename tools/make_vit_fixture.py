@@ -156,6 +156,10 @@ def main():
             pooled = model(pixel_values=pixels).pooler_output
         assert (plain - pooled).abs().max() < 1e-12, "the oracle's forward is Dinov2Model's"
         ref[f"features_none_{size}"] = plain
+        # the input of every block: the embeddings, then each block's output but the last's
+        with torch.no_grad():
+            hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        ref[f"hidden_{size}"] = torch.stack(hidden[:layers])
         dfeat = torch.randn(plain.shape, generator=gen, dtype=torch.float64)
         ref[f"dfeat_{size}"] = dfeat
         for kind, table in (("shallow", shallow), ("deep", deep)):

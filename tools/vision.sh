@@ -10,7 +10,8 @@
 #   IMAGES=digits METHODS="linear vpt-deep" bash tools/vision.sh
 #   SHOTS=100 SIZE=224 STEPS=100 METHODS=vpt-deep REFERENCE=1 bash tools/vision.sh
 # LR (0.01) is the prompt's AdamW learning rate, HEAD_LR (0.01) the head's; the linear probe
-# trains PROBE_STEPS (300) steps of 32 cached feature rows.
+# trains PROBE_STEPS (300) steps of 32 cached feature rows. INIT=patches starts VPT's tokens as
+# real patches' hidden states (default: VPT's uniform initialisation).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets="$(python3 tools/fetch_assets.py)"
@@ -24,6 +25,8 @@ bin="$out/softprompt-$$"
 if [ -n "${BIN:-}" ]; then cp "$BIN" "$bin"; else
   cargo build --release -q -p softprompt-cli; cp target/release/softprompt "$bin"; fi
 trap 'rm -f "$bin"' EXIT
+init=(); suffix=""
+if [ -n "${INIT:-}" ]; then init=(--init "$INIT"); suffix="-$INIT"; fi
 lr="${LR:-0.01}"; head_lr="${HEAD_LR:-0.01}"; shots="${SHOTS:-16}"; size="${SIZE:-112}"; steps="${STEPS:-40}"; seeds="${SEEDS:-0,1,2}"
 # digits: the whole held-out split (359 images, up to 52 per class); Fashion-MNIST: 50 per class
 if [ "$images" = digits ]; then test_per_class="${TEST_PER_CLASS:-1000}"; else test_per_class="${TEST_PER_CLASS:-50}"; fi; threads="${THREADS:-2}"
@@ -36,7 +39,7 @@ for method in ${METHODS:-linear vpt-shallow vpt-deep pixel-frame}; do
   SOFTPROMPT_DIGITS="$assets/digits.csv.gz" "$bin" train --task image-classification --images "$images" --model "$assets/vit_s_focus.onnx" \
     --method "$method" --num-virtual-tokens 10 --shots "$shots" --test-per-class "$test_per_class" \
     --image-size "$size" --steps "$run_steps" --batch-size "$batch" --lr "$lr" --head-lr "$head_lr" \
-    --seeds "$seeds" --threads "$threads" --output "$out/$images-$method-$shots-$size-$lr-$run_steps" | tee -a "$out/results.jsonl"
+    --seeds "$seeds" --threads "$threads" "${init[@]}" --output "$out/$images-$method-$shots-$size-$lr-$run_steps$suffix" | tee -a "$out/results.jsonl"
   if [ "${REFERENCE:-0}" = 1 ] && [ "$images" = fashion-mnist ]; then
     bash tools/setup-python.sh
     for seed in ${seeds//,/ }; do

@@ -212,6 +212,120 @@ fn a_backend_without_gradients_says_so() {
     }
 }
 
+/// Every block's input (what `--init patches` starts visual prompt tokens from) equals
+/// transformers' `hidden_states[..layers]` on the backends that return it; ort says it cannot.
+#[test]
+fn block_inputs_match_transformers_hidden_states() {
+    let r = Reference::load();
+    let mut answered = Vec::new();
+    for b in backbones(false) {
+        for size in [16, 24] {
+            let images = r.images(size);
+            match b.block_inputs(&images) {
+                Ok(h) => {
+                    let want = r.f32s(&format!("hidden_{size}"));
+                    assert_eq!(h.len(), want.len(), "{} {size} px", b.backend_name());
+                    let diff = max_diff(&h, &want);
+                    eprintln!(
+                        "{} {size} px, block inputs: max |Δ| = {diff:e}",
+                        b.backend_name()
+                    );
+                    assert!(diff <= 1e-4, "{} {size} px: {diff:e}", b.backend_name());
+                    answered.push(b.backend_name().to_string());
+                }
+                Err(e) => {
+                    assert_eq!(b.backend_name(), "ort", "{e}");
+                    assert!(matches!(e, softprompt::Error::Unsupported { .. }), "{e}");
+                }
+            }
+        }
+    }
+    assert!(answered.iter().any(|b| b == "candle"), "{answered:?}");
+}
+
+/// `--init patches`: every VPT token starts, at every block, as the hidden state that one
+/// patch of one training image has there (the same patch at every block), and the uniform
+/// start is untouched by it.
+#[test]
+fn visual_prompt_tokens_start_as_real_patches() {
+    use softprompt::train::vision::{
+        train_classifier, PromptOptimizer, VisionConfig, VisionMethod, VptInit,
+    };
+    let set = two_class_images(6);
+    let train: Vec<usize> = (0..4).collect();
+    let (d, layers, tokens) = (32, 2, 17);
+    for b in backbones(true) {
+        let images = set.prepare(
+            &train,
+            16,
+            softprompt::train::vision::IMAGENET_MEAN,
+            softprompt::train::vision::IMAGENET_STD,
+        );
+        let states = b.block_inputs(&images).unwrap();
+        let state = |l: usize, i: usize, t: usize| {
+            let at = ((l * train.len() + i) * tokens + t) * d;
+            &states[at..at + d]
+        };
+        for (method, width) in [
+            (VisionMethod::VptDeep(3), layers),
+            (VisionMethod::VptShallow(3), 1),
+        ] {
+            let config = VisionConfig {
+                method,
+                steps: 0,
+                batch_size: 2,
+                image_size: 16,
+                seed: 7,
+                head_warmup: 1,
+                prompt_optimizer: PromptOptimizer::AdamW,
+                vpt_init: VptInit::Patches,
+                ..VisionConfig::default()
+            };
+            let model = train_classifier(b.as_ref(), &set, &train, &config).unwrap();
+            let values = model.prompt.values();
+            assert_eq!(values.len(), 3 * width * d);
+            let mut patches = Vec::new();
+            for j in 0..3 {
+                let token = &values[j * width * d..(j + 1) * width * d];
+                // the (image, patch) whose hidden states at every block are this token's
+                let found = (0..train.len())
+                    .flat_map(|i| (1..tokens).map(move |t| (i, t)))
+                    .find(|&(i, t)| {
+                        (0..width)
+                            .all(|l| max_diff(&token[l * d..(l + 1) * d], state(l, i, t)) <= 1e-6)
+                    });
+                let found = found.unwrap_or_else(|| {
+                    panic!(
+                        "{} {method:?}: token {j} is no patch's hidden states",
+                        b.backend_name()
+                    )
+                });
+                patches.push(found);
+            }
+            assert!(
+                patches.windows(2).any(|w| w[0] != w[1]),
+                "{method:?}: three draws of one patch {patches:?}"
+            );
+            let uniform = train_classifier(
+                b.as_ref(),
+                &set,
+                &train,
+                &VisionConfig {
+                    vpt_init: VptInit::Uniform,
+                    ..config.clone()
+                },
+            )
+            .unwrap();
+            let bound = (6.0f32 / (48 + d) as f32).sqrt();
+            assert!(uniform.prompt.values().iter().all(|v| v.abs() <= bound));
+            assert!(
+                values.iter().any(|v| v.abs() > bound),
+                "{method:?}: patches look uniform"
+            );
+        }
+    }
+}
+
 /// Two classes of 8×8 grey images: dark (class 0) and light (class 1), with a pattern.
 fn two_class_images(n: usize) -> softprompt::train::vision::ImageSet {
     let mut pixels = Vec::new();
@@ -240,7 +354,7 @@ fn two_class_images(n: usize) -> softprompt::train::vision::ImageSet {
 #[test]
 fn visual_prompts_train_without_gradients_on_every_backend() {
     use softprompt::train::vision::{
-        frame_mask, train_classifier, PromptOptimizer, VisionConfig, VisionMethod,
+        frame_mask, train_classifier, PromptOptimizer, VisionConfig, VisionMethod, VptInit,
     };
     let set = two_class_images(12);
     let train: Vec<usize> = (0..8).collect();
@@ -263,6 +377,7 @@ fn visual_prompts_train_without_gradients_on_every_backend() {
                 eps: 0.01,
                 perturbations: 2,
             },
+            vpt_init: VptInit::Uniform,
         };
         let mut runs = Vec::new();
         for b in backbones(false) {
@@ -317,7 +432,7 @@ fn visual_prompts_train_without_gradients_on_every_backend() {
 fn data_parallel_ranks_train_the_visual_prompt_one_process_trains() {
     use softprompt::train::vision::{
         accuracy, accuracy_with, train_classifier, train_classifier_with, PromptOptimizer,
-        VisionConfig, VisionMethod, VisualClassifier,
+        VisionConfig, VisionMethod, VisualClassifier, VptInit,
     };
     use softprompt::{Collective, ThreadGroup};
     let set = two_class_images(12);
@@ -350,6 +465,7 @@ fn data_parallel_ranks_train_the_visual_prompt_one_process_trains() {
                 eval_batch_size: 4,
                 head_warmup: 4,
                 prompt_optimizer: optimizer,
+                vpt_init: VptInit::Uniform,
             };
             let one = train_classifier(b.as_ref(), &set, &train, &config).unwrap();
             // the prompt moved: the comparison is not of two untouched starts

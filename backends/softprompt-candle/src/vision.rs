@@ -93,6 +93,7 @@ impl CandleVision {
         n: usize,
         placement: Placement,
         images: &Images,
+        taps: Option<&mut Vec<Tensor>>,
     ) -> CResult<Tensor> {
         let c = &self.vit.cfg;
         let g = images.grid(c.patch_size);
@@ -122,7 +123,7 @@ impl CandleVision {
         };
         Ok(self
             .vit
-            .features(&self.ops(), &patches, np, &cls, &pos, prompt)?)
+            .features_tapped(&self.ops(), &patches, np, &cls, &pos, prompt, taps)?)
     }
 
     fn stacked(&self, prompts: &[SoftPrompt], n: usize) -> CResult<Tensor> {
@@ -165,7 +166,7 @@ impl VisionBackbone for CandleVision {
                     &self.device,
                 )?)
             };
-            let f = self.forward(rows.as_ref(), n, placement, images)?;
+            let f = self.forward(rows.as_ref(), n, placement, images, None)?;
             Ok(f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
         };
         run().map_err(to_core)
@@ -187,7 +188,7 @@ impl VisionBackbone for CandleVision {
         let var = Var::from_tensor(&self.stacked(prompts, n).map_err(to_core)?).map_err(to_core)?;
         let rows = Self::gather(var.as_tensor(), prompt_index, &self.device).map_err(to_core)?;
         let f = self
-            .forward(Some(&rows), n, placement, images)
+            .forward(Some(&rows), n, placement, images, None)
             .map_err(to_core)?;
         let host: Vec<f32> = f
             .to_dtype(DType::F32)
@@ -213,5 +214,19 @@ impl VisionBackbone for CandleVision {
         let flat = run().map_err(to_core)?;
         let per = n * prompts[0].hidden_size();
         Ok((value, flat.chunks(per).map(<[f32]>::to_vec).collect()))
+    }
+
+    fn block_inputs(&self, images: &Images) -> Result<Vec<f32>> {
+        let none = [SoftPrompt::empty(self.spec.hidden_size)];
+        check_call(&self.vit.cfg, &none, &vec![0; images.rows], images)?;
+        let run = || -> CResult<Vec<f32>> {
+            let mut taps = Vec::with_capacity(self.vit.blocks.len());
+            // the features themselves are not wanted, the blocks' inputs are
+            let _features =
+                self.forward(None, 0, Placement::AfterClassToken, images, Some(&mut taps))?;
+            let all = Tensor::stack(&taps, 0)?;
+            Ok(all.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        run().map_err(to_core)
     }
 }

@@ -76,6 +76,7 @@ impl TchVision {
         n: usize,
         placement: Placement,
         images: &Images,
+        taps: Option<&mut Vec<Handle>>,
     ) -> TResult<Tensor> {
         let c = &self.config;
         let (d, g) = (c.hidden_size as i64, images.grid(c.patch_size));
@@ -110,13 +111,14 @@ impl TchVision {
             (Some(p), Placement::DeepAfterClassToken) => VitPrompt::Deep(p, n),
             (Some(p), _) => VitPrompt::Shallow(p, n),
         };
-        let f = state.vit.features(
+        let f = state.vit.features_tapped(
             &self.ops,
             &Handle(patches),
             np,
             &cls,
             &Handle(pos.shallow_clone()),
             prompt,
+            taps,
         )?;
         Ok(f.0)
     }
@@ -166,7 +168,7 @@ impl VisionBackbone for TchVision {
                 let (stacked, idx) = self.rows(prompts, prompt_index, n)?;
                 Some(stacked.f_index_select(0, &idx)?)
             };
-            self.forward(&mut state, rows.as_ref(), n, placement, images)
+            self.forward(&mut state, rows.as_ref(), n, placement, images, None)
         };
         to_f32(&run().map_err(to_core)?)
     }
@@ -192,7 +194,7 @@ impl VisionBackbone for TchVision {
             .f_index_select(0, &idx)
             .map_err(to_core)
             .and_then(|rows| {
-                self.forward(&mut state, Some(&rows), n, placement, images)
+                self.forward(&mut state, Some(&rows), n, placement, images, None)
                     .map_err(to_core)
             })?;
         let host = to_f32(&f.detach())?;
@@ -217,5 +219,27 @@ impl VisionBackbone for TchVision {
         let flat = run().map_err(to_core)?;
         let per = n * prompts[0].hidden_size();
         Ok((value, flat.chunks(per).map(<[f32]>::to_vec).collect()))
+    }
+
+    fn block_inputs(&self, images: &Images) -> Result<Vec<f32>> {
+        let none = [SoftPrompt::empty(self.config.hidden_size)];
+        check_call(&self.config, &none, &vec![0; images.rows], images)?;
+        let _guard = tch::no_grad_guard();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut run = || -> TResult<Tensor> {
+            let mut taps = Vec::with_capacity(self.config.num_hidden_layers);
+            // the features themselves are not wanted, the blocks' inputs are
+            let _features = self.forward(
+                &mut state,
+                None,
+                0,
+                Placement::AfterClassToken,
+                images,
+                Some(&mut taps),
+            )?;
+            let taps: Vec<&Tensor> = taps.iter().map(|h| &h.0).collect();
+            Ok(Tensor::f_stack(&taps, 0)?)
+        };
+        to_f32(&run().map_err(to_core)?)
     }
 }

@@ -188,8 +188,11 @@ pub enum InitKind {
     Labels,
     /// Embeddings of sampled vocabulary rows.
     Vocab,
-    /// Uniform in [-0.5, 0.5].
+    /// Uniform in [-0.5, 0.5] (visual prompt tokens: VPT's uniform initialisation).
     Uniform,
+    /// Visual prompt tokens (VPT-shallow/deep) start as the hidden states that patches of the
+    /// training images have at each block's input.
+    Patches,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -168,6 +168,9 @@ async fn train_one(
             },
             Task::Generation { .. } => bail!("--init labels needs a classification task"),
         },
+        InitKind::Patches => {
+            bail!("--init patches starts visual prompt tokens (--task image-classification)")
+        }
     };
     let method = match a.method {
         MethodKind::Prompt => PromptMethod::PromptTuning,

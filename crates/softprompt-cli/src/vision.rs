@@ -8,11 +8,11 @@ use anyhow::{bail, Context, Result};
 use softprompt::train::vision::{
     accuracy_with, check_classifier, load_digits, load_fashion_mnist, load_image_folder,
     read_classifier, save_classifier, train_classifier_with, ImageSet, PromptOptimizer,
-    VisionConfig, VisionMethod, VisualClassifier,
+    VisionConfig, VisionMethod, VisualClassifier, VptInit,
 };
 use softprompt::{Collective, SingleProcess, VisionBackbone};
 
-use crate::args::{EvalArgs, MethodKind, TrainArgs};
+use crate::args::{EvalArgs, InitKind, MethodKind, TrainArgs};
 
 /// Seed of the fixed test subset (the same whatever the training seed).
 const TEST_SEED: u64 = 1234;
@@ -179,6 +179,13 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             "--task image-classification trains the prompt with --optimizer adamw or spsa (not {other})"
         ),
     };
+    let vpt_init = match a.init {
+        None | Some(InitKind::Uniform) => VptInit::Uniform,
+        Some(InitKind::Patches) => VptInit::Patches,
+        Some(other) => bail!(
+            "--task image-classification starts prompt tokens with --init uniform or patches (not {other:?})"
+        ),
+    };
     let images = a.images.as_deref().context(
         "--task image-classification needs --images (fashion-mnist, digits or a folder)",
     )?;
@@ -225,6 +232,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             eval_batch_size: a.eval_batch_size,
             head_warmup: a.head_warmup,
             prompt_optimizer,
+            vpt_init,
         };
         let train = train_set.balanced(a.shots, seed);
         let started = Instant::now();
@@ -267,6 +275,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             "seed": seed, "images": images, "method": method.name(), "shots": a.shots,
             "train_images": train.len(), "test_images": test.len(), "image_size": a.image_size,
             "steps": config.steps, "lr": config.lr, "head_lr": config.head_lr,
+            "vpt_init": config.vpt_init.name(),
             "optimizer": a.optimizer, "first_train_loss": model.losses.first(),
             "final_train_loss": model.losses.last(),
             "tuned_test": acc, "train_seconds": train_secs,

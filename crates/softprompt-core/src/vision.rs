@@ -402,6 +402,19 @@ pub trait VisionBackbone: Send + Sync {
     ) -> Result<(f32, Vec<Vec<f32>>)> {
         Err(Error::unsupported(self.backend_name(), "gradients", None))
     }
+
+    /// The input of every block without a prompt, `[layers, rows, 1 + patches, d]` in one
+    /// vector: the embeddings (class token and patches, with their positions), then each block's
+    /// output but the last's, as transformers' `hidden_states[..layers]`. What visual prompt
+    /// tokens can start from (real patches' hidden states). Backends that cannot answer say
+    /// [`Error::Unsupported`].
+    fn block_inputs(&self, _images: &Images) -> Result<Vec<f32>> {
+        Err(Error::unsupported(
+            self.backend_name(),
+            "hidden states of every block",
+            None,
+        ))
+    }
 }
 
 /// Checks one call of a [`VisionBackbone`]: images of the model's channels and at least one

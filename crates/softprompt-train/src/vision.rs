@@ -451,6 +451,30 @@ impl VisionMethod {
     }
 }
 
+/// Where VPT's prompt tokens start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VptInit {
+    /// VPT's uniform initialisation `±√(6 / (3·p² + d))` (Jia et al.).
+    #[default]
+    Uniform,
+    /// Real patches' hidden states: token `j` is, at the input (VPT-shallow) or at every block
+    /// (VPT-deep), the hidden state that a patch drawn at random from a training image has at
+    /// that block's input ([`VisionBackbone::block_inputs`]), so that the prompt starts among
+    /// the tokens the blocks were trained on instead of as noise that moves the class token.
+    /// Needs a backend that returns hidden states (candle, libtorch).
+    Patches,
+}
+
+impl VptInit {
+    /// Name as in the CLI (`--init uniform|patches`) and the saved config.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VptInit::Uniform => "uniform",
+            VptInit::Patches => "patches",
+        }
+    }
+}
+
 /// Settings of an image-classification run.
 #[derive(Debug, Clone)]
 pub struct VisionConfig {
@@ -475,6 +499,8 @@ pub struct VisionConfig {
     pub head_warmup: usize,
     /// How the prompt learns (the head always takes AdamW on its exact gradient).
     pub prompt_optimizer: PromptOptimizer,
+    /// Where VPT's prompt tokens start (the pixel frame always starts at zero).
+    pub vpt_init: VptInit,
 }
 
 /// How a visual prompt is trained.
@@ -507,6 +533,7 @@ impl Default for VisionConfig {
             eval_batch_size: 32,
             head_warmup: 0,
             prompt_optimizer: PromptOptimizer::AdamW,
+            vpt_init: VptInit::Uniform,
         }
     }
 }
@@ -608,14 +635,16 @@ pub fn frame_mask(channels: usize, size: usize, w: usize) -> Vec<bool> {
         .collect()
 }
 
-/// The prompt a method starts from: VPT's uniform initialisation `±√(6 / (3·p² + d))`; a
-/// pixel pattern starts at zero.
+/// The prompt a method starts from: VPT's tokens as `init` says; a pixel pattern starts at
+/// zero.
 fn initial_prompt(
     backbone: &dyn VisionBackbone,
-    method: VisionMethod,
-    image_size: usize,
+    config: &VisionConfig,
+    set: &ImageSet,
+    train: &[usize],
     rng: &mut Rng,
 ) -> Result<SoftPrompt> {
+    let (method, image_size, init) = (config.method, config.image_size, config.vpt_init);
     let c = backbone.config();
     let d = c.hidden_size;
     let (n, placement, width) = match method {
@@ -642,9 +671,55 @@ fn initial_prompt(
             method.name()
         )));
     }
-    let bound = (6.0 / (c.patch_dim() + d) as f64).sqrt() as f32;
-    let values = (0..n * width).map(|_| rng.uniform(-bound, bound)).collect();
+    let values = match init {
+        VptInit::Uniform => {
+            let bound = (6.0 / (c.patch_dim() + d) as f64).sqrt() as f32;
+            (0..n * width).map(|_| rng.uniform(-bound, bound)).collect()
+        }
+        VptInit::Patches => patch_states(backbone, set, train, n, width / d, image_size, rng)?,
+    };
     Ok(SoftPrompt::new(n, width, values)?.with_placement(placement))
+}
+
+/// `[n, layers · d]`: for each of `n` patches drawn at random (an image of `train`, a patch of
+/// its grid), the hidden state it has at the input of blocks `0..layers`, side by side.
+fn patch_states(
+    backbone: &dyn VisionBackbone,
+    set: &ImageSet,
+    train: &[usize],
+    n: usize,
+    layers: usize,
+    image_size: usize,
+    rng: &mut Rng,
+) -> Result<Vec<f32>> {
+    if train.is_empty() {
+        return Err(Error::InvalidArgument(
+            "prompt tokens from patches need training images".into(),
+        ));
+    }
+    let d = backbone.spec().hidden_size;
+    let picks: Vec<usize> = (0..n).map(|_| train[rng.below(train.len())]).collect();
+    let images = set.prepare(&picks, image_size, IMAGENET_MEAN, IMAGENET_STD);
+    let np = images.grid(backbone.config().patch_size).pow(2);
+    let states = backbone.block_inputs(&images)?;
+    let all = backbone.config().num_hidden_layers;
+    let tokens = 1 + np;
+    if states.len() != all * n * tokens * d {
+        return Err(Error::Shape(format!(
+            "{} block inputs for {all} blocks of {n} images of {tokens} tokens × {d}",
+            states.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(n * layers * d);
+    for j in 0..n {
+        // a patch, never the class token
+        let t = 1 + rng.below(np);
+        for l in 0..layers {
+            let at = ((l * n + j) * tokens + t) * d;
+            out.extend_from_slice(&states[at..at + d]);
+        }
+    }
+    Ok(out)
 }
 
 /// Trains `config.method` on the images `train` of `set`.
@@ -697,7 +772,7 @@ pub fn train_classifier_with(
     let d = backbone.spec().hidden_size;
     let classes = set.classes.len();
     let mut rng = Rng::seed_from_u64(config.seed);
-    let mut prompt = initial_prompt(backbone, config.method, config.image_size, &mut rng)?;
+    let mut prompt = initial_prompt(backbone, config, set, train, &mut rng)?;
     // a pixel pattern is trained in its frame only: the rest of it gets no gradient
     let frame = match config.method {
         VisionMethod::PixelFrame(w) => Some(frame_mask(3, config.image_size, w)),

@@ -167,6 +167,24 @@ impl<T: Clone> Vit<T> {
         positions: &T,
         prompt: VitPrompt<'_, T>,
     ) -> Result<T> {
+        self.features_tapped(ops, patches, np, cls, positions, prompt, None)
+    }
+
+    /// [`Self::features`], also pushing onto `taps` the input of every block
+    /// (`[rows, 1 + N + np, d]`: the embeddings, then each block's output but the last's; with
+    /// VPT-deep, before the block's own prompt replaces the previous one's rows): the hidden
+    /// states that visual prompt tokens can start from.
+    #[allow(clippy::too_many_arguments)]
+    pub fn features_tapped<O: Ops<Tensor = T>>(
+        &self,
+        ops: &O,
+        patches: &T,
+        np: usize,
+        cls: &T,
+        positions: &T,
+        prompt: VitPrompt<'_, T>,
+        mut taps: Option<&mut Vec<T>>,
+    ) -> Result<T> {
         let c = &self.cfg;
         let (d, eps) = (c.hidden_size, c.layer_norm_eps);
         let x = ops.add(&ops.linear(patches, &self.patch)?, positions)?;
@@ -186,6 +204,9 @@ impl<T: Clone> Vit<T> {
                 _ => None,
             };
             let last = layer + 1 == self.blocks.len();
+            if let Some(taps) = taps.as_deref_mut() {
+                taps.push(x.clone());
+            }
             if let Some(y) = ops.fused_vit_block(b, &x, self.heads(), eps, last, fresh.as_ref())? {
                 x = y;
                 continue;
