@@ -45,7 +45,7 @@ for method in ${METHODS:-linear vpt-shallow vpt-deep pixel-frame}; do
     for seed in ${seeds//,/ }; do
       .venv/bin/python tools/vision_reference.py --model "$assets/vit_s_focus.onnx" --method "$method" \
         --tokens 10 --shots "$shots" --size "$size" --steps "$run_steps" --batch-size "$batch" --lr "$lr" --head-lr "$head_lr" \
-        --test-per-class "$test_per_class" --seed "$seed" --threads "$threads" 2>/dev/null | tee -a "$out/results.jsonl"
+        --test-per-class "$test_per_class" --seed "$seed" --threads "$threads" --init "${INIT:-uniform}" 2>/dev/null | tee -a "$out/results.jsonl"
     done
   fi
 done

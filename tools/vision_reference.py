@@ -66,6 +66,8 @@ def main():
     ap.add_argument("--test-per-class", type=int, default=50)
     ap.add_argument("--eval-batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default="uniform", choices=["uniform", "patches"],
+                    help="VPT tokens: VPT's uniform init, or real patches' hidden states at each block's input")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -84,8 +86,19 @@ def main():
     frame = None
     if a.method in ("vpt-shallow", "vpt-deep"):
         width = d if a.method == "vpt-shallow" else d * layers
-        bound = (6.0 / (3 * 14 * 14 + d)) ** 0.5
-        prompt = (torch.rand((1, a.tokens, width), generator=gen) * 2 - 1) * bound
+        if a.init == "patches":
+            # token j: a random patch of a random training image, its hidden state at the input
+            # of every block (transformers' hidden_states[:layers]) side by side
+            picks = train[torch.randint(len(train), (a.tokens,), generator=gen)]
+            with torch.no_grad():
+                hidden = model(pixel_values=prepare(train_x[picks], a.size), output_hidden_states=True).hidden_states
+            patch = 1 + torch.randint(hidden[0].shape[1] - 1, (a.tokens,), generator=gen)
+            rows = torch.arange(a.tokens)
+            per_layer = [hidden[l][rows, patch] for l in range(width // d)]
+            prompt = torch.cat(per_layer, dim=-1).unsqueeze(0).clone()
+        else:
+            bound = (6.0 / (3 * 14 * 14 + d)) ** 0.5
+            prompt = (torch.rand((1, a.tokens, width), generator=gen) * 2 - 1) * bound
         prompt.requires_grad_(True)
     elif a.method == "pixel-frame":
         w = round(30 * a.size / 224)
@@ -152,7 +165,7 @@ def main():
     seen = prompt_steps * bs
     print(json.dumps({
         "runner": "pytorch", "method": a.method, "seed": a.seed, "shots": a.shots, "image_size": a.size,
-        "steps": a.steps, "tuned_test": right / len(test), "final_train_loss": loss.item(),
+        "steps": a.steps, "vpt_init": a.init, "tuned_test": right / len(test), "final_train_loss": loss.item(),
         "train_seconds": train_secs,
         "train_images_per_s": None if a.method == "linear" else seen / train_secs,
         "eval_images_per_s": len(test) / eval_secs,
