@@ -123,7 +123,7 @@ impl CandleVision {
         };
         Ok(self
             .vit
-            .features_tapped(&self.ops(), &patches, np, &cls, &pos, prompt, taps)?)
+            .features(&self.ops(), &patches, np, &cls, &pos, prompt, taps)?)
     }
 
     fn stacked(&self, prompts: &[SoftPrompt], n: usize) -> CResult<Tensor> {

@@ -130,6 +130,7 @@ impl OrtVision {
             &"cls".to_string(),
             &"positions".to_string(),
             prompt,
+            None,
         )?;
         g.rename(&f, "features");
         let mut model = ModelProto::new();

@@ -111,7 +111,7 @@ impl TchVision {
             (Some(p), Placement::DeepAfterClassToken) => VitPrompt::Deep(p, n),
             (Some(p), _) => VitPrompt::Shallow(p, n),
         };
-        let f = state.vit.features_tapped(
+        let f = state.vit.features(
             &self.ops,
             &Handle(patches),
             np,
