@@ -1,7 +1,8 @@
 //! ONNX Runtime's vision backbone: the shared ViT ([`softprompt_nn::models::Vit`]) recorded as
 //! ONNX graphs (one per kind of prompt, its length and the input grid, exported on first use
 //! and kept in memory) and run forward only: class-token features for a linear probe and for
-//! visual prompts. No gradients: [`VisionBackbone::features_grad`] says so.
+//! visual prompts, and every block's input (a graph that also outputs them). No gradients:
+//! [`VisionBackbone::features_grad`] says so.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,8 +22,9 @@ use softprompt_nn::models::{Vit, VitPrompt};
 use crate::graph::{value_info, Dim, GraphOps, FLOAT};
 use crate::{environment, ort_err, register_device, OrtOptions, BACKEND};
 
-/// What one exported graph takes: the prompt's kind, its length and the patch grid.
-type Key = (Placement, usize, usize);
+/// What one exported graph takes: the prompt's kind, its length and the patch grid; and
+/// whether it also returns every block's input.
+type Key = (Placement, usize, usize, bool);
 
 /// A frozen vision transformer on ONNX Runtime.
 pub struct OrtVision {
@@ -55,8 +57,9 @@ impl OrtVision {
 
     /// The graph of `key`: inputs `patches [rows, np, c·p·p]` (or `pixels [rows, c, s, s]` and
     /// `pattern [rows, 1, c·s·s]`), `cls [rows, 1, d]`, `positions [1, np, d]`, `prompt [rows,
-    /// N, width]`; output `features [rows, d]`.
-    fn export(&self, (placement, n, grid): Key) -> Result<Vec<u8>> {
+    /// N, width]`; output `features [rows, d]` (and, `tapped`, `block_inputs [layers, rows,
+    /// 1 + N + np, d]`).
+    fn export(&self, (placement, n, grid, tapped): Key) -> Result<Vec<u8>> {
         use Dim::{Fixed, Named};
         let c = &self.config;
         let (d, np) = (c.hidden_size, grid * grid);
@@ -121,8 +124,22 @@ impl OrtVision {
                 &[Named("rows"), Fixed(n), Fixed(width)],
             ));
         }
-        let outputs = vec![value_info("features", FLOAT, &[Named("rows"), Fixed(d)])];
+        let mut outputs = vec![value_info("features", FLOAT, &[Named("rows"), Fixed(d)])];
+        let tokens = 1 + np + if placement == Placement::Pixels { 0 } else { n };
+        if tapped {
+            outputs.push(value_info(
+                "block_inputs",
+                FLOAT,
+                &[
+                    Fixed(c.num_hidden_layers),
+                    Named("rows"),
+                    Fixed(tokens),
+                    Fixed(d),
+                ],
+            ));
+        }
         g.declare(inputs, outputs);
+        let mut taps = Vec::new();
         let f = vit.features(
             &g,
             &patches,
@@ -130,9 +147,23 @@ impl OrtVision {
             &"cls".to_string(),
             &"positions".to_string(),
             prompt,
-            None,
+            tapped.then_some(&mut taps),
         )?;
         g.rename(&f, "features");
+        if tapped {
+            let zero = g.ints(&[0]);
+            let stacked: Vec<String> = taps
+                .iter()
+                .map(|t| g.op("Unsqueeze", &[t, &zero], vec![]))
+                .collect();
+            let stacked: Vec<&str> = stacked.iter().map(String::as_str).collect();
+            g.op_into(
+                "Concat",
+                &stacked,
+                vec![crate::graph::attr_int("axis", 0)],
+                &["block_inputs"],
+            );
+        }
         let mut model = ModelProto::new();
         model.ir_version = 8;
         let mut opset = OperatorSetIdProto::new();
@@ -196,6 +227,25 @@ impl VisionBackbone for OrtVision {
         prompt_index: &[usize],
         images: &Images,
     ) -> Result<Vec<f32>> {
+        self.run(prompts, prompt_index, images, "features")
+    }
+
+    fn block_inputs(&self, images: &Images) -> Result<Vec<f32>> {
+        let none = [SoftPrompt::empty(self.config.hidden_size)];
+        self.run(&none, &vec![0; images.rows], images, "block_inputs")
+    }
+}
+
+impl OrtVision {
+    /// Runs the graph of this call's prompts and grid and returns its output `output`
+    /// (`features`, or `block_inputs` from the graph that also returns them).
+    fn run(
+        &self,
+        prompts: &[SoftPrompt],
+        prompt_index: &[usize],
+        images: &Images,
+        output: &str,
+    ) -> Result<Vec<f32>> {
         let (n, placement) = check_call(&self.config, prompts, prompt_index, images)?;
         let c = &self.config;
         let (d, rows) = (c.hidden_size, images.rows);
@@ -256,13 +306,14 @@ impl VisionBackbone for OrtVision {
             }
         }
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let session = self.session(&mut sessions, (placement, n, grid))?;
+        let tapped = output == "block_inputs";
+        let session = self.session(&mut sessions, (placement, n, grid, tapped))?;
         let out = session
             .run(values)
             .map_err(|e| ort_err("running the ViT graph", e))?;
-        let (_, data) = out["features"]
+        let (_, data) = out[output]
             .try_extract_tensor::<f32>()
-            .map_err(|e| ort_err("features", e))?;
+            .map_err(|e| ort_err(output, e))?;
         Ok(data.to_vec())
     }
 }

@@ -461,7 +461,7 @@ pub enum VptInit {
     /// (VPT-deep), the hidden state that a patch drawn at random from a training image has at
     /// that block's input ([`VisionBackbone::block_inputs`]), so that the prompt starts among
     /// the tokens the blocks were trained on instead of as noise that moves the class token.
-    /// Needs a backend that returns hidden states (candle, libtorch).
+    /// Every backend returns them (ort from a graph that also outputs them).
     Patches,
 }
 
