@@ -466,7 +466,7 @@ pub enum VptInit {
 }
 
 impl VptInit {
-    /// Name as in the CLI (`--init uniform|patches`) and the saved config.
+    /// Name as in the CLI (`--init uniform|patches`) and the training report.
     pub fn name(&self) -> &'static str {
         match self {
             VptInit::Uniform => "uniform",
