@@ -237,8 +237,8 @@ fn block_inputs_match_transformers_hidden_states() {
 }
 
 /// `--init patches`: every VPT token starts, at every block, as the hidden state that one
-/// patch of one training image has there (the same patch at every block), and the uniform
-/// start is untouched by it.
+/// patch of one training image has there (the same patch at every block), the uniform start is
+/// untouched by it, and a method without prompt tokens refuses it.
 #[test]
 fn visual_prompt_tokens_start_as_real_patches() {
     use softprompt::train::vision::{
@@ -314,6 +314,20 @@ fn visual_prompt_tokens_start_as_real_patches() {
             assert!(
                 values.iter().any(|v| v.abs() > bound),
                 "{method:?}: patches look uniform"
+            );
+        }
+        for method in [VisionMethod::Linear, VisionMethod::PixelFrame(2)] {
+            let config = VisionConfig {
+                method,
+                image_size: 16,
+                vpt_init: VptInit::Patches,
+                ..VisionConfig::default()
+            };
+            let err = train_classifier(b.as_ref(), &set, &train, &config).unwrap_err();
+            assert!(
+                matches!(err, softprompt::Error::InvalidArgument(_))
+                    && err.to_string().contains("patches"),
+                "{method:?}: {err}"
             );
         }
     }

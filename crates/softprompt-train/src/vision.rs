@@ -647,6 +647,17 @@ fn initial_prompt(
     let (method, image_size, init) = (config.method, config.image_size, config.vpt_init);
     let c = backbone.config();
     let d = c.hidden_size;
+    if init != VptInit::Uniform
+        && !matches!(
+            method,
+            VisionMethod::VptShallow(_) | VisionMethod::VptDeep(_)
+        )
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{} has no prompt tokens to start from patches (vpt-shallow or vpt-deep)",
+            method.name()
+        )));
+    }
     let (n, placement, width) = match method {
         VisionMethod::Linear => {
             return Ok(SoftPrompt::empty(d).with_placement(Placement::AfterClassToken))

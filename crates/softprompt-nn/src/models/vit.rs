@@ -157,10 +157,10 @@ impl<T: Clone> Vit<T> {
 
     /// Class-token features after the final norm, `[rows, d]`, of `patches [rows, np, c·p·p]`;
     /// `cls [rows, 1, d]` is the class token plus its position and `positions [1, np, d]` the
-    /// patch positions ([`Self::inputs_for`]). With `taps`, also pushes onto it the input of every block (`[rows, 1 + N + np, d]`: the
-    /// embeddings, then each block's output but the last's; with VPT-deep, before the block's own
-    /// prompt replaces the previous one's rows): the hidden states that visual prompt tokens can
-    /// start from.
+    /// patch positions ([`Self::inputs_for`]). With `taps`, also pushes onto it the input of
+    /// every block (`[rows, 1 + N + np, d]`: the embeddings, then each block's output but the
+    /// last's; with VPT-deep, before the block's own prompt replaces the previous one's rows):
+    /// the hidden states that visual prompt tokens can start from.
     #[allow(clippy::too_many_arguments)]
     pub fn features<O: Ops<Tensor = T>>(
         &self,
