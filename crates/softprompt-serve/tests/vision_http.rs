@@ -50,6 +50,7 @@ fn classifier(
         head_b: values(CLASSES.len(), 0.1),
         classes: CLASSES.iter().map(|c| c.to_string()).collect(),
         image_size: size,
+        init: None,
         losses: Vec::new(),
     }
 }

@@ -473,6 +473,14 @@ impl VptInit {
             VptInit::Patches => "patches",
         }
     }
+
+    /// Value of a saved folder's `prompt_tuning_init` (PEFT's field; its values are upper case).
+    pub fn config_value(&self) -> &'static str {
+        match self {
+            VptInit::Uniform => "UNIFORM",
+            VptInit::Patches => "PATCHES",
+        }
+    }
 }
 
 /// Settings of an image-classification run.
@@ -551,6 +559,9 @@ pub struct VisualClassifier {
     pub classes: Vec<String>,
     /// Input resolution it was trained at.
     pub image_size: usize,
+    /// Where VPT's prompt tokens started (`None`: a linear probe, a pixel frame — it always
+    /// starts at zero — or a folder saved before this was recorded).
+    pub init: Option<VptInit>,
     /// Mean training loss of each step.
     pub losses: Vec<f32>,
 }
@@ -967,6 +978,11 @@ pub fn train_classifier_with(
         head_b: b,
         classes: set.classes.clone(),
         image_size: config.image_size,
+        init: matches!(
+            config.method,
+            VisionMethod::VptShallow(_) | VisionMethod::VptDeep(_)
+        )
+        .then_some(config.vpt_init),
         losses,
     })
 }
@@ -977,7 +993,9 @@ pub const VISUAL_PEFT_TYPE: &str = "VISUAL_PROMPT_TUNING";
 /// Writes a trained classifier as a prompt folder, atomically (the folder changes as one unit):
 /// `adapter_model.safetensors` (`prompt_embeddings [N, width]`, `head.weight [classes, d]`,
 /// `head.bias [classes]`) and `adapter_config.json` (PEFT's field names where they apply, the
-/// placement, resolution and classes, the backbone's fingerprint and the weights' SHA-256).
+/// placement, resolution and classes, where the prompt started — `prompt_tuning_init`:
+/// `UNIFORM` or `PATCHES` for VPT, `ZEROS` for a pixel frame —, the backbone's fingerprint and
+/// the weights' SHA-256).
 pub fn save_classifier(
     dir: &Path,
     model: &VisualClassifier,
@@ -1015,6 +1033,11 @@ pub fn save_classifier(
         "placement": model.prompt.placement().as_str(),
         "image_size": model.image_size,
         "classes": model.classes,
+        "prompt_tuning_init": match (model.init, model.prompt.placement()) {
+            (Some(init), _) => Some(init.config_value()),
+            (None, Placement::Pixels) => Some("ZEROS"),
+            (None, _) => None,
+        },
         "softprompt": {
             "backbone_fingerprint": backbone.spec().fingerprint,
             "weights_sha256": softprompt_store::sha256_hex(&weights),
@@ -1135,12 +1158,26 @@ pub fn read_classifier(dir: &Path) -> Result<(serde_json::Value, VisualClassifie
         .as_u64()
         .filter(|s| *s > 0)
         .ok_or_else(|| bad(&cfg_path, "no image_size".into()))? as usize;
+    // informational (nothing at inference depends on it): absent in older folders
+    let init = match &cfg["prompt_tuning_init"] {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(v) if v == "ZEROS" => None,
+        serde_json::Value::String(v) if v == "UNIFORM" => Some(VptInit::Uniform),
+        serde_json::Value::String(v) if v == "PATCHES" => Some(VptInit::Patches),
+        other => {
+            return Err(bad(
+                &cfg_path,
+                format!("unknown prompt_tuning_init {other} (UNIFORM, PATCHES or ZEROS)"),
+            ))
+        }
+    };
     let model = VisualClassifier {
         prompt,
         head_w,
         head_b,
         classes,
         image_size,
+        init,
         losses: Vec::new(),
     };
     Ok((cfg, model))
