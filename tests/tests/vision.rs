@@ -405,6 +405,7 @@ fn visual_prompts_train_without_gradients_on_every_backend() {
                 perturbations: 2,
             },
             vpt_init: VptInit::Uniform,
+            ..VisionConfig::default()
         };
         let mut runs = Vec::new();
         for b in backbones(false) {
@@ -493,6 +494,7 @@ fn data_parallel_ranks_train_the_visual_prompt_one_process_trains() {
                 head_warmup: 4,
                 prompt_optimizer: optimizer,
                 vpt_init: VptInit::Uniform,
+                ..VisionConfig::default()
             };
             let one = train_classifier(b.as_ref(), &set, &train, &config).unwrap();
             // the prompt moved: the comparison is not of two untouched starts
@@ -546,6 +548,137 @@ fn data_parallel_ranks_train_the_visual_prompt_one_process_trains() {
                 assert_eq!(*a, acc, "{what}: sharded accuracy");
                 eprintln!("{what}: prompt {dp:.2e}, head {dw:.2e}, losses {dl:.2e}");
             }
+        }
+    }
+}
+
+/// Training with validation images keeps the first best evaluation: the curve has the steps
+/// asked for (a prompt method's start at step 0), the classifier returned is the run stopped at
+/// the kept step and scores the curve's best on the validation images, ranks keep the same one;
+/// a schedule whose rate is zero after step 1 leaves the prompt and head where step 1 put them;
+/// the validation draw is disjoint from the unchanged few-shot draw.
+#[test]
+fn validation_keeps_the_best_step_and_schedules_scale_the_rates() {
+    use softprompt::train::vision::{
+        accuracy, train_classifier, train_classifier_selecting, PromptOptimizer, VisionConfig,
+        VisionMethod,
+    };
+    use softprompt::train::Schedule;
+    use softprompt::{SingleProcess, ThreadGroup};
+    let set = two_class_images(24);
+    let (train, val) = set.balanced_split(5, 4, 11);
+    assert_eq!(train, set.balanced(5, 11), "the shots do not change");
+    assert_eq!((train.len(), val.len()), (10, 8));
+    assert!(val.iter().all(|i| !train.contains(i)));
+    assert_eq!(val.iter().filter(|i| set.labels[**i] == 0).count(), 4);
+    // a class with fewer images than asked gives what it has
+    let (_, few) = set.balanced_split(10, 5, 11);
+    assert_eq!(few.len(), 4);
+    for b in backbones(true) {
+        for method in [
+            VisionMethod::Linear,
+            VisionMethod::VptDeep(2),
+            VisionMethod::PixelFrame(3),
+        ] {
+            let config = VisionConfig {
+                method,
+                steps: 30,
+                batch_size: 4,
+                lr: 0.05,
+                head_lr: 0.1,
+                image_size: 16,
+                seed: 2,
+                eval_batch_size: 4,
+                head_warmup: 0,
+                prompt_optimizer: PromptOptimizer::AdamW,
+                eval_every: 5,
+                ..VisionConfig::default()
+            };
+            let what = format!("{} {method:?}", b.backend_name());
+            let m =
+                train_classifier_selecting(b.as_ref(), &set, &train, &val, &config, &SingleProcess)
+                    .unwrap();
+            let steps: Vec<usize> = m.validation.iter().map(|(s, _)| *s).collect();
+            let expected: Vec<usize> = if method == VisionMethod::Linear {
+                (1..=6).map(|k| 5 * k).collect()
+            } else {
+                (0..=6).map(|k| 5 * k).collect()
+            };
+            assert_eq!(steps, expected, "{what}");
+            let best = m.validation.iter().map(|(_, a)| *a).fold(0.0, f64::max);
+            let kept = m.validation.iter().find(|(_, a)| *a == best).unwrap().0;
+            assert_eq!(m.kept_step(), Some(kept), "{what}");
+            eprintln!("{what}: validation {:?}, kept step {kept}", m.validation);
+            assert_eq!(
+                accuracy(b.as_ref(), &m, &set, &val, 4).unwrap(),
+                best,
+                "{what}"
+            );
+            let stopped = train_classifier(
+                b.as_ref(),
+                &set,
+                &train,
+                &VisionConfig {
+                    steps: kept,
+                    ..config.clone()
+                },
+            )
+            .unwrap();
+            assert_eq!(m.prompt, stopped.prompt, "{what}: kept step {kept}");
+            assert_eq!(
+                (&m.head_w, &m.head_b),
+                (&stopped.head_w, &stopped.head_b),
+                "{what}"
+            );
+            assert_eq!(m.losses.len(), 30, "{what}: every step's loss");
+            // without validation images: the plain run, the whole of it
+            let plain = train_classifier(b.as_ref(), &set, &train, &config).unwrap();
+            let unselected =
+                train_classifier_selecting(b.as_ref(), &set, &train, &[], &config, &SingleProcess)
+                    .unwrap();
+            assert_eq!(plain, unselected, "{what}");
+            if kept != 30 {
+                assert_ne!(m.head_w, plain.head_w, "{what}: the last step was not kept");
+            }
+            assert!(plain.validation.is_empty());
+            // two ranks keep the same step and classifier as one process
+            let group = ThreadGroup::new(2, std::time::Duration::from_secs(60));
+            let runs: Vec<_> = std::thread::scope(|scope| {
+                let handles: Vec<_> = group
+                    .into_iter()
+                    .map(|g| {
+                        let (b, set, train, val, config) =
+                            (b.as_ref(), &set, &train, &val, &config);
+                        scope.spawn(move || {
+                            train_classifier_selecting(b, set, train, val, config, &g).unwrap()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for r in &runs {
+                assert_eq!(r.validation, m.validation, "{what}: ranks' curves");
+                assert!(max_diff(&r.head_w, &m.head_w) <= 1e-5, "{what}");
+            }
+            // a rate that is zero after the first step: the run ends where step 1 left it
+            let one_step = VisionConfig {
+                steps: 1,
+                ..config.clone()
+            };
+            let decayed = VisionConfig {
+                schedule: Schedule::WarmupLinear {
+                    warmup: 0,
+                    total: 1,
+                },
+                ..config.clone()
+            };
+            let (a, z) = (
+                train_classifier(b.as_ref(), &set, &train, &one_step).unwrap(),
+                train_classifier(b.as_ref(), &set, &train, &decayed).unwrap(),
+            );
+            assert_eq!(a.prompt, z.prompt, "{what}");
+            assert_eq!((&a.head_w, &a.head_b), (&z.head_w, &z.head_b), "{what}");
+            assert_ne!(plain.head_w, z.head_w, "{what}: the constant rate moves on");
         }
     }
 }

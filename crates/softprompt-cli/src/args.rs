@@ -256,6 +256,12 @@ pub struct TrainArgs {
     /// prompt trains (a warm start: the prompt starts with a fitted head).
     #[arg(long, default_value_t = 300)]
     pub head_warmup: usize,
+    /// Validation images per class (`--task image-classification`), drawn from the training
+    /// split beside the shots (disjoint, the same shots as without them): evaluated after the
+    /// head's warm start, every --eval-every steps and at the end; the best evaluation's prompt
+    /// and head are kept (0: none, the last step's are).
+    #[arg(long, default_value_t = 0)]
+    pub val_per_class: usize,
     /// Width of the pixel frame of `--method pixel-frame` (default 30 px at 224, scaled).
     #[arg(long)]
     pub frame_width: Option<usize>,

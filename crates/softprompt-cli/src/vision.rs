@@ -7,12 +7,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use softprompt::train::vision::{
     accuracy_with, check_classifier, load_digits, load_fashion_mnist, load_image_folder,
-    read_classifier, save_classifier, train_classifier_with, ImageSet, PromptOptimizer,
+    read_classifier, save_classifier, train_classifier_selecting, ImageSet, PromptOptimizer,
     VisionConfig, VisionMethod, VisualClassifier, VptInit,
 };
+use softprompt::train::Schedule;
 use softprompt::{Collective, SingleProcess, VisionBackbone};
 
-use crate::args::{EvalArgs, InitKind, MethodKind, TrainArgs};
+use crate::args::{EvalArgs, InitKind, MethodKind, ScheduleKind, TrainArgs};
 
 /// Seed of the fixed test subset (the same whatever the training seed).
 const TEST_SEED: u64 = 1234;
@@ -233,13 +234,23 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             head_warmup: a.head_warmup,
             prompt_optimizer,
             vpt_init,
+            schedule: match a.schedule {
+                ScheduleKind::Constant => Schedule::Constant,
+                ScheduleKind::Linear => Schedule::WarmupLinear {
+                    warmup: a.warmup,
+                    total: a.steps,
+                },
+            },
+            eval_every: a.eval_every as usize,
         };
-        let train = train_set.balanced(a.shots, seed);
+        // the shots, and beside them (disjoint) the validation images that pick the kept step
+        let (train, val) = train_set.balanced_split(a.shots, a.val_per_class, seed);
         let started = Instant::now();
-        let model = train_classifier_with(
+        let model = train_classifier_selecting(
             backbone.as_ref(),
             &train_set,
             &train,
+            &val,
             &config,
             group.as_ref(),
         )?;
@@ -276,6 +287,10 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             "train_images": train.len(), "test_images": test.len(), "image_size": a.image_size,
             "steps": config.steps, "lr": config.lr, "head_lr": config.head_lr,
             "vpt_init": config.vpt_init.name(),
+            "schedule": format!("{:?}", a.schedule).to_lowercase(),
+            "val_images": val.len(),
+            "validation": model.validation.iter().map(|(s, acc)| serde_json::json!([s, acc])).collect::<Vec<_>>(),
+            "kept_step": model.kept_step(),
             "optimizer": a.optimizer, "first_train_loss": model.losses.first(),
             "final_train_loss": model.losses.last(),
             "tuned_test": acc, "train_seconds": train_secs,

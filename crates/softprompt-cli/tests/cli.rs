@@ -1014,6 +1014,64 @@ fn image_classification_trains_a_linear_probe_and_visual_prompts() {
             assert!(stderr(&o).contains("weights_sha256"), "{}", stderr(&o));
         }
     }
+    // validation images beside the shots: evaluated at the start, every 50 steps and at the
+    // end, on a linear schedule; the report names the kept step
+    let dir = out.path().join("validated");
+    let o = bin()
+        .args([
+            "train",
+            "--task",
+            "image-classification",
+            "--images",
+            "fashion-mnist",
+            "--model",
+            &model,
+            "--method",
+            "vpt-deep",
+            "--num-virtual-tokens",
+            "2",
+            "--shots",
+            "4",
+            "--val-per-class",
+            "2",
+            "--eval-every",
+            "50",
+            "--schedule",
+            "linear",
+            "--warmup",
+            "10",
+            "--test-per-class",
+            "20",
+            "--image-size",
+            "16",
+            "--steps",
+            "120",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.05",
+            "--head-lr",
+            "0.1",
+            "--output",
+            &dir.display().to_string(),
+        ])
+        .env("SOFTPROMPT_FASHION_MNIST", data.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    // the synthetic set has images of two of the ten classes: 2 each
+    assert_eq!(report["val_images"], 4, "{report}");
+    assert_eq!(report["train_images"], 8, "{report}");
+    assert_eq!(report["schedule"], "linear");
+    let steps: Vec<u64> = report["validation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 50, 100, 120], "{report}");
+    assert!(steps.contains(&report["kept_step"].as_u64().unwrap()));
     // a text method with images, and images without a vision model, are refused by name
     let o = bin()
         .args([

@@ -52,6 +52,7 @@ fn classifier(
         image_size: size,
         init: None,
         losses: Vec::new(),
+        validation: Vec::new(),
     }
 }
 

@@ -16,7 +16,7 @@ use softprompt_core::{
 };
 
 use crate::free::Spsa;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, Schedule};
 
 /// ImageNet's per-channel mean and standard deviation (what DINOv2 models expect).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -373,15 +373,29 @@ impl ImageSet {
     /// `per_class` images of every class (fewer where a class has fewer), drawn with `seed`,
     /// in a shuffled order: a few-shot training set or a balanced test subset.
     pub fn balanced(&self, per_class: usize, seed: u64) -> Vec<usize> {
+        self.balanced_split(per_class, 0, seed).0
+    }
+
+    /// [`balanced`](Self::balanced)`(per_class, seed)` and, disjoint from it, `extra` more
+    /// images of every class (fewer where a class runs out): a validation set drawn beside the
+    /// same few-shot training set.
+    pub fn balanced_split(
+        &self,
+        per_class: usize,
+        extra: usize,
+        seed: u64,
+    ) -> (Vec<usize>, Vec<usize>) {
         let mut rng = Rng::seed_from_u64(seed);
-        let mut picked = Vec::new();
+        let (mut picked, mut rest) = (Vec::new(), Vec::new());
         for c in 0..self.classes.len() {
             let mut of: Vec<usize> = (0..self.len()).filter(|i| self.labels[*i] == c).collect();
             rng.shuffle(&mut of);
-            picked.extend(of.into_iter().take(per_class));
+            let cut = per_class.min(of.len());
+            rest.extend(of[cut..].iter().take(extra).copied());
+            picked.extend(of.into_iter().take(cut));
         }
         rng.shuffle(&mut picked);
-        picked
+        (picked, rest)
     }
 
     /// Images `indices` resized (bilinear, half-pixel centres) to `size × size`, grey copied to
@@ -509,6 +523,13 @@ pub struct VisionConfig {
     pub prompt_optimizer: PromptOptimizer,
     /// Where VPT's prompt tokens start (the pixel frame always starts at zero).
     pub vpt_init: VptInit,
+    /// Learning-rate schedule over the training steps (a linear probe's head steps, a prompt
+    /// method's prompt steps — both the prompt's and the head's rate —; the head's warm start
+    /// keeps its constant rate). Its `total` is the run's steps.
+    pub schedule: Schedule,
+    /// With validation images ([`train_classifier_selecting`]): evaluate every this many steps
+    /// (0: at the start and the end only) and keep the best.
+    pub eval_every: usize,
 }
 
 /// How a visual prompt is trained.
@@ -542,6 +563,8 @@ impl Default for VisionConfig {
             head_warmup: 0,
             prompt_optimizer: PromptOptimizer::AdamW,
             vpt_init: VptInit::Uniform,
+            schedule: Schedule::Constant,
+            eval_every: 0,
         }
     }
 }
@@ -564,6 +587,23 @@ pub struct VisualClassifier {
     pub init: Option<VptInit>,
     /// Mean training loss of each step.
     pub losses: Vec<f32>,
+    /// Validation accuracy by step, when trained with validation images (step 0: a prompt
+    /// method's start, its head warm-started); the classifier is the first best of these.
+    pub validation: Vec<(usize, f64)>,
+}
+
+impl VisualClassifier {
+    /// The step whose prompt and head were kept: the first best of [`validation`](Self::validation)
+    /// (`None` without validation images).
+    pub fn kept_step(&self) -> Option<usize> {
+        let mut best: Option<(usize, f64)> = None;
+        for &(step, acc) in &self.validation {
+            if best.is_none_or(|(_, b)| acc > b) {
+                best = Some((step, acc));
+            }
+        }
+        best.map(|(step, _)| step)
+    }
 }
 
 /// `logits [rows, C]` of `features [rows, d]`.
@@ -788,6 +828,33 @@ pub fn train_classifier_with(
     config: &VisionConfig,
     group: &dyn Collective,
 ) -> Result<VisualClassifier> {
+    train_classifier_selecting(backbone, set, train, &[], config, group)
+}
+
+/// Correct predictions of the head on `features [rows, d]`.
+fn correct(f: &[f32], labels: &[usize], w: &[f32], b: &[f32], d: usize) -> usize {
+    let logits = head_logits(f, w, b, d);
+    logits
+        .chunks(b.len().max(1))
+        .zip(labels)
+        .filter(|(z, y)| softprompt_core::generate::argmax(z) as usize == **y)
+        .count()
+}
+
+/// [`train_classifier_with`] that also evaluates on the images `validation` of `set` (after
+/// the head's warm start, every `config.eval_every` steps and at the end; a linear probe at its
+/// head steps) and returns the classifier of the first best evaluation, with the accuracies in
+/// [`VisualClassifier::validation`]. Each rank classifies its share of `validation`; the counts
+/// are summed, so every rank keeps the same step. Without validation images it is
+/// [`train_classifier_with`].
+pub fn train_classifier_selecting(
+    backbone: &dyn VisionBackbone,
+    set: &ImageSet,
+    train: &[usize],
+    validation: &[usize],
+    config: &VisionConfig,
+    group: &dyn Collective,
+) -> Result<VisualClassifier> {
     if train.is_empty() {
         return Err(Error::InvalidArgument("no training images".into()));
     }
@@ -814,6 +881,47 @@ pub fn train_classifier_with(
         order[cursor - bs..cursor].to_vec()
     };
     let mut losses = Vec::with_capacity(config.steps);
+    // validation: this rank's share, its labels, and (a linear probe's) features, computed once
+    let (vlo, vhi) = shard(validation.len(), group.rank(), group.world_size());
+    let val_mine = &validation[vlo..vhi];
+    let val_labels: Vec<usize> = val_mine.iter().map(|i| set.labels[*i]).collect();
+    let probe_val = if config.method == VisionMethod::Linear && !val_mine.is_empty() {
+        features(backbone, &prompt, set, val_mine, config)?
+    } else {
+        Vec::new()
+    };
+    let mut curve: Vec<(usize, f64)> = Vec::new();
+    let mut best: Option<(f64, SoftPrompt, Vec<f32>, Vec<f32>)> = None;
+    // the validation accuracy of (prompt, w, b), the same on every rank; kept when best so far
+    let mut validate = |step: usize,
+                        prompt: &SoftPrompt,
+                        w: &[f32],
+                        b: &[f32],
+                        curve: &mut Vec<(usize, f64)>|
+     -> Result<()> {
+        let right = if val_mine.is_empty() {
+            0
+        } else if config.method == VisionMethod::Linear {
+            correct(&probe_val, &val_labels, w, b, d)
+        } else {
+            let f = features(backbone, prompt, set, val_mine, config)?;
+            correct(&f, &val_labels, w, b, d)
+        };
+        let mut sum = [right as f64];
+        if group.world_size() > 1 {
+            group.all_reduce_sum(&mut sum)?;
+        }
+        let acc = sum[0] / validation.len() as f64;
+        curve.push((step, acc));
+        if best.as_ref().is_none_or(|(a, ..)| acc > *a) {
+            best = Some((acc, prompt.clone(), w.to_vec(), b.to_vec()));
+        }
+        Ok(())
+    };
+    let checkpoint = |step: usize, last: usize| {
+        !validation.is_empty()
+            && (step == last || (config.eval_every > 0 && step % config.eval_every == 0))
+    };
     // the head alone first, on the features without a prompt (computed once): a linear probe's
     // whole training, a warm start for the prompt methods
     let (warm, prompt_steps) = match config.method {
@@ -852,10 +960,19 @@ pub fn train_classifier_with(
                     step: step as u64 + 1,
                 });
             }
-            opt_w.step(&mut w, &dw, config.head_lr)?;
-            opt_b.step(&mut b, &db, config.head_lr)?;
+            // a probe's steps follow the schedule; a warm start keeps the constant rate
+            let head_lr = if config.method == VisionMethod::Linear {
+                config.head_lr * config.schedule.factor(step as u64)
+            } else {
+                config.head_lr
+            };
+            opt_w.step(&mut w, &dw, head_lr)?;
+            opt_b.step(&mut b, &db, head_lr)?;
             if config.method == VisionMethod::Linear {
                 losses.push(loss);
+                if checkpoint(step + 1, warm) {
+                    validate(step + 1, &prompt, &w, &b, &mut curve)?;
+                }
             }
         }
     }
@@ -872,7 +989,11 @@ pub fn train_classifier_with(
             Some(o)
         }
     };
+    if prompt_steps > 0 && checkpoint(0, prompt_steps) {
+        validate(0, &prompt, &w, &b, &mut curve)?;
+    }
     for step in 0..prompt_steps {
+        let factor = config.schedule.factor(step as u64);
         let global = next(&mut rng);
         // this rank's share of the global batch, and its weight in the global mean
         let (lo, hi) = shard(global.len(), group.rank(), group.world_size());
@@ -918,7 +1039,7 @@ pub fn train_classifier_with(
                     return Err(non_finite());
                 }
                 let mut theta: Vec<f32> = trainable.iter().map(|&i| prompt.values()[i]).collect();
-                opt_p.step(&mut theta, &g, config.lr)?;
+                opt_p.step(&mut theta, &g, config.lr * factor)?;
                 set_values(&mut prompt, &trainable, &theta);
                 (loss, dw, db)
             }
@@ -963,14 +1084,21 @@ pub fn train_classifier_with(
                 if losses.iter().any(|l| !l.is_finite()) {
                     return Err(non_finite());
                 }
-                spsa.tell(&mut theta, &losses, config.lr)?;
+                spsa.tell(&mut theta, &losses, config.lr * factor)?;
                 set_values(&mut prompt, &trainable, &theta);
                 (losses.iter().sum::<f32>() / k as f32, dw, db)
             }
         };
-        opt_w.step(&mut w, &dw, config.head_lr)?;
-        opt_b.step(&mut b, &db, config.head_lr)?;
+        opt_w.step(&mut w, &dw, config.head_lr * factor)?;
+        opt_b.step(&mut b, &db, config.head_lr * factor)?;
         losses.push(loss);
+        if checkpoint(step + 1, prompt_steps) {
+            validate(step + 1, &prompt, &w, &b, &mut curve)?;
+        }
+    }
+    drop(validate);
+    if let Some((_, p, bw, bb)) = best {
+        (prompt, w, b) = (p, bw, bb);
     }
     Ok(VisualClassifier {
         prompt,
@@ -984,6 +1112,7 @@ pub fn train_classifier_with(
         )
         .then_some(config.vpt_init),
         losses,
+        validation: curve,
     })
 }
 
@@ -1179,6 +1308,7 @@ pub fn read_classifier(dir: &Path) -> Result<(serde_json::Value, VisualClassifie
         image_size,
         init,
         losses: Vec::new(),
+        validation: Vec::new(),
     };
     Ok((cfg, model))
 }
