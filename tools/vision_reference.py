@@ -49,13 +49,16 @@ def digits(path):
     return x[~test], y[~test], x[test], y[test]
 
 
-def balanced(labels, per_class, gen):
-    picked = []
+def balanced(labels, per_class, gen, extra=0):
+    """per_class images of every class, shuffled, and (disjoint) `extra` more of every class"""
+    picked, rest = [], []
     for c in range(10):
         of = (labels == c).nonzero().flatten()
-        picked.append(of[torch.randperm(len(of), generator=gen)[:per_class]])
+        of = of[torch.randperm(len(of), generator=gen)]
+        picked.append(of[:per_class])
+        rest.append(of[per_class : per_class + extra])
     picked = torch.cat(picked)
-    return picked[torch.randperm(len(picked), generator=gen)]
+    return picked[torch.randperm(len(picked), generator=gen)], torch.cat(rest)
 
 
 def prepare(images, size):
@@ -85,6 +88,12 @@ def main():
     ap.add_argument("--init", default="uniform", choices=["uniform", "patches"],
                     help="VPT tokens: VPT's uniform init, or real patches' hidden states at each block's input")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--val-per-class", type=int, default=0,
+                    help="validation images per class beside the shots: the best evaluation is kept")
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--schedule", default="constant", choices=["constant", "linear"],
+                    help="linear: warmup, then linear decay to zero (softprompt's Schedule::factor)")
+    ap.add_argument("--warmup", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(a.seed)
@@ -97,8 +106,8 @@ def main():
     else:
         train_x, train_y = idx(os.path.join(a.data, "train-images-idx3-ubyte.gz")), idx(os.path.join(a.data, "train-labels-idx1-ubyte.gz"))
         test_x, test_y = idx(os.path.join(a.data, "t10k-images-idx3-ubyte.gz")), idx(os.path.join(a.data, "t10k-labels-idx1-ubyte.gz"))
-    train = balanced(train_y, a.shots, gen)
-    test = balanced(test_y, a.test_per_class, torch.Generator().manual_seed(1234))
+    train, val = balanced(train_y, a.shots, gen, a.val_per_class)
+    test, _ = balanced(test_y, a.test_per_class, torch.Generator().manual_seed(1234))
 
     params = []
     prompt = None
@@ -131,6 +140,19 @@ def main():
     if prompt is not None:
         groups.append({"params": [prompt], "lr": a.lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+
+    def set_rate(step):
+        if a.schedule == "constant":
+            f = 1.0
+        elif step < a.warmup:
+            f = (step + 1) / a.warmup
+        elif a.steps <= a.warmup:
+            f = 1.0
+        else:
+            f = min(max((a.steps - step) / (a.steps - a.warmup), 0.0), 1.0)
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * f
 
     def feats(x, grad):
         with torch.set_grad_enabled(grad):
@@ -156,22 +178,59 @@ def main():
     # the head alone on the features under the initial prompt: a linear probe's training, a
     # prompt's warm start (as softprompt's trainer does)
     warm, prompt_steps = (a.steps, 0) if a.method == "linear" else (a.head_warmup, a.steps)
+    curve, best = [], None
+
+    def validate(step, cached_val=None):
+        # accuracy on the validation images; the first best (head, prompt) is kept
+        nonlocal best
+        with torch.no_grad():
+            f = cached_val if cached_val is not None else torch.cat(
+                [feats(prepare(train_x[val[i : i + a.eval_batch_size]], a.size), False)
+                 for i in range(0, len(val), a.eval_batch_size)])
+            acc = (head(f).argmax(-1) == train_y[val].long()).float().mean().item()
+        curve.append((step, acc))
+        if best is None or acc > best[0]:
+            best = (acc, {k: v.clone() for k, v in head.state_dict().items()},
+                    None if prompt is None else prompt.detach().clone())
+
+    def checkpoint(step, last):
+        return len(val) > 0 and (step == last or (a.eval_every > 0 and step % a.eval_every == 0))
+
     if warm:
         cached = torch.cat([feats(prepare(train_x[train[i : i + a.eval_batch_size]], a.size), False)
                             for i in range(0, len(train), a.eval_batch_size)])
-        for _ in range(warm):
+        cached_val = None
+        if a.method == "linear" and len(val):
+            with torch.no_grad():
+                cached_val = torch.cat([feats(prepare(train_x[val[i : i + a.eval_batch_size]], a.size), False)
+                                        for i in range(0, len(val), a.eval_batch_size)])
+        for step in range(warm):
+            if a.method == "linear":
+                set_rate(step)
             batch = next_batch()
             loss = torch.nn.functional.cross_entropy(head(cached[batch]), train_y[train[batch]].long())
             opt.zero_grad()  # the prompt has no gradient here: AdamW leaves it
             loss.backward()
             opt.step()
-    for _ in range(prompt_steps):
+            if a.method == "linear" and checkpoint(step + 1, warm):
+                validate(step + 1, cached_val)
+    if prompt_steps and checkpoint(0, prompt_steps):
+        validate(0)
+    for step in range(prompt_steps):
+        set_rate(step)
         batch = next_batch()
         f = feats(prepare(train_x[train[batch]], a.size), True)
         loss = torch.nn.functional.cross_entropy(head(f), train_y[train[batch]].long())
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if checkpoint(step + 1, prompt_steps):
+            validate(step + 1)
+    if best is not None:
+        head.load_state_dict(best[1])
+        if prompt is not None:
+            with torch.no_grad():
+                prompt.copy_(best[2])
     train_secs = time.perf_counter() - started
     started = time.perf_counter()
     right = 0
@@ -184,7 +243,9 @@ def main():
     seen = prompt_steps * bs
     print(json.dumps({
         "runner": "pytorch", "images": a.images, "method": a.method, "seed": a.seed, "shots": a.shots, "image_size": a.size,
-        "steps": a.steps, "vpt_init": a.init, "tuned_test": right / len(test), "final_train_loss": loss.item(),
+        "steps": a.steps, "vpt_init": a.init, "tokens": a.tokens, "schedule": a.schedule,
+        "val_images": len(val), "validation": curve,
+        "kept_step": None if best is None else next(s for s, acc in curve if acc == best[0]), "tuned_test": right / len(test), "final_train_loss": loss.item(),
         "train_seconds": train_secs,
         "train_images_per_s": None if a.method == "linear" else seen / train_secs,
         "eval_images_per_s": len(test) / eval_secs,
