@@ -1096,7 +1096,6 @@ pub fn train_classifier_selecting(
             validate(step + 1, &prompt, &w, &b, &mut curve)?;
         }
     }
-    drop(validate);
     if let Some((_, p, bw, bb)) = best {
         (prompt, w, b) = (p, bw, bb);
     }
